@@ -1,0 +1,112 @@
+"""The one contract every sequence layer keeps: an initial state, an update rule, an output rule.
+
+A layer maps ``x`` of shape ``(B, T, d_model)`` to ``y`` of the same shape and carries a state, a flat
+``dict[str, Tensor]``, from one call to the next. ``forward`` is the fast parallel or chunked form,
+``step`` the update rule plus output rule for one token; both return a new state and never modify the
+one they were given.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+State = dict[str, Tensor]
+
+__all__ = ["State", "SequenceLayer"]
+
+
+class SequenceLayer(nn.Module):
+    """Base class of every layer: ``init_state``, ``forward``, ``step``, ``state_size``.
+
+    Subclasses call ``self.check_input(x, state)`` (or ``step=True`` in ``step``) first; it validates
+    shapes, dtypes and devices and returns the state to use (the initial one when ``state`` is None).
+    """
+
+    #: For state tensors whose shape grows with the sequence (a KV cache), the dims that may differ
+    #: from ``init_state``'s: ``{"k": (2,), "v": (2,)}``.
+    state_dynamic_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        if not isinstance(d_model, int) or isinstance(d_model, bool) or d_model < 1:
+            raise ValueError(f"expected d_model to be a positive int, got {d_model!r}")
+        self.d_model = d_model
+
+    # --- the contract --------------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        """The state before any token: a flat dict of tensors with leading batch dimension."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Process ``x`` of shape (B, T, d_model) from ``state``; return ``(y, new_state)``."""
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """Process one token ``x`` of shape (B, d_model); return ``(y, new_state)``."""
+        raise NotImplementedError
+
+    def state_size(self, seq_len: int) -> int:
+        """Scalars held in the state per batch element after ``seq_len`` tokens."""
+        raise NotImplementedError
+
+    # --- validation shared by every layer ------------------------------------------------------
+    def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
+        """Validate ``x`` (and ``state``) and return the state to start from."""
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected x to be a torch.Tensor, got {type(x).__name__}")
+        want = f"(B, {self.d_model})" if step else f"(B, T, {self.d_model})"
+        ndim = 2 if step else 3
+        if x.ndim != ndim or x.shape[-1] != self.d_model:
+            raise ValueError(f"{name}: expected x of shape {want}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point x, got dtype {x.dtype}")
+        batch = x.shape[0]
+        if state is None:
+            if step:
+                raise ValueError(f"{name}.step needs a state; start from init_state(batch_size)")
+            return self.init_state(batch, device=x.device, dtype=x.dtype)
+        self.check_state(state, batch, device=x.device, dtype=x.dtype)
+        return state
+
+    def check_state(self, state: State, batch_size: int, *, device, dtype) -> None:
+        """Raise unless ``state`` has the keys, shapes, dtypes and device this layer's states have."""
+        name = type(self).__name__
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}: expected state to be a dict[str, Tensor], got {type(state).__name__}")
+        template = self.init_state(batch_size, device="meta", dtype=dtype)
+        if set(state) != set(template):
+            raise ValueError(
+                f"{name}: expected a state with keys {sorted(template)}, got keys {sorted(state)} "
+                "(a state from another layer?)"
+            )
+        dynamic = self.state_dynamic_dims
+        for key, want in template.items():
+            got = state[key]
+            if not isinstance(got, Tensor):
+                raise TypeError(f"{name}: state[{key!r}] must be a Tensor, got {type(got).__name__}")
+            free = dynamic.get(key, ())
+            shape_ok = got.ndim == want.ndim and all(
+                g == w or i in free for i, (g, w) in enumerate(zip(got.shape, want.shape))
+            )
+            if not shape_ok:
+                shown = tuple("*" if i in free else s for i, s in enumerate(want.shape))
+                raise ValueError(
+                    f"{name}: expected state[{key!r}] of shape {shown} for batch size {batch_size}, "
+                    f"got {tuple(got.shape)}"
+                )
+            if got.dtype != want.dtype:
+                raise TypeError(
+                    f"{name}: expected state[{key!r}] of dtype {want.dtype} to go with x of dtype "
+                    f"{dtype}, got {got.dtype}"
+                )
+            if got.device != torch.device(device):
+                raise ValueError(
+                    f"{name}: state[{key!r}] is on {got.device} but x is on {device}; move both to one device"
+                )
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}"

@@ -1,0 +1,90 @@
+"""Small building blocks shared by layers and backbones: norms, causal depthwise convs, RoPE, gates."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape", "apply_rope"]
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in at least float32: weight * x / sqrt(mean(x²) + eps)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.promote_types(dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)), no biases (the Llama / ttt-lm-pytorch MLP)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def conv_state_shape(conv: nn.Conv1d, batch_size: int) -> tuple[int, int, int]:
+    """Shape of a depthwise causal conv's state: the last ``kernel - 1`` inputs, (B, C, K - 1)."""
+    return (batch_size, conv.weight.shape[0], conv.weight.shape[-1] - 1)
+
+
+def causal_conv(conv: nn.Conv1d, x: Tensor, conv_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Depthwise causal conv over x (B, T, C) continuing from ``conv_state`` (B, C, K-1).
+
+    Returns (y (B, T, C), new conv_state). Without a state the sequence is left-padded with zeros,
+    exactly as ``nn.Conv1d(padding=K-1)`` followed by keeping the first T outputs.
+    """
+    B, T, C = x.shape
+    K = conv.weight.shape[-1]
+    if conv_state is None:
+        conv_state = x.new_zeros(B, C, K - 1)
+    xt = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, C, K-1+T)
+    y = F.conv1d(xt, conv.weight, conv.bias, groups=C)  # (B, C, T)
+    return y.transpose(1, 2), xt[..., xt.shape[-1] - (K - 1):]
+
+
+def causal_conv_step(conv: nn.Conv1d, x: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of ``causal_conv``: x (B, C) -> y (B, C), new conv_state."""
+    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (B, C, K)
+    y = torch.einsum("bck,ck->bc", window, conv.weight[:, 0, :])
+    if conv.bias is not None:
+        y = y + conv.bias
+    return y, window[..., 1:]
+
+
+def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of x (..., T, d) by positions (T,) · theta^(-2i/d).
+
+    This is the EasyLM / ttt-lm-pytorch convention (pairs are neighbours, not halves).
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {d}")
+    ctype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=ctype) / d))
+    angle = positions.to(ctype)[:, None] * inv_freq[None, :]  # (T, d/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2)
