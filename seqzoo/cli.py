@@ -111,10 +111,13 @@ def _cmd_plugins(args) -> int:
         table.add_row(p.name, p.module, p.distribution, p.version, registered, status)
     console = Console(width=max(120, Console().width))
     console.print(table)
-    if args.verbose:
-        for p in plugins:
-            if p.traceback:
-                console.print(f"\n[bold]{p.name}[/bold]\n{p.traceback}")
+    failed = [p for p in plugins if p.error]
+    if failed:
+        console.print(f"{len(failed)} plugin(s) failed; the others loaded:", highlight=False)
+        for p in failed:
+            console.print(f"  {p.name} ({p.distribution or p.module}): {p.error}", highlight=False, soft_wrap=True)
+            if args.verbose and p.traceback:
+                console.print(p.traceback, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -1,0 +1,362 @@
+"""Attention layers: causal linear attention (a matrix state) and causal softmax attention (a KV cache).
+
+In the TTT paper's terms both are "an initial state, an update rule, an output rule":
+
+- ``linear_attention``: state S_t = Σ_{s≤t} φ(k_s) v_sᵀ (and z_t = Σ_{s≤t} φ(k_s) when normalized);
+  output y_t = φ(q_t)ᵀ S_t [/ (φ(q_t)ᵀ z_t + eps)]. With ``feature_map="identity", normalize=False`` it
+  is exactly TTT-Linear with one step of batch GD from W0 = 0 (Theorem 1).
+- ``self_attention``: state = every key and value so far; output y_t = softmax(q_t Kᵀ/√d) V.
+  It is the Nadaraya-Watson learner with an exp kernel (Theorem 2).
+
+Both share the projections of ttt-lm-pytorch (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, no bias)
+and its Mamba-backbone options: ``share_qk`` (one ``q_proj`` then depthwise causal convs ``conv_q`` and
+``conv_k``) and ``use_gate`` (output ``o_proj(gelu_tanh(g_proj(x)) * y)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+import seqzoo
+from seqzoo import SequenceLayer, State
+from seqzoo.nn import apply_rope, causal_conv, causal_conv_step, conv_state_shape, gelu_tanh
+
+__all__ = [
+    "LinearAttention",
+    "LinearAttentionConfig",
+    "SelfAttention",
+    "SelfAttentionConfig",
+    "FEATURE_MAPS",
+    "linear_attention_chunked",
+]
+
+
+def _elu_plus_one(x: Tensor) -> Tensor:
+    return F.elu(x) + 1.0
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+#: φ applied to queries and keys of linear attention, per head.
+FEATURE_MAPS = {"identity": _identity, "elu+1": _elu_plus_one}
+
+
+# --- shared projections --------------------------------------------------------------------------
+class _Projections(SequenceLayer):
+    """q/k/v/o projections split into heads, with the optional share_qk convs and output gate.
+
+    Subclasses set ``self.config`` (with ``num_heads``, ``share_qk``, ``use_gate``, ``conv_kernel``)
+    before calling ``_build``.
+    """
+
+    def _build(self) -> None:
+        cfg, C = self.config, self.d_model
+        for name in ("num_heads", "conv_kernel"):
+            value = getattr(cfg, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if C % cfg.num_heads:
+            raise ValueError(
+                f"expected d_model divisible by num_heads, got d_model={C}, num_heads={cfg.num_heads}"
+            )
+        self.num_heads = cfg.num_heads
+        self.head_dim = C // cfg.num_heads
+        self.q_proj = nn.Linear(C, C, bias=False)
+        if cfg.share_qk:
+            # XQ = conv_q(q_proj(x)), XK = conv_k(q_proj(x)): depthwise causal convs with bias
+            self.conv_q = nn.Conv1d(C, C, cfg.conv_kernel, groups=C, bias=True, padding=cfg.conv_kernel - 1)
+            self.conv_k = nn.Conv1d(C, C, cfg.conv_kernel, groups=C, bias=True, padding=cfg.conv_kernel - 1)
+        else:
+            self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        if cfg.use_gate:
+            self.g_proj = nn.Linear(C, C, bias=False)
+
+    def _conv_state(self, batch_size: int, device, dtype) -> State:
+        """The share_qk convs' state: the last conv_kernel - 1 outputs of q_proj, (B, C, K - 1).
+
+        conv_q and conv_k read the same sequence, so one window serves both.
+        """
+        if not self.config.share_qk:
+            return {}
+        return {"conv": torch.zeros(conv_state_shape(self.conv_q, batch_size), device=device, dtype=dtype)}
+
+    def _conv_state_size(self) -> int:
+        return self.d_model * (self.config.conv_kernel - 1) if self.config.share_qk else 0
+
+    def _heads(self, t: Tensor) -> Tensor:
+        return rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
+
+    def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """x (B, T, C) -> q, k, v of shape (B, H, T, d) and the new conv state (if any)."""
+        v = self.v_proj(x)
+        if self.config.share_qk and x.shape[1] == 0:  # conv1d rejects an input shorter than its kernel
+            q = k = self.q_proj(x)
+            new = {"conv": state["conv"].clone()}
+        elif self.config.share_qk:
+            xq = self.q_proj(x)
+            q, _ = causal_conv(self.conv_q, xq, state["conv"])
+            k, conv = causal_conv(self.conv_k, xq, state["conv"])
+            new = {"conv": conv}
+        else:
+            q, k, new = self.q_proj(x), self.k_proj(x), {}
+        return self._heads(q), self._heads(k), self._heads(v), new
+
+    def _qkv_step(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """x (B, C) -> q, k, v of shape (B, H, d) and the new conv state (if any)."""
+        v = self.v_proj(x)
+        if self.config.share_qk:
+            xq = self.q_proj(x)
+            q, _ = causal_conv_step(self.conv_q, xq, state["conv"])
+            k, conv = causal_conv_step(self.conv_k, xq, state["conv"])
+            new = {"conv": conv}
+        else:
+            q, k, new = self.q_proj(x), self.k_proj(x), {}
+        split = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
+        return split(q), split(k), split(v), new
+
+    def _output(self, x: Tensor, y: Tensor) -> Tensor:
+        """o_proj(y), or o_proj(gelu_tanh(g_proj(x)) * y) with use_gate; y has heads merged."""
+        if self.config.use_gate:
+            y = gelu_tanh(self.g_proj(x)) * y
+        return self.o_proj(y)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, {self.config}"
+
+
+# --- linear attention ----------------------------------------------------------------------------
+@dataclass
+class LinearAttentionConfig:
+    num_heads: int = field(default=4, metadata={"help": "number of heads; d_model must be divisible by it"})
+    feature_map: str = field(default="elu+1", metadata={"help": "φ on queries and keys: 'elu+1' or 'identity'"})
+    normalize: bool = field(
+        default=True,
+        metadata={"help": "divide by φ(q_t)·z_t + eps (z_t = Σ φ(k_s)); False: no denominator, no scaling"},
+    )
+    eps: float = field(default=1e-6, metadata={"help": "added to the denominator when normalize=True"})
+    chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the chunked forward"})
+    use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
+    share_qk: bool = field(
+        default=False, metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"}
+    )
+    conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
+
+
+def linear_attention_chunked(
+    q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor | None, chunk_size: int, eps: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Causal linear attention on features q, k (B, H, T, d) and values v (B, H, T, e), chunked.
+
+    Starting from S0 (B, H, d, e) (and z0 (B, H, d) when normalized, else None), returns y (B, H, T, e),
+    S_T and z_T. Inside a chunk: a masked (L × L) matmul; across chunks: the state at each chunk start,
+    an exclusive cumulative sum of the chunks' Σ k vᵀ. Every chunk is computed at once (no loop).
+    """
+    T, L = q.shape[2], chunk_size
+    n = -(-T // L)
+    pad = n * L - T  # zero features add nothing to S or z; the padded rows are cut off
+    chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, pad)), "b h (n l) d -> b h n l d", l=L)
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)
+
+    # inter-chunk: S at the start of chunk c = S0 + Σ_{c' < c} Σ_{s in c'} k_s v_sᵀ
+    kv = torch.einsum("bhnld,bhnle->bhnde", kc, vc)
+    S_all = torch.cat([S0.unsqueeze(2), S0.unsqueeze(2) + kv.cumsum(2)], dim=2)  # (B, H, n+1, d, e)
+    S_start, S_end = S_all[:, :, :-1], S_all[:, :, -1]
+
+    # intra-chunk: A[i, j] = q_i · k_j for j ≤ i
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    A = torch.einsum("bhnid,bhnjd->bhnij", qc, kc).masked_fill(~causal, 0.0)
+    num = torch.einsum("bhnid,bhnde->bhnie", qc, S_start) + A @ vc  # φ(q_t)ᵀ S_t
+
+    z_end = None
+    if z0 is not None:
+        z_all = torch.cat([z0.unsqueeze(2), z0.unsqueeze(2) + kc.sum(3).cumsum(2)], dim=2)  # (B, H, n+1, d)
+        den = torch.einsum("bhnid,bhnd->bhni", qc, z_all[:, :, :-1]) + A.sum(-1)  # φ(q_t)ᵀ z_t
+        num = num / (den.unsqueeze(-1) + eps)
+        z_end = z_all[:, :, -1]
+    y = rearrange(num, "b h n l e -> b h (n l) e")[:, :, :T]
+    return y, S_end, z_end
+
+
+class LinearAttention(_Projections):
+    """Multi-head causal linear attention (Katharopoulos et al. 2020), chunked forward, O(1) step.
+
+    Per head, with φ the feature map and q, k, v the projections of x:
+      state   S_t = S_{t-1} + φ(k_t) v_tᵀ  (d × d),   z_t = z_{t-1} + φ(k_t)  (only when normalize)
+      output  y_t = φ(q_t)ᵀ S_t / (φ(q_t)ᵀ z_t + eps)   if normalize
+              y_t = φ(q_t)ᵀ S_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s   otherwise (no eps, no 1/√d, no 1/d)
+    Heads are concatenated and passed through ``o_proj`` (after the gate when ``use_gate``).
+    State: ``S`` (B, H, d, d), ``z`` (B, H, d) when normalize, ``conv`` (B, C, K-1) when share_qk.
+    """
+
+    Config = LinearAttentionConfig
+
+    def __init__(self, d_model: int, **config):
+        super().__init__(d_model)
+        self.config = cfg = LinearAttentionConfig(**config)
+        if cfg.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"expected feature_map in {sorted(FEATURE_MAPS)}, got {cfg.feature_map!r}")
+        if not isinstance(cfg.chunk_size, int) or isinstance(cfg.chunk_size, bool) or cfg.chunk_size < 1:
+            raise ValueError(f"expected chunk_size to be a positive int, got {cfg.chunk_size!r}")
+        if cfg.normalize and not cfg.eps >= 0:
+            raise ValueError(f"expected eps >= 0, got {cfg.eps!r}")
+        self.phi = FEATURE_MAPS[cfg.feature_map]
+        self._build()
+
+    # state
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        H, d = self.num_heads, self.head_dim
+        state = {"S": torch.zeros(batch_size, H, d, d, device=device, dtype=dtype)}
+        if self.config.normalize:
+            state["z"] = torch.zeros(batch_size, H, d, device=device, dtype=dtype)
+        state.update(self._conv_state(batch_size, device, dtype))
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        H, d = self.num_heads, self.head_dim
+        return H * d * d + (H * d if self.config.normalize else 0) + self._conv_state_size()
+
+    # update rule, output rule
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        state = self.check_input(x, state, step=True)
+        q, k, v, new = self._qkv_step(x, state)
+        q, k = self.phi(q), self.phi(k)
+        S = state["S"] + torch.einsum("bhd,bhe->bhde", k, v)  # S_t = S_{t-1} + φ(k_t) v_tᵀ
+        y = torch.einsum("bhd,bhde->bhe", q, S)  # φ(q_t)ᵀ S_t
+        new["S"] = S
+        if self.config.normalize:
+            z = state["z"] + k  # z_t = z_{t-1} + φ(k_t)
+            y = y / ((q * z).sum(-1, keepdim=True) + self.config.eps)
+            new["z"] = z
+        y = rearrange(y, "b h e -> b (h e)")
+        return self._output(x, y), new
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        q, k, v, new = self._qkv(x, state)
+        z0 = state["z"] if self.config.normalize else None
+        y, S, z = linear_attention_chunked(
+            self.phi(q), self.phi(k), v, state["S"], z0, self.config.chunk_size, self.config.eps
+        )
+        new["S"] = S
+        if z is not None:
+            new["z"] = z
+        return self._output(x, rearrange(y, "b h t e -> b t (h e)")), new
+
+
+# --- softmax self-attention ----------------------------------------------------------------------
+@dataclass
+class SelfAttentionConfig:
+    num_heads: int = field(default=4, metadata={"help": "number of heads; d_model must be divisible by it"})
+    rope: bool = field(default=True, metadata={"help": "rotary embedding of q and k at absolute positions"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
+    share_qk: bool = field(
+        default=False, metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"}
+    )
+    conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
+
+
+class SelfAttention(_Projections):
+    """Multi-head causal softmax attention with a KV cache.
+
+    Per head, with q, k, v the projections of x and R_t the RoPE rotation at absolute position t
+    (adjacent pairs, base ``rope_theta``; identity when ``rope=False``):
+      state   K = [R_1 k_1, ..., R_t k_t], V = [v_1, ..., v_t]   (grows by one row per token)
+      output  y_t = Σ_{s≤t} softmax_s((R_t q_t)·(R_s k_s) / √d) v_s
+    No bias, no dropout. Heads are concatenated and passed through ``o_proj`` (after the gate when
+    ``use_gate``). State: ``k``, ``v`` (B, H, T_so_far, d) holding rotated keys and values, plus
+    ``conv`` (B, C, K-1) with share_qk; the position of the next token is ``k.shape[2]``.
+    """
+
+    Config = SelfAttentionConfig
+    state_dynamic_dims = {"k": (2,), "v": (2,)}
+
+    def __init__(self, d_model: int, **config):
+        super().__init__(d_model)
+        self.config = cfg = SelfAttentionConfig(**config)
+        self._build()
+        if cfg.rope and self.head_dim % 2:
+            raise ValueError(
+                f"rope needs an even head_dim, got head_dim={self.head_dim} "
+                f"(d_model={d_model}, num_heads={cfg.num_heads})"
+            )
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    # state
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        shape = (batch_size, self.num_heads, 0, self.head_dim)
+        state = {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+        state.update(self._conv_state(batch_size, device, dtype))
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        """2·H·d·seq_len (keys and values: grows linearly with the sequence), plus the conv window."""
+        return 2 * self.num_heads * self.head_dim * seq_len + self._conv_state_size()
+
+    def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
+        state = super().check_input(x, state, step=step)
+        if state["k"].shape[2] != state["v"].shape[2]:
+            raise ValueError(
+                f"expected state['k'] and state['v'] with the same length (dim 2), got "
+                f"{tuple(state['k'].shape)} and {tuple(state['v'].shape)}"
+            )
+        return state
+
+    def _rotate(self, q: Tensor, k: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        if not self.config.rope:
+            return q, k
+        positions = torch.arange(start, start + q.shape[2], device=q.device)
+        theta = self.config.rope_theta
+        return apply_rope(q, positions, theta), apply_rope(k, positions, theta)
+
+    # update rule, output rule
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        state = self.check_input(x, state, step=True)
+        q, k, v, new = self._qkv_step(x, state)
+        q, k = self._rotate(q.unsqueeze(2), k.unsqueeze(2), state["k"].shape[2])
+        new["k"] = torch.cat([state["k"], k], dim=2)  # append R_t k_t, v_t
+        new["v"] = torch.cat([state["v"], v.unsqueeze(2)], dim=2)
+        y = F.scaled_dot_product_attention(q, new["k"], new["v"], scale=self.scale)  # every key is in the past
+        return self._output(x, rearrange(y, "b h 1 e -> b (h e)")), new
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        q, k, v, new = self._qkv(x, state)
+        past, T = state["k"].shape[2], x.shape[1]
+        q, k = self._rotate(q, k, past)
+        new["k"] = torch.cat([state["k"], k], dim=2)
+        new["v"] = torch.cat([state["v"], v], dim=2)
+        if T == 0:
+            y = q
+        elif past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            # query i sits at position past + i and sees keys 0 .. past + i
+            keys = torch.arange(past + T, device=x.device)
+            mask = keys[None, :] <= (past + torch.arange(T, device=x.device))[:, None]  # (T, past + T)
+            y = F.scaled_dot_product_attention(q, new["k"], new["v"], attn_mask=mask, scale=self.scale)
+        return self._output(x, rearrange(y, "b h t e -> b t (h e)")), new
+
+
+@seqzoo.hookimpl
+def register_layers(register):
+    register(
+        "linear_attention",
+        LinearAttention,
+        description="causal linear attention: matrix state S += φ(k)vᵀ, output φ(q)ᵀS (chunked forward)",
+    )
+    register(
+        "self_attention",
+        SelfAttention,
+        description="causal softmax attention with RoPE and a KV cache (SDPA forward)",
+    )

@@ -1,0 +1,12 @@
+"""The built-in harness tasks: ``mqar`` (multi-query associative recall) and ``lm`` (byte-level LM)."""
+
+from __future__ import annotations
+
+import seqzoo
+from seqzoo.bench.tasks import LMTask, MQARTask
+
+
+@seqzoo.hookimpl
+def register_tasks(register):
+    register("mqar", MQARTask, description="multi-query associative recall (zoology's generator): accuracy")
+    register("lm", LMTask, description="byte-level language modelling on local text: loss, bits per byte")

@@ -1,0 +1,81 @@
+"""The conformance suite on every registered layer, and the suite's own teeth."""
+
+import pytest
+import torch
+
+import seqzoo
+from seqzoo.testing import CHECKS, check_layer, conformance_params
+
+# Extra configurations per layer that the backbones use (share_qk / use_gate where they exist).
+VARIANTS = {"share_qk": True, "use_gate": True}
+
+
+def _cases():
+    cases = []
+    for name in seqzoo.list_layers():
+        cases.append(pytest.param(name, {}, id=name))
+        fields = seqzoo.layer_spec(name).field_names()
+        variant = {k: v for k, v in VARIANTS.items() if k in fields}
+        if variant:
+            cases.append(pytest.param(name, variant, id=f"{name}-" + "-".join(variant)))
+    return cases
+
+
+@pytest.mark.parametrize("check", conformance_params())
+@pytest.mark.parametrize(("name", "config"), _cases())
+def test_every_registered_layer_conforms(name, config, check):
+    check.run(name, **config)
+
+
+def test_conformance_params_cover_every_check():
+    assert [p.values[0].name for p in conformance_params()] == list(CHECKS)
+
+
+class _Leaky(seqzoo.SequenceLayer):
+    """Deliberately wrong in configurable ways, to prove the suite catches each."""
+
+    def __init__(self, d_model, flaw="none"):
+        super().__init__(d_model)
+        self.flaw = flaw
+        self.w = torch.nn.Linear(d_model, d_model)
+
+    def init_state(self, batch_size, *, device=None, dtype=None):
+        return {"h": torch.zeros(batch_size, self.d_model, device=device, dtype=dtype)}
+
+    def state_size(self, seq_len):
+        return self.d_model
+
+    def step(self, x, state):
+        state = self.check_input(x, state, step=True)
+        h = 0.5 * state["h"] + x
+        if self.flaw == "mutates":
+            state["h"].add_(1.0)
+        return self.w(h), {"h": h}
+
+    def forward(self, x, state=None):
+        state = self.check_input(x, state)
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t], state)
+            ys.append(y)
+        y = torch.stack(ys, 1) if ys else x.new_zeros(x.shape)
+        if self.flaw == "peeks" and x.shape[1] > 1:
+            y = y + x.flip(1)  # output t sees input T-1-t: not causal
+        if self.flaw == "batch_mix" and x.shape[1] > 0:
+            y = y + x.mean(0, keepdim=True)
+        return y, state
+
+
+def test_a_correct_layer_passes():
+    assert set(check_layer(_Leaky)) == set(CHECKS)
+
+
+@pytest.mark.parametrize(("flaw", "caught_by"), [
+    ("peeks", "causality"),
+    ("batch_mix", "batch_independence"),
+    ("mutates", "state_not_mutated"),
+])
+def test_the_suite_catches_flaws(flaw, caught_by):
+    with pytest.raises(AssertionError) as info:
+        check_layer(lambda d, **c: _Leaky(d, flaw=flaw))
+    assert caught_by in str(info.value)

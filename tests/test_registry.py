@@ -1,0 +1,172 @@
+"""The registry: entry points, isolation of broken plugins, conflicts, close-match errors."""
+
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+import seqzoo
+from seqzoo.registry import REGISTRY
+
+
+def _fake_distribution(tmp_path, dist_name, ep_name, module_name, module_source):
+    """Install, on sys.path only, a distribution whose "seqzoo" entry point is ``module_name``."""
+    pkg = tmp_path / f"{module_name}.py"
+    pkg.write_text(textwrap.dedent(module_source))
+    info = tmp_path / f"{dist_name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[seqzoo]\n{ep_name} = {module_name}\n")
+    return str(tmp_path)
+
+
+@pytest.fixture
+def on_path(monkeypatch):
+    added = []
+
+    def add(path):
+        monkeypatch.syspath_prepend(path)
+        added.append(path)
+
+    yield add
+    for mod in [m for m in sys.modules if m.startswith("zoo_fake_")]:
+        del sys.modules[mod]
+    monkeypatch.undo()
+    seqzoo.reload_plugins()
+
+
+def test_builtins_are_registered_through_entry_points():
+    names = seqzoo.list_layers()
+    assert "rnn" in names
+    spec = seqzoo.layer_spec("rnn")
+    assert spec.plugin == "rnn" and spec.distribution == "seqzoo"
+    assert [f.name for f in spec.fields] == ["state_dim"]
+
+
+def test_list_layers_pattern():
+    assert seqzoo.list_layers("rn*") == ["rnn"]
+    assert seqzoo.list_layers("no_such_*") == []
+
+
+def test_unknown_layer_names_close_match():
+    with pytest.raises(KeyError, match="did you mean rnn"):
+        seqzoo.create_layer("rnnn", 8)
+
+
+def test_unknown_config_key_names_close_match():
+    with pytest.raises(TypeError, match="did you mean state_dim"):
+        seqzoo.create_layer("rnn", 8, state_dimm=4)
+
+
+def test_inline_plugin_registers_and_unregisters():
+    class Identity(seqzoo.SequenceLayer):
+        def init_state(self, batch_size, *, device=None, dtype=None):
+            return {}
+
+        def forward(self, x, state=None):
+            return x, self.check_input(x, state)
+
+        def step(self, x, state):
+            return x, self.check_input(x, state, step=True)
+
+        def state_size(self, seq_len):
+            return 0
+
+    plugin = types.SimpleNamespace(register_layers=seqzoo.hookimpl(lambda register: register("zoo_identity", Identity)))
+    info = seqzoo.register_plugin(plugin, name="zoo-inline")
+    try:
+        assert info.error is None and info.layers == ["zoo_identity"]
+        layer = seqzoo.create_layer("zoo_identity", 4)
+        x = torch.randn(2, 3, 4)
+        assert torch.equal(layer(x)[0], x)
+    finally:
+        seqzoo.unregister_plugin("zoo-inline")
+    assert "zoo_identity" not in seqzoo.list_layers()
+
+
+def test_plugin_that_fails_to_import_is_reported_and_others_load(tmp_path, on_path):
+    on_path(_fake_distribution(tmp_path, "zoo-broken", "broken", "zoo_fake_broken",
+                               "raise ImportError('needs a package that is not installed')\n"))
+    seqzoo.reload_plugins()
+    failures = seqzoo.plugin_failures()
+    assert "broken" in failures and "needs a package that is not installed" in failures["broken"]
+    assert "rnn" in seqzoo.list_layers()
+    info = {p.name: p for p in seqzoo.list_plugins()}["broken"]
+    assert info.distribution == "zoo-broken" and info.version == "1.0"
+
+
+def test_plugin_whose_hook_raises_registers_nothing(tmp_path, on_path):
+    on_path(_fake_distribution(tmp_path, "zoo-half", "half", "zoo_fake_half", """
+        import seqzoo
+        from seqzoo_plugins.rnn import NaiveRNN
+
+        @seqzoo.hookimpl
+        def register_layers(register):
+            register("zoo_half_layer", NaiveRNN)
+            raise RuntimeError("boom after one registration")
+    """))
+    seqzoo.reload_plugins()
+    assert "boom after one registration" in seqzoo.plugin_failures()["half"]
+    assert "zoo_half_layer" not in seqzoo.list_layers()
+    assert "rnn" in seqzoo.list_layers()
+
+
+def test_name_conflict_names_both_plugins(tmp_path, on_path):
+    on_path(_fake_distribution(tmp_path, "zoo-thief", "thief", "zoo_fake_thief", """
+        import seqzoo
+
+        @seqzoo.hookimpl
+        def register_layers(register):
+            register("rnn", lambda d_model: None)
+    """))
+    seqzoo.reload_plugins()
+    msg = seqzoo.plugin_failures()["thief"]
+    assert "'rnn'" in msg and "'thief'" in msg
+    # the original keeps its name
+    assert seqzoo.layer_spec("rnn").plugin == "rnn"
+
+
+def test_strict_mode_raises(tmp_path, on_path, monkeypatch):
+    on_path(_fake_distribution(tmp_path, "zoo-broken2", "broken2", "zoo_fake_broken2", "raise ImportError('nope')\n"))
+    monkeypatch.setenv("SEQZOO_STRICT_PLUGINS", "1")
+    with pytest.raises(RuntimeError, match="broken2.*nope"):
+        seqzoo.reload_plugins()
+    monkeypatch.delenv("SEQZOO_STRICT_PLUGINS")
+
+
+def test_factory_must_return_a_sequence_layer():
+    plugin = types.SimpleNamespace(register_layers=seqzoo.hookimpl(
+        lambda register: register("zoo_bad_factory", lambda d_model: torch.nn.Linear(d_model, d_model))))
+    seqzoo.register_plugin(plugin, name="zoo-bad-factory")
+    try:
+        with pytest.raises(TypeError, match="not a SequenceLayer"):
+            seqzoo.create_layer("zoo_bad_factory", 4)
+    finally:
+        seqzoo.unregister_plugin("zoo-bad-factory")
+
+
+def test_registered_learner_becomes_ttt_layer_name():
+    class Dummy(seqzoo.Learner):
+        @classmethod
+        def layer_config(cls):
+            from dataclasses import make_dataclass
+
+            return make_dataclass("DummyConfig", [("num_heads", int, 1)])
+
+        @classmethod
+        def make_layer(cls, d_model, **config):
+            from seqzoo_plugins.rnn import NaiveRNN
+
+            return NaiveRNN(d_model)
+
+    plugin = types.SimpleNamespace(register_learners=seqzoo.hookimpl(lambda register: register("zoo_dummy", Dummy)))
+    seqzoo.register_plugin(plugin, name="zoo-learner")
+    try:
+        spec = seqzoo.layer_spec("ttt_zoo_dummy")
+        assert spec.kind == "learner" and spec.field_names() == ["num_heads"]
+        assert isinstance(seqzoo.create_layer("ttt_zoo_dummy", 8, num_heads=1), seqzoo.SequenceLayer)
+    finally:
+        seqzoo.unregister_plugin("zoo-learner")
+    assert REGISTRY.layers.get("ttt_zoo_dummy") is None
