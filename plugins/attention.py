@@ -106,7 +106,7 @@ class _Projections(SequenceLayer):
             xq = self.q_proj(x)
             q, _ = causal_conv(self.conv_q, xq, state["conv"])
             k, conv = causal_conv(self.conv_k, xq, state["conv"])
-            new = {"conv": conv}
+            new = {"conv": conv.contiguous()}  # own storage, not a view of the whole padded input
         else:
             q, k, new = self.q_proj(x), self.k_proj(x), {}
         return self._heads(q), self._heads(k), self._heads(v), new
@@ -118,7 +118,7 @@ class _Projections(SequenceLayer):
             xq = self.q_proj(x)
             q, _ = causal_conv_step(self.conv_q, xq, state["conv"])
             k, conv = causal_conv_step(self.conv_k, xq, state["conv"])
-            new = {"conv": conv}
+            new = {"conv": conv.contiguous()}
         else:
             q, k, new = self.q_proj(x), self.k_proj(x), {}
         split = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
@@ -138,7 +138,9 @@ class _Projections(SequenceLayer):
 @dataclass
 class LinearAttentionConfig:
     num_heads: int = field(default=4, metadata={"help": "number of heads; d_model must be divisible by it"})
-    feature_map: str = field(default="elu+1", metadata={"help": "φ on queries and keys: 'elu+1' or 'identity'"})
+    feature_map: str = field(
+        default="elu+1", metadata={"help": "φ on queries and keys: 'elu+1' or 'identity'"}
+    )
     normalize: bool = field(
         default=True,
         metadata={"help": "divide by φ(q_t)·z_t + eps (z_t = Σ φ(k_s)); False: no denominator, no scaling"},
@@ -147,7 +149,8 @@ class LinearAttentionConfig:
     chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the chunked forward"})
     use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
     share_qk: bool = field(
-        default=False, metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"}
+        default=False,
+        metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"},
     )
     conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
 
@@ -173,8 +176,7 @@ def linear_attention_chunked(
     S_start, S_end = S_all[:, :, :-1], S_all[:, :, -1]
 
     # intra-chunk: A[i, j] = q_i · k_j for j ≤ i
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    A = torch.einsum("bhnid,bhnjd->bhnij", qc, kc).masked_fill(~causal, 0.0)
+    A = torch.einsum("bhnid,bhnjd->bhnij", qc, kc).tril()
     num = torch.einsum("bhnid,bhnde->bhnie", qc, S_start) + A @ vc  # φ(q_t)ᵀ S_t
 
     z_end = None
@@ -247,9 +249,10 @@ class LinearAttention(_Projections):
         y, S, z = linear_attention_chunked(
             self.phi(q), self.phi(k), v, state["S"], z0, self.config.chunk_size, self.config.eps
         )
-        new["S"] = S
+        # copies: S and z are slices of the per-chunk buffers, which the state must not keep alive
+        new["S"] = S.clone(memory_format=torch.contiguous_format)
         if z is not None:
-            new["z"] = z
+            new["z"] = z.clone(memory_format=torch.contiguous_format)
         return self._output(x, rearrange(y, "b h t e -> b t (h e)")), new
 
 
@@ -261,7 +264,8 @@ class SelfAttentionConfig:
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
     share_qk: bool = field(
-        default=False, metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"}
+        default=False,
+        metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"},
     )
     conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
 
@@ -295,7 +299,10 @@ class SelfAttention(_Projections):
     # state
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         shape = (batch_size, self.num_heads, 0, self.head_dim)
-        state = {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+        state = {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+        }
         state.update(self._conv_state(batch_size, device, dtype))
         return state
 
@@ -326,7 +333,9 @@ class SelfAttention(_Projections):
         q, k = self._rotate(q.unsqueeze(2), k.unsqueeze(2), state["k"].shape[2])
         new["k"] = torch.cat([state["k"], k], dim=2)  # append R_t k_t, v_t
         new["v"] = torch.cat([state["v"], v.unsqueeze(2)], dim=2)
-        y = F.scaled_dot_product_attention(q, new["k"], new["v"], scale=self.scale)  # every key is in the past
+        y = F.scaled_dot_product_attention(
+            q, new["k"], new["v"], scale=self.scale
+        )  # every key is in the past
         return self._output(x, rearrange(y, "b h 1 e -> b (h e)")), new
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -334,8 +343,9 @@ class SelfAttention(_Projections):
         q, k, v, new = self._qkv(x, state)
         past, T = state["k"].shape[2], x.shape[1]
         q, k = self._rotate(q, k, past)
-        new["k"] = torch.cat([state["k"], k], dim=2)
-        new["v"] = torch.cat([state["v"], v], dim=2)
+        # the cache after this call (no copy when it starts empty: k and v are fresh tensors)
+        new["k"] = torch.cat([state["k"], k], dim=2) if past else k.contiguous()
+        new["v"] = torch.cat([state["v"], v], dim=2) if past else v.contiguous()
         if T == 0:
             y = q
         elif past == 0:

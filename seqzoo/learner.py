@@ -1,40 +1,549 @@
 """Learners (the inner models of TTT layers) and the generic TTT layer built from any learner.
 
-SKELETON: the registry relies on ``Learner.make_layer`` and ``Learner.layer_config``; the TTT machinery
-(GradientLearner, the generic TTT layer) is filled in by the TTT work.
+A TTT layer's hidden state is the storage of a learner; the update rule trains the learner on the
+current token's view (θ_K x, θ_V x) and the output rule asks it to predict from θ_Q x.
+
+- ``Learner``: the general form (``init_state``, ``train``, ``predict``), e.g. Nadaraya-Watson, whose
+  storage is every key and value seen. ``LearnerLayer`` runs any learner token by token.
+- ``GradientLearner``: a parametric model f(x; W) written for one head and one token, trained by
+  mini-batch gradient descent. ``TTTLayer`` supplies the projections, the learnable learning rate η,
+  RoPE, the mini-batch GD scan (gradients from torch.func) and the decode state.
+
+Mini-batch GD (TTT paper §2.7), per head, for a mini-batch with start weights W, tokens i, j = 1..b:
+    η[i, j] = tokidx[i] · gate_j,   gate_j = ttt_base_lr · σ(θ_lr · x_j + b_lr) / d,
+    tokidx[i] = max(1/i + learnable_token_idx[i], 0),
+    W̄_i = W − Σ_{j≤i} η[i, j] ∇ℓ_j(W) = W − tokidx[i] · G_i,   G_i = Σ_{j≤i} gate_j ∇ℓ_j(W),
+    z_i = f(θ_Q x_i; W̄_i),   and at the end of the mini-batch W ← W̄_b.
+So the decode state is W (weights at the mini-batch start), G and the position inside the mini-batch.
+Mini-batches are aligned to absolute positions [kb, (k+1)b), so a sequence may be cut anywhere.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
 
-__all__ = ["Learner", "GradientLearner"]
+from .contract import SequenceLayer, State
+from .nn import apply_rope, causal_conv, causal_conv_step, conv_state_shape, gelu_tanh
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Learner",
+    "GradientLearner",
+    "LearnerLayer",
+    "LearnerLayerConfig",
+    "TTTLayer",
+    "TTTConfig",
+    "token_eta",
+]
+
+BACKENDS = ("auto", "torch", "triton")
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+    return value
+
+
+# --- configs ---------------------------------------------------------------------------------------
+@dataclass
+class LearnerLayerConfig:
+    """Options of a layer built around a general ``Learner`` (projections as in self-attention)."""
+
+    num_heads: int = field(default=4, metadata={"help": "number of heads; d_model must be divisible by it"})
+    rope: bool = field(default=True, metadata={"help": "rotary embedding of q and k at absolute positions"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
+    share_qk: bool = field(
+        default=False, metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"}
+    )
+    conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
+
+
+@dataclass
+class TTTConfig:
+    """Options of a TTT layer around a ``GradientLearner`` (names as in ttt-lm-pytorch's TTTConfig)."""
+
+    num_heads: int = field(default=4, metadata={"help": "number of heads; d_model must be divisible by it"})
+    mini_batch_size: int = field(
+        default=16, metadata={"help": "TTT mini-batch b: 1 = online GD, >= sequence length = batch GD"}
+    )
+    ttt_base_lr: float = field(default=1.0, metadata={"help": "base inner learning rate (η = base·gate/d)"})
+    share_qk: bool = field(
+        default=False, metadata={"help": "one q_proj, then depthwise causal convs conv_q / conv_k for q and k"}
+    )
+    use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * post_norm(z))"})
+    conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base (positions t mod b)"})
+    backend: str = field(
+        default="auto", metadata={"help": "inner scan: 'torch', 'triton' (CUDA kernels), 'auto' (triton on CUDA)"}
+    )
+    scan_checkpoint_group_size: int = field(
+        default=0, metadata={"help": "mini-batches per gradient-checkpointed group when training (0 = off)"}
+    )
+    # the Table-1 ablation ladder
+    learnable_w0: bool = field(default=True, metadata={"help": "W0 a learnable parameter (False: W0 = 0, fixed)"})
+    inner_norm: bool = field(
+        default=True, metadata={"help": "f(x) = x + LN(f_res(x)) (False: f(x) = f_res(x), no bias, no LN)"}
+    )
+    learnable_lr: bool = field(default=True, metadata={"help": "η_j gated by σ(θ_lr x_j + b) (False: gate 1)"})
+    token_idx: bool = field(default=True, metadata={"help": "scale row i of η by 1/i + learnable offset"})
+    rope: bool = field(default=True, metadata={"help": "RoPE on XQ and XK"})
+    post_norm: bool = field(default=True, metadata={"help": "LayerNorm on z before the output projection"})
+
+
+# --- learners --------------------------------------------------------------------------------------
 class Learner:
-    """A learner has a storage (the TTT layer's hidden state), ``train`` and ``predict``."""
+    """A learner has a storage (the TTT layer's hidden state), ``train`` and ``predict``.
+
+    Subclasses implement, for a batch of heads (leading dims (B, H)):
+      ``init_state(batch_size, num_heads, device, dtype)`` -> dict of tensors (B, H, ...),
+      ``train(state, k, v)`` -> new state after one token (k, v of shape (B, H, d)),
+      ``predict(state, q)`` -> (B, H, d).
+    ``make_layer`` wraps it in a ``LearnerLayer``: step = train on (k, v), then predict from q.
+    """
+
+    Config: ClassVar[type] = LearnerLayerConfig
+    #: state keys whose dims grow with the sequence (as ``SequenceLayer.state_dynamic_dims``)
+    state_dynamic_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
 
     def __init__(self, head_dim: int, **config: Any):
-        self.head_dim = head_dim
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.config = config
 
     @classmethod
     def layer_config(cls) -> type:
         """The dataclass of the TTT layer's config options for this learner."""
-        raise NotImplementedError
+        return cls.Config
 
     @classmethod
-    def make_layer(cls, d_model: int, **config: Any):
+    def make_layer(cls, d_model: int, **config: Any) -> SequenceLayer:
         """Build the TTT layer whose hidden state is this learner."""
+        return cls.layer_class()(d_model, learner=cls, **config)
+
+    @classmethod
+    def layer_class(cls) -> type:
+        return LearnerLayer
+
+    def init_state(self, batch_size: int, num_heads: int, *, device=None, dtype=None) -> State:
         raise NotImplementedError
+
+    def train(self, state: State, k: Tensor, v: Tensor) -> State:
+        raise NotImplementedError
+
+    def predict(self, state: State, q: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def position(self, state: State) -> int:
+        """How many tokens the storage has seen (the absolute position of the next one), for RoPE."""
+        raise NotImplementedError(f"{type(self).__name__} does not track positions; use rope=False")
+
+    def state_size(self, num_heads: int, seq_len: int) -> int:
+        """Scalars of storage per batch element after ``seq_len`` tokens."""
+        st = self.init_state(1, num_heads, device="meta")
+        return sum(v.numel() for v in st.values())
 
 
 class GradientLearner(Learner):
-    """A parametric inner model f(x; W) for one head and one token, trained by mini-batch GD."""
+    """A parametric inner model f(x; W) for one head and one token, trained by mini-batch GD.
+
+    Write ``init_params`` (W0 of one head: a dict of tensors) and ``predict(params, x)`` for one token
+    x of shape (head_dim,); optionally ``loss(params, k, v)`` (default ½‖predict(params, k) − v‖²) and
+    ``init_outer_params`` (per-head parameters the inner loop reads but does not train, such as an
+    inner LayerNorm). Gradients come from torch.func, so no backward is needed.
+    """
+
+    Config: ClassVar[type] = TTTConfig
+
+    @classmethod
+    def layer_class(cls) -> type:
+        return TTTLayer
 
     def init_params(self) -> dict[str, Tensor]:
+        """W0 of one head: the inner model's trainable weights (a learnable outer-loop parameter)."""
         raise NotImplementedError
 
+    def init_outer_params(self) -> dict[str, Tensor]:
+        """Per-head parameters read by ``predict`` but trained by the outer loop only (default none)."""
+        return {}
+
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """f(x; params) for one token x of shape (head_dim,) -> (head_dim,)."""
         raise NotImplementedError
+
+    def loss(self, params: dict[str, Tensor], k: Tensor, v: Tensor) -> Tensor:
+        """The inner self-supervised loss of one token: ½‖f(k) − v‖²."""
+        return 0.5 * (self.predict(params, k) - v).pow(2).sum()
+
+
+def token_eta(mini_batch_size: int, learnable_token_idx: Tensor | None, *, device=None, dtype=None) -> Tensor:
+    """tokidx[i] = max(1/i + learnable_token_idx[i], 0) for i = 1..b; ones when there is no offset."""
+    if learnable_token_idx is None:
+        return torch.ones(mini_batch_size, device=device, dtype=dtype)
+    i = torch.arange(1, mini_batch_size + 1, device=learnable_token_idx.device, dtype=learnable_token_idx.dtype)
+    return torch.clamp_min(1.0 / i + learnable_token_idx, 0.0)
+
+
+# --- shared projections ----------------------------------------------------------------------------
+class _Heads(SequenceLayer):
+    """q/k/v/o projections split into heads, optional share_qk convs and output gate (ttt-lm-pytorch names)."""
+
+    def _build_projections(self, num_heads: int, share_qk: bool, use_gate: bool, conv_kernel: int) -> None:
+        C = self.d_model
+        _positive_int("num_heads", num_heads)
+        _positive_int("conv_kernel", conv_kernel)
+        if C % num_heads:
+            raise ValueError(f"expected d_model divisible by num_heads, got d_model={C}, num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, C // num_heads
+        self.share_qk, self.use_gate = bool(share_qk), bool(use_gate)
+        self.q_proj = nn.Linear(C, C, bias=False)
+        if self.share_qk:  # XQ = conv_q(q_proj(x)), XK = conv_k(q_proj(x))
+            self.conv_q = nn.Conv1d(C, C, conv_kernel, groups=C, bias=True, padding=conv_kernel - 1)
+            self.conv_k = nn.Conv1d(C, C, conv_kernel, groups=C, bias=True, padding=conv_kernel - 1)
+        else:
+            self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        if self.use_gate:
+            self.g_proj = nn.Linear(C, C, bias=False)
+
+    def _conv_state(self, batch_size: int, device, dtype) -> State:
+        """conv_q and conv_k read the same sequence q_proj(x): one window (B, C, K-1) serves both."""
+        if not self.share_qk:
+            return {}
+        return {"conv": torch.zeros(conv_state_shape(self.conv_q, batch_size), device=device, dtype=dtype)}
+
+    def _conv_state_size(self) -> int:
+        return self.d_model * (self.conv_q.weight.shape[-1] - 1) if self.share_qk else 0
+
+    def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """x (B, T, C) -> XQ, XK, XV (B, H, T, d) and the new conv state."""
+        new: State = {}
+        if self.share_qk:
+            xq = self.q_proj(x)
+            q, _ = causal_conv(self.conv_q, xq, state["conv"])
+            k, new["conv"] = causal_conv(self.conv_k, xq, state["conv"])
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
+        return heads(q), heads(k), heads(self.v_proj(x)), new
+
+    def _qkv_step(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """x (B, C) -> XQ, XK, XV (B, H, d) and the new conv state."""
+        new: State = {}
+        if self.share_qk:
+            xq = self.q_proj(x)
+            q, _ = causal_conv_step(self.conv_q, xq, state["conv"])
+            k, new["conv"] = causal_conv_step(self.conv_k, xq, state["conv"])
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        heads = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
+        return heads(q), heads(k), heads(self.v_proj(x)), new
+
+    def _gate(self, x: Tensor, y: Tensor) -> Tensor:
+        return gelu_tanh(self.g_proj(x)) * y if self.use_gate else y
+
+
+# --- a layer around any Learner --------------------------------------------------------------------
+class LearnerLayer(_Heads):
+    """The TTT layer of a general ``Learner``: step = train(k_t, v_t), then y_t = predict(q_t).
+
+    ``forward`` scans ``step``; a learner with a parallel form gets a subclass that overrides it.
+    """
+
+    def __init__(self, d_model: int, *, learner: type[Learner], **config: Any):
+        super().__init__(d_model)
+        self.config = cfg = learner.layer_config()(**config)
+        self._build_projections(cfg.num_heads, cfg.share_qk, cfg.use_gate, cfg.conv_kernel)
+        if cfg.rope and self.head_dim % 2:
+            raise ValueError(
+                f"rope needs an even head_dim, got head_dim={self.head_dim} "
+                f"(d_model={d_model}, num_heads={cfg.num_heads})"
+            )
+        self.learner = learner(self.head_dim, **dataclasses.asdict(cfg))
+        self.state_dynamic_dims = dict(learner.state_dynamic_dims)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        state = self.learner.init_state(batch_size, self.num_heads, device=device, dtype=dtype)
+        if "conv" in state:
+            raise ValueError("a learner's state may not use the key 'conv' (the share_qk conv window)")
+        state.update(self._conv_state(batch_size, device, dtype))
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        return self.learner.state_size(self.num_heads, seq_len) + self._conv_state_size()
+
+    def _position(self, state: State) -> int:
+        """Absolute position of the next token, for RoPE (the learner's ``position(state)``)."""
+        return self.learner.position(state)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        state = self.check_input(x, state, step=True)
+        q, k, v, new = self._qkv_step(x, state)
+        inner = {key: t for key, t in state.items() if key != "conv"}
+        if self.config.rope:
+            pos = torch.tensor([self._position(state)], device=x.device)
+            q = apply_rope(q.unsqueeze(2), pos, self.config.rope_theta).squeeze(2)
+            k = apply_rope(k.unsqueeze(2), pos, self.config.rope_theta).squeeze(2)
+        inner = self.learner.train(inner, k, v)  # update rule
+        y = self.learner.predict(inner, q)  # output rule
+        new.update(inner)
+        y = rearrange(y, "b h d -> b (h d)")
+        return self.o_proj(self._gate(x, y)), new
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t], state)
+            ys.append(y)
+        return (torch.stack(ys, 1) if ys else x.new_zeros(x.shape)), state
+
+
+# --- the TTT layer around any GradientLearner ------------------------------------------------------
+class TTTLayer(_Heads):
+    """A TTT layer whose hidden state is a ``GradientLearner``'s weights, trained by mini-batch GD.
+
+    Parameters (ttt-lm-pytorch names): ``q_proj``, ``k_proj`` (or ``conv_q``/``conv_k`` with share_qk),
+    ``v_proj``, ``o_proj``, ``g_proj`` (use_gate), the learner's W0 stacked over heads (e.g. ``W1`` (H, d, d)),
+    its outer parameters (e.g. ``ttt_norm_weight`` (H, d)), ``learnable_ttt_lr_weight`` (H, 1, C),
+    ``learnable_ttt_lr_bias`` (H, 1), ``learnable_token_idx`` (b,), ``post_norm`` (LayerNorm(C)).
+    Output: o_proj([gelu_tanh(g_proj(x)) ⊙] post_norm(z)).
+
+    State: for each weight ``n`` of the learner, ``n`` (B, H, ...) = weights at the mini-batch start and
+    ``n_grad`` = Σ gate_j ∇ℓ_j over the mini-batch so far; ``pos`` (B,) int64, the position inside the
+    mini-batch; ``mini_batch_size`` (B,) int64, b (so a state of another layer is refused);
+    ``conv`` (B, C, K-1) with share_qk.
+    """
+
+    def __init__(self, d_model: int, *, learner: type[GradientLearner], **config: Any):
+        super().__init__(d_model)
+        self.config = cfg = learner.layer_config()(**config)
+        self._build_projections(cfg.num_heads, cfg.share_qk, cfg.use_gate, cfg.conv_kernel)
+        H, d, C = self.num_heads, self.head_dim, d_model
+        b = self.mini_batch_size = _positive_int("mini_batch_size", cfg.mini_batch_size)
+        if cfg.rope and d % 2:
+            raise ValueError(f"rope needs an even head_dim, got head_dim={d} (d_model={C}, num_heads={H})")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"expected backend in {BACKENDS}, got {cfg.backend!r}")
+        if not isinstance(cfg.scan_checkpoint_group_size, int) or cfg.scan_checkpoint_group_size < 0:
+            raise ValueError(f"expected scan_checkpoint_group_size >= 0, got {cfg.scan_checkpoint_group_size!r}")
+        self.learner = learner(d, **dataclasses.asdict(cfg))
+
+        # W0 and the outer-only parameters of the learner, one per head, stacked on dim 0
+        inner = [self.learner.init_params() for _ in range(H)]
+        outer = [self.learner.init_outer_params() for _ in range(H)]
+        self.inner_names = list(inner[0])
+        self.outer_names = list(outer[0])
+        for name in self.inner_names + self.outer_names:
+            if hasattr(self, name) or name in ("pos", "conv", "mini_batch_size") or name.endswith("_grad"):
+                raise ValueError(f"learner parameter name {name!r} clashes with the TTT layer's own names")
+        for name in self.inner_names:
+            w0 = torch.stack([p[name] for p in inner]).float()
+            if cfg.learnable_w0:
+                setattr(self, name, nn.Parameter(w0))
+            else:  # W0 = 0, fixed (the linear-attention end of the ablation ladder)
+                self.register_buffer(name, torch.zeros_like(w0))
+        for name in self.outer_names:
+            setattr(self, name, nn.Parameter(torch.stack([p[name] for p in outer]).float()))
+
+        # learnable η: gate_j = σ(θ_lr,h · x_j + b_lr,h), row scale tokidx[i] = 1/i + learnable_token_idx[i]
+        if cfg.learnable_lr:
+            self.learnable_ttt_lr_weight = nn.Parameter(0.02 * torch.randn(H, 1, C))
+            self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
+        if cfg.token_idx:
+            self.learnable_token_idx = nn.Parameter(torch.zeros(b))
+        self.post_norm = nn.LayerNorm(C, eps=1e-6) if cfg.post_norm else None
+
+    # --- state ------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        state: State = {}
+        for name in self.inner_names:
+            w0 = getattr(self, name).to(device=device, dtype=dtype)  # W0 keeps its graph: it is learned
+            state[name] = w0.unsqueeze(0).expand(batch_size, *w0.shape).clone()
+            state[f"{name}_grad"] = torch.zeros_like(state[name])
+        state["pos"] = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        state["mini_batch_size"] = torch.full((batch_size,), self.mini_batch_size, dtype=torch.int64, device=device)
+        state.update(self._conv_state(batch_size, device, dtype))
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        weights = sum(getattr(self, n).numel() for n in self.inner_names)
+        return 2 * weights + 2 + self._conv_state_size()
+
+    def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
+        state = super().check_input(x, state, step=step)
+        pos, b = state["pos"], state["mini_batch_size"]
+        if b.numel() and not bool((b == self.mini_batch_size).all()):
+            raise ValueError(
+                f"expected a state of a layer with mini_batch_size={self.mini_batch_size}, got one with "
+                f"state['mini_batch_size'] = {b.tolist()}"
+            )
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.mini_batch_size):
+            raise ValueError(f"expected state['pos'] in [0, {self.mini_batch_size}), got {pos.tolist()}")
+        if pos.numel() and not bool((pos == pos[0]).all()):
+            raise ValueError(f"expected every batch element at the same position, got state['pos'] = {pos.tolist()}")
+        return state
+
+    def _start_weights(self, state: State) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """W and G from the state, flattened to (B·H, ...)."""
+        flat = lambda t: t.reshape(-1, *t.shape[2:])
+        W = {n: flat(state[n]) for n in self.inner_names}
+        G = {n: flat(state[f"{n}_grad"]) for n in self.inner_names}
+        return W, G
+
+    # --- the views and the learning rate -----------------------------------------------------------
+    def _outer(self, batch: int, dtype) -> dict[str, Tensor]:
+        """The outer-only per-head parameters expanded to (B·H, ...)."""
+        out = {}
+        for n in self.outer_names:
+            p = getattr(self, n).to(dtype)
+            out[n] = p.unsqueeze(0).expand(batch, *p.shape).reshape(-1, *p.shape[1:])
+        return out
+
+    def _gate_eta(self, x: Tensor) -> Tensor:
+        """gate_j = ttt_base_lr · σ(θ_lr,h · x_j + b_lr,h) / d for x (B, T, C) -> (B, H, T)."""
+        base = self.config.ttt_base_lr / self.head_dim
+        if not self.config.learnable_lr:
+            return torch.full((x.shape[0], self.num_heads, x.shape[1]), base, device=x.device, dtype=x.dtype)
+        logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight[:, 0].to(x.dtype))
+        return base * torch.sigmoid(logits + self.learnable_ttt_lr_bias.to(x.dtype).unsqueeze(0))
+
+    def _token_eta(self, device, dtype) -> Tensor:
+        idx = getattr(self, "learnable_token_idx", None)
+        return token_eta(self.mini_batch_size, None if idx is None else idx.to(dtype), device=device, dtype=dtype)
+
+    def _rope(self, XQ: Tensor, XK: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """RoPE at positions t mod b (the position inside the mini-batch)."""
+        if not self.config.rope:
+            return XQ, XK
+        T = XQ.shape[-2]
+        positions = (start + torch.arange(T, device=XQ.device)) % self.mini_batch_size
+        theta = self.config.rope_theta
+        return apply_rope(XQ, positions, theta), apply_rope(XK, positions, theta)
+
+    def _output(self, x: Tensor, z: Tensor) -> Tensor:
+        if self.post_norm is not None:
+            z = self.post_norm(z)
+        return self.o_proj(self._gate(x, z))
+
+    # --- forward: whole mini-batches through _full, partial ones through _chunk --------------------
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        B, T, _ = x.shape
+        if T == 0:
+            return x.new_zeros(x.shape), dict(state)
+        XQ, XK, XV, new = self._qkv(x, state)
+        p = int(state["pos"][0]) if B else 0
+        XQ, XK = self._rope(XQ, XK, p)
+        dtype = x.dtype  # the inner loop and the state stay in x's dtype, under autocast too
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            flat = lambda t: rearrange(t.to(dtype), "b h t d -> (b h) t d")
+            lr = rearrange(self._gate_eta(x), "b h t -> (b h) t")
+            W, G = self._start_weights(state)
+            Z, W, G, p_end = self._scan(flat(XQ), flat(XK), flat(XV), lr, self._token_eta(x.device, dtype),
+                                        W, G, p, self._outer(B, dtype))
+        unflat = lambda t: t.reshape(B, self.num_heads, *t.shape[1:])
+        for n in self.inner_names:
+            new[n], new[f"{n}_grad"] = unflat(W[n]), unflat(G[n])
+        new["pos"] = torch.full((B,), p_end, dtype=torch.int64, device=x.device)
+        new["mini_batch_size"] = state["mini_batch_size"]
+        z = rearrange(Z, "(b h) t d -> b t (h d)", b=B)
+        return self._output(x, z), new
+
+    def _scan(self, XQ, XK, XV, lr, tok, W, G, p, outer):
+        """Split (B·H, T, ...) at absolute mini-batch boundaries: a head to the next boundary, whole
+        mini-batches, a tail. Returns Z (B·H, T, d), W, G and the position after the last token."""
+        b, T = self.mini_batch_size, XQ.shape[1]
+        Zs, t = [], 0
+        if p > 0:  # finish the mini-batch a previous call started
+            r = min(T, b - p)
+            Z, W_bar, G = self._chunk(XQ[:, :r], XK[:, :r], XV[:, :r], lr[:, :r], tok[p:p + r], W, G, outer)
+            Zs.append(Z)
+            t, p = r, (p + r) % b
+            if p == 0:  # W ← W̄_b, G ← 0
+                W, G = W_bar, {n: torch.zeros_like(g) for n, g in G.items()}
+        n_full = (T - t) // b
+        if n_full:
+            e = t + n_full * b
+            Z, W = self._full(XQ[:, t:e], XK[:, t:e], XV[:, t:e], lr[:, t:e], tok, W, outer)
+            Zs.append(Z)
+            t = e
+        if t < T:  # a partial mini-batch: rows 1..r, weights unchanged, G carried in the state
+            r = T - t
+            Z, _, G = self._chunk(XQ[:, t:], XK[:, t:], XV[:, t:], lr[:, t:], tok[:r], W, G, outer)
+            Zs.append(Z)
+            p = r
+        return torch.cat(Zs, dim=1), W, G, p
+
+    def _full(self, XQ, XK, XV, lr, tok, W, outer):
+        """Whole mini-batches from W with G = 0; returns Z and the weights after the last one."""
+        b = self.mini_batch_size
+        n = XQ.shape[1] // b
+        group = self.config.scan_checkpoint_group_size
+        use_ckpt = group > 0 and self.training and torch.is_grad_enabled()
+
+        def run(lo: int, hi: int, *flat_W: Tensor):
+            Wc = dict(zip(self.inner_names, flat_W))
+            Zs = []
+            for k in range(lo, hi):
+                s = slice(k * b, (k + 1) * b)
+                G0 = {m: torch.zeros_like(w) for m, w in Wc.items()}
+                Z, Wc, _ = self._chunk(XQ[:, s], XK[:, s], XV[:, s], lr[:, s], tok, Wc, G0, outer)
+                Zs.append(Z)
+            return (torch.cat(Zs, dim=1), *[Wc[m] for m in self.inner_names])
+
+        Zs = []
+        step = group if use_ckpt else n
+        flat_W = [W[m] for m in self.inner_names]
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            if use_ckpt:
+                Z, *flat_W = torch.utils.checkpoint.checkpoint(run, lo, hi, *flat_W, use_reentrant=False)
+            else:
+                Z, *flat_W = run(lo, hi, *flat_W)
+            Zs.append(Z)
+        return torch.cat(Zs, dim=1), dict(zip(self.inner_names, flat_W))
+
+    def _chunk(self, XQ, XK, XV, lr, tok, W, G, outer):
+        """r consecutive tokens of one mini-batch, generic (torch.func) form.
+
+        XQ/XK/XV (N, r, d), lr (N, r) gates, tok (r,) row scales, W/G dicts of (N, ...), outer of (N, ...).
+        Returns Z (N, r, d), W̄ of the last row, and G + Σ_j gate_j ∇ℓ_j(W).
+        """
+        learner = self.learner
+
+        def loss(inner, out, k, v):
+            return learner.loss({**inner, **out}, k, v)
+
+        def predict(inner, out, q):
+            return learner.predict({**inner, **out}, q)
+
+        # ∇ℓ_j(W) for every token j, all at the mini-batch-start weights
+        grads = torch.func.vmap(torch.func.vmap(torch.func.grad(loss), in_dims=(None, None, 0, 0)))(W, outer, XK, XV)
+        W_bar, G_new = {}, {}
+        for n, g in grads.items():
+            shape = (-1, g.shape[1]) + (1,) * (g.ndim - 2)
+            Gc = G[n].unsqueeze(1) + torch.cumsum(lr.reshape(shape) * g, dim=1)  # G_i
+            W_bar[n] = W[n].unsqueeze(1) - tok.reshape(1, -1, *[1] * (g.ndim - 2)) * Gc  # W̄_i = W − tokidx[i]·G_i
+            G_new[n] = Gc[:, -1]
+        Z = torch.func.vmap(torch.func.vmap(predict, in_dims=(0, None, 0)))(W_bar, outer, XQ)
+        return Z, {n: w[:, -1] for n, w in W_bar.items()}, G_new
+
+    # --- step: one token --------------------------------------------------------------------------
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        state = self.check_input(x, state, step=True)
+        y, new = self.forward(x.unsqueeze(1), state)
+        return y.squeeze(1), new
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, {self.config}"

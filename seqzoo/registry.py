@@ -20,6 +20,8 @@ import inspect
 import logging
 import os
 import threading
+import types
+import typing
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -381,7 +383,8 @@ def layer_spec(name: str) -> LayerSpec:
 
 
 def validate_config(spec: LayerSpec, config: dict[str, Any]) -> None:
-    """Raise ``TypeError`` for config keys the layer does not have, naming close matches."""
+    """Raise ``TypeError`` for config keys the layer does not have (naming close matches) and for
+    values whose type does not fit the option's declared type."""
     names = spec.field_names()
     accepts_any = spec.config is None and _has_var_keyword(spec.factory)
     for key in config:
@@ -390,6 +393,42 @@ def validate_config(spec: LayerSpec, config: dict[str, Any]) -> None:
                 f"layer {spec.name!r} has no config option {key!r}{_close(key, names)} "
                 f"Options: {', '.join(names) or '(none)'}"
             )
+    if spec.config is None:
+        return
+    try:
+        hints = typing.get_type_hints(spec.config)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: skip the type check
+        return
+    for key, value in config.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise TypeError(
+                f"layer {spec.name!r}: option {key!r} expects {_type_text(hints[key])}, got {value!r} "
+                f"({type(value).__name__})"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """A shallow check of ``value`` against a type hint: plain types, unions, Optional, Literal."""
+    origin = typing.get_origin(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        return isinstance(value, origin)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_text(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _has_var_keyword(factory) -> bool:

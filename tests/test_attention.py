@@ -90,7 +90,9 @@ def ref_rope(t, positions, theta=10000.0):
     """Rotate adjacent pairs (2i, 2i+1) as complex numbers by e^{i·pos·theta^(-2i/d)}."""
     d = t.shape[-1]
     freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    rot = torch.polar(torch.ones(len(positions), d // 2, dtype=torch.float64), positions[:, None].double() * freqs)
+    rot = torch.polar(
+        torch.ones(len(positions), d // 2, dtype=torch.float64), positions[:, None].double() * freqs
+    )
     tc = torch.view_as_complex(t.reshape(*t.shape[:-1], d // 2, 2).contiguous())
     return torch.view_as_real(tc * rot).flatten(-2)
 
@@ -248,3 +250,32 @@ def test_inside_language_model(name, backbone):
     assert_close(torch.stack(steps, 1), logits, 1e-10, f"{name} in {backbone}: forward vs lm.step")
     assert_close(torch.cat([half, rest], 1), logits, 1e-10, f"{name} in {backbone}: split forward")
     assert set(st) == set(state)
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("linear_attention", {"share_qk": True}),
+        ("self_attention", {"share_qk": True}),
+        ("self_attention", {"rope": False}),
+    ],
+    ids=str,
+)
+def test_states_own_their_memory(name, config, tmp_path):
+    """Every state tensor is contiguous with storage of its own size (no view into a big buffer), so
+    states are small to keep and save with safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    layer = seqzoo.create_layer(name, 32, **config)
+    x = torch.randn(2, 70, 32)
+    _, st = layer(x)
+    _, st_step = layer.step(x[:, 0], st)
+    for which, state in (("forward", st), ("step", st_step)):
+        for key, t in state.items():
+            assert t.is_contiguous(), f"{which}: state[{key!r}] is not contiguous"
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (
+                f"{which}: state[{key!r}] is a view"
+            )
+    save_file(st, tmp_path / "state.safetensors")
+    loaded = load_file(tmp_path / "state.safetensors")
+    assert all(torch.equal(loaded[k], st[k]) for k in st)

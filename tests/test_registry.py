@@ -170,3 +170,11 @@ def test_registered_learner_becomes_ttt_layer_name():
     finally:
         seqzoo.unregister_plugin("zoo-learner")
     assert REGISTRY.layers.get("ttt_zoo_dummy") is None
+
+
+def test_config_values_are_type_checked():
+    with pytest.raises(TypeError, match=r"state_dim.*expects.*'4'"):
+        seqzoo.create_layer("rnn", 8, state_dim="4")
+    with pytest.raises(TypeError, match="state_dim"):
+        seqzoo.create_layer("rnn", 8, state_dim=True)
+    assert seqzoo.create_layer("rnn", 8, state_dim=None).state_dim == 8

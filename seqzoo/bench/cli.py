@@ -2,6 +2,237 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(_size(t)) for t in _csv(text)]
+
+
+def _size(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """``--layers a,b c`` -> [a, b, c]; ``all`` or nothing -> None (every registered one)."""
+    if not values:
+        return None
+    out = [n for v in values for n in _csv(v)]
+    return None if out == ["all"] else out
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=False)
+
+
+# --- compare ----------------------------------------------------------------------------------------------
+def _cmd_compare(args) -> int:
+    from rich.console import Console
+
+    from .compare import compare
+    from .report import compare_table, write_plots, write_report
+
+    console = Console(width=max(160, Console().width))
+    out = Path(args.out)
+    overrides = json.loads(args.override) if args.override else None
+    t0 = time.perf_counter()
+    progress = _progress(not args.no_progress)
+    try:
+        with progress:
+            results = compare(layers=_names(args.layers), backbones=_names(args.backbones), tasks=_names(args.tasks),
+                              preset_name=args.preset, device=args.device, seed=args.seed, out=out,
+                              resume=args.resume, data=args.data, speed=not args.no_speed, overrides=overrides,
+                              progress=progress, console=console)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted: finished units are in {out / 'results.json'}; "
+                      "continue with --resume[/yellow]")
+        return 130
+    except (KeyError, ValueError, TypeError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    plots = write_plots(results, out)
+    report = write_report(results, out, plots)
+    console.print(compare_table(results))
+    console.print(f"results: {out / 'results.json'}; report: {report}; plots: {', '.join(plots.values()) or 'none'}"
+                  f" ({time.perf_counter() - t0:.0f} s)")
+    failed = [k for k, c in results["cells"].items() if c.get("status") != "ok"]
+    if failed:
+        console.print(f"[yellow]{len(failed)} cell(s) with failures (see report.md): {', '.join(failed)}[/yellow]")
+    return 0
+
+
+# --- train ------------------------------------------------------------------------------------------------
+def _cmd_train(args) -> int:
+    import os
+
+    from ..cli import parse_config
+    from .train import Interrupted, NonFiniteLoss, TrainConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    rank = int(os.environ.get("RANK", "0"))
+    task_config = parse_config(args.task_config)
+    if args.data:
+        task_config["data"] = str(Path(args.data).expanduser().resolve())
+    cfg = TrainConfig(layer=args.layer, backbone=args.backbone, task=args.task, task_config=task_config,
+                      d_model=args.d_model, n_layers=args.n_layers, intermediate_size=args.intermediate_size,
+                      layer_config=parse_config(args.config), steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, warmup_steps=args.warmup if args.warmup is not None else args.steps // 10,
+                      seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+                      device=args.device)
+    tb = _tensorboard(args.out) if rank == 0 and args.out else None
+
+    def on_step(step: int, loss: float) -> None:
+        if rank == 0 and (step % max(args.log_every, 1) == 0 or step == cfg.steps):
+            print(json.dumps({"step": step, "loss": round(loss, 6)}), flush=True)
+        if tb is not None:
+            tb.add_scalar("train/loss", loss, step)
+
+    try:
+        res = train(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after, on_step=on_step)
+    except Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyError, ValueError, TypeError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    finally:
+        if tb is not None:
+            tb.close()
+        _destroy_process_group()
+    if rank == 0:
+        summary = {"steps": res.steps, "params": res.params, "params_non_embedding": res.params_non_embedding,
+                   "state_size": res.state_size, "seconds": round(res.seconds, 2), "resumed_from": res.resumed_from,
+                   "metrics": {k: v for k, v in res.metrics.items() if k != "loss_by_position"}}
+        print(json.dumps({"result": summary}), flush=True)
+    return 0
+
+
+def _tensorboard(out):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - TensorBoard is optional
+        return None
+    return SummaryWriter(str(Path(out) / "tensorboard"))
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --- bench ------------------------------------------------------------------------------------------------
+def _cmd_bench(args) -> int:
+    from rich.console import Console
+
+    from ..registry import list_layers
+    from .report import bench_table, plot_bench
+    from .speed import bench_layer, matmul_peak
+    from .store import machine_info, versions, write_json
+
+    console = Console(width=max(140, Console().width))
+    layers = _names(args.layers) or list_layers()
+    progress = _progress(not args.no_progress)
+    peak = matmul_peak(args.device)
+    results = {"config": {"d_model": args.d_model, "heads": args.heads, "batch": args.batch, "lengths": args.lengths,
+                          "decode_positions": args.decode_positions, "repeats": args.repeats,
+                          "device": args.device, "backward": not args.no_backward, "memory": not args.no_memory},
+               "matmul_peak_gflops": peak, "versions": versions(), "machine": machine_info(args.device), "layers": {}}
+    out = Path(args.out)
+    with progress:
+        task = progress.add_task("seqzoo bench", total=len(layers))
+        for name in layers:
+            progress.update(task, description=f"bench: {name}")
+            try:
+                results["layers"][name] = bench_layer(
+                    name, d_model=args.d_model, heads=args.heads, batch=args.batch, lengths=args.lengths,
+                    decode_positions=args.decode_positions, repeats=args.repeats, warmup=args.warmup,
+                    device=args.device, backward=not args.no_backward, memory=not args.no_memory,
+                    max_seconds=args.max_seconds, peak_gflops=peak)
+            except Exception as exc:  # noqa: BLE001 - one failing layer is reported, not fatal
+                results["layers"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            write_json(out / "bench.json", results)
+            progress.advance(task)
+    plot = plot_bench(results, out / "bench_latency.png")
+    console.print(bench_table(results))
+    console.print(f"results: {out / 'bench.json'}" + (f"; plot: {plot}" if plot else ""))
+    return 0
+
 
 def add_commands(sub) -> None:
     """Add the harness subcommands to the ``seqzoo`` argument parser."""
+    p = sub.add_parser("compare", help="train and time every layer in both backbones; table, JSON, plots, report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", nargs="*", help="layer names (comma or space separated; default: all registered)")
+    p.add_argument("--backbones", nargs="*", help="transformer, mamba (default: both)")
+    p.add_argument("--tasks", nargs="*", help="registered tasks (default: the preset's, mqar and lm)")
+    p.add_argument("--preset", default="default", choices=["quick", "default", "paper"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="seqzoo-results", help="output folder")
+    p.add_argument("--resume", action="store_true", help="keep finished units of an earlier run in --out")
+    p.add_argument("--data", default=None, help="file or folder of text for the lm task (default: stdlib sources)")
+    p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("train", help="train one model (checkpoints, resume, JSONL log; runs under torchrun)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--backbone", default="transformer", choices=["transformer", "mamba"])
+    p.add_argument("--task", default="mqar")
+    p.add_argument("--task-config", nargs="*", metavar="KEY=VALUE", help="task options, e.g. seq_len=256")
+    p.add_argument("--data", default=None, help="text file or folder (lm task)")
+    p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="layer config options")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun processes)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="folder for checkpoints, log.jsonl, metrics.json")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (checkpointed)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("bench", help="prefill/decode latency, memory, FLOP/s vs context length",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", nargs="*", help="layer names (default: all registered)")
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192, 16384],
+                   help="comma-separated context lengths (k = ×1024)")
+    p.add_argument("--decode-positions", type=_ints, default=[64, 8192], help="positions for decode timing")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=20.0, help="skip longer lengths once one call is slower")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-backward", action="store_true", help="skip forward+backward timing")
+    p.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="seqzoo-bench")
+    p.set_defaults(func=_cmd_bench)

@@ -320,7 +320,7 @@ class LMTask(Task):
                 if zlib.crc32(rel.encode()) % cfg.val_every == 0:
                     val.append(p.read_bytes())
                 elif size < cfg.max_train_bytes:
-                    blob = p.read_bytes()[: cfg.max_train_bytes - size] + b"\n"
+                    blob = (p.read_bytes() + b"\n")[: cfg.max_train_bytes - size]
                     train.append(blob)
                     size += len(blob)
         # validation windows start at file starts (position t = t bytes of context), then continue

@@ -257,6 +257,8 @@ def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike 
     state_size = model.layers[0].seq_modeling_block.state_size(task.seq_len) * len(model.layers)
     opt = make_optimizer(model, cfg)
     outp = Path(out) if out is not None else None
+    if outp is not None and dist.main:
+        outp.mkdir(parents=True, exist_ok=True)
     start, losses, resumed_from = 0, [], None
     if resume and outp is not None and (outp / "latest.json").exists():
         start, losses, saved = load_checkpoint(outp, model, opt, device)

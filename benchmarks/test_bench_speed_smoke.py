@@ -1,0 +1,148 @@
+"""Smoke runs of ``bench_ttt.py`` and ``bench_layers.py`` at tiny sizes (pytest-benchmark), in seconds.
+
+The full runs are ``python benchmarks/bench_ttt.py`` and ``python benchmarks/bench_layers.py`` (see
+docs/benchmarks.md); these tests only keep their code paths alive and check the FLOP formula.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_layers  # noqa: E402
+import bench_ttt  # noqa: E402
+from official_ttt import make_official  # noqa: E402
+
+import seqzoo  # noqa: E402
+
+D, H, T = 64, 4, 64
+ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
+
+
+def _needs(name: str) -> None:
+    if name not in seqzoo.list_layers():
+        pytest.skip(f"seqzoo layer {name!r} is not registered")
+
+
+@pytest.fixture
+def x():
+    return torch.randn(1, T, D, generator=torch.Generator().manual_seed(0))
+
+
+# --- the FLOP formula the fraction-of-peak figures rest on ---------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_flop_formula_equals_counted_matmuls(kind):
+    """The analytic count equals torch's FLOP counter on the anchor, less the η gate (2·C·H per token)."""
+    C, heads, b, L = 48, 3, 8, 32
+    layer = make_official(kind, hidden_size=C, num_heads=heads, mini_batch_size=b)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(torch.randn(1, L, C))
+    formula = bench_ttt.ttt_linear_flops if kind == "linear" else bench_ttt.ttt_mlp_flops
+    assert counter.get_total_flops() - 2 * C * heads * L == formula(C, heads, b) * L
+
+
+def test_ttt_linear_flops_at_125m_widths():
+    assert bench_ttt.ttt_linear_flops(768, 12, 16) == 8 * 768**2 + 12 * (6 * 64**2 + 6 * 16 * 64)  # ≈ 5.09 M
+
+
+# --- pytest-benchmark smoke runs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_official_forward(benchmark, kind, x):
+    layer = make_official(kind, hidden_size=D, num_heads=H).eval()
+    with torch.no_grad():
+        y = benchmark.pedantic(layer, args=(x,), **ROUNDS)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_seqzoo_ttt_forward(benchmark, kind, x):
+    _needs(f"ttt_{kind}")
+    layer = seqzoo.create_layer(f"ttt_{kind}", D, num_heads=H).eval()
+    with torch.no_grad():
+        y, _ = benchmark.pedantic(layer, args=(x,), **ROUNDS)
+    assert y.shape == x.shape
+
+
+def test_seqzoo_ttt_linear_step(benchmark, x):
+    _needs("ttt_linear")
+    layer = seqzoo.create_layer("ttt_linear", D, num_heads=H).eval()
+    with torch.no_grad():
+        _, state = layer(x[:, :-1])
+        y, _ = benchmark.pedantic(layer.step, args=(x[:, -1], state), **ROUNDS)
+    assert y.shape == (1, D)
+
+
+def test_hf_mamba_slow_forward(benchmark, x):
+    _needs("mamba")
+    pytest.importorskip("transformers")
+    ours = seqzoo.create_layer("mamba", D).eval()
+    hf = bench_layers.hf_mamba_mixer(ours, D, ours.config.d_state, ours.config.d_conv, ours.config.expand)
+    with torch.no_grad():
+        y = benchmark.pedantic(hf.slow_forward, args=(x,), **ROUNDS)
+        assert bench_layers.rel_err(ours(x)[0], y) < 1e-4
+
+
+def test_mamba_forward(benchmark, x):
+    _needs("mamba")
+    layer = seqzoo.create_layer("mamba", D).eval()
+    with torch.no_grad():
+        y, _ = benchmark.pedantic(layer, args=(x,), **ROUNDS)
+    assert y.shape == x.shape
+
+
+def test_bare_sdpa_forward(benchmark, x):
+    bare = bench_layers.BareAttention(D, H).eval()
+    with torch.no_grad():
+        y = benchmark.pedantic(bare, args=(x,), **ROUNDS)
+    assert y.shape == x.shape
+
+
+def test_self_attention_forward(benchmark, x):
+    _needs("self_attention")
+    layer = seqzoo.create_layer("self_attention", D, num_heads=H, rope=False).eval()
+    bare = bench_layers.BareAttention(D, H).eval()
+    layer.load_state_dict(bare.state_dict(), strict=True)
+    with torch.no_grad():
+        y, _ = benchmark.pedantic(layer, args=(x,), **ROUNDS)
+        assert bench_layers.rel_err(y, bare(x)) < 1e-5
+
+
+def test_linear_attention_chunked_forward(benchmark, x):
+    _needs("linear_attention")
+    layer = seqzoo.create_layer("linear_attention", D, num_heads=H).eval()
+    with torch.no_grad():
+        y, _ = benchmark.pedantic(layer, args=(x,), **ROUNDS)
+    assert y.shape == x.shape
+
+
+# --- the scripts themselves, at tiny sizes ---------------------------------------------------------------
+
+
+def test_bench_ttt_quick_writes_json(tmp_path):
+    out = tmp_path / "ttt.json"
+    bench_ttt.main(["--quick", "--lengths", "32", "64", "--sections", "prefill", "decode", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["peak_gflops"] > 0
+    impls = {(r["layer"], r["impl"]) for r in result["prefill"]}
+    assert ("ttt_linear", "official") in impls and ("ttt_mlp", "official") in impls
+    assert all(r["us_per_token"] > 0 for r in result["prefill"])
+    assert {g["goal"].split(" ")[0] for g in result["goals"]} >= {"ttt_linear", "ttt_mlp"}
+
+
+def test_bench_layers_quick_writes_json(tmp_path):
+    out = tmp_path / "layers.json"
+    bench_layers.main(["--quick", "--sections", "attention", "linear_attention", "--json", str(out)])
+    result = json.loads(out.read_text())
+    if "self_attention" in seqzoo.list_layers():
+        assert any(r["layer"] == "self_attention" and r["rel_err"] < 1e-5 for r in result["rows"] if "rel_err" in r)
+    assert len(result["goals"]) == 3

@@ -1,0 +1,65 @@
+"""Pieces shared by the hand-derived TTT learners: the inner LayerNorm, its fused L2 backward, gelu'."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+LN_EPS = 1e-6
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def ln_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
+    """LayerNorm over the last dim (biased variance): weight · (x − μ)/√(σ² + eps) + bias."""
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    var = (xc * xc).mean(-1, keepdim=True)
+    return weight * (xc * torch.rsqrt(var + eps)) + bias
+
+
+def ln_l2_bwd(x: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
+    """∂/∂x of ½‖LN(x) − target‖², row by row (the LayerNorm backward fused with the L2 loss)."""
+    mu = x.mean(-1, keepdim=True)
+    xc = x - mu
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    x_hat = xc * rstd
+    g = (weight * x_hat + bias - target) * weight  # ∂ℓ/∂x̂
+    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
+
+
+def gelu_tanh_grad(x: Tensor) -> Tensor:
+    """d/dx of gelu_tanh(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+
+
+def causal_eta(token_eta: Tensor, lr_eta: Tensor) -> Tensor:
+    """η[..., i, j] = token_eta[i] · lr_eta[..., j] for j ≤ i, else 0: token_eta (r,), lr_eta (..., r)."""
+    return torch.tril(token_eta[:, None] * lr_eta[..., None, :])
+
+
+def kernel(name: str, device: torch.device, *, required: bool):
+    """The Triton kernel ``name`` of seqzoo_plugins.kernels when it can run on ``device``; else None
+    (``required``: raise a RuntimeError saying why instead)."""
+    try:
+        from seqzoo_plugins import kernels
+    except ImportError as exc:  # pragma: no cover - the package ships with seqzoo
+        if required:
+            raise RuntimeError(f"backend='triton' needs seqzoo_plugins.kernels, which failed to import: {exc}") from exc
+        return None
+    fn = getattr(kernels, name, None)
+    available = getattr(kernels, "kernels_available", lambda device: False)
+    if fn is None or not available(device):
+        if required:
+            raise RuntimeError(
+                f"backend='triton': the Triton kernel {name} cannot run on device {device} (it needs CUDA "
+                "tensors and the triton package, or TRITON_INTERPRET=1 on the CPU); use backend='torch'"
+            )
+        log.debug("Triton kernel %s unavailable on %s; using the torch dual form", name, device)
+        return None
+    return fn
