@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ttt import time_in_turn  # noqa: E402
+from bench_ttt import progress, time_in_turn  # noqa: E402
 
 FULL = dict(d_model=768, num_heads=12, mamba_lengths=[2048, 4096, 8192], attn_lengths=[1024, 4096],
             linear_T=4096, repeats=3)
@@ -79,10 +78,11 @@ def bench_mamba(cfg: dict) -> tuple[list[dict], str | None]:
     hf = hf_mamba_mixer(ours, d, spec.d_state, spec.d_conv, spec.expand)
     rows = []
     for T in cfg["mamba_lengths"]:
+        progress(f"mamba T={T}")
         x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
             err = rel_err(ours(x)[0], hf.slow_forward(x))
-            res = time_in_turn({"hf_slow_forward": lambda: hf.slow_forward(x), "seqzoo": lambda: ours(x)},
+            res = time_in_turn({"hf_slow_forward": lambda x=x: hf.slow_forward(x), "seqzoo": lambda x=x: ours(x)},
                                repeats=cfg["repeats"])
         rows.append(_row("mamba", "hf_slow_forward", T, res["hf_slow_forward"]))
         rows.append(_row("mamba", "seqzoo", T, res["seqzoo"], rel_err=err,
@@ -125,9 +125,10 @@ def bench_attention(cfg: dict) -> tuple[list[dict], str | None]:
         variants["seqzoo" if not rope else "seqzoo_rope"] = layer
     rows = []
     for T in cfg["attn_lengths"]:
+        progress(f"self_attention T={T}")
         x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(T))
-        fns = {"sdpa_bare": lambda: bare(x)}
-        fns.update({name: (lambda m=m: m(x)) for name, m in variants.items()})
+        fns = {"sdpa_bare": lambda x=x: bare(x)}
+        fns.update({name: (lambda m=m, x=x: m(x)) for name, m in variants.items()})
         with torch.no_grad():
             err = rel_err(variants["seqzoo"](x)[0], bare(x))
             res = time_in_turn(fns, repeats=cfg["repeats"])
@@ -149,6 +150,7 @@ def bench_linear_attention(cfg: dict) -> tuple[list[dict], str | None]:
     if "linear_attention" not in seqzoo.list_layers():
         return [], "linear_attention is not registered"
     d, H, T = cfg["d_model"], cfg["num_heads"], cfg["linear_T"]
+    progress(f"linear_attention T={T}")
     torch.manual_seed(0)
     layer = seqzoo.create_layer("linear_attention", d, num_heads=H).eval()
     x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(T))

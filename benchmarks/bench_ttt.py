@@ -123,6 +123,10 @@ def ttt_mlp_flops(d_model: int, num_heads: int, mini_batch_size: int) -> float:
     return 8 * C * C + H * (56 * d * d + 30 * b * d)
 
 
+#: the inner learning rate of each layer (seqzoo's defaults), passed explicitly to both implementations
+BASE_LR = {"linear": 1.0, "mlp": 0.1}
+
+
 def seqzoo_layer(kind: str, cfg: dict, **extra):
     """seqzoo's ``ttt_<kind>`` at the benchmark's widths, or None with the reason when it is unavailable."""
     import seqzoo
@@ -132,7 +136,8 @@ def seqzoo_layer(kind: str, cfg: dict, **extra):
         return None, f"{name} is not registered"
     try:
         layer = seqzoo.create_layer(
-            name, cfg["d_model"], num_heads=cfg["num_heads"], mini_batch_size=cfg["mini_batch_size"], **extra
+            name, cfg["d_model"], num_heads=cfg["num_heads"], mini_batch_size=cfg["mini_batch_size"],
+            ttt_base_lr=BASE_LR[kind], **extra,
         )
     except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on
         return None, f"create_layer({name!r}) failed: {type(exc).__name__}: {exc}"
@@ -143,7 +148,8 @@ def build_pair(kind: str, cfg: dict, seed: int = 0):
     """(official, seqzoo layer or None, reason) with seqzoo's layer holding the official one's weights."""
     torch.manual_seed(seed)
     official = make_official(
-        kind, hidden_size=cfg["d_model"], num_heads=cfg["num_heads"], mini_batch_size=cfg["mini_batch_size"]
+        kind, hidden_size=cfg["d_model"], num_heads=cfg["num_heads"], mini_batch_size=cfg["mini_batch_size"],
+        ttt_base_lr=BASE_LR[kind],
     ).eval()
     ours, why = seqzoo_layer(kind, cfg)
     if ours is not None:
@@ -168,6 +174,11 @@ def _forward(module) -> Callable[[torch.Tensor], torch.Tensor]:
 # --- the sections ------------------------------------------------------------------------------------
 
 
+def progress(message: str) -> None:
+    """One line of progress on stderr (the results go to stdout and --json)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> list[dict]:
     """Prefill time per T for both implementations, called in turn."""
     rows = []
@@ -175,11 +186,15 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
         cfg["d_model"], cfg["num_heads"], cfg["mini_batch_size"]
     )
     for T in cfg["lengths"]:
+        progress(f"prefill ttt_{kind} T={T}")
         x = torch.randn(1, T, cfg["d_model"], generator=torch.Generator().manual_seed(T))
-        fns = {"official": lambda: _forward(official)(x)}
+        fns = {"official": lambda x=x: _forward(official)(x)}
         if ours is not None:
-            fns["seqzoo"] = lambda: _forward(ours)(x)
+            fns["seqzoo"] = lambda x=x: _forward(ours)(x)
         with torch.no_grad():
+            if ours is not None and T == cfg["lengths"][0]:  # same weights, same function: check once
+                want = _forward(official)(x)
+                err = ((_forward(ours)(x) - want).abs().max() / want.abs().max()).item()
             res = time_in_turn(fns, repeats=cfg["repeats"], warmup=1)
         for impl, t in res.items():
             row = {
@@ -192,6 +207,8 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
             rows.append(row)
         if "seqzoo" in res:
             rows[-1]["ratio_vs_official"] = res["seqzoo"]["median"] / res["official"]["median"]
+            if T == cfg["lengths"][0]:
+                rows[-1]["rel_err_vs_official"] = err
     return rows
 
 
@@ -200,14 +217,14 @@ def bench_decode(kind: str, cfg: dict, ours) -> list[dict]:
     rows = []
     steps = cfg["mini_batch_size"]
     for P in cfg["decode_positions"]:
+        progress(f"decode ttt_{kind} position {P}")
         x = torch.randn(1, P + steps, cfg["d_model"], generator=torch.Generator().manual_seed(P))
         with torch.no_grad():
             _, state0 = ours(x[:, :P])
 
-            def run():
-                state = state0
+            def run(state=state0, tokens=x[:, P:]):
                 for t in range(steps):
-                    _, state = ours.step(x[:, P + t], state)
+                    _, state = ours.step(tokens[:, t], state)
 
             t = time_in_turn({"step": run}, repeats=cfg["repeats"], warmup=1)["step"]
         rows.append({"layer": f"ttt_{kind}", "position": P, "steps": steps, "seconds": t,
@@ -217,6 +234,7 @@ def bench_decode(kind: str, cfg: dict, ours) -> list[dict]:
 
 def memory_probe(spec: dict) -> dict:
     """Run one memory measurement in a fresh subprocess; returns its JSON (or an error)."""
+    progress(f"memory {spec['impl']} ttt_{spec['kind']} {spec['mode']} T={spec['T']} group={spec.get('group', 0)}")
     cmd = [sys.executable, str(HERE), "--memory-probe", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
@@ -234,6 +252,7 @@ def _probe_main(spec: dict) -> dict:
         layer = make_official(
             spec["kind"], hidden_size=cfg["d_model"], num_heads=cfg["num_heads"],
             mini_batch_size=cfg["mini_batch_size"], scan_checkpoint_group_size=spec.get("group", 0),
+            ttt_base_lr=BASE_LR[spec["kind"]],
         )
     else:
         extra = {"scan_checkpoint_group_size": spec["group"]} if spec.get("group") else {}
@@ -343,9 +362,10 @@ def report(result: dict) -> str:
                  f"{'%peak':>7}{'ratio':>7}")
     for r in result["prefill"]:
         ratio = f"{r['ratio_vs_official']:.2f}" if "ratio_vs_official" in r else ""
+        note = f"  (max rel. difference {r['rel_err_vs_official']:.1e})" if "rel_err_vs_official" in r else ""
         frac = f"{100 * r['fraction_of_peak']:.0f}" if "fraction_of_peak" in r else ""
         lines.append(f"{r['layer']:<12}{r['impl']:<10}{r['T']:>7}  {_fmt_t(r['seconds']):<28}"
-                     f"{r['us_per_token']:>8.1f}{r['gflops']:>9.1f}{frac:>7}{ratio:>7}")
+                     f"{r['us_per_token']:>8.1f}{r['gflops']:>9.1f}{frac:>7}{ratio:>7}{note}")
     if result["decode"]:
         lines.append("")
         lines.append(f"{'decode':<12}{'position':>9}  {'ms/token':>9}")

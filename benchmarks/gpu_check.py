@@ -101,22 +101,23 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 # inputs
 # ----------------------------------------------------------------------------------------------------
 def make_inputs(kind, B, H, T, d, mb, device, act_dtype=torch.float32, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g)
-    to = lambda t, dt=torch.float32: t.to(device=device, dtype=dt)
+    """Random prefill inputs, generated on the device (32k-token activations are 1e9 numbers)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *s, dt=torch.float32: torch.randn(*s, generator=g, device=device, dtype=dt)
     hid = 4 * d if kind == "mlp" else d
     weights = [rnd(B, H, d, hid) / math.sqrt(d), 0.1 * rnd(B, H, 1, hid)]
     if kind == "mlp":
         weights += [rnd(B, H, hid, d) / math.sqrt(hid), 0.1 * rnd(B, H, 1, d)]
+    idx = torch.arange(1, mb + 1, device=device, dtype=torch.float32)
     return dict(
-        XQ=to(rnd(B, H, T, d), act_dtype),
-        XK=to(rnd(B, H, T, d), act_dtype),
-        XV=to(rnd(B, H, T, d), act_dtype),
-        lr_eta=to(torch.sigmoid(rnd(B, H, T)) / d),
-        token_eta=to((1.0 / torch.arange(1, mb + 1) + 0.05 * rnd(mb)).clamp_min(0)),
-        weights=[to(w) for w in weights],
-        ln_w=to(1.0 + 0.1 * rnd(H, d)),
-        ln_b=to(0.1 * rnd(H, d)),
+        XQ=rnd(B, H, T, d, dt=act_dtype),
+        XK=rnd(B, H, T, d, dt=act_dtype),
+        XV=rnd(B, H, T, d, dt=act_dtype),
+        lr_eta=torch.sigmoid(rnd(B, H, T)) / d,
+        token_eta=(1.0 / idx + 0.05 * rnd(mb)).clamp_min(0),
+        weights=weights,
+        ln_w=1.0 + 0.1 * rnd(H, d),
+        ln_b=0.1 * rnd(H, d),
     )
 
 
@@ -235,83 +236,69 @@ def run_timings(K, cfg, device, budget, dry_run: bool) -> list[dict]:
     target = 0.0 if dry_run else 0.6
     mamba = None if device.type != "cuda" else load_mamba(width, device)
 
-    def add(op, T, seconds, tokens, flops_per_token=None, note=""):
-        row = dict(
-            op=op,
-            T=T,
-            ms=None if seconds is None else seconds * 1e3,
-            us_per_token=None if seconds is None else seconds / tokens * 1e6,
-            note=note,
-        )
-        if seconds is not None and flops_per_token:
-            row["tflops"] = flops_per_token * tokens / seconds / 1e12
+    def measure(op, T, fn, tokens, max_reps, flops_per_token=None):
+        """Time fn and add a row; a failure (out of memory, an API difference) becomes a note."""
+        row = dict(op=op, T=T, ms=None, us_per_token=None, note="")
+        try:
+            with torch.no_grad():
+                seconds = timeit(fn, device, budget, target, max_reps)
+        except Exception as e:  # keep going: one failed measurement must not lose the others
+            seconds, row["note"] = None, f"failed: {type(e).__name__}: {str(e)[:120]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if seconds is None and not row["note"]:
+            row["note"] = "skipped: time guard"
+        if seconds is not None:
+            row.update(ms=seconds * 1e3, us_per_token=seconds / tokens * 1e6)
+            if flops_per_token:
+                row["tflops"] = flops_per_token * tokens / seconds / 1e12
         rows.append(row)
-        return row
 
     act = torch.bfloat16 if device.type == "cuda" else torch.float32
+    short = cfg["lengths"][:2]  # the reference is a Python loop over mini-batches: time it at these only
     for T in cfg["lengths"]:
         for kind in ("linear", "mlp"):
             inp = make_inputs(kind, B, H, T, d, mb, device, act)
             kernel = K.ttt_linear_forward if kind == "linear" else K.ttt_mlp_forward
             reference = K.ttt_linear_reference if kind == "linear" else K.ttt_mlp_reference
-            with torch.no_grad():
-                s = timeit(partial(prefill, kernel, inp, mb), device, budget, target, 10)
-                add(f"ttt_{kind} triton prefill", T, s, B * T, ttt_flops_per_token(kind, H, d, mb))
+            flops = ttt_flops_per_token(kind, H, d, mb)
+            measure(f"ttt_{kind} triton prefill", T, partial(prefill, kernel, inp, mb), B * T, 10, flops)
+            if T in short:
                 ref_inp = {**inp, **{k: inp[k].float() for k in ("XQ", "XK", "XV")}}
-                # the reference is a Python loop over mini-batches: time it only at the shorter lengths
-                if T <= cfg["lengths"][min(1, len(cfg["lengths"]) - 1)]:
-                    s = timeit(partial(prefill, reference, ref_inp, mb), device, budget, target, 3)
-                    add(
-                        f"ttt_{kind} torch reference prefill (fp32)",
-                        T,
-                        s,
-                        B * T,
-                        ttt_flops_per_token(kind, H, d, mb),
-                    )
+                fn = partial(prefill, reference, ref_inp, mb)
+                measure(f"ttt_{kind} torch reference prefill (fp32)", T, fn, B * T, 3, flops)
+                del ref_inp
             del inp
         q, k, v = (torch.randn(B, H, T, d, device=device, dtype=act) for _ in range(3))
-        with torch.no_grad():
-            causal = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
-            s = timeit(causal, device, budget, target, 20)
-            add("sdpa causal prefill", T, s, B * T, 4 * H * d * T / 2)
-            # attention decode: one query against a KV cache of length T
-            one_query = partial(F.scaled_dot_product_attention, q[:, :, -1:], k, v)
-            s = timeit(one_query, device, budget, target, 100)
-            add("sdpa decode (KV cache of T)", T, s, B)
-        del q, k, v
+        causal = partial(F.scaled_dot_product_attention, q, k, v, is_causal=True)
+        measure("sdpa causal prefill", T, causal, B * T, 20, 2 * H * d * T)
+        one_query = partial(F.scaled_dot_product_attention, q[:, :, -1:], k, v)  # decode against a KV cache
+        measure("sdpa decode (KV cache of T)", T, one_query, B, 100)
+        del q, k, v, causal, one_query
         if mamba is not None:
             x = torch.randn(B, T, width, device=device, dtype=torch.bfloat16)
-            with torch.no_grad():
-                s = timeit(partial(mamba, x), device, budget, target, 10)
-            add("mamba-ssm Mamba prefill", T, s, B * T)
+            measure("mamba-ssm Mamba prefill", T, partial(mamba, x), B * T, 10)
             del x
 
     for kind in ("linear", "mlp"):
-        inp = make_inputs(kind, B, H, 1, d, mb, device)
-        args = decode_args(inp)
+        args = decode_args(make_inputs(kind, B, H, 1, d, mb, device))
         kernel = K.ttt_linear_decode if kind == "linear" else K.ttt_mlp_decode
         reference = K.ttt_linear_decode_reference if kind == "linear" else K.ttt_mlp_decode_reference
-        with torch.no_grad():
-            add(
-                f"ttt_{kind} triton decode", 1, timeit(partial(kernel, *args), device, budget, target, 200), B
-            )
-            add(
-                f"ttt_{kind} torch reference decode",
-                1,
-                timeit(partial(reference, *args), device, budget, target, 200),
-                B,
-            )
+        measure(f"ttt_{kind} triton decode", 1, partial(kernel, *args), B, 200)
+        measure(f"ttt_{kind} torch reference decode", 1, partial(reference, *args), B, 200)
     if mamba is not None:
         try:
             conv_state, ssm_state = mamba.allocate_inference_cache(B, 1, dtype=torch.bfloat16)
             x1 = torch.randn(B, 1, width, device=device, dtype=torch.bfloat16)
-            with torch.no_grad():
-                s = timeit(partial(mamba.step, x1, conv_state, ssm_state), device, budget, target, 200)
-            add("mamba-ssm Mamba decode", 1, s, B)
-        except Exception as e:  # API differences between mamba-ssm versions
-            add("mamba-ssm Mamba decode", 1, None, B, note=f"failed: {type(e).__name__}: {e}")
-    if mamba is None:
-        add("mamba-ssm Mamba", 0, None, 1, note="mamba-ssm not installed (or no CUDA)")
+            measure("mamba-ssm Mamba decode", 1, partial(mamba.step, x1, conv_state, ssm_state), B, 200)
+        except Exception as e:  # allocate_inference_cache differs between mamba-ssm versions
+            rows.append(
+                dict(op="mamba-ssm Mamba decode", T=1, ms=None, us_per_token=None, note=f"failed: {e}")
+            )
+    else:
+        rows.append(
+            dict(op="mamba-ssm Mamba", T=0, ms=None, us_per_token=None, note="mamba-ssm not installed")
+        )
     return rows
 
 

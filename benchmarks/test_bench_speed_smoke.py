@@ -30,6 +30,15 @@ def _needs(name: str) -> None:
         pytest.skip(f"seqzoo layer {name!r} is not registered")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: at these sizes threads only add synchronisation, badly so on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def x():
     return torch.randn(1, T, D, generator=torch.Generator().manual_seed(0))

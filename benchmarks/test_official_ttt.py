@@ -110,6 +110,8 @@ SEQZOO_CASES = [
 def test_seqzoo_equals_anchor(kind: str, extra: dict, T: int):
     seqzoo = _seqzoo_layer_or_skip(f"ttt_{kind}")
     d_model, heads = 64, 4
+    # every option explicit: seqzoo's defaults may differ from the official ones (ttt_mlp: ttt_base_lr 0.1)
+    extra = {"ttt_base_lr": 1.0, "mini_batch_size": 16, "share_qk": False, "use_gate": False, **extra}
     official = make_official(kind, hidden_size=d_model, num_heads=heads, **extra).double()
     _randomise(official, seed=T)
     ours = seqzoo.create_layer(f"ttt_{kind}", d_model, num_heads=heads, **extra).double()
@@ -139,7 +141,7 @@ def test_seqzoo_equals_anchor_with_float64_rope(monkeypatch):
     monkeypatch.setattr(official_ttt, "_rope_cos_sin", rope_cos_sin_float64)
     official = make_official("linear", hidden_size=64, num_heads=4).double()
     _randomise(official, seed=1)
-    ours = seqzoo.create_layer("ttt_linear", 64, num_heads=4).double()
+    ours = seqzoo.create_layer("ttt_linear", 64, num_heads=4, ttt_base_lr=1.0, mini_batch_size=16).double()
     ours.load_state_dict(official.state_dict(), strict=True)
     x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():

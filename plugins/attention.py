@@ -99,7 +99,7 @@ class _Projections(SequenceLayer):
     def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
         """x (B, T, C) -> q, k, v of shape (B, H, T, d) and the new conv state (if any)."""
         v = self.v_proj(x)
-        if self.config.share_qk and x.shape[1] == 0:  # conv1d rejects an input shorter than its kernel
+        if self.config.share_qk and x.shape[1] == 0:  # nothing to convolve: the window stays as it is
             q = k = self.q_proj(x)
             new = {"conv": state["conv"].clone()}
         elif self.config.share_qk:
@@ -274,9 +274,9 @@ class SelfAttention(_Projections):
     """Multi-head causal softmax attention with a KV cache.
 
     Per head, with q, k, v the projections of x and R_t the RoPE rotation at absolute position t
-    (adjacent pairs, base ``rope_theta``; identity when ``rope=False``):
-      state   K = [R_1 k_1, ..., R_t k_t], V = [v_1, ..., v_t]   (grows by one row per token)
-      output  y_t = Σ_{s≤t} softmax_s((R_t q_t)·(R_s k_s) / √d) v_s
+    (0-based; adjacent pairs, base ``rope_theta``; identity when ``rope=False``):
+      state   K = [R_0 k_0, ..., R_t k_t], V = [v_0, ..., v_t]   (grows by one row per token)
+      output  y_t = Σ_{s≤t} softmax_s((R_t q_t)·(R_s k_s) / √d) v_s, with d the head width
     No bias, no dropout. Heads are concatenated and passed through ``o_proj`` (after the gate when
     ``use_gate``). State: ``k``, ``v`` (B, H, T_so_far, d) holding rotated keys and values, plus
     ``conv`` (B, C, K-1) with share_qk; the position of the next token is ``k.shape[2]``.
@@ -333,9 +333,8 @@ class SelfAttention(_Projections):
         q, k = self._rotate(q.unsqueeze(2), k.unsqueeze(2), state["k"].shape[2])
         new["k"] = torch.cat([state["k"], k], dim=2)  # append R_t k_t, v_t
         new["v"] = torch.cat([state["v"], v.unsqueeze(2)], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, new["k"], new["v"], scale=self.scale
-        )  # every key is in the past
+        # one query against the whole cache: every key is at or before this position, no mask
+        y = F.scaled_dot_product_attention(q, new["k"], new["v"], scale=self.scale)
         return self._output(x, rearrange(y, "b h 1 e -> b (h e)")), new
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -343,7 +342,7 @@ class SelfAttention(_Projections):
         q, k, v, new = self._qkv(x, state)
         past, T = state["k"].shape[2], x.shape[1]
         q, k = self._rotate(q, k, past)
-        # the cache after this call (no copy when it starts empty: k and v are fresh tensors)
+        # the cache after this call (from an empty cache: the new keys and values, made contiguous)
         new["k"] = torch.cat([state["k"], k], dim=2) if past else k.contiguous()
         new["v"] = torch.cat([state["v"], v], dim=2) if past else v.contiguous()
         if T == 0:

@@ -16,8 +16,7 @@ The state is ``conv_state`` (B, d_inner, d_conv), the last ``d_conv`` conv input
 convention), and ``ssm_state`` (B, d_inner, d_state), h.
 
 Three forms of the scan live here: ``selective_scan_ref`` (token by token, the readable reference),
-``selective_scan_chunked`` (the CPU fast path: a sequential loop over chunks, each chunk scanned in
-parallel) and, on CUDA when mamba-ssm's compiled kernels exist, mamba-ssm's own kernels.
+``selective_scan_chunked`` (the CPU fast path: a two-level scan over chunks, see its docstring) and, on CUDA when mamba-ssm's compiled kernels exist, mamba-ssm's own kernels.
 """
 
 from __future__ import annotations
@@ -58,46 +57,73 @@ def selective_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     return y + x * D, h
 
 
-def _scan_chunk(log_decay: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Within one chunk, h_t = exp(log_decay_t) h_{t−1} + u_t from h = 0, for every t at once.
-
-    log_decay, u: (b, l, d, n). Returns (h (b, l, d, n) from a zero start, g (b, l, d, n) the decay
-    from the chunk start to t, exp(Σ_{s≤t} log_decay_s)). A doubling (Hillis–Steele) scan: after the
-    level with offset k every position holds the recurrence over its last 2k tokens; only products of
-    decays in (0, 1] are formed, so nothing can overflow.
-    """
-    g = torch.exp(log_decay)
-    h = u
-    length = u.shape[1]
-    k = 1
-    while k < length:
-        # (g, h)_t ∘ (g, h)_{t−k}: h_t += g_t h_{t−k}, g_t *= g_{t−k}
-        h = torch.cat([h[:, :k], torch.addcmul(h[:, k:], g[:, k:], h[:, :-k])], dim=1)
-        g = torch.cat([g[:, :k], g[:, k:] * g[:, :-k]], dim=1)
-        k *= 2
-    return h, g
+#: Elements of (batch, blocks, d_inner, d_state) touched per step of the two-level scan: about 512 KiB
+#: in float32, so that each step's tensors stay in a core's L2 cache.
+SCAN_STEP_ELEMENTS = 2**17
 
 
 def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
-                           chunk_size: int = 64) -> tuple[Tensor, Tensor]:
-    """The selective scan by chunks: the same contract as ``selective_scan_ref``.
+                           chunk_size: int = 64, blocks: int | None = None) -> tuple[Tensor, Tensor]:
+    """The selective scan as a two-level scan: the same contract as ``selective_scan_ref``.
 
-    A Python loop runs over chunks of ``chunk_size`` tokens carrying h; inside a chunk the recurrence
-    is solved in parallel (``_scan_chunk``) and the carried state enters as h_t = h_t^0 + g_t ⊙ h_in.
-    Memory: O(b·t·d) for inputs and outputs plus O(b·chunk·d·n) for one chunk.
+    The sequence is cut into chunks of ``chunk_size`` tokens, and ``blocks`` consecutive chunks form
+    a group. Within a group, every chunk is scanned at once, in lock-step over the positions of a
+    chunk: first from a zero state to get each chunk's end state, then (after carrying the true
+    start states across the group's chunks) again from those start states for the outputs. Only
+    exp(Δ A) and exp(A Σ Δ) of non-positive arguments and products of such decays appear, so nothing
+    overflows. Python steps: about 2·T / blocks; memory: O(b·t·d) plus O(b·blocks·d·n) per step.
+    ``blocks`` defaults to what keeps a step's tensors near ``SCAN_STEP_ELEMENTS`` (at least 4).
     """
+    b, T, d = x.shape
+    n = A.shape[-1]
+    if blocks is None:
+        blocks = max(4, SCAN_STEP_ELEMENTS // max(1, b * d * n))
+    dtx = dt * x
     ys = []
-    for lo in range(0, x.shape[1], chunk_size):
-        sl = slice(lo, lo + chunk_size)
-        dt_c = dt[:, sl]
-        log_decay = dt_c[..., None] * A  # (b, l, d, n), Δ_t A ≤ 0
-        u = (dt_c * x[:, sl])[..., None] * B[:, sl, None, :]  # Δ_t B_t x_t
-        h_local, g = _scan_chunk(log_decay, u)
-        h_all = torch.addcmul(h_local, g, h[:, None])  # h_t = h_t^0 + g_t ⊙ h_in
-        ys.append(torch.einsum("bldn,bln->bld", h_all, C[:, sl]))
-        h = h_all[:, -1]
+    for lo in range(0, T, chunk_size * blocks):
+        group = slice(lo, lo + chunk_size * blocks)
+        y, h = _scan_group(dt[:, group], dtx[:, group], A, B[:, group], C[:, group], h, chunk_size)
+        ys.append(y)
     y = torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)
     return y + x * D, h
+
+
+def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor,
+                chunk_size: int) -> tuple[Tensor, Tensor]:
+    """One group of ``selective_scan_chunked``: dt, dtx = Δ ⊙ x (b, s, d); B, C (b, s, n); h (b, d, n).
+
+    Returns y (b, s, d) without the D term, and the state after the group.
+    """
+    s = dt.shape[1]
+    L = min(chunk_size, s)
+    pad = -s % L  # padding with Δ = 0 is the identity step: decay 1, input 0
+    if pad:
+        dt, dtx, B, C = (F.pad(v, (0, 0, 0, pad)) for v in (dt, dtx, B, C))
+    dt = rearrange(dt, "b (g l) d -> l b g d 1", l=L)
+    dtx = rearrange(dtx, "b (g l) d -> l b g d 1", l=L)
+    B = rearrange(B, "b (g l) n -> l b g 1 n", l=L)
+    C = rearrange(C, "b (g l) n -> l b g n 1", l=L)
+
+    # level 1: every chunk from h = 0, all chunks of the group in lock-step
+    h_end = torch.zeros_like(dtx[0] * B[0])  # (b, g, d, n)
+    for i in range(L):
+        h_end = torch.addcmul(dtx[i] * B[i], torch.exp(dt[i] * A), h_end)  # h ← exp(Δ A) h + Δ B x
+    decay = torch.exp(dt.sum(0) * A)  # exp(A Σ_chunk Δ): the decay across each whole chunk
+
+    # level 2: carry the state across the chunks, h_start(g+1) = decay(g) h_start(g) + h_end(g)
+    starts = []
+    for g in range(h_end.shape[1]):
+        starts.append(h)
+        h = torch.addcmul(h_end[:, g], decay[:, g], h)
+    h_run = torch.stack(starts, dim=1)
+
+    # outputs: the chunks again, now from their true start states
+    ys = []
+    for i in range(L):
+        h_run = torch.addcmul(dtx[i] * B[i], torch.exp(dt[i] * A), h_run)
+        ys.append(torch.matmul(h_run, C[i]))  # y = C·h, (b, g, d, 1)
+    y = rearrange(torch.stack(ys), "l b g d 1 -> b (g l) d")
+    return y[:, :s], h
 
 
 # --- mamba-ssm's CUDA kernels (only ever imported for CUDA tensors) ---------------------------------
@@ -133,7 +159,7 @@ class MambaConfig:
     bias: bool = field(default=False, metadata={"help": "biases in in_proj and out_proj"})
     use_gate: bool = field(default=False, metadata={
         "help": "extra output gate of the TTT Mamba backbone: out_proj(gelu_tanh(g_proj(u)) ⊙ y), g_proj: d_model → d_inner"})
-    chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the CPU scan"})
+    chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the CPU two-level scan"})
     use_kernels: bool = field(default=True, metadata={"help": "use mamba-ssm's CUDA kernels on CUDA tensors when installed"})
 
 
@@ -227,8 +253,8 @@ class Mamba(SequenceLayer):
             return self._forward_kernels(x)
         dtype = x.dtype
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, t, d_inner) each
-        conv_in = torch.cat([state["conv_state"], xi.transpose(1, 2)], dim=-1)
         xc, _ = causal_conv(self.conv1d, xi, state["conv_state"][..., 1:])
+        conv_state = torch.cat([state["conv_state"], xi[:, -self.d_conv:].transpose(1, 2)], dim=-1)
         xc = F.silu(xc)
         dt, B, C = self._ssm_inputs(xc)
         ctype = torch.promote_types(dtype, torch.float32)  # scan in at least float32
@@ -236,7 +262,7 @@ class Mamba(SequenceLayer):
         dt = F.softplus((dt + self.dt_proj.bias).to(ctype))  # Δ_t
         y, h = selective_scan_chunked(xc.to(ctype), dt, A, B.to(ctype), C.to(ctype),
                                       self.D.to(ctype), state["ssm_state"].to(ctype), self.config.chunk_size)
-        new_state = {"conv_state": conv_in[..., conv_in.shape[-1] - self.d_conv:], "ssm_state": h.to(dtype)}
+        new_state = {"conv_state": conv_state[..., -self.d_conv:], "ssm_state": h.to(dtype)}
         return self._output(y.to(dtype), z, x), new_state
 
     # update rule + output rule, one token

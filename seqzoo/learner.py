@@ -443,10 +443,15 @@ class TTTLayer(_Heads):
         if T == 0:
             return x.new_zeros(x.shape), dict(state)
         XQ, XK, XV, new = self._qkv(x, state)
+        return self._ttt(x, XQ, XK, XV, state, new)
+
+    def _ttt(self, x: Tensor, XQ: Tensor, XK: Tensor, XV: Tensor, state: State, new: State) -> tuple[Tensor, State]:
+        """The inner loop and the output rule on the views XQ, XK, XV (B, H, T, d) of x (B, T, C)."""
+        B = x.shape[0]
         p = int(state["pos"][0]) if B else 0
-        XQ, XK = self._rope(XQ, XK, p)
-        dtype = x.dtype  # the inner loop and the state stay in x's dtype, under autocast too
+        dtype = x.dtype  # RoPE, the inner loop and the state stay in x's dtype, under autocast too
         with torch.autocast(device_type=x.device.type, enabled=False):
+            XQ, XK = self._rope(XQ.to(dtype), XK.to(dtype), p)
             flat = lambda t: rearrange(t.to(dtype), "b h t d -> (b h) t d")
             lr = rearrange(self._gate_eta(x), "b h t -> (b h) t")
             W, G = self._start_weights(state)
@@ -483,7 +488,7 @@ class TTTLayer(_Heads):
             Z, _, G = self._chunk(XQ[:, t:], XK[:, t:], XV[:, t:], lr[:, t:], tok[:r], W, G, outer)
             Zs.append(Z)
             p = r
-        return torch.cat(Zs, dim=1), W, G, p
+        return (Zs[0] if len(Zs) == 1 else torch.cat(Zs, dim=1)), W, G, p
 
     def _full(self, XQ, XK, XV, lr, tok, W, outer):
         """Whole mini-batches from W with G = 0; returns Z and the weights after the last one."""
@@ -542,7 +547,8 @@ class TTTLayer(_Heads):
     # --- step: one token --------------------------------------------------------------------------
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         state = self.check_input(x, state, step=True)
-        y, new = self.forward(x.unsqueeze(1), state)
+        q, k, v, new = self._qkv_step(x, state)
+        y, new = self._ttt(x.unsqueeze(1), q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), state, new)
         return y.squeeze(1), new
 
     def extra_repr(self) -> str:

@@ -60,7 +60,10 @@ def causal_conv(conv: nn.Conv1d, x: Tensor, conv_state: Tensor | None = None) ->
     if conv_state is None:
         conv_state = x.new_zeros(B, C, K - 1)
     xt = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, C, K-1+T)
-    y = F.conv1d(xt, conv.weight, conv.bias, groups=C)  # (B, C, T)
+    # depthwise conv as windows · taps (F.conv1d's depthwise CPU path is 100x slower at these sizes)
+    y = torch.einsum("bctk,ck->bct", xt.unfold(-1, K, 1), conv.weight[:, 0, :])  # (B, C, T)
+    if conv.bias is not None:
+        y = y + conv.bias[:, None]
     return y.transpose(1, 2), xt[..., xt.shape[-1] - (K - 1):]
 
 
@@ -84,6 +87,13 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     ctype = torch.promote_types(x.dtype, torch.float32)
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=ctype) / d))
     angle = positions.to(ctype)[:, None] * inv_freq[None, :]  # (T, d/2)
+    if x.dtype in (torch.float32, torch.float64):
+        # one fused pass (3x faster): the pair (x_2i, x_2i+1) as x_2i + i·x_2i+1, times e^{i·angle}
+        pairs = x.unflatten(-1, (d // 2, 2))
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()
+        rotation = torch.polar(torch.ones_like(angle), angle)
+        return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)

@@ -11,6 +11,16 @@ import torch.nn.functional as F
 import seqzoo
 from seqzoo.testing import assert_close, check_layer, scan_steps
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small shapes: one thread is faster, and immune to thread-pool stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CONFIGS = {
     "linear_attention": [
         {},

@@ -76,13 +76,13 @@ def _random_scan_inputs(b, t, d, n, *, dt_scale=1.0, seed=0):
 
 
 # --- the scan ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("chunk_size", [1, 3, 16, 64, 200])
-def test_chunked_scan_equals_token_loop(chunk_size):
+@pytest.mark.parametrize(("chunk_size", "blocks"), [(1, 1), (3, 4), (16, 2), (16, None), (64, 4), (200, None)])
+def test_chunked_scan_equals_token_loop(chunk_size, blocks):
     x, dt, A, B, C, D, h0 = _random_scan_inputs(2, 77, 5, 4)
     y_ref, h_ref = selective_scan_ref(x, dt, A, B, C, D, h0)
-    y, h = selective_scan_chunked(x, dt, A, B, C, D, h0, chunk_size)
-    assert_close(y, y_ref, 1e-12, f"chunk {chunk_size}: y")
-    assert_close(h, h_ref, 1e-12, f"chunk {chunk_size}: last state")
+    y, h = selective_scan_chunked(x, dt, A, B, C, D, h0, chunk_size, blocks)
+    assert_close(y, y_ref, 1e-12, f"chunk {chunk_size}, blocks {blocks}: y")
+    assert_close(h, h_ref, 1e-12, f"chunk {chunk_size}, blocks {blocks}: last state")
 
 
 def test_chunked_scan_is_stable_for_strong_decay_and_long_chunks():
@@ -91,26 +91,30 @@ def test_chunked_scan_is_stable_for_strong_decay_and_long_chunks():
     A = A * 20
     for dtype in (F64, torch.float32):
         args = [v.to(dtype) for v in (x, dt, A, B, C, D, h0)]
-        y, h = selective_scan_chunked(*args, chunk_size=256)
+        y, h = selective_scan_chunked(*args, chunk_size=256, blocks=2)
         y_ref, h_ref = selective_scan_ref(*args)
         assert torch.isfinite(y).all() and torch.isfinite(h).all()
         assert_close(y, y_ref, 1e-12 if dtype == F64 else 1e-5, f"{dtype}: y")
 
 
-def test_chunked_scan_memory_is_per_chunk(monkeypatch):
-    """Only (b, chunk, d, n) tensors are scanned at once, never (b, t, d, n)."""
+def test_chunked_scan_memory_is_per_group(monkeypatch):
+    """The scan works on groups of chunk_size · blocks tokens; (b, t, d, n) is never formed."""
     seen = []
-    inner = mamba_plugin._scan_chunk
+    inner = mamba_plugin._scan_group
 
-    def spy(log_decay, u):
-        seen.append(tuple(u.shape))
-        return inner(log_decay, u)
+    def spy(dt, dtx, A, B, C, h, chunk_size):
+        seen.append((tuple(dt.shape), chunk_size))
+        return inner(dt, dtx, A, B, C, h, chunk_size)
 
-    monkeypatch.setattr(mamba_plugin, "_scan_chunk", spy)
-    layer = Mamba(32, chunk_size=16).to(F64)
-    layer(torch.randn(2, 70, 32, dtype=F64))
-    assert [s[1] for s in seen] == [16, 16, 16, 16, 6]
-    assert all(s == (2, s[1], 64, 16) for s in seen)
+    monkeypatch.setattr(mamba_plugin, "_scan_group", spy)
+    layer = Mamba(32, chunk_size=8).to(F64)
+    blocks = mamba_plugin.SCAN_STEP_ELEMENTS // (2 * 64 * 16)
+    layer(torch.randn(2, 8 * blocks + 5, 32, dtype=F64))
+    assert seen == [((2, 8 * blocks, 64), 8), ((2, 5, 64), 8)]
+    x, dt, A, B, C, D, h0 = _random_scan_inputs(1, 50, 3, 2)
+    seen.clear()
+    selective_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=4, blocks=4)
+    assert [s[0][1] for s in seen] == [16, 16, 16, 2]
 
 
 # --- golden vectors and live Hugging Face ---------------------------------------------------------------

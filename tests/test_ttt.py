@@ -143,7 +143,7 @@ def test_converter_refuses_bad_input():
 
 # --- the conformance suite -----------------------------------------------------------------------
 CONFORMANCE = [
-    pytest.param("ttt_linear", {}, id="ttt_linear"),
+    pytest.param("ttt_linear", {"num_heads": 2}, id="ttt_linear"),
     pytest.param("ttt_linear", {"num_heads": 2, "share_qk": True, "use_gate": True, "mini_batch_size": 8},
                  id="ttt_linear-shareqk-gate-b8"),
     pytest.param("ttt_mlp", {"num_heads": 2}, id="ttt_mlp"),
@@ -284,7 +284,7 @@ def test_gradcheck_outer_params(name):
         return torch.func.functional_call(layer, params, (x,))[0]
 
     inputs = tuple(base[n].detach().clone().requires_grad_(True) for n in names)
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
 
 
 def test_checkpointed_scan_same_gradients():
@@ -314,9 +314,13 @@ def test_long_sequence_float32_and_bf16_autocast(name):
         if v.is_floating_point():
             assert v.dtype == torch.float32, f"state[{k!r}] is {v.dtype} under autocast"
             assert torch.isfinite(v).all()
-    # bf16 rounds the projections (8 bits of mantissa): about 1% of the output scale
-    assert_close(y16.float(), y32, 3e-2, f"{name}: bf16 autocast vs float32 output")
-    assert_close(st16["W1"], st32["W1"], 3e-2, f"{name}: bf16 autocast vs float32 final W1")
+    # bf16 rounds the projections (8 bits of mantissa): 0.5% of the output scale for TTT-Linear. The
+    # random TTT-MLP has ill-conditioned stretches of its inner dynamics (float32 vs float64 peaks at
+    # the same tokens, 1e-4 there against 4e-7 elsewhere), where bf16 reaches ~7%; overall ~1.3%.
+    fro = ((y16.float() - y32).norm() / y32.norm()).item()
+    assert fro <= 2e-2, f"{name}: bf16 autocast vs float32, ‖Δy‖/‖y‖ = {fro:.3e}"
+    assert_close(y16.float(), y32, 2e-2 if name == "ttt_linear" else 1e-1, f"{name}: bf16 autocast vs float32 output")
+    assert_close(st16["W1"], st32["W1"], 1e-2, f"{name}: bf16 autocast vs float32 final W1")
 
 
 # --- Table 1 switches and bad input -------------------------------------------------------------------
@@ -331,7 +335,10 @@ LADDER = [
 ]
 
 
-@pytest.mark.parametrize("switches", LADDER, ids=[f"rung{i}" for i in range(len(LADDER))])
+@pytest.mark.parametrize("switches", [
+    pytest.param(s, id=f"rung{i}", marks=() if i in (0, len(LADDER) - 1) else pytest.mark.slow)
+    for i, s in enumerate(LADDER)
+])
 def test_table1_ladder(switches):
     check_layer("ttt_linear", num_heads=2, mini_batch_size=8,
                 checks=["forward_equals_steps", "state_carries_across_splits", "gradients"], **switches)
@@ -403,3 +410,11 @@ def test_learner_predict_matches_layer_param_shapes(learner):
     x = torch.randn(16)
     assert lrn.predict(params, x).shape == (16,)
     assert lrn.loss(params, x, x).ndim == 0
+
+
+def test_example_plugin_learner_if_installed():
+    """The example third-party package's GradientLearner runs through the generic path."""
+    if "ttt_tanh" not in seqzoo.list_layers():
+        pytest.skip("the example plugin (seqzoo-example-plugin) is not installed")
+    check_layer("ttt_tanh", num_heads=2, mini_batch_size=4,
+                checks=["forward_equals_steps", "state_carries_across_splits", "gradients"])

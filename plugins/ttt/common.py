@@ -6,6 +6,7 @@ import logging
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -15,20 +16,17 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def ln_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """LayerNorm over the last dim (biased variance): weight · (x − μ)/√(σ² + eps) + bias."""
-    mu = x.mean(-1, keepdim=True)
-    xc = x - mu
-    var = (xc * xc).mean(-1, keepdim=True)
-    return weight * (xc * torch.rsqrt(var + eps)) + bias
+    """LayerNorm over the last dim (biased variance) with per-row-group weight and bias:
+    weight · (x − μ)/√(σ² + eps) + bias."""
+    return torch.addcmul(bias, weight, F.layer_norm(x, x.shape[-1:], eps=eps))
 
 
 def ln_l2_bwd(x: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """∂/∂x of ½‖LN(x) − target‖², row by row (the LayerNorm backward fused with the L2 loss)."""
-    mu = x.mean(-1, keepdim=True)
-    xc = x - mu
-    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    x_hat = xc * rstd
-    g = (weight * x_hat + bias - target) * weight  # ∂ℓ/∂x̂
+    """∂/∂x of ½‖LN(x) − target‖², row by row (the LayerNorm backward fused with the L2 loss):
+    with x̂ = (x − μ)·rstd and g = ∂ℓ/∂x̂ = (weight·x̂ + bias − target)·weight,
+    ∂ℓ/∂x = (g − mean(g) − x̂·mean(g·x̂))·rstd."""
+    x_hat, _, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+    g = (torch.addcmul(bias, weight, x_hat) - target) * weight
     return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
 
 

@@ -135,7 +135,7 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
             else:
                 Z_bar, W, bias = run(lo, hi, W, bias)
             Zs.append(Z_bar)
-        Z_bar = rearrange(torch.cat(Zs), "n N b d -> N (n b) d")
+        Z_bar = rearrange(Zs[0] if len(Zs) == 1 else torch.cat(Zs), "n N b d -> N (n b) d")
         Zs = [XQ[:, :e] + ln_fwd(Z_bar, gamma, beta) if norm else Z_bar]
     if T > n * b:  # a trailing partial mini-batch: rows 1..r, weights unchanged
         s, r = n * b, T - n * b
@@ -143,7 +143,7 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
         Z, _, _ = ttt_linear_chunk(XQ[:, s:], XK[:, s:], XV[:, s:], lr[:, s:], token_eta[:r], W, bias,
                                    torch.zeros_like(W), zero_b, gamma, beta)
         Zs.append(Z)
-    Z = torch.cat(Zs, dim=1) if Zs else XQ
+    Z = (Zs[0] if len(Zs) == 1 else torch.cat(Zs, dim=1)) if Zs else XQ
     unflat = lambda t: t.reshape(B, H, *t.shape[1:])
     return unflat(Z), unflat(W), unflat(bias) if norm else None
 

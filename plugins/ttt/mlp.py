@@ -162,7 +162,7 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
             else:
                 Z_bar, W1, b1, W2, b2 = run(lo, hi, W1, b1, W2, b2)
             Zs.append(Z_bar)
-        Z_bar = rearrange(torch.cat(Zs), "n N b d -> N (n b) d")
+        Z_bar = rearrange(Zs[0] if len(Zs) == 1 else torch.cat(Zs), "n N b d -> N (n b) d")
         Zs = [XQ[:, :e] + ln_fwd(Z_bar, gamma, beta) if norm else Z_bar]
     if T > n * b:  # a trailing partial mini-batch: rows 1..r, weights unchanged
         s, r = n * b, T - n * b
@@ -172,7 +172,7 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
         Z, _, _ = ttt_mlp_chunk(XQ[:, s:], XK[:, s:], XV[:, s:], lr[:, s:], token_eta[:r], W,
                                 {m: torch.zeros_like(w) for m, w in W.items()}, gamma, beta)
         Zs.append(Z)
-    Z = torch.cat(Zs, dim=1) if Zs else XQ
+    Z = (Zs[0] if len(Zs) == 1 else torch.cat(Zs, dim=1)) if Zs else XQ
     unflat = lambda t: t.reshape(B, H, *t.shape[1:]) if t is not None else None
     return unflat(Z), unflat(W1), unflat(b1), unflat(W2), unflat(b2)
 

@@ -24,7 +24,7 @@ from ..registry import layer_spec, list_layers
 from .speed import bench_model
 from .store import machine_info, read_json, versions, write_json
 from .tasks import make_task
-from .train import TrainConfig, train
+from .train import TrainConfig, model_state_size, train
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def compare(*, layers: list[str] | None = None, backbones: list[str] | None = No
                 progress.update(overall, description=f"compare: {label}")
                 sub = progress.add_task(f"  {label}", total=steps or 1)
 
-            def on_step(step: int, loss: float, sub=sub) -> None:
+            def on_step(step: int, loss: float, sub=sub, label=label) -> None:
                 if progress is not None:
                     progress.update(sub, completed=step, description=f"  {label} loss {loss:.3f}")
 
@@ -395,8 +395,7 @@ def _speed_unit(cell, scfg, seed, device, save):
                               decode_steps=scfg["decode_steps"], repeats=scfg["repeats"], warmup=scfg["warmup"],
                               device=device, max_seconds=scfg.get("max_seconds", 10.0))
             errors = [r["error"] for r in res["prefill"] + res["decode"] if "error" in r]
-            state = {str(T): model.layers[0].seq_modeling_block.state_size(T) * len(model.layers)
-                     for T in scfg["lengths"]}
+            state = {str(T): model_state_size(model, T) for T in scfg["lengths"]}
             cell["speed"] = {"status": "ok" if not errors else "failed", **res, "state_size": state,
                              "d_model": scfg["d_model"], "n_layers": scfg["n_layers"], "batch": 1}
             if errors:

@@ -100,7 +100,7 @@ def caption(results: dict) -> str:
              + ", ".join(f"{v['reference']} ({v['params_non_embedding']:,}) for {k}"
                          for k, v in results.get("param_targets", {}).items())
              + " by the SwiGLU width", "learning rate: " + lr_policy(cfg),
-             "state size: scalars per sequence after the MQAR sequence length, all blocks"]
+             "state size: scalars per sequence after the MQAR sequence length, all blocks (incl. the Mamba backbone's pre-conv)"]
     return "; ".join(parts)
 
 
@@ -278,7 +278,7 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
              f"elapsed {results.get('elapsed_s', 0):.0f} s",
              f"- machine: {results['machine'].get('processor')} ({results['machine'].get('cpu_count')} cores, "
              f"{results['machine'].get('torch_threads')} torch threads), device `{rc['device']}`",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
              f"- recipe (identical for every cell): AdamW β (0.9, 0.95), weight decay 0.1 on matrices, grad clip 1.0, "
              f"linear warmup then cosine decay; same data, seed ({rc['seed']}), token budget and evaluation",
              f"- learning rate: {lr_policy(cfg)}",

@@ -184,7 +184,7 @@ def bench_model(module: torch.nn.Module, make_input: Callable[[int], torch.Tenso
             x = make_input(T)
             batch = x.shape[0]
 
-            def fwd():
+            def fwd(x=x):
                 with torch.no_grad():
                     module(x)
 
@@ -199,7 +199,7 @@ def bench_model(module: torch.nn.Module, make_input: Callable[[int], torch.Tenso
             if backward:
                 module.train()
 
-                def fwd_bwd():
+                def fwd_bwd(x=x):
                     y, _ = module(x)
                     y.float().square().mean().backward()
 
@@ -310,9 +310,9 @@ def bench_layer(name: str, *, d_model: int = 64, heads: int | None = 4, batch: i
 
 
 def _fields(name: str):
-    from ..registry import layer_spec
-
     import dataclasses
+
+    from ..registry import layer_spec
 
     return [f for f in layer_spec(name).fields if f.default is not dataclasses.MISSING]
 

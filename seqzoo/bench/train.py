@@ -33,7 +33,7 @@ from .tasks import IGNORE, Task, make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "build_model", "lr_at", "make_optimizer",
+__all__ = ["TrainConfig", "TrainResult", "train", "build_model", "model_state_size", "lr_at", "make_optimizer",
            "NonFiniteLoss", "Interrupted"]
 
 
@@ -101,6 +101,17 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> LanguageModel:
     return create_model(cfg.layer, cfg.backbone, vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
                         intermediate_size=cfg.intermediate_size or default_intermediate_size(cfg.d_model),
                         **cfg.layer_config)
+
+
+def model_state_size(model: LanguageModel, seq_len: int) -> int:
+    """Scalars of one sequence's state after ``seq_len`` tokens: every block's layer state plus the
+    Mamba backbone's pre-conv state."""
+    total = 0
+    for block in model.layers:
+        total += block.seq_modeling_block.state_size(seq_len)
+        if block.conv is not None:
+            total += block.conv.conv.weight.shape[0] * (block.conv.conv.weight.shape[-1] - 1)
+    return total
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -254,7 +265,7 @@ def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike 
     model = build_model(cfg, task.vocab_size).to(device)
     params = model.num_parameters()
     params_ne = model.num_parameters(embeddings=False)
-    state_size = model.layers[0].seq_modeling_block.state_size(task.seq_len) * len(model.layers)
+    state_size = model_state_size(model, task.seq_len)
     opt = make_optimizer(model, cfg)
     outp = Path(out) if out is not None else None
     if outp is not None and dist.main:
