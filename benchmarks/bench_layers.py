@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_ttt import progress, time_in_turn  # noqa: E402
+from bench_ttt import CLOCKS, progress, set_clock, time_in_turn  # noqa: E402
 
 FULL = dict(d_model=768, num_heads=12, mamba_lengths=[2048, 4096, 8192], attn_lengths=[1024, 4096],
             linear_T=4096, repeats=3)
@@ -194,7 +194,8 @@ def evaluate(rows: list[dict]) -> list[dict]:
 
 
 def report(result: dict) -> str:
-    lines = [f"{'layer':<18}{'impl':<18}{'T':>6}  {'median [q1–q3] ms':<26}{'µs/tok':>9}{'ratio':>8}{'rel err':>10}"]
+    lines = [f"threads {result['machine']['threads']}, clock {result['config'].get('clock', 'wall')}", ""]
+    lines += [f"{'layer':<18}{'impl':<18}{'T':>6}  {'median [q1–q3] ms':<26}{'µs/tok':>9}{'ratio':>8}{'rel err':>10}"]
     for r in result["rows"]:
         t = r["seconds"]
         ratio = r.get("ratio", r.get("speedup"))
@@ -243,10 +244,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
     parser.add_argument("--sections", nargs="+", default=["mamba", "attention", "linear_attention"],
                         choices=["mamba", "attention", "linear_attention"], help="what to measure")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)")
     args = parser.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
+    set_clock(args.clock)
     cfg = dict(QUICK if args.quick else FULL)
+    cfg["clock"] = args.clock
     if args.repeats:
         cfg["repeats"] = args.repeats
     result = run(cfg, set(args.sections))

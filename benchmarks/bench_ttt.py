@@ -73,6 +73,18 @@ def summarize(times: list[float]) -> dict[str, float]:
             "n": len(times)}
 
 
+#: the clock of every timing: wall time, or this process's CPU time (``--clock cpu``), which other
+#: processes' load hardly changes; with one thread the two agree on an idle machine
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
+def set_clock(name: str) -> None:
+    """Use the ``"wall"`` or ``"cpu"`` clock for every later timing."""
+    global clock
+    clock = CLOCKS[name]
+
+
 def time_in_turn(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, dict]:
     """Time each function ``repeats`` times after ``warmup`` calls, calling them in turn every round."""
     for _ in range(warmup):
@@ -81,9 +93,9 @@ def time_in_turn(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: summarize(ts) for name, ts in times.items()}
 
 
@@ -265,8 +277,8 @@ def _probe_main(spec: dict) -> dict:
     # warm-up on one mini-batch so that one-off allocations are part of the baseline
     with torch.no_grad():
         _forward(layer)(x[:, : cfg["mini_batch_size"]].detach())
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    base = rss()
+    base = _rss_now()
+    exact = _reset_peak_rss()
     t0 = time.perf_counter()
     if train:
         y = _forward(layer)(x)
@@ -275,7 +287,38 @@ def _probe_main(spec: dict) -> dict:
         with torch.no_grad():
             _forward(layer)(x)
     seconds = time.perf_counter() - t0
-    return {"peak_mb": (rss() - base) / 2**20, "baseline_mb": base / 2**20, "seconds": seconds}
+    peak = _peak_rss(fallback=not exact)
+    return {"peak_mb": (peak - base) / 2**20, "baseline_mb": base / 2**20, "seconds": seconds,
+            "peak_source": "VmHWM after clear_refs" if exact else "ru_maxrss (lifetime high-water mark)"}
+
+
+def _rss_now() -> int:
+    """Resident set size of this process now, in bytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux ``clear_refs`` 5), so that imports don't mask the peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss(fallback: bool) -> int:
+    """The RSS high-water mark in bytes: ``VmHWM`` (since the last reset), else ``ru_maxrss``."""
+    if not fallback:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def bench_memory(cfg: dict, have: dict[str, bool]) -> list[dict]:
@@ -356,7 +399,7 @@ def report(result: dict) -> str:
     peak = result["matmul_peak"]
     lines.append(f"fp32 matmul peak ({peak['n']}²): {result['peak_gflops']:.1f} GFLOP/s "
                  f"(start {peak['gflops_median']:.1f}, end {result['matmul_peak_end']['gflops_median']:.1f}); "
-                 f"threads {result['machine']['threads']}")
+                 f"threads {result['machine']['threads']}, clock {result['config'].get('clock', 'wall')}")
     lines.append("")
     lines.append(f"{'prefill':<12}{'impl':<10}{'T':>7}  {'median [q1–q3]':<28}{'µs/tok':>8}{'GFLOP/s':>9}"
                  f"{'%peak':>7}{'ratio':>7}")
@@ -433,6 +476,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
     parser.add_argument("--sections", nargs="+", default=["prefill", "decode", "memory"],
                         choices=["prefill", "decode", "memory"], help="what to measure")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads or args.quick:
@@ -440,7 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory_probe:
         print(json.dumps(_probe_main(json.loads(args.memory_probe))))
         return {}
+    set_clock(args.clock)
     cfg = dict(QUICK if args.quick else FULL)
+    cfg["clock"] = args.clock
     if args.repeats:
         cfg["repeats"] = args.repeats
     if args.lengths:

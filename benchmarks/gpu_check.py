@@ -138,9 +138,13 @@ def prefill(fn, inp, mb, **kw):
 
 def decode_args(inp):
     """Arguments of one decode step from prefill inputs: the first token, accumulated grads ≠ 0."""
-    tok = [inp[k][:, :, 0].contiguous() for k in ("XQ", "XK", "XV")]
+    x = [inp[k][:, :, 0].contiguous() for k in ("XQ", "XK", "XV")]
+    lr = inp["lr_eta"][:, :, 0].contiguous()
+    token_eta_i = torch.full(
+        (lr.shape[0],), 0.5, device=lr.device
+    )  # a tensor: no host-to-device copy per call
     grads = [0.01 * torch.randn_like(w) for w in inp["weights"]]
-    return (*tok, inp["lr_eta"][:, :, 0].contiguous(), 0.5, *inp["weights"], *grads, inp["ln_w"], inp["ln_b"])
+    return (*x, lr, token_eta_i, *inp["weights"], *grads, inp["ln_w"], inp["ln_b"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ The state is ``conv_state`` (B, d_inner, d_conv), the last ``d_conv`` conv input
 convention), and ``ssm_state`` (B, d_inner, d_state), h.
 
 Three forms of the scan live here: ``selective_scan_ref`` (token by token, the readable reference),
-``selective_scan_chunked`` (the CPU fast path: a two-level scan over chunks, see its docstring) and, on CUDA when mamba-ssm's compiled kernels exist, mamba-ssm's own kernels.
+``selective_scan_chunked`` (the CPU fast path: a two-level scan over chunks, see its docstring) and,
+on CUDA when mamba-ssm's compiled kernels exist, mamba-ssm's own kernels.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     """The selective scan as a two-level scan: the same contract as ``selective_scan_ref``.
 
     The sequence is cut into chunks of ``chunk_size`` tokens, and ``blocks`` consecutive chunks form
-    a group. Within a group, every chunk is scanned at once, in lock-step over the positions of a
+    a group. Within a group, the chunks are scanned at once, in lock-step over the positions of a
     chunk: first from a zero state to get each chunk's end state, then (after carrying the true
     start states across the group's chunks) again from those start states for the outputs. Only
     exp(Δ A) and exp(A Σ Δ) of non-positive arguments and products of such decays appear, so nothing
@@ -104,26 +105,31 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
     B = rearrange(B, "b (g l) n -> l b g 1 n", l=L)
     C = rearrange(C, "b (g l) n -> l b g n 1", l=L)
 
-    # level 1: every chunk from h = 0, all chunks of the group in lock-step
-    h_end = torch.zeros_like(dtx[0] * B[0])  # (b, g, d, n)
-    for i in range(L):
-        h_end = torch.addcmul(dtx[i] * B[i], torch.exp(dt[i] * A), h_end)  # h ← exp(Δ A) h + Δ B x
-    decay = torch.exp(dt.sum(0) * A)  # exp(A Σ_chunk Δ): the decay across each whole chunk
+    G = dt.shape[2]
 
-    # level 2: carry the state across the chunks, h_start(g+1) = decay(g) h_start(g) + h_end(g)
-    starts = []
-    for g in range(h_end.shape[1]):
-        starts.append(h)
-        h = torch.addcmul(h_end[:, g], decay[:, g], h)
-    h_run = torch.stack(starts, dim=1)
+    # level 1: chunks 0..G-2 from h = 0, in lock-step, for their end states (the last chunk's end
+    # state comes out of level 3)
+    h_run = h[:, None]
+    if G > 1:
+        dt1, dtx1, B1 = (v[:, :, :-1].unbind(0) for v in (dt, dtx, B))
+        h_end = dtx1[0] * B1[0]
+        for i in range(1, L):
+            h_end = torch.addcmul(dtx1[i] * B1[i], torch.exp(dt1[i] * A), h_end)  # h ← exp(Δ A) h + Δ B x
+        decay = torch.exp(dt[:, :, :-1].sum(0) * A)  # exp(A Σ_chunk Δ), the decay across a whole chunk
 
-    # outputs: the chunks again, now from their true start states
+        # level 2: carry the state across the chunks, h_start(g+1) = decay(g) h_start(g) + h_end(g)
+        starts = [h]
+        for g in range(G - 1):
+            starts.append(torch.addcmul(h_end[:, g], decay[:, g], starts[-1]))
+        h_run = torch.stack(starts, dim=1)  # (b, g, d, n)
+
+    # level 3: every chunk again, now from its true start state, with the outputs y = C·h
     ys = []
-    for i in range(L):
-        h_run = torch.addcmul(dtx[i] * B[i], torch.exp(dt[i] * A), h_run)
-        ys.append(torch.matmul(h_run, C[i]))  # y = C·h, (b, g, d, 1)
+    for dt_i, dtx_i, B_i, C_i in zip(dt.unbind(0), dtx.unbind(0), B.unbind(0), C.unbind(0)):
+        h_run = torch.addcmul(dtx_i * B_i, torch.exp(dt_i * A), h_run)
+        ys.append(torch.matmul(h_run, C_i))  # (b, g, d, 1)
     y = rearrange(torch.stack(ys), "l b g d 1 -> b (g l) d")
-    return y[:, :s], h
+    return y[:, :s], h_run[:, -1].clone()  # padding steps are the identity: the last lane ends in the state
 
 
 # --- mamba-ssm's CUDA kernels (only ever imported for CUDA tensors) ---------------------------------
@@ -160,6 +166,8 @@ class MambaConfig:
     use_gate: bool = field(default=False, metadata={
         "help": "extra output gate of the TTT Mamba backbone: out_proj(gelu_tanh(g_proj(u)) ⊙ y), g_proj: d_model → d_inner"})
     chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the CPU two-level scan"})
+    scan_blocks: int | None = field(default=None, metadata={
+        "help": "chunks the CPU scan runs in lock-step (default: enough to fill about 512 KiB per step, at least 4)"})
     use_kernels: bool = field(default=True, metadata={"help": "use mamba-ssm's CUDA kernels on CUDA tensors when installed"})
 
 
@@ -175,6 +183,8 @@ class Mamba(SequenceLayer):
             value = getattr(cfg, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if cfg.scan_blocks is not None and (not isinstance(cfg.scan_blocks, int) or cfg.scan_blocks < 1):
+            raise ValueError(f"expected scan_blocks to be None or a positive int, got {cfg.scan_blocks!r}")
         if cfg.dt_rank == "auto":
             self.dt_rank = math.ceil(d_model / 16)
         elif isinstance(cfg.dt_rank, int) and not isinstance(cfg.dt_rank, bool) and cfg.dt_rank >= 1:
@@ -215,6 +225,7 @@ class Mamba(SequenceLayer):
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)  # S4D-real
         self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)
+        self.A_log._no_weight_decay = self.D._no_weight_decay = True  # mamba-ssm's marks for optimisers
 
     # state
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
@@ -261,7 +272,8 @@ class Mamba(SequenceLayer):
         A = -torch.exp(self.A_log.to(ctype))
         dt = F.softplus((dt + self.dt_proj.bias).to(ctype))  # Δ_t
         y, h = selective_scan_chunked(xc.to(ctype), dt, A, B.to(ctype), C.to(ctype),
-                                      self.D.to(ctype), state["ssm_state"].to(ctype), self.config.chunk_size)
+                                      self.D.to(ctype), state["ssm_state"].to(ctype), self.config.chunk_size,
+                                      self.config.scan_blocks)
         new_state = {"conv_state": conv_state[..., -self.d_conv:], "ssm_state": h.to(dtype)}
         return self._output(y.to(dtype), z, x), new_state
 

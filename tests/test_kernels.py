@@ -290,7 +290,7 @@ def test_decode_matches_reference(kind, d, per_row_token_eta):
         ("linear", 37, 16, 16, 1),
         ("linear", 20, 8, 32, 2),
         ("linear", 20, 8, 16, 0),
-        ("mlp", 37, 16, 16, 1),
+        ("mlp", 37, 16, 16, None),
         ("mlp", 20, 8, 16, 4),
     ],
 )
@@ -428,11 +428,14 @@ def test_kernels_compile_for_hopper(kind, monkeypatch, request):
                 dict(D=128, HID=512, MB=16, BT=16, CKPT_EVERY=4, DOT=tl.bfloat16),
                 mlp_weights(128),
             ),
-            (module.ttt_mlp_decode_kernel, dict(D=64, HID=256), mlp_weights(64)),
         ],
     }[kind]
-    for fn, consts, weights in cases:
-        num_warps = kernels_ttt._num_warps(weights)  # the launch's choice
+    cases = [(fn, consts, kernels_ttt._num_warps(weights)) for fn, consts, weights in cases]  # the launch's
+    if kind == "mlp":
+        for d in (64, 128):
+            hb, num_warps = kernels_ttt._mlp_decode_block(d, 4 * d)
+            cases.append((module.ttt_mlp_decode_kernel, dict(D=d, HID=4 * d, HB=hb), num_warps))
+    for fn, consts, num_warps in cases:
         consts = {**consts, "ACC": tl.float32, "EPS": 1e-6}
         if "DOT" in consts:
             consts["PREC"] = "ieee"

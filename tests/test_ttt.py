@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from seqzoo_plugins.ttt import LinearLearner, MLPLearner
 
 import seqzoo
 import seqzoo.learner
@@ -18,7 +19,6 @@ import seqzoo.nn
 from seqzoo.interop import from_ttt_lm_pytorch
 from seqzoo.learner import TTTLayer
 from seqzoo.testing import assert_close, check_layer, scan_steps
-from seqzoo_plugins.ttt import LinearLearner, MLPLearner
 
 DATA = Path(__file__).parent / "data" / "ttt_lm_pytorch"
 LAYER_CASES = sorted(p.name for p in DATA.glob("layer_*.safetensors"))
@@ -259,7 +259,9 @@ def test_online_gd_plain_loop():
     for bi in range(B):
         for h in range(H):
             W, b = layer.W1[h].detach().clone(), layer.b1[h, 0].detach().clone()
-            f = lambda W, b, inp: inp + torch.nn.functional.layer_norm(inp @ W + b, (d,), gamma[h], beta[h], 1e-6)
+            def f(W, b, inp, h=h):
+                return inp + torch.nn.functional.layer_norm(inp @ W + b, (d,), gamma[h], beta[h], 1e-6)
+
             for t in range(T):
                 eta = 1.0 / d * torch.sigmoid(x[bi, t] @ lr_w[h, 0] + lr_b[h, 0]) * tok
                 W_, b_ = W.requires_grad_(True), b.requires_grad_(True)

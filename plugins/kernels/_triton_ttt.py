@@ -68,32 +68,14 @@ def _gelu_tanh_grad(x):
 
 @triton.jit
 def ttt_linear_fwd_kernel(
-    XQ,
-    XK,
-    XV,
-    LR,
-    TOK,  # (B,H,T,D) x3, (B,H,T), (MB,)
-    W1,
-    B1,
-    LNW,
-    LNB,  # (B,H,D,D), (B,H,1,D), (H,D) x2
-    Z,
-    W1_OUT,
-    B1_OUT,  # (B,H,T,D), (B,H,D,D), (B,H,1,D)
-    W1_CKPT,
-    B1_CKPT,  # (B,H,N_CKPT,D,D), (B,H,N_CKPT,1,D): weights at every CKPT_EVERY-th boundary
-    T,
-    NH,
-    N_CKPT,
-    D: tl.constexpr,
-    MB: tl.constexpr,
-    BT: tl.constexpr,
-    CKPT_EVERY: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-    EPS: tl.constexpr,
-):
+    XQ, XK, XV, LR, TOK,  # (B,H,T,D) x3, (B,H,T), (MB,)
+    W1, B1, LNW, LNB,  # (B,H,D,D), (B,H,1,D), (H,D) x2
+    Z, W1_OUT, B1_OUT,  # (B,H,T,D), (B,H,D,D), (B,H,1,D)
+    W1_CKPT, B1_CKPT,  # (B,H,N_CKPT,D,D), (B,H,N_CKPT,1,D): weights at every CKPT_EVERY-th boundary
+    T, NH, N_CKPT,
+    D: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CKPT_EVERY: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)  # (batch, head); int64 offsets for long sequences
     h = bh % NH
     rows = tl.arange(0, BT)  # position inside the mini-batch (padded to BT)
@@ -147,39 +129,14 @@ def ttt_linear_fwd_kernel(
 
 @triton.jit
 def ttt_mlp_fwd_kernel(
-    XQ,
-    XK,
-    XV,
-    LR,
-    TOK,  # (B,H,T,D) x3, (B,H,T), (MB,)
-    W1,
-    B1,
-    W2,
-    B2,
-    LNW,
-    LNB,  # (B,H,D,HID), (B,H,1,HID), (B,H,HID,D), (B,H,1,D), (H,D) x2
-    Z,
-    W1_OUT,
-    B1_OUT,
-    W2_OUT,
-    B2_OUT,
-    W1_CKPT,
-    B1_CKPT,
-    W2_CKPT,
-    B2_CKPT,  # (B,H,N_CKPT,...) weights at every CKPT_EVERY-th boundary
-    T,
-    NH,
-    N_CKPT,
-    D: tl.constexpr,
-    HID: tl.constexpr,
-    MB: tl.constexpr,
-    BT: tl.constexpr,
-    CKPT_EVERY: tl.constexpr,
-    ACC: tl.constexpr,
-    DOT: tl.constexpr,
-    PREC: tl.constexpr,
-    EPS: tl.constexpr,
-):
+    XQ, XK, XV, LR, TOK,  # (B,H,T,D) x3, (B,H,T), (MB,)
+    W1, B1, W2, B2, LNW, LNB,  # (B,H,D,HID), (B,H,1,HID), (B,H,HID,D), (B,H,1,D), (H,D) x2
+    Z, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
+    W1_CKPT, B1_CKPT, W2_CKPT, B2_CKPT,  # (B,H,N_CKPT,...): weights at every CKPT_EVERY-th boundary
+    T, NH, N_CKPT,
+    D: tl.constexpr, HID: tl.constexpr, MB: tl.constexpr, BT: tl.constexpr, CKPT_EVERY: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)  # (batch, head); int64 offsets for long sequences
     h = bh % NH
     rows = tl.arange(0, BT)
@@ -249,27 +206,12 @@ def ttt_mlp_fwd_kernel(
 
 @triton.jit
 def ttt_linear_decode_kernel(
-    XQ,
-    XK,
-    XV,
-    LR,
-    TOK,  # (B,H,D) x3, (B,H), (B,)
-    W1,
-    B1,
-    GW1,
-    GB1,
-    LNW,
-    LNB,  # (B,H,D,D), (B,H,1,D) x2 pairs, (H,D) x2
-    Z,
-    GW1_OUT,
-    GB1_OUT,
-    W1_BAR,
-    B1_BAR,
+    XQ, XK, XV, LR, TOK,  # (B,H,D) x3, (B,H), (B,)
+    W1, B1, GW1, GB1, LNW, LNB,  # (B,H,D,D), (B,H,1,D), the same for G, (H,D) x2
+    Z, GW1_OUT, GB1_OUT, W1_BAR, B1_BAR,
     NH,
-    D: tl.constexpr,
-    ACC: tl.constexpr,
-    EPS: tl.constexpr,
-):
+    D: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)  # (batch, head); int64 offsets for long sequences
     h = bh % NH
     cols = tl.arange(0, D)
@@ -307,84 +249,74 @@ def ttt_linear_decode_kernel(
 
 @triton.jit
 def ttt_mlp_decode_kernel(
-    XQ,
-    XK,
-    XV,
-    LR,
-    TOK,
-    W1,
-    B1,
-    W2,
-    B2,
-    GW1,
-    GB1,
-    GW2,
-    GB2,
-    LNW,
-    LNB,
-    Z,
-    GW1_OUT,
-    GB1_OUT,
-    GW2_OUT,
-    GB2_OUT,
-    W1_BAR,
-    B1_BAR,
-    W2_BAR,
-    B2_BAR,
+    XQ, XK, XV, LR, TOK,  # (B,H,D) x3, (B,H), (B,)
+    W1, B1, W2, B2, GW1, GB1, GW2, GB2, LNW, LNB,
+    Z, GW1_OUT, GB1_OUT, GW2_OUT, GB2_OUT, W1_BAR, B1_BAR, W2_BAR, B2_BAR,
     NH,
-    D: tl.constexpr,
-    HID: tl.constexpr,
-    ACC: tl.constexpr,
-    EPS: tl.constexpr,
-):
-    bh = tl.program_id(0).to(tl.int64)  # (batch, head); int64 offsets for long sequences
+    D: tl.constexpr, HID: tl.constexpr, HB: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+):  # fmt: skip
+    """One token of TTT-MLP, HB hidden units at a time (hidden units are independent given g2)."""
+    bh = tl.program_id(0).to(tl.int64)
     h = bh % NH
     cols = tl.arange(0, D)
-    hid = tl.arange(0, HID)
-    w1_offs = cols[:, None] * HID + hid[None, :]
-    w2_offs = hid[:, None] * D + cols[None, :]
     row = cols[None, :]
+    col = cols[:, None]
 
-    k_col = tl.load(XK + bh * D + cols[:, None]).to(ACC)
+    k_col = tl.load(XK + bh * D + col).to(ACC)
     k_row = tl.load(XK + bh * D + row).to(ACC)
     v_row = tl.load(XV + bh * D + row).to(ACC)
-    q_col = tl.load(XQ + bh * D + cols[:, None]).to(ACC)
+    q_col = tl.load(XQ + bh * D + col).to(ACC)
     q_row = tl.load(XQ + bh * D + row).to(ACC)
     lr = tl.load(LR + bh).to(ACC)
     tok = tl.load(TOK + bh // NH).to(ACC)
     ln_w = tl.load(LNW + h * D + row).to(ACC)
     ln_b = tl.load(LNB + h * D + row).to(ACC)
-    W1t = tl.load(W1 + bh * D * HID + w1_offs).to(ACC)
-    b1 = tl.load(B1 + bh * HID + hid[None, :]).to(ACC)
-    W2t = tl.load(W2 + bh * HID * D + w2_offs).to(ACC)
-    b2 = tl.load(B2 + bh * D + row).to(ACC)
+    W1_base = W1 + bh * D * HID
+    W2_base = W2 + bh * HID * D
 
-    # inner forward/backward on the key at the mini-batch-start weights
-    z1 = tl.sum(k_col * W1t, axis=0, keep_dims=True) + b1  # (1, HID)
-    x2 = _gelu_tanh(z1)
-    z2 = tl.sum(tl.trans(x2) * W2t, axis=0, keep_dims=True) + b2  # (1, D)
+    # pass 1: the key through the start weights, z2 = gelu(k·W1 + b1)·W2 + b2, then g2 = ∂ℓ/∂z2
+    z2 = tl.load(B2 + bh * D + row).to(ACC)
+    for c in range(0, HID, HB):
+        hc = c + tl.arange(0, HB)
+        z1 = tl.sum(k_col * tl.load(W1_base + col * HID + hc[None, :]).to(ACC), axis=0, keep_dims=True)
+        z1 += tl.load(B1 + bh * HID + hc[None, :]).to(ACC)
+        W2c = tl.load(W2_base + hc[:, None] * D + row).to(ACC)
+        z2 += tl.sum(tl.trans(_gelu_tanh(z1)) * W2c, axis=0, keep_dims=True)
     g2 = _ln_l2_bwd(z2, v_row - k_row, ln_w, ln_b, EPS)
-    g1 = tl.trans(tl.sum(W2t * g2, axis=1, keep_dims=True)) * _gelu_tanh_grad(z1)  # (1, HID)
-
-    gw1 = tl.load(GW1 + bh * D * HID + w1_offs).to(ACC) + lr * (k_col * g1)
-    gb1 = tl.load(GB1 + bh * HID + hid[None, :]).to(ACC) + lr * g1
-    gw2 = tl.load(GW2 + bh * HID * D + w2_offs).to(ACC) + lr * (tl.trans(x2) * g2)
     gb2 = tl.load(GB2 + bh * D + row).to(ACC) + lr * g2
-    W1_bar = W1t - tok * gw1
-    b1_bar = b1 - tok * gb1
-    W2_bar = W2t - tok * gw2
-    b2_bar = b2 - tok * gb2
+    b2_bar = tl.load(B2 + bh * D + row).to(ACC) - tok * gb2
 
-    x2_q = _gelu_tanh(tl.sum(q_col * W1_bar, axis=0, keep_dims=True) + b1_bar)
-    z2_q = tl.sum(tl.trans(x2_q) * W2_bar, axis=0, keep_dims=True) + b2_bar
+    # pass 2, per hidden block: G' = G + lr·∇ℓ, W̄ = W − tok·G', and the query through W̄1, W̄2
+    z2_q = b2_bar
+    for c in range(0, HID, HB):
+        hc = c + tl.arange(0, HB)
+        w1_offs = bh * D * HID + col * HID + hc[None, :]  # (D, HB)
+        w2_offs = bh * HID * D + hc[:, None] * D + row  # (HB, D)
+        b1_offs = bh * HID + hc[None, :]
+        W1c = tl.load(W1 + w1_offs).to(ACC)
+        b1c = tl.load(B1 + b1_offs).to(ACC)
+        W2c = tl.load(W2 + w2_offs).to(ACC)
+        z1 = tl.sum(k_col * W1c, axis=0, keep_dims=True) + b1c
+        x2 = _gelu_tanh(z1)
+        g1 = tl.trans(tl.sum(W2c * g2, axis=1, keep_dims=True)) * _gelu_tanh_grad(z1)  # ∂ℓ/∂z1, (1, HB)
+
+        gw1 = tl.load(GW1 + w1_offs).to(ACC) + lr * (k_col * g1)
+        gb1 = tl.load(GB1 + b1_offs).to(ACC) + lr * g1
+        gw2 = tl.load(GW2 + w2_offs).to(ACC) + lr * (tl.trans(x2) * g2)
+        W1_bar = W1c - tok * gw1
+        b1_bar = b1c - tok * gb1
+        W2_bar = W2c - tok * gw2
+        tl.store(GW1_OUT + w1_offs, gw1.to(GW1_OUT.dtype.element_ty))
+        tl.store(GB1_OUT + b1_offs, gb1.to(GB1_OUT.dtype.element_ty))
+        tl.store(GW2_OUT + w2_offs, gw2.to(GW2_OUT.dtype.element_ty))
+        tl.store(W1_BAR + w1_offs, W1_bar.to(W1_BAR.dtype.element_ty))
+        tl.store(B1_BAR + b1_offs, b1_bar.to(B1_BAR.dtype.element_ty))
+        tl.store(W2_BAR + w2_offs, W2_bar.to(W2_BAR.dtype.element_ty))
+
+        x2_q = _gelu_tanh(tl.sum(q_col * W1_bar, axis=0, keep_dims=True) + b1_bar)
+        z2_q += tl.sum(tl.trans(x2_q) * W2_bar, axis=0, keep_dims=True)
+
     z = q_row + _ln_fwd(z2_q, ln_w, ln_b, EPS)
-
     tl.store(Z + bh * D + row, z.to(Z.dtype.element_ty))
-    tl.store(GW1_OUT + bh * D * HID + w1_offs, gw1.to(GW1_OUT.dtype.element_ty))
-    tl.store(GB1_OUT + bh * HID + hid[None, :], gb1.to(GB1_OUT.dtype.element_ty))
-    tl.store(GW2_OUT + bh * HID * D + w2_offs, gw2.to(GW2_OUT.dtype.element_ty))
     tl.store(GB2_OUT + bh * D + row, gb2.to(GB2_OUT.dtype.element_ty))
-    tl.store(W1_BAR + bh * D * HID + w1_offs, W1_bar.to(W1_BAR.dtype.element_ty))
-    tl.store(B1_BAR + bh * HID + hid[None, :], b1_bar.to(B1_BAR.dtype.element_ty))
-    tl.store(W2_BAR + bh * HID * D + w2_offs, W2_bar.to(W2_BAR.dtype.element_ty))
     tl.store(B2_BAR + bh * D + row, b2_bar.to(B2_BAR.dtype.element_ty))

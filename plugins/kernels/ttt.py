@@ -38,7 +38,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT_GROUP = 4  # mini-batches per recomputed group in the backward
 _LOADED: dict[bool, ModuleType] = {}
 
 
@@ -167,6 +166,12 @@ def _num_warps(weights: Sequence[Tensor]) -> int:
     if elems <= 2 * 64 * 256 + 256 + 64:
         return 16
     return 8
+
+
+def _mlp_decode_block(d: int, hidden: int) -> tuple[int, int]:
+    """(hidden units per step, warps) of the TTT-MLP decode kernel: (d × HB) tiles of at most 4096 elements."""
+    hb = max(16, min(hidden, 4096 // d))
+    return hb, 4 if d * hb <= 2048 else 8
 
 
 def _on_device(device: torch.device):
@@ -324,12 +329,15 @@ class _TTTPrefill(torch.autograd.Function):
 def _prefill(kind, XQ, XK, XV, lr_eta, token_eta, weights, ln_w, ln_b, mini_batch_size, checkpoint_group):
     tensors = (XQ, XK, XV, lr_eta, token_eta, *weights, ln_w, ln_b)
     _require_kernels(_check_devices(tensors))
+    n_mini_batches = max(1, math.ceil(XQ.shape[2] / mini_batch_size))
+    if checkpoint_group is None:  # √n groups of √n: saved weights and live recompute both O(√n) copies
+        checkpoint_group = math.ceil(math.sqrt(n_mini_batches))
     if not isinstance(checkpoint_group, int) or checkpoint_group < 0:
         raise ValueError(
-            f"expected checkpoint_group an int >= 0 (0: the whole sequence), got {checkpoint_group!r}"
+            f"expected checkpoint_group None or an int >= 0 (0: the whole sequence), got {checkpoint_group!r}"
         )
     if checkpoint_group == 0:  # one group: the backward recomputes the whole sequence at once
-        checkpoint_group = max(1, math.ceil(XQ.shape[2] / mini_batch_size))
+        checkpoint_group = n_mini_batches
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _TTTPrefill.apply(
             kind, mini_batch_size, checkpoint_group, XQ, XK, XV, lr_eta, token_eta, ln_w, ln_b, *weights
@@ -373,12 +381,13 @@ def ttt_linear_forward(
     ln_b: Tensor,
     mini_batch_size: int,
     *,
-    checkpoint_group: int = DEFAULT_CHECKPOINT_GROUP,
+    checkpoint_group: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TTT-Linear prefill (dual form) in one Triton kernel; same contract as ``ttt_linear_reference``.
 
     Returns Z (B, H, T, d) and (W1, b1) after the last full mini-batch. Differentiable: the backward
-    recomputes groups of ``checkpoint_group`` mini-batches through the torch reference (0: one group).
+    recomputes groups of ``checkpoint_group`` mini-batches through the torch reference (None: √(number of
+    mini-batches), 0: one group).
     """
     B, H, T, d = _check_prefill(XQ, XK, XV, lr_eta, token_eta, ln_w, ln_b, mini_batch_size)
     _check_shape("W1", W1, (B, H, d, d), "(B, H, head_dim, head_dim)")
@@ -402,7 +411,7 @@ def ttt_mlp_forward(
     ln_b: Tensor,
     mini_batch_size: int,
     *,
-    checkpoint_group: int = DEFAULT_CHECKPOINT_GROUP,
+    checkpoint_group: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """TTT-MLP prefill (dual form) in one Triton kernel; same contract as ``ttt_mlp_reference``.
 
@@ -439,13 +448,15 @@ def _launch_decode(kind: str, xq, xk, xv, lr_eta, token_eta, tensors, ln_w, ln_b
     z = torch.empty_like(xq)
     grads_out = [torch.empty_like(g) for g in grads]
     weights_bar = [torch.empty_like(w) for w in weights]
-    consts = dict(D=d, ACC=_tl_dtype(acc), EPS=ref.LN_EPS, num_warps=_num_warps(weights))
+    consts = dict(D=d, ACC=_tl_dtype(acc), EPS=ref.LN_EPS)
     args = [xq, xk, xv, lr_eta, token_eta, *tensors, ln_w, ln_b, z, *grads_out, *weights_bar, H]
     with _on_device(xq.device):
         if kind == "linear":
-            kernels.ttt_linear_decode_kernel[(B * H,)](*args, **consts)
+            kernels.ttt_linear_decode_kernel[(B * H,)](*args, num_warps=_num_warps(weights), **consts)
         else:
-            kernels.ttt_mlp_decode_kernel[(B * H,)](*args, HID=weights[0].shape[-1], **consts)
+            hid = weights[0].shape[-1]
+            hb, num_warps = _mlp_decode_block(d, hid)
+            kernels.ttt_mlp_decode_kernel[(B * H,)](*args, HID=hid, HB=hb, num_warps=num_warps, **consts)
     return (z, *grads_out, *weights_bar)
 
 

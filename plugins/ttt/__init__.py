@@ -8,7 +8,7 @@ from __future__ import annotations
 import seqzoo
 
 from .linear import LinearLearner, TTTLinear, ttt_linear_dual
-from .mlp import MLPLearner, TTTMLP, ttt_mlp_dual
+from .mlp import TTTMLP, MLPLearner, ttt_mlp_dual
 from .nw import NWLayer, NWLearner
 
 __all__ = ["LinearLearner", "TTTLinear", "ttt_linear_dual", "MLPLearner", "TTTMLP", "ttt_mlp_dual", "NWLearner", "NWLayer"]

@@ -107,34 +107,48 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
         e = n * b
         mb = lambda t: rearrange(t[:, :e], "N (n b) d -> n N b d", b=b)
         q, k, v = mb(XQ), mb(XK), mb(XV)
-        # everything that does not depend on the evolving weights, for all mini-batches at once
+        # Everything that does not depend on the evolving weights, for all mini-batches at once. With the
+        # inner norm the bias rides along as a last row of W: [x, 1]·[W; b] = x·W + b, and the dual
+        # form's (q·k + 1) is [q, 1]·[k, 1].
+        if norm:
+            ones = q.new_ones(*q.shape[:-1], 1)
+            q, k = torch.cat([q, ones], -1), torch.cat([k, ones], -1)
+            W = torch.cat([W, bias], -2)  # (N, d + 1, d)
         eta = causal_eta(token_eta, rearrange(lr[:, :e], "N (n b) -> n N b", b=b))  # (n, N, b, b)
-        attn = q @ k.transpose(-1, -2)
-        M = eta * (attn + 1.0) if norm else eta * attn  # Z̄ = XQ·W + b − M·g
-        eta_last = eta[:, :, -1:, :]  # (n, N, 1, b): η[b, j]
-        kT_last = (eta_last.transpose(-1, -2) * k).transpose(-1, -2)  # (n, N, d, b): (η[b, j] XK_j)ᵀ
-        target = v - k if norm else v
+        M = eta * (q @ k.transpose(-1, -2))  # Z̄ = [XQ, 1]·W − M·g
+        kT_last = (eta[:, :, -1:, :].transpose(-1, -2) * k).transpose(-1, -2)  # (n, N, d(+1), b): (η[b, j] XK_j)ᵀ
+        kq = torch.cat([k, q], -2)  # (n, N, 2b, d(+1)): one matmul with W gives Z1 and XQ·W
+        if norm:  # g = ∂ℓ/∂x̂·... = γ²·x̂ + γ(β − target): the part without x̂, for all mini-batches
+            gamma2, c = gamma * gamma, gamma * (beta - (v - mb(XK)))
+        else:
+            target = v
 
-        def run(lo: int, hi: int, W: Tensor, bias: Tensor | None):
+        def run(lo: int, hi: int, W: Tensor):
             out = []
             for i in range(lo, hi):
-                Z1 = torch.baddbmm(bias, k[i], W) if norm else torch.bmm(k[i], W)
-                g = ln_l2_bwd(Z1, target[i], gamma, beta) if norm else Z1 - target[i]
-                Zq = torch.baddbmm(bias, q[i], W) if norm else torch.bmm(q[i], W)
+                Z1, Zq = torch.bmm(kq[i], W).split(b, dim=-2)
+                if norm:  # the LayerNorm backward fused with the L2 loss (see ln_l2_bwd)
+                    x_hat = F.layer_norm(Z1, (d,), eps=LN_EPS)
+                    rstd = torch.rsqrt(Z1.var(-1, keepdim=True, unbiased=False) + LN_EPS)
+                    g = torch.addcmul(c[i], gamma2, x_hat)
+                    g = torch.addcmul(g - g.mean(-1, keepdim=True), x_hat, (g * x_hat).mean(-1, keepdim=True),
+                                      value=-1.0) * rstd
+                else:
+                    g = Z1 - target[i]
                 out.append(torch.baddbmm(Zq, M[i], g, alpha=-1.0))
                 W = torch.baddbmm(W, kT_last[i], g, alpha=-1.0)  # W ← W − Σ_j η[b, j] XK_jᵀ g_j
-                if norm:
-                    bias = torch.baddbmm(bias, eta_last[i], g, alpha=-1.0)
-            return torch.stack(out), W, bias
+            return torch.stack(out), W
 
         group = checkpoint_group if checkpoint_group > 0 and torch.is_grad_enabled() else n
         for lo in range(0, n, group):
             hi = min(lo + group, n)
             if group < n:
-                Z_bar, W, bias = torch.utils.checkpoint.checkpoint(run, lo, hi, W, bias, use_reentrant=False)
+                Z_bar, W = torch.utils.checkpoint.checkpoint(run, lo, hi, W, use_reentrant=False)
             else:
-                Z_bar, W, bias = run(lo, hi, W, bias)
+                Z_bar, W = run(lo, hi, W)
             Zs.append(Z_bar)
+        if norm:
+            W, bias = W[:, :d], W[:, d:]
         Z_bar = rearrange(Zs[0] if len(Zs) == 1 else torch.cat(Zs), "n N b d -> N (n b) d")
         Zs = [XQ[:, :e] + ln_fwd(Z_bar, gamma, beta) if norm else Z_bar]
     if T > n * b:  # a trailing partial mini-batch: rows 1..r, weights unchanged
@@ -181,10 +195,10 @@ class TTTLinear(TTTLayer):
         b1 = split(W["b1"]) if norm else None
         args = (split(XQ), split(XK), split(XV), split(lr), tok, split(W["W1"]), b1, ln_w, ln_b, self.mini_batch_size)
         fn = self._triton_kernel(XQ)
+        group = self.config.scan_checkpoint_group_size if self.training else 0
         if fn is not None:
-            Z, W1, b1 = fn(*args)
+            Z, W1, b1 = fn(*args, **({"checkpoint_group": group} if group else {}))
         else:
-            group = self.config.scan_checkpoint_group_size if self.training else 0
             Z, W1, b1 = ttt_linear_dual(*args, checkpoint_group=group)
         flat = lambda t: t.reshape(B * H, *t.shape[2:])
         W_new = {"W1": flat(W1)}

@@ -203,10 +203,10 @@ class TTTMLP(TTTLayer):
         args = (split(XQ), split(XK), split(XV), split(lr), tok, split(W["W1"]), split(W.get("b1")),
                 split(W["W2"]), split(W.get("b2")), ln_w, ln_b, self.mini_batch_size)
         fn = self._triton_kernel(XQ)
+        group = self.config.scan_checkpoint_group_size if self.training else 0
         if fn is not None:
-            Z, W1, b1, W2, b2 = fn(*args)
+            Z, W1, b1, W2, b2 = fn(*args, **({"checkpoint_group": group} if group else {}))
         else:
-            group = self.config.scan_checkpoint_group_size if self.training else 0
             Z, W1, b1, W2, b2 = ttt_mlp_dual(*args, checkpoint_group=group)
         flat = lambda t: t.reshape(B * H, *t.shape[2:])
         W_new = {"W1": flat(W1), "W2": flat(W2)}

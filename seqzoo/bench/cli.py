@@ -179,14 +179,17 @@ def _cmd_bench(args) -> int:
 def add_commands(sub) -> None:
     """Add the harness subcommands to the ``seqzoo`` argument parser."""
     p = sub.add_parser("compare", help="train and time every layer in both backbones; table, JSON, plots, report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Train every registered layer in both backbones, parameter-matched, under one "
+                                   "recipe on the default tasks, time them, and write results.json, PNG plots "
+                                   "and report.md.")
     p.add_argument("--layers", nargs="*", help="layer names (comma or space separated; default: all registered)")
     p.add_argument("--backbones", nargs="*", help="transformer, mamba (default: both)")
     p.add_argument("--tasks", nargs="*", help="registered tasks (default: the preset's, mqar and lm)")
-    p.add_argument("--preset", default="default", choices=["quick", "default", "paper"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="seqzoo-results", help="output folder")
+    p.add_argument("--preset", default="default", choices=["quick", "default", "paper"],
+                   help="quick: seconds (tests); default: minutes on a CPU; paper: the published recipes (GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of data and initialisation (default 0)")
+    p.add_argument("--out", default="seqzoo-results", help="output folder (default seqzoo-results)")
     p.add_argument("--resume", action="store_true", help="keep finished units of an earlier run in --out")
     p.add_argument("--data", default=None, help="file or folder of text for the lm task (default: stdlib sources)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
