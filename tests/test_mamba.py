@@ -163,7 +163,7 @@ def test_layer_matches_live_hf_mixer(d, n, k, e, r, bias, cbias, T):
     layer = seqzoo.create_layer("mamba", d, d_state=n, d_conv=k, expand=e, dt_rank=r, bias=bias,
                                 conv_bias=cbias, chunk_size=16).to(F64)
     layer.load_state_dict(mixer.state_dict(), strict=True)
-    assert dict(layer.state_dict().items()).keys() == mixer.state_dict().keys()
+    assert layer.state_dict().keys() == mixer.state_dict().keys()
     u = torch.randn(2, T, d, dtype=F64)
     with torch.no_grad():
         want = mixer.slow_forward(u)

@@ -21,12 +21,18 @@ def ln_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tens
     return torch.addcmul(bias, weight, F.layer_norm(x, x.shape[-1:], eps=eps))
 
 
+def ln_normalize(x: Tensor, eps: float = LN_EPS) -> tuple[Tensor, Tensor]:
+    """x̂ = (x − μ)·rstd and rstd = 1/√(σ² + eps) over the last dim (Tensor.var is slow on small rows)."""
+    xc = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    return xc * rstd, rstd
+
+
 def ln_l2_bwd(x: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
     """∂/∂x of ½‖LN(x) − target‖², row by row (the LayerNorm backward fused with the L2 loss):
     with x̂ = (x − μ)·rstd and g = ∂ℓ/∂x̂ = (weight·x̂ + bias − target)·weight,
     ∂ℓ/∂x = (g − mean(g) − x̂·mean(g·x̂))·rstd."""
-    x_hat = F.layer_norm(x, x.shape[-1:], eps=eps)
-    rstd = torch.rsqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
+    x_hat, rstd = ln_normalize(x, eps)
     g = (torch.addcmul(bias, weight, x_hat) - target) * weight
     return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from seqzoo.learner import GradientLearner, TTTConfig, TTTLayer
 
-from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd
+from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_normalize
 
 __all__ = ["LinearLearner", "TTTLinear", "ttt_linear_dual", "ttt_linear_chunk"]
 
@@ -128,8 +128,7 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
             for i in range(lo, hi):
                 Z1, Zq = torch.bmm(kq[i], W).split(b, dim=-2)
                 if norm:  # the LayerNorm backward fused with the L2 loss (see ln_l2_bwd)
-                    x_hat = F.layer_norm(Z1, (d,), eps=LN_EPS)
-                    rstd = torch.rsqrt(Z1.var(-1, keepdim=True, unbiased=False) + LN_EPS)
+                    x_hat, rstd = ln_normalize(Z1)
                     g = torch.addcmul(c[i], gamma2, x_hat)
                     g = torch.addcmul(g - g.mean(-1, keepdim=True), x_hat, (g * x_hat).mean(-1, keepdim=True),
                                       value=-1.0) * rstd

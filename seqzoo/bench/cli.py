@@ -31,6 +31,13 @@ def _names(values: list[str] | None) -> list[str] | None:
     return None if out == ["all"] else out
 
 
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -45,6 +52,7 @@ def _cmd_compare(args) -> int:
     from .compare import compare
     from .report import compare_table, write_plots, write_report
 
+    _threads(args)
     console = Console(width=max(160, Console().width))
     out = Path(args.out)
     overrides = json.loads(args.override) if args.override else None
@@ -81,6 +89,7 @@ def _cmd_train(args) -> int:
     from ..cli import parse_config
     from .train import Interrupted, NonFiniteLoss, TrainConfig, train
 
+    _threads(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     rank = int(os.environ.get("RANK", "0"))
     task_config = parse_config(args.task_config)
@@ -147,6 +156,7 @@ def _cmd_bench(args) -> int:
     from .speed import bench_layer, matmul_peak
     from .store import machine_info, versions, write_json
 
+    _threads(args)
     console = Console(width=max(140, Console().width))
     layers = _names(args.layers) or list_layers()
     progress = _progress(not args.no_progress)
@@ -195,6 +205,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("train", help="train one model (checkpoints, resume, JSONL log; runs under torchrun)",
@@ -219,6 +230,7 @@ def add_commands(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (checkpointed)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("bench", help="prefill/decode latency, memory, FLOP/s vs context length",
@@ -238,4 +250,5 @@ def add_commands(sub) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="seqzoo-bench")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_bench)
