@@ -20,6 +20,7 @@ Mini-batches are aligned to absolute positions [kb, (k+1)b), so a sequence may b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -45,6 +46,13 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+def _no_autocast(device_type: str):
+    """A context that turns autocast off for the inner loop (a no-op when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -449,7 +457,7 @@ class TTTLayer(_Heads):
         B = x.shape[0]
         p = int(state["pos"][0]) if B else 0
         dtype = x.dtype  # RoPE, the inner loop and the state stay in x's dtype, under autocast too
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             XQ, XK = self._rope(XQ.to(dtype), XK.to(dtype), p)
             flat = lambda t: rearrange(t.to(dtype), "b h t d -> (b h) t d")
             lr = rearrange(self._gate_eta(x), "b h t -> (b h) t")
