@@ -77,7 +77,7 @@ class SequenceLayer(nn.Module):
         name = type(self).__name__
         if not isinstance(state, dict):
             raise TypeError(f"{name}: expected state to be a dict[str, Tensor], got {type(state).__name__}")
-        template = self.init_state(batch_size, device="meta", dtype=dtype)
+        template = self._state_template(batch_size, dtype)
         if set(state) != set(template):
             raise ValueError(
                 f"{name}: expected a state with keys {sorted(template)}, got keys {sorted(state)} "
@@ -107,6 +107,15 @@ class SequenceLayer(nn.Module):
                 raise ValueError(
                     f"{name}: state[{key!r}] is on {got.device} but x is on {device}; move both to one device"
                 )
+
+    def _state_template(self, batch_size: int, dtype) -> State:
+        """``init_state`` on the meta device, cached per (batch size, dtype): validation in ``step``
+        runs once per token and must cost next to nothing."""
+        cache = self.__dict__.setdefault("_seqzoo_state_templates", {})
+        key = (batch_size, dtype)
+        if key not in cache:
+            cache[key] = self.init_state(batch_size, device="meta", dtype=dtype)
+        return cache[key]
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}"

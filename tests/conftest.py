@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# The tests work on small tensors, where one thread is faster than two fighting over the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
