@@ -30,9 +30,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_ttt import CLOCKS, progress, set_clock, time_in_turn  # noqa: E402
 
-FULL = dict(d_model=768, num_heads=12, mamba_lengths=[2048, 4096, 8192], attn_lengths=[1024, 4096],
-            linear_T=4096, repeats=3)
-QUICK = dict(d_model=64, num_heads=4, mamba_lengths=[128, 256], attn_lengths=[128, 256], linear_T=256, repeats=3)
+FULL = dict(
+    d_model=768,
+    num_heads=12,
+    mamba_lengths=[2048, 4096, 8192],
+    attn_lengths=[1024, 4096],
+    linear_T=4096,
+    repeats=3,
+)
+QUICK = dict(
+    d_model=64, num_heads=4, mamba_lengths=[128, 256], attn_lengths=[128, 256], linear_T=256, repeats=3
+)
 GOALS = {"mamba_ratio": 0.3, "attention_ratio": 1.15, "linear_speedup": 5.0}
 
 
@@ -55,8 +63,15 @@ def hf_mamba_mixer(layer, d_model: int, d_state: int, d_conv: int, expand: int):
 
     hf_logging.set_verbosity_error()  # the "fast path is not available" notice: slow_forward is the point
 
-    config = MambaConfig(hidden_size=d_model, state_size=d_state, conv_kernel=d_conv, expand=expand,
-                         time_step_rank=layer.dt_proj.weight.shape[1], use_conv_bias=True, use_bias=False)
+    config = MambaConfig(
+        hidden_size=d_model,
+        state_size=d_state,
+        conv_kernel=d_conv,
+        expand=expand,
+        time_step_rank=layer.dt_proj.weight.shape[1],
+        use_conv_bias=True,
+        use_bias=False,
+    )
     mixer = MambaMixer(config, layer_idx=0)
     mixer.load_state_dict(layer.state_dict(), strict=True)
     return mixer.eval()
@@ -82,11 +97,21 @@ def bench_mamba(cfg: dict) -> tuple[list[dict], str | None]:
         x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
             err = rel_err(ours(x)[0], hf.slow_forward(x))
-            res = time_in_turn({"hf_slow_forward": lambda x=x: hf.slow_forward(x), "seqzoo": lambda x=x: ours(x)},
-                               repeats=cfg["repeats"])
+            res = time_in_turn(
+                {"hf_slow_forward": lambda x=x: hf.slow_forward(x), "seqzoo": lambda x=x: ours(x)},
+                repeats=cfg["repeats"],
+            )
         rows.append(_row("mamba", "hf_slow_forward", T, res["hf_slow_forward"]))
-        rows.append(_row("mamba", "seqzoo", T, res["seqzoo"], rel_err=err,
-                         ratio=res["seqzoo"]["median"] / res["hf_slow_forward"]["median"]))
+        rows.append(
+            _row(
+                "mamba",
+                "seqzoo",
+                T,
+                res["seqzoo"],
+                rel_err=err,
+                ratio=res["seqzoo"]["median"] / res["hf_slow_forward"]["median"],
+            )
+        )
     return rows, None
 
 
@@ -99,14 +124,16 @@ class BareAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model, bias=False)
-                                                              for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(d_model, d_model, bias=False) for _ in range(4)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         heads = lambda t: t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(
+            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), is_causal=True
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -165,11 +192,19 @@ def bench_linear_attention(cfg: dict) -> tuple[list[dict], str | None]:
 
     with torch.no_grad():
         err = rel_err(layer(x)[0], step_loop())
-        res = time_in_turn({"step_loop": step_loop, "seqzoo_chunked": lambda: layer(x)}, repeats=cfg["repeats"])
+        res = time_in_turn(
+            {"step_loop": step_loop, "seqzoo_chunked": lambda: layer(x)}, repeats=cfg["repeats"]
+        )
     return [
         _row("linear_attention", "step_loop", T, res["step_loop"]),
-        _row("linear_attention", "seqzoo_chunked", T, res["seqzoo_chunked"], rel_err=err,
-             speedup=res["step_loop"]["median"] / res["seqzoo_chunked"]["median"]),
+        _row(
+            "linear_attention",
+            "seqzoo_chunked",
+            T,
+            res["seqzoo_chunked"],
+            rel_err=err,
+            speedup=res["step_loop"]["median"] / res["seqzoo_chunked"]["median"],
+        ),
     ], None
 
 
@@ -184,26 +219,44 @@ def evaluate(rows: list[dict]) -> list[dict]:
         goals.append({"goal": name, "value": value, "target": target, "better": better, "met": met})
 
     m = [r["ratio"] for r in rows if r["layer"] == "mamba" and "ratio" in r]
-    goal("mamba forward / HF MambaMixer.slow_forward (worst T)", max(m) if m else None, GOALS["mamba_ratio"], "lower")
+    goal(
+        "mamba forward / HF MambaMixer.slow_forward (worst T)",
+        max(m) if m else None,
+        GOALS["mamba_ratio"],
+        "lower",
+    )
     a = [r["ratio"] for r in rows if r["impl"] == "seqzoo" and r["layer"] == "self_attention"]
-    goal("self_attention (rope off) / bare SDPA + projections (worst T)", max(a) if a else None,
-         GOALS["attention_ratio"], "lower")
+    goal(
+        "self_attention (rope off) / bare SDPA + projections (worst T)",
+        max(a) if a else None,
+        GOALS["attention_ratio"],
+        "lower",
+    )
     s = [r["speedup"] for r in rows if "speedup" in r]
-    goal("linear_attention chunked speed-up over its step loop", s[0] if s else None, GOALS["linear_speedup"], "higher")
+    goal(
+        "linear_attention chunked speed-up over its step loop",
+        s[0] if s else None,
+        GOALS["linear_speedup"],
+        "higher",
+    )
     return goals
 
 
 def report(result: dict) -> str:
     lines = [f"threads {result['machine']['threads']}, clock {result['config'].get('clock', 'wall')}", ""]
-    lines += [f"{'layer':<18}{'impl':<18}{'T':>6}  {'median [q1–q3] ms':<26}{'µs/tok':>9}{'ratio':>8}{'rel err':>10}"]
+    lines += [
+        f"{'layer':<18}{'impl':<18}{'T':>6}  {'median [q1–q3] ms':<26}{'µs/tok':>9}{'ratio':>8}{'rel err':>10}"
+    ]
     for r in result["rows"]:
         t = r["seconds"]
         ratio = r.get("ratio", r.get("speedup"))
         ratio = f"{ratio:.3f}" if ratio is not None else ""
         err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-        lines.append(f"{r['layer']:<18}{r['impl']:<18}{r['T']:>6}  "
-                     f"{t['median'] * 1e3:>9.1f} [{t['q1'] * 1e3:.1f}–{t['q3'] * 1e3:.1f}]".ljust(52)
-                     + f"{r['us_per_token']:>9.1f}{ratio:>8}{err:>10}")
+        lines.append(
+            f"{r['layer']:<18}{r['impl']:<18}{r['T']:>6}  "
+            f"{t['median'] * 1e3:>9.1f} [{t['q1'] * 1e3:.1f}–{t['q3'] * 1e3:.1f}]".ljust(52)
+            + f"{r['us_per_token']:>9.1f}{ratio:>8}{err:>10}"
+        )
     lines.append("")
     for g in result["goals"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
@@ -217,9 +270,17 @@ def report(result: dict) -> str:
 
 def run(cfg: dict, sections: set[str]) -> dict:
     result: dict[str, Any] = {
-        "benchmark": "bench_layers", "config": cfg, "goals_targets": GOALS, "rows": [], "unavailable": {},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cores": os.cpu_count()},
+        "benchmark": "bench_layers",
+        "config": cfg,
+        "goals_targets": GOALS,
+        "rows": [],
+        "unavailable": {},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+        },
     }
     benches = {"mamba": bench_mamba, "attention": bench_attention, "linear_attention": bench_linear_attention}
     for name, fn in benches.items():
@@ -241,11 +302,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 3)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
-    parser.add_argument("--sections", nargs="+", default=["mamba", "attention", "linear_attention"],
-                        choices=["mamba", "attention", "linear_attention"], help="what to measure")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)")
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["mamba", "attention", "linear_attention"],
+        choices=["mamba", "attention", "linear_attention"],
+        help="what to measure",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)",
+    )
     args = parser.parse_args(argv)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)

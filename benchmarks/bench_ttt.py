@@ -42,13 +42,29 @@ from official_ttt import make_official  # noqa: E402
 HERE = Path(__file__).resolve()
 
 FULL = dict(
-    d_model=768, num_heads=12, mini_batch_size=16, lengths=[1024, 4096, 16384], ratio_T=4096,
-    decode_positions=[64, 8192], train_T=8192, train_group=4, repeats=3, memory_lengths=[1024, 4096, 16384],
+    d_model=768,
+    num_heads=12,
+    mini_batch_size=16,
+    lengths=[1024, 4096, 16384],
+    ratio_T=4096,
+    decode_positions=[64, 8192],
+    train_T=8192,
+    train_group=4,
+    repeats=3,
+    memory_lengths=[1024, 4096, 16384],
     peak_n=2048,
 )
 QUICK = dict(
-    d_model=64, num_heads=4, mini_batch_size=16, lengths=[128, 512], ratio_T=512,
-    decode_positions=[16, 256], train_T=512, train_group=4, repeats=3, memory_lengths=[256, 1024],
+    d_model=64,
+    num_heads=4,
+    mini_batch_size=16,
+    lengths=[128, 512],
+    ratio_T=512,
+    decode_positions=[16, 256],
+    train_T=512,
+    train_group=4,
+    repeats=3,
+    memory_lengths=[256, 1024],
     peak_n=512,
 )
 
@@ -69,8 +85,14 @@ def summarize(times: list[float]) -> dict[str, float]:
     """Median, quartiles, min and max of a list of seconds."""
     times = sorted(times)
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "min": times[0], "max": times[-1],
-            "n": len(times)}
+    return {
+        "median": statistics.median(times),
+        "q1": q[0],
+        "q3": q[2],
+        "min": times[0],
+        "max": times[-1],
+        "n": len(times),
+    }
 
 
 #: the clock of every timing: wall time, or this process's CPU time (``--clock cpu``), which other
@@ -148,8 +170,12 @@ def seqzoo_layer(kind: str, cfg: dict, **extra):
         return None, f"{name} is not registered"
     try:
         layer = seqzoo.create_layer(
-            name, cfg["d_model"], num_heads=cfg["num_heads"], mini_batch_size=cfg["mini_batch_size"],
-            ttt_base_lr=BASE_LR[kind], **extra,
+            name,
+            cfg["d_model"],
+            num_heads=cfg["num_heads"],
+            mini_batch_size=cfg["mini_batch_size"],
+            ttt_base_lr=BASE_LR[kind],
+            **extra,
         )
     except Exception as exc:  # noqa: BLE001 - reported in the results, the run goes on
         return None, f"create_layer({name!r}) failed: {type(exc).__name__}: {exc}"
@@ -160,7 +186,10 @@ def build_pair(kind: str, cfg: dict, seed: int = 0):
     """(official, seqzoo layer or None, reason) with seqzoo's layer holding the official one's weights."""
     torch.manual_seed(seed)
     official = make_official(
-        kind, hidden_size=cfg["d_model"], num_heads=cfg["num_heads"], mini_batch_size=cfg["mini_batch_size"],
+        kind,
+        hidden_size=cfg["d_model"],
+        num_heads=cfg["num_heads"],
+        mini_batch_size=cfg["mini_batch_size"],
         ttt_base_lr=BASE_LR[kind],
     ).eval()
     ours, why = seqzoo_layer(kind, cfg)
@@ -210,7 +239,10 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
             res = time_in_turn(fns, repeats=cfg["repeats"], warmup=1)
         for impl, t in res.items():
             row = {
-                "layer": f"ttt_{kind}", "impl": impl, "T": T, "seconds": t,
+                "layer": f"ttt_{kind}",
+                "impl": impl,
+                "T": T,
+                "seconds": t,
                 "us_per_token": 1e6 * t["median"] / T,
                 "gflops": flops_per_token * T / t["median"] / 1e9,
             }
@@ -239,14 +271,23 @@ def bench_decode(kind: str, cfg: dict, ours) -> list[dict]:
                     _, state = ours.step(tokens[:, t], state)
 
             t = time_in_turn({"step": run}, repeats=cfg["repeats"], warmup=1)["step"]
-        rows.append({"layer": f"ttt_{kind}", "position": P, "steps": steps, "seconds": t,
-                     "ms_per_token": 1e3 * t["median"] / steps})
+        rows.append(
+            {
+                "layer": f"ttt_{kind}",
+                "position": P,
+                "steps": steps,
+                "seconds": t,
+                "ms_per_token": 1e3 * t["median"] / steps,
+            }
+        )
     return rows
 
 
 def memory_probe(spec: dict) -> dict:
     """Run one memory measurement in a fresh subprocess; returns its JSON (or an error)."""
-    progress(f"memory {spec['impl']} ttt_{spec['kind']} {spec['mode']} T={spec['T']} group={spec.get('group', 0)}")
+    progress(
+        f"memory {spec['impl']} ttt_{spec['kind']} {spec['mode']} T={spec['T']} group={spec.get('group', 0)}"
+    )
     cmd = [sys.executable, str(HERE), "--memory-probe", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
@@ -262,8 +303,11 @@ def _probe_main(spec: dict) -> dict:
     torch.manual_seed(0)
     if spec["impl"] == "official":
         layer = make_official(
-            spec["kind"], hidden_size=cfg["d_model"], num_heads=cfg["num_heads"],
-            mini_batch_size=cfg["mini_batch_size"], scan_checkpoint_group_size=spec.get("group", 0),
+            spec["kind"],
+            hidden_size=cfg["d_model"],
+            num_heads=cfg["num_heads"],
+            mini_batch_size=cfg["mini_batch_size"],
+            scan_checkpoint_group_size=spec.get("group", 0),
             ttt_base_lr=BASE_LR[spec["kind"]],
         )
     else:
@@ -288,8 +332,12 @@ def _probe_main(spec: dict) -> dict:
             _forward(layer)(x)
     seconds = time.perf_counter() - t0
     peak = _peak_rss(fallback=not exact)
-    return {"peak_mb": (peak - base) / 2**20, "baseline_mb": base / 2**20, "seconds": seconds,
-            "peak_source": "VmHWM after clear_refs" if exact else "ru_maxrss (lifetime high-water mark)"}
+    return {
+        "peak_mb": (peak - base) / 2**20,
+        "baseline_mb": base / 2**20,
+        "seconds": seconds,
+        "peak_source": "VmHWM after clear_refs" if exact else "ru_maxrss (lifetime high-water mark)",
+    }
 
 
 def _rss_now() -> int:
@@ -336,9 +384,18 @@ def bench_memory(cfg: dict, have: dict[str, bool]) -> list[dict]:
     for impl, group in (("seqzoo", cfg["train_group"]), ("seqzoo", 0), ("official", 0)):
         if impl == "seqzoo" and not have["linear"]:
             continue
-        rows.append(memory_probe(
-            {"cfg": cfg, "kind": "linear", "impl": impl, "mode": "train", "T": cfg["train_T"], "group": group}
-        ))
+        rows.append(
+            memory_probe(
+                {
+                    "cfg": cfg,
+                    "kind": "linear",
+                    "impl": impl,
+                    "mode": "train",
+                    "T": cfg["train_T"],
+                    "group": group,
+                }
+            )
+        )
     return rows
 
 
@@ -355,37 +412,77 @@ def evaluate(cfg: dict, prefill: list[dict], decode: list[dict], memory: list[di
 
     def goal(name, value, target, better, note=""):
         met = None if value is None else (value <= target if better == "lower" else value >= target)
-        goals.append({"goal": name, "value": value, "target": target, "better": better, "met": met, "note": note})
+        goals.append(
+            {"goal": name, "value": value, "target": target, "better": better, "met": met, "note": note}
+        )
 
     T0, T1, Tr = cfg["lengths"][0], cfg["lengths"][-1], cfg["ratio_T"]
     for kind in ("linear", "mlp"):
         r = _pick(prefill, layer=f"ttt_{kind}", impl="seqzoo", T=Tr)
-        goal(f"ttt_{kind} prefill time / official at T={Tr}", r[0].get("ratio_vs_official") if r else None,
-             GOALS["prefill_ratio"], "lower")
-        a, b = _pick(prefill, layer=f"ttt_{kind}", impl="seqzoo", T=T0), _pick(prefill, layer=f"ttt_{kind}",
-                                                                                 impl="seqzoo", T=T1)
-        goal(f"ttt_{kind} per-token time T={T1} / T={T0}",
-             b[0]["us_per_token"] / a[0]["us_per_token"] if a and b else None, GOALS["per_token_growth"], "lower")
+        goal(
+            f"ttt_{kind} prefill time / official at T={Tr}",
+            r[0].get("ratio_vs_official") if r else None,
+            GOALS["prefill_ratio"],
+            "lower",
+        )
+        a, b = (
+            _pick(prefill, layer=f"ttt_{kind}", impl="seqzoo", T=T0),
+            _pick(prefill, layer=f"ttt_{kind}", impl="seqzoo", T=T1),
+        )
+        goal(
+            f"ttt_{kind} per-token time T={T1} / T={T0}",
+            b[0]["us_per_token"] / a[0]["us_per_token"] if a and b else None,
+            GOALS["per_token_growth"],
+            "lower",
+        )
         P0, P1 = cfg["decode_positions"][0], cfg["decode_positions"][-1]
-        a, b = _pick(decode, layer=f"ttt_{kind}", position=P0), _pick(decode, layer=f"ttt_{kind}", position=P1)
-        goal(f"ttt_{kind} decode per token at {P1} / at {P0}",
-             b[0]["ms_per_token"] / a[0]["ms_per_token"] if a and b else None, GOALS["decode_growth"], "lower")
+        a, b = (
+            _pick(decode, layer=f"ttt_{kind}", position=P0),
+            _pick(decode, layer=f"ttt_{kind}", position=P1),
+        )
+        goal(
+            f"ttt_{kind} decode per token at {P1} / at {P0}",
+            b[0]["ms_per_token"] / a[0]["ms_per_token"] if a and b else None,
+            GOALS["decode_growth"],
+            "lower",
+        )
     d = _pick(decode, layer="ttt_linear")
-    goal("ttt_linear decode ms/token (worst position)", max(r["ms_per_token"] for r in d) if d else None,
-         GOALS["decode_ms"], "lower")
+    goal(
+        "ttt_linear decode ms/token (worst position)",
+        max(r["ms_per_token"] for r in d) if d else None,
+        GOALS["decode_ms"],
+        "lower",
+    )
     r = _pick(prefill, layer="ttt_linear", impl="seqzoo", T=Tr)
-    goal(f"ttt_linear prefill GFLOP/s / fp32 matmul peak at T={Tr}",
-         r[0].get("fraction_of_peak") if r else None, GOALS["fraction_of_peak"], "higher")
+    goal(
+        f"ttt_linear prefill GFLOP/s / fp32 matmul peak at T={Tr}",
+        r[0].get("fraction_of_peak") if r else None,
+        GOALS["fraction_of_peak"],
+        "higher",
+    )
     r = [m for m in _pick(memory, mode="train", impl="seqzoo") if m.get("group")]
-    goal(f"ttt_linear forward+backward peak MB at T={cfg['train_T']}, checkpointed",
-         r[0].get("peak_mb") if r else None, GOALS["train_memory_mb"], "lower",
-         r[0].get("error", "") if r else "")
+    goal(
+        f"ttt_linear forward+backward peak MB at T={cfg['train_T']}, checkpointed",
+        r[0].get("peak_mb") if r else None,
+        GOALS["train_memory_mb"],
+        "lower",
+        r[0].get("error", "") if r else "",
+    )
     for kind in ("linear", "mlp"):
         m = sorted(_pick(memory, mode="prefill", impl="seqzoo", kind=kind), key=lambda r: r["T"])
         m = [r for r in m if "peak_mb" in r]
         if len(m) >= 2:
-            growth = (m[-1]["peak_mb"] / m[0]["peak_mb"]) / (m[-1]["T"] / m[0]["T"]) if m[0]["peak_mb"] > 0 else None
-            goal(f"ttt_{kind} prefill memory growth vs linear in T (≤ 1.3 means at most linear)", growth, 1.3, "lower")
+            growth = (
+                (m[-1]["peak_mb"] / m[0]["peak_mb"]) / (m[-1]["T"] / m[0]["T"])
+                if m[0]["peak_mb"] > 0
+                else None
+            )
+            goal(
+                f"ttt_{kind} prefill memory growth vs linear in T (≤ 1.3 means at most linear)",
+                growth,
+                1.3,
+                "lower",
+            )
     return goals
 
 
@@ -397,18 +494,24 @@ def report(result: dict) -> str:
     """The tables as plain text."""
     lines = []
     peak = result["matmul_peak"]
-    lines.append(f"fp32 matmul peak ({peak['n']}²): {result['peak_gflops']:.1f} GFLOP/s "
-                 f"(start {peak['gflops_median']:.1f}, end {result['matmul_peak_end']['gflops_median']:.1f}); "
-                 f"threads {result['machine']['threads']}, clock {result['config'].get('clock', 'wall')}")
+    lines.append(
+        f"fp32 matmul peak ({peak['n']}²): {result['peak_gflops']:.1f} GFLOP/s "
+        f"(start {peak['gflops_median']:.1f}, end {result['matmul_peak_end']['gflops_median']:.1f}); "
+        f"threads {result['machine']['threads']}, clock {result['config'].get('clock', 'wall')}"
+    )
     lines.append("")
-    lines.append(f"{'prefill':<12}{'impl':<10}{'T':>7}  {'median [q1–q3]':<28}{'µs/tok':>8}{'GFLOP/s':>9}"
-                 f"{'%peak':>7}{'ratio':>7}")
+    lines.append(
+        f"{'prefill':<12}{'impl':<10}{'T':>7}  {'median [q1–q3]':<28}{'µs/tok':>8}{'GFLOP/s':>9}"
+        f"{'%peak':>7}{'ratio':>7}"
+    )
     for r in result["prefill"]:
         ratio = f"{r['ratio_vs_official']:.2f}" if "ratio_vs_official" in r else ""
         note = f"  (max rel. difference {r['rel_err_vs_official']:.1e})" if "rel_err_vs_official" in r else ""
         frac = f"{100 * r['fraction_of_peak']:.0f}" if "fraction_of_peak" in r else ""
-        lines.append(f"{r['layer']:<12}{r['impl']:<10}{r['T']:>7}  {_fmt_t(r['seconds']):<28}"
-                     f"{r['us_per_token']:>8.1f}{r['gflops']:>9.1f}{frac:>7}{ratio:>7}{note}")
+        lines.append(
+            f"{r['layer']:<12}{r['impl']:<10}{r['T']:>7}  {_fmt_t(r['seconds']):<28}"
+            f"{r['us_per_token']:>8.1f}{r['gflops']:>9.1f}{frac:>7}{ratio:>7}{note}"
+        )
     if result["decode"]:
         lines.append("")
         lines.append(f"{'decode':<12}{'position':>9}  {'ms/token':>9}")
@@ -416,12 +519,16 @@ def report(result: dict) -> str:
             lines.append(f"{r['layer']:<12}{r['position']:>9}  {r['ms_per_token']:>9.3f}")
     if result["memory"]:
         lines.append("")
-        lines.append(f"{'memory':<12}{'impl':<10}{'mode':<9}{'T':>7}{'group':>6}{'peak MB':>10}{'B/token':>10}")
+        lines.append(
+            f"{'memory':<12}{'impl':<10}{'mode':<9}{'T':>7}{'group':>6}{'peak MB':>10}{'B/token':>10}"
+        )
         for r in result["memory"]:
             peak_mb = f"{r['peak_mb']:.1f}" if "peak_mb" in r else "error"
             bpt = f"{r['bytes_per_token']:.0f}" if "bytes_per_token" in r else ""
-            lines.append(f"ttt_{r['kind']:<8}{r['impl']:<10}{r['mode']:<9}{r['T']:>7}{r.get('group', 0):>6}"
-                         f"{peak_mb:>10}{bpt:>10}" + (f"  {r['error']}" if "error" in r else ""))
+            lines.append(
+                f"ttt_{r['kind']:<8}{r['impl']:<10}{r['mode']:<9}{r['T']:>7}{r.get('group', 0):>6}"
+                f"{peak_mb:>10}{bpt:>10}" + (f"  {r['error']}" if "error" in r else "")
+            )
     lines.append("")
     for g in result["goals"]:
         mark = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
@@ -436,11 +543,24 @@ def report(result: dict) -> str:
 def run(cfg: dict, *, sections: set[str]) -> dict:
     """Every section of the benchmark; returns the result dict (also what ``--json`` writes)."""
     result: dict[str, Any] = {
-        "benchmark": "bench_ttt", "config": cfg,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
-                    "threads": torch.get_num_threads(), "cores": os.cpu_count()},
-        "goals_targets": GOALS, "prefill": [], "decode": [], "memory": [], "unavailable": {},
-        "flops_formula": {"ttt_linear": "8C² + H(6d² + 6bd) per token", "ttt_mlp": "8C² + H(56d² + 30bd) per token"},
+        "benchmark": "bench_ttt",
+        "config": cfg,
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(),
+        },
+        "goals_targets": GOALS,
+        "prefill": [],
+        "decode": [],
+        "memory": [],
+        "unavailable": {},
+        "flops_formula": {
+            "ttt_linear": "8C² + H(6d² + 6bd) per token",
+            "ttt_mlp": "8C² + H(56d² + 30bd) per token",
+        },
     }
     result["matmul_peak"] = matmul_peak(cfg["peak_n"])
     pairs = {}
@@ -458,7 +578,9 @@ def run(cfg: dict, *, sections: set[str]) -> dict:
             result["decode"] += bench_decode(kind, cfg, ours)
     result["matmul_peak_end"] = matmul_peak(cfg["peak_n"])
     # the larger of the two peak measurements: the fraction of peak is then a lower bound
-    result["peak_gflops"] = max(result["matmul_peak"]["gflops_median"], result["matmul_peak_end"]["gflops_median"])
+    result["peak_gflops"] = max(
+        result["matmul_peak"]["gflops_median"], result["matmul_peak_end"]["gflops_median"]
+    )
     for r in result["prefill"]:
         r["fraction_of_peak"] = r["gflops"] / result["peak_gflops"]
     if "memory" in sections:
@@ -473,11 +595,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 3)")
     parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths (default 1024 4096 16384)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)")
-    parser.add_argument("--sections", nargs="+", default=["prefill", "decode", "memory"],
-                        choices=["prefill", "decode", "memory"], help="what to measure")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)")
+    parser.add_argument(
+        "--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)"
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["prefill", "decode", "memory"],
+        choices=["prefill", "decode", "memory"],
+        help="what to measure",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)",
+    )
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads or args.quick:
@@ -492,7 +625,9 @@ def main(argv: list[str] | None = None) -> dict:
         cfg["repeats"] = args.repeats
     if args.lengths:
         cfg["lengths"] = sorted(args.lengths)
-        cfg["ratio_T"] = cfg["ratio_T"] if cfg["ratio_T"] in cfg["lengths"] else cfg["lengths"][len(cfg["lengths"]) // 2]
+        cfg["ratio_T"] = (
+            cfg["ratio_T"] if cfg["ratio_T"] in cfg["lengths"] else cfg["lengths"][len(cfg["lengths"]) // 2]
+        )
     result = run(cfg, sections=set(args.sections))
     print(report(result))
     if args.json:

@@ -65,7 +65,9 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
-def _rope_cos_sin(head_dim: int, positions: Tensor, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _rope_cos_sin(
+    head_dim: int, positions: Tensor, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """cos, sin of shape (T, head_dim) for rotate-half RoPE; angles in float32 like the reference."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # (T, d/2)
@@ -99,7 +101,9 @@ def _gelu_tanh_grad(x: Tensor) -> Tensor:
     return 0.5 * x * ((1 - t * t) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + t)
 
 
-def _scan(body, carry: dict[str, Tensor], xs: dict[str, Tensor], out: Tensor, group: int) -> dict[str, Tensor]:
+def _scan(
+    body, carry: dict[str, Tensor], xs: dict[str, Tensor], out: Tensor, group: int
+) -> dict[str, Tensor]:
     """``jax.lax.scan`` as the reference writes it: a Python loop over dim 0 of ``xs``, results into ``out``.
 
     With ``group > 0`` every ``group`` iterations run under one activation checkpoint.
@@ -114,7 +118,9 @@ def _scan(body, carry: dict[str, Tensor], xs: dict[str, Tensor], out: Tensor, gr
     if group <= 0:
         return run(carry, 0, n)
     for start in range(0, n, group):
-        carry = torch.utils.checkpoint.checkpoint(run, carry, start, min(start + group, n), use_reentrant=False)
+        carry = torch.utils.checkpoint.checkpoint(
+            run, carry, start, min(start + group, n), use_reentrant=False
+        )
     return carry
 
 
@@ -168,7 +174,9 @@ class _OfficialTTTBase(nn.Module):
 
     def rope(self, XQ: Tensor, XK: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Rotate-half RoPE at positions mod b, wrapped in the pairs <-> halves permutation."""
-        cos, sin = _rope_cos_sin(self.head_dim, positions % self.mini_batch_size, self.config.rope_theta, XQ.dtype)
+        cos, sin = _rope_cos_sin(
+            self.head_dim, positions % self.mini_batch_size, self.config.rope_theta, XQ.dtype
+        )
         XQ, XK = _pairs_to_halves(XQ), _pairs_to_halves(XK)
         XQ = XQ * cos + _rotate_half(XQ) * sin
         XK = XK * cos + _rotate_half(XK) * sin
@@ -188,9 +196,13 @@ class _OfficialTTTBase(nn.Module):
 
     # the scan ----------------------------------------------------------------------------------
     def initial_params(self, batch_size: int) -> dict[str, Tensor]:
-        return {name: getattr(self, name).unsqueeze(0).repeat(batch_size, 1, 1, 1) for name in self.inner_names}
+        return {
+            name: getattr(self, name).unsqueeze(0).repeat(batch_size, 1, 1, 1) for name in self.inner_names
+        }
 
-    def mini_batch(self, params: dict[str, Tensor], inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+    def mini_batch(
+        self, params: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], Tensor]:
         """Dual form for one mini-batch: (params at its end, outputs XQ + LN(f_res(XQ; W̄)))."""
         raise NotImplementedError
 
@@ -215,7 +227,9 @@ class _OfficialTTTBase(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         """Apply the layer to a fresh sequence ``hidden_states`` of shape (B, T, hidden_size)."""
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.width:
-            raise ValueError(f"expected input of shape (B, T, {self.width}), got {tuple(hidden_states.shape)}")
+            raise ValueError(
+                f"expected input of shape (B, T, {self.width}), got {tuple(hidden_states.shape)}"
+            )
         B, L, _ = hidden_states.shape
         b = self.mini_batch_size
         XQ, XK, XV = self.qkv(hidden_states)

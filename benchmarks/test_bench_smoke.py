@@ -28,7 +28,15 @@ def test_flop_formulas_scale_as_stated():
     assert layer_flops("self_attention", 10, d)[0] == 8 * 10 * d * d + 2 * 100 * d
     # TTT-Linear at 125M widths: about 5 MFLOP per token (DESIGN §7)
     assert 4.5e6 < layer_flops("ttt_linear", 1, 768, num_heads=12)[0] < 5.5e6
-    assert set(FLOPS) >= {"rnn", "self_attention", "linear_attention", "mamba", "ttt_linear", "ttt_mlp", "ttt_nw"}
+    assert set(FLOPS) >= {
+        "rnn",
+        "self_attention",
+        "linear_attention",
+        "mamba",
+        "ttt_linear",
+        "ttt_mlp",
+        "ttt_nw",
+    }
 
 
 def test_matmul_peak_is_positive():
@@ -36,8 +44,16 @@ def test_matmul_peak_is_positive():
 
 
 def test_bench_layer_tiny(tiny_lengths):
-    res = bench_layer("rnn", d_model=16, heads=None, lengths=tiny_lengths, decode_positions=[8], repeats=2,
-                      memory=True, peak_gflops=100.0)
+    res = bench_layer(
+        "rnn",
+        d_model=16,
+        heads=None,
+        lengths=tiny_lengths,
+        decode_positions=[8],
+        repeats=2,
+        memory=True,
+        peak_gflops=100.0,
+    )
     assert [r["T"] for r in res["prefill"]] == tiny_lengths
     for row in res["prefill"]:
         assert row["ms_per_token"] > 0 and row["gflops"] > 0 and "fwd_bwd_seconds" in row
@@ -48,8 +64,27 @@ def test_bench_layer_tiny(tiny_lengths):
 
 def test_bench_cli_tiny(tmp_path, capsys, tiny_lengths):
     layers = [n for n in ("rnn", "self_attention") if n in seqzoo.list_layers()]
-    rc = main(["bench", "--layers", ",".join(layers), "--d-model", "16", "--heads", "2", "--lengths", "16,32",
-               "--decode-positions", "8", "--repeats", "1", "--no-memory", "--no-progress", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--layers",
+            ",".join(layers),
+            "--d-model",
+            "16",
+            "--heads",
+            "2",
+            "--lengths",
+            "16,32",
+            "--decode-positions",
+            "8",
+            "--repeats",
+            "1",
+            "--no-memory",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "bench.json").read_text())
     assert set(res["layers"]) == set(layers) and res["matmul_peak_gflops"] > 0
@@ -58,9 +93,24 @@ def test_bench_cli_tiny(tmp_path, capsys, tiny_lengths):
 
 
 def test_compare_smoke(tmp_path):
-    rc = main(["compare", "--preset", "quick", "--layers", "rnn", "--backbones", "transformer", "--tasks", "mqar",
-               "--out", str(tmp_path), "--no-progress",
-               "--override", json.dumps({"tasks": {"mqar": {"steps": 2}}, "speed": {"lengths": [8]}})])
+    rc = main(
+        [
+            "compare",
+            "--preset",
+            "quick",
+            "--layers",
+            "rnn",
+            "--backbones",
+            "transformer",
+            "--tasks",
+            "mqar",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+            "--override",
+            json.dumps({"tasks": {"mqar": {"steps": 2}}, "speed": {"lengths": [8]}}),
+        ]
+    )
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["cells"]["rnn/transformer"]["status"] == "ok"

@@ -139,7 +139,9 @@ def test_linear_attention_chunked_forward(benchmark, x):
 
 def test_bench_ttt_quick_writes_json(tmp_path):
     out = tmp_path / "ttt.json"
-    bench_ttt.main(["--quick", "--lengths", "32", "64", "--sections", "prefill", "decode", "--json", str(out)])
+    bench_ttt.main(
+        ["--quick", "--lengths", "32", "64", "--sections", "prefill", "decode", "--json", str(out)]
+    )
     result = json.loads(out.read_text())
     assert result["peak_gflops"] > 0
     impls = {(r["layer"], r["impl"]) for r in result["prefill"]}
@@ -153,13 +155,20 @@ def test_bench_layers_quick_writes_json(tmp_path):
     bench_layers.main(["--quick", "--sections", "attention", "linear_attention", "--json", str(out)])
     result = json.loads(out.read_text())
     if "self_attention" in seqzoo.list_layers():
-        assert any(r["layer"] == "self_attention" and r["rel_err"] < 1e-5 for r in result["rows"] if "rel_err" in r)
+        assert any(
+            r["layer"] == "self_attention" and r["rel_err"] < 1e-5 for r in result["rows"] if "rel_err" in r
+        )
     assert len(result["goals"]) == 3
 
 
 def test_memory_probe_in_subprocess():
-    spec = {"cfg": {"d_model": 64, "num_heads": 4, "mini_batch_size": 16}, "kind": "linear", "impl": "official",
-            "mode": "prefill", "T": 2048}
+    spec = {
+        "cfg": {"d_model": 64, "num_heads": 4, "mini_batch_size": 16},
+        "kind": "linear",
+        "impl": "official",
+        "mode": "prefill",
+        "T": 2048,
+    }
     r = bench_ttt.memory_probe(spec)
     assert "error" not in r, r.get("error")
     # the (B, T, C) activations alone are 2048 · 64 · 4 bytes = 0.5 MiB each, and several are alive at once

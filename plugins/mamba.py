@@ -58,22 +58,23 @@ def selective_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     return y + x * D, h
 
 
-#: Elements of (batch, blocks, d_inner, d_state) touched per step of the two-level scan: about 512 KiB
-#: in float32, so that each step's tensors stay in a core's L2 cache.
+#: Elements of (batch, d_inner, d_state) summed over the chunks of a group: the group is the unit the
+#: scan arranges its inputs for, about 512 KiB of states per group position in float32.
 SCAN_STEP_ELEMENTS = 2**17
 
 
 def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
-                           chunk_size: int = 64, blocks: int | None = None) -> tuple[Tensor, Tensor]:
-    """The selective scan as a two-level scan: the same contract as ``selective_scan_ref``.
+                           chunk_size: int = 8, blocks: int | None = None) -> tuple[Tensor, Tensor]:
+    """The selective scan chunk by chunk: the same contract as ``selective_scan_ref``.
 
-    The sequence is cut into chunks of ``chunk_size`` tokens, and ``blocks`` consecutive chunks form
-    a group. Within a group, the chunks are scanned at once, in lock-step over the positions of a
-    chunk: first from a zero state to get each chunk's end state, then (after carrying the true
-    start states across the group's chunks) again from those start states for the outputs. Only
-    exp(Δ A) and exp(A Σ Δ) of non-positive arguments and products of such decays appear, so nothing
-    overflows. Python steps: about 2·T / blocks; memory: O(b·t·d) plus O(b·blocks·d·n) per step.
-    ``blocks`` defaults to what keeps a step's tensors near ``SCAN_STEP_ELEMENTS`` (at least 4).
+    The sequence is cut into groups of ``blocks`` chunks of ``chunk_size`` tokens, and the chunks are
+    scanned one after another. For a chunk, the decays exp(Δ A) and inputs Δ B x of all its positions
+    are formed by two whole-chunk operations ((b, chunk_size, d, n) each, cache-sized), the recurrence
+    h_i = exp(Δ_i A) h_{i−1} + Δ_i B_i x_i runs over the positions as one fused multiply-add each
+    (in place in the input buffer when no gradient is tracked), and the outputs C_i·h_i of the whole
+    chunk come from one batched product. Each token costs one pass of each kind over (b, d, n): the
+    token loop's arithmetic, in larger operations. Only exponentials of non-positive arguments appear.
+    ``blocks`` defaults to ``SCAN_STEP_ELEMENTS // (b·d·n)`` (at least 4).
     """
     b, T, d = x.shape
     n = A.shape[-1]
@@ -95,41 +96,27 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
 
     Returns y (b, s, d) without the D term, and the state after the group.
     """
-    s = dt.shape[1]
-    L = min(chunk_size, s)
-    pad = -s % L  # padding with Δ = 0 is the identity step: decay 1, input 0
-    if pad:
-        dt, dtx, B, C = (F.pad(v, (0, 0, 0, pad)) for v in (dt, dtx, B, C))
-    dt = rearrange(dt, "b (g l) d -> l b g d 1", l=L)
-    dtx = rearrange(dtx, "b (g l) d -> l b g d 1", l=L)
-    B = rearrange(B, "b (g l) n -> l b g 1 n", l=L)
-    C = rearrange(C, "b (g l) n -> l b g n 1", l=L)
-
-    G = dt.shape[2]
-
-    # level 1: chunks 0..G-2 from h = 0, in lock-step, for their end states (the last chunk's end
-    # state comes out of level 3)
-    h_run = h[:, None]
-    if G > 1:
-        dt1, dtx1, B1 = (v[:, :, :-1].unbind(0) for v in (dt, dtx, B))
-        h_end = dtx1[0] * B1[0]
-        for i in range(1, L):
-            h_end = torch.addcmul(dtx1[i] * B1[i], torch.exp(dt1[i] * A), h_end)  # h ← exp(Δ A) h + Δ B x
-        decay = torch.exp(dt[:, :, :-1].sum(0) * A)  # exp(A Σ_chunk Δ), the decay across a whole chunk
-
-        # level 2: carry the state across the chunks, h_start(g+1) = decay(g) h_start(g) + h_end(g)
-        starts = [h]
-        for g in range(G - 1):
-            starts.append(torch.addcmul(h_end[:, g], decay[:, g], starts[-1]))
-        h_run = torch.stack(starts, dim=1)  # (b, g, d, n)
-
-    # level 3: every chunk again, now from its true start state, with the outputs y = C·h
+    track = torch.is_grad_enabled() and any(v.requires_grad for v in (dt, dtx, A, B, C, h))
+    At = A.t().contiguous()  # (n, d): states are laid out (b, l, n, d), d innermost, for long vector ops
+    h = h.transpose(1, 2)  # (b, n, d)
     ys = []
-    for dt_i, dtx_i, B_i, C_i in zip(dt.unbind(0), dtx.unbind(0), B.unbind(0), C.unbind(0)):
-        h_run = torch.addcmul(dtx_i * B_i, torch.exp(dt_i * A), h_run)
-        ys.append(torch.matmul(h_run, C_i))  # (b, g, d, 1)
-    y = rearrange(torch.stack(ys), "l b g d 1 -> b (g l) d")
-    return y[:, :s], h_run[:, -1].clone()  # padding steps are the identity: the last lane ends in the state
+    for lo in range(0, dt.shape[1], chunk_size):
+        c = slice(lo, lo + chunk_size)
+        decay = (dt[:, c, None, :] * At).exp_()  # exp(Δ_i A)   (b, l, n, d)
+        hs = B[:, c, :, None] * dtx[:, c, None, :]  # Δ_i B_i x_i (b, l, n, d)
+        if track:  # autograd needs every h_i as its own tensor
+            states = []
+            for i in range(hs.shape[1]):
+                h = torch.addcmul(hs[:, i], decay[:, i], h)  # h_i = exp(Δ_i A) h_{i−1} + Δ_i B_i x_i
+                states.append(h)
+            hs = torch.stack(states, dim=1)
+        else:  # the same multiply-adds, written over the inputs
+            hs[:, 0].addcmul_(decay[:, 0], h)
+            for i in range(1, hs.shape[1]):
+                hs[:, i].addcmul_(decay[:, i], hs[:, i - 1])
+            h = hs[:, -1]
+        ys.append(torch.matmul(C[:, c, None, :], hs)[:, :, 0])  # y_i = C_i·h_i: (1, n) @ (n, d) per position
+    return torch.cat(ys, dim=1), h.transpose(1, 2).contiguous()
 
 
 # --- mamba-ssm's CUDA kernels (only ever imported for CUDA tensors) ---------------------------------
@@ -165,9 +152,9 @@ class MambaConfig:
     bias: bool = field(default=False, metadata={"help": "biases in in_proj and out_proj"})
     use_gate: bool = field(default=False, metadata={
         "help": "extra output gate of the TTT Mamba backbone: out_proj(gelu_tanh(g_proj(u)) ⊙ y), g_proj: d_model → d_inner"})
-    chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the CPU two-level scan"})
+    chunk_size: int = field(default=8, metadata={"help": "tokens per chunk of the CPU scan (decays formed at once)"})
     scan_blocks: int | None = field(default=None, metadata={
-        "help": "chunks the CPU scan runs in lock-step (default: enough to fill about 512 KiB per step, at least 4)"})
+        "help": "chunks per group of the CPU scan (default: SCAN_STEP_ELEMENTS // (batch·d_inner·d_state), at least 4)"})
     use_kernels: bool = field(default=True, metadata={"help": "use mamba-ssm's CUDA kernels on CUDA tensors when installed"})
 
 
@@ -282,20 +269,38 @@ class Mamba(SequenceLayer):
         state = self.check_input(x, state, step=True)
         dtype = x.dtype
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
-        xc, _ = causal_conv_step(self.conv1d, xi, state["conv_state"][..., 1:])
-        conv_state = torch.cat([state["conv_state"][..., 1:], xi[..., None]], dim=-1)  # last d_conv inputs
+        # the window of the last d_conv conv inputs is the new conv_state; the conv is window · taps
+        conv_state = torch.cat([state["conv_state"][..., 1:], xi[..., None]], dim=-1)  # (b, d_inner, d_conv)
+        xc = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
         xc = F.silu(xc)
-        dt, B, C = self._ssm_inputs(xc)
-        if self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward
-            y, h = self._step_kernels(xc, dt, B, C, z, state["ssm_state"])
+        dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if x.is_cuda and self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward
+            y, h = self._step_kernels(xc, F.linear(dt, self.dt_proj.weight), B, C, z, state["ssm_state"])
             return self._output_gate_only(y, x), {"conv_state": conv_state, "ssm_state": h}
         ctype = torch.promote_types(dtype, torch.float32)
-        dt = F.softplus((dt + self.dt_proj.bias).to(ctype))  # Δ_t
-        A = -torch.exp(self.A_log.to(ctype))
-        h = torch.exp(dt[..., None] * A) * state["ssm_state"].to(ctype) \
-            + (dt * xc.to(ctype))[..., None] * B.to(ctype)[:, None, :]  # h_t = exp(Δ A) h_{t−1} + Δ B x
-        y = torch.einsum("bdn,bn->bd", h, C.to(ctype)) + self.D.to(ctype) * xc.to(ctype)  # y = C·h + D x
+        if ctype != dtype:
+            xc, B, C = xc.to(ctype), B.to(ctype), C.to(ctype)
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ctype))  # Δ_t (b, d_inner)
+        dtx = dt * xc
+        h = torch.addcmul(dtx[..., None] * B[:, None, :], torch.exp(dt[..., None] * self._A(ctype)),
+                          state["ssm_state"].to(ctype))  # h_t = exp(Δ A) h_{t−1} + Δ B x
+        y = torch.baddbmm((self.D.to(ctype) * xc)[..., None], h, C[..., None])[..., 0]  # y = C·h + D x
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
+
+    def _A(self, ctype: torch.dtype) -> Tensor:
+        """A = −exp(A_log) in ``ctype``. Without a gradient to track it is cached until ``A_log`` changes
+        (in place, by a new tensor, dtype or device), so a decode step does not re-derive it."""
+        A_log = self.A_log
+        if A_log.requires_grad and torch.is_grad_enabled():
+            return -torch.exp(A_log.to(ctype))
+        key = (A_log._version, A_log.data_ptr(), A_log.device, ctype)
+        cached = self.__dict__.get("_A_cache")
+        if cached is None or cached[0] is not A_log or cached[1] != key:
+            with torch.no_grad():
+                cached = self.__dict__["_A_cache"] = (A_log, key, -torch.exp(A_log.to(ctype)))
+        return cached[2]
 
     # --- CUDA: mamba-ssm's kernels ------------------------------------------------------------------
     def _output_gate_only(self, y: Tensor, u: Tensor) -> Tensor:

@@ -12,18 +12,24 @@ from seqzoo.bench.compare import compare, match_intermediate_size, non_embedding
 from seqzoo.cli import main
 
 # tiny everything: the point is the plumbing, in seconds
-TINY = {"tasks": {"mqar": {"steps": 3}, "lm": {"steps": 2}},
-        "speed": {"lengths": [8, 16], "decode_positions": [4], "decode_steps": 2}}
+TINY = {
+    "tasks": {"mqar": {"steps": 3}, "lm": {"steps": 2}},
+    "speed": {"lengths": [8, 16], "decode_positions": [4], "decode_steps": 2},
+}
 
 
 def _two_layers() -> list[str]:
     names = seqzoo.list_layers()
-    other = next((n for n in ("self_attention", "linear_attention", "mamba", "ttt_linear") if n in names), None)
+    other = next(
+        (n for n in ("self_attention", "linear_attention", "mamba", "ttt_linear") if n in names), None
+    )
     return ["rnn"] + ([other] if other else [])
 
 
 def test_parameter_matching_within_5_percent():
-    target = non_embedding_params("rnn", "transformer", d_model=32, n_layers=2, vocab_size=64, intermediate_size=96)
+    target = non_embedding_params(
+        "rnn", "transformer", d_model=32, n_layers=2, vocab_size=64, intermediate_size=96
+    )
     for layer in _two_layers():
         for backbone in ("transformer", "mamba"):
             width, n = match_intermediate_size(layer, backbone, target, d_model=32, n_layers=2, vocab_size=64)
@@ -33,8 +39,20 @@ def test_parameter_matching_within_5_percent():
 def test_compare_quick_end_to_end(tmp_path, capsys):
     layers = _two_layers()
     out = tmp_path / "res"
-    rc = main(["compare", "--preset", "quick", "--layers", ",".join(layers), "--out", str(out), "--no-progress",
-               "--override", json.dumps(TINY)])
+    rc = main(
+        [
+            "compare",
+            "--preset",
+            "quick",
+            "--layers",
+            ",".join(layers),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--override",
+            json.dumps(TINY),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["cells"]) == {f"{la}/{b}" for la in layers for b in ("transformer", "mamba")}
@@ -60,8 +78,21 @@ def test_compare_quick_end_to_end(tmp_path, capsys):
     assert "seqzoo compare" in text and "rnn" in text
 
     # resume: everything finished is skipped, and the file is unchanged apart from timestamps
-    rc = main(["compare", "--preset", "quick", "--layers", ",".join(layers), "--out", str(out), "--no-progress",
-               "--resume", "--override", json.dumps(TINY)])
+    rc = main(
+        [
+            "compare",
+            "--preset",
+            "quick",
+            "--layers",
+            ",".join(layers),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--resume",
+            "--override",
+            json.dumps(TINY),
+        ]
+    )
     assert rc == 0
     assert "skipping" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
@@ -100,8 +131,14 @@ class _NaNPlugin:
 def test_nan_layer_is_reported_and_the_rest_completes(tmp_path):
     seqzoo.register_plugin(_NaNPlugin, name="nan-harness-test")
     try:
-        res = compare(layers=["rnn", "nan_layer_harness_test"], backbones=["transformer"], preset_name="quick",
-                      out=tmp_path, speed=False, overrides=TINY)
+        res = compare(
+            layers=["rnn", "nan_layer_harness_test"],
+            backbones=["transformer"],
+            preset_name="quick",
+            out=tmp_path,
+            speed=False,
+            overrides=TINY,
+        )
     finally:
         seqzoo.unregister_plugin("nan-harness-test")
     bad = res["cells"]["nan_layer_harness_test/transformer"]
@@ -117,11 +154,26 @@ def test_nan_layer_is_reported_and_the_rest_completes(tmp_path):
 
 
 def test_resume_refuses_a_different_preset(tmp_path):
-    compare(layers=["rnn"], backbones=["transformer"], tasks=["mqar"], preset_name="quick", out=tmp_path,
-            speed=False, overrides=TINY)
+    compare(
+        layers=["rnn"],
+        backbones=["transformer"],
+        tasks=["mqar"],
+        preset_name="quick",
+        out=tmp_path,
+        speed=False,
+        overrides=TINY,
+    )
     with pytest.raises(ValueError, match="different preset"):
-        compare(layers=["rnn"], backbones=["transformer"], tasks=["mqar"], preset_name="quick", out=tmp_path,
-                speed=False, resume=True, overrides={"tasks": {"mqar": {"steps": 4}}})
+        compare(
+            layers=["rnn"],
+            backbones=["transformer"],
+            tasks=["mqar"],
+            preset_name="quick",
+            out=tmp_path,
+            speed=False,
+            resume=True,
+            overrides={"tasks": {"mqar": {"steps": 4}}},
+        )
 
 
 def test_interrupt_leaves_complete_results(tmp_path, monkeypatch):
@@ -139,14 +191,29 @@ def test_interrupt_leaves_complete_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cmp, "train", flaky)
     with pytest.raises(KeyboardInterrupt):
-        compare(layers=["rnn"], backbones=["transformer", "mamba"], tasks=["mqar"], preset_name="quick",
-                out=tmp_path, speed=False, overrides=TINY)
+        compare(
+            layers=["rnn"],
+            backbones=["transformer", "mamba"],
+            tasks=["mqar"],
+            preset_name="quick",
+            out=tmp_path,
+            speed=False,
+            overrides=TINY,
+        )
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["cells"]["rnn/transformer"]["tasks"]["mqar"]["d32"]["runs"]["0.003"]["status"] == "ok"
     assert not list(tmp_path.glob(".*.tmp"))
     monkeypatch.setattr(cmp, "train", real)
-    res = compare(layers=["rnn"], backbones=["transformer", "mamba"], tasks=["mqar"], preset_name="quick",
-                  out=tmp_path, speed=False, resume=True, overrides=TINY)
+    res = compare(
+        layers=["rnn"],
+        backbones=["transformer", "mamba"],
+        tasks=["mqar"],
+        preset_name="quick",
+        out=tmp_path,
+        speed=False,
+        resume=True,
+        overrides=TINY,
+    )
     assert all(c["status"] == "ok" for c in res["cells"].values())
 
 
@@ -160,3 +227,56 @@ def test_paper_preset_is_the_published_recipe():
     assert max(s[1] for s in mq["task_config"]["train"]) == 64 and len(mq["lrs"]) == 4
     lm = p["tasks"]["lm"]
     assert lm["d_models"] == [768] and lm["n_layers"] == 12 and lm["layer_config"]["num_heads"] == 12
+
+
+def test_sigterm_leaves_valid_results_and_resume_finishes(tmp_path):
+    """SIGTERM during a run: exit code 130, a complete results.json, no temp files; --resume completes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    override = json.dumps({"tasks": {"mqar": {"steps": 60}}})
+    cmd = [
+        sys.executable,
+        "-m",
+        "seqzoo",
+        "compare",
+        "--preset",
+        "quick",
+        "--layers",
+        "rnn",
+        "--tasks",
+        "mqar",
+        "--no-speed",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+        "--override",
+        override,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (tmp_path / "results.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert not list(tmp_path.glob(".*.tmp"))
+    if proc.returncode == 0:  # the run had already finished: nothing to interrupt
+        return
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out
+    assert "rnn/transformer" in res["cells"] and "finished" not in res
+    done = compare(
+        layers=["rnn"],
+        tasks=["mqar"],
+        preset_name="quick",
+        out=tmp_path,
+        speed=False,
+        resume=True,
+        overrides=json.loads(override),
+    )
+    assert all(c["status"] == "ok" for c in done["cells"].values())

@@ -28,7 +28,7 @@ def test_mqar_keys_values_labels():
     x, y = _mqar(vocab_size=vocab, seq_len=T, num_kv_pairs=kv)
     assert x.shape == y.shape == (500, T) and x.dtype == y.dtype == torch.int64
     half = vocab // 2
-    keys, values = x[:, 0:2 * kv:2], x[:, 1:2 * kv:2]
+    keys, values = x[:, 0 : 2 * kv : 2], x[:, 1 : 2 * kv : 2]
     assert ((keys >= 1) & (keys < half)).all() and ((values >= half) & (values < vocab)).all()
     for row in range(x.shape[0]):  # unique keys and unique values in every example
         assert len(set(keys[row].tolist())) == kv and len(set(values[row].tolist())) == kv
@@ -49,7 +49,7 @@ def test_mqar_keys_values_labels():
 
 def test_mqar_without_random_fill_has_zero_filler():
     x, y = _mqar(random_non_queries=False)
-    filler = (y == IGNORE)
+    filler = y == IGNORE
     filler[:, : 2 * 6] = False
     assert (x[filler] == 0).all()
 
@@ -68,17 +68,23 @@ def test_mqar_gaps_follow_the_power_law():
     gaps = ((y != IGNORE).nonzero()[:, 1] - 2 * kv) // 2
     space = (T - 2 * kv) // 2
     counts = np.bincount(gaps.numpy(), minlength=space)
-    assert counts[: space // 8].sum() > 3 * counts[-space // 8:].sum()
+    assert counts[: space // 8].sum() > 3 * counts[-space // 8 :].sum()
     # uniform gaps with power_a = 1
     x, y = mqar_examples(4000, vocab_size=512, seq_len=T, num_kv_pairs=kv, power_a=1.0, seed=0)
     gaps = ((y != IGNORE).nonzero()[:, 1] - 2 * kv) // 2
     counts = np.bincount(gaps.numpy(), minlength=space)
-    lo, hi = counts[: space // 8].sum(), counts[-space // 8:].sum()
+    lo, hi = counts[: space // 8].sum(), counts[-space // 8 :].sum()
     assert abs(lo - hi) / (lo + hi) < 0.15
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(seq_len=47), "even seq_len"), (dict(vocab_size=40), "vocab_size > seq_len"),
-                                     (dict(num_kv_pairs=13), "num_kv_pairs")])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(seq_len=47), "even seq_len"),
+        (dict(vocab_size=40), "vocab_size > seq_len"),
+        (dict(num_kv_pairs=13), "num_kv_pairs"),
+    ],
+)
 def test_mqar_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         _mqar(**kw)

@@ -18,8 +18,20 @@ TINY_TASK = {"vocab_size": 32, "train": [[16, 2, 256]], "test": [[16, 2, 32]]}
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(layer="rnn", task="mqar", task_config=TINY_TASK, d_model=16, n_layers=1, steps=10, batch_size=8,
-                lr=1e-2, warmup_steps=3, seed=0, log_every=1, eval_batch_size=32)
+    base = dict(
+        layer="rnn",
+        task="mqar",
+        task_config=TINY_TASK,
+        d_model=16,
+        n_layers=1,
+        steps=10,
+        batch_size=8,
+        lr=1e-2,
+        warmup_steps=3,
+        seed=0,
+        log_every=1,
+        eval_batch_size=32,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -42,8 +54,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     logged = [json.loads(line)["step"] for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 11))
     ckpt = tmp_path / "part" / json.loads((tmp_path / "part" / "latest.json").read_text())["checkpoint"]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "optimizer.json",
-                                                      "optimizer.safetensors", "rng.safetensors", "trainer.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "trainer.json",
+    ]
     assert not list(tmp_path.rglob("*.pt")) and not list(tmp_path.rglob("*.pkl"))
     with pytest.raises(ValueError, match="config differs"):
         train(_cfg(lr=5e-3), out=tmp_path / "part", resume=True, cache_dir=tmp_path / "cache")
@@ -99,12 +116,47 @@ def _free_port() -> int:
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo): the losses equal one process on the same global batch."""
     steps = 5
-    args = ["--layer", "rnn", "--task", "mqar", "--task-config", "vocab_size=32", "train=[[16,2,256]]",
-            "test=[[16,2,32]]", "--d-model", "16", "--n-layers", "1", "--steps", str(steps), "--batch-size", "8",
-            "--lr", "1e-2", "--warmup", "3", "--log-every", "1", "--seed", "0"]
+    args = [
+        "--layer",
+        "rnn",
+        "--task",
+        "mqar",
+        "--task-config",
+        "vocab_size=32",
+        "train=[[16,2,256]]",
+        "test=[[16,2,32]]",
+        "--d-model",
+        "16",
+        "--n-layers",
+        "1",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "3",
+        "--log-every",
+        "1",
+        "--seed",
+        "0",
+    ]
     env = {**os.environ, "SEQZOO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={_free_port()}", "-m", "seqzoo", "train", *args, "--out", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "seqzoo",
+        "train",
+        *args,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     ddp = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
@@ -113,3 +165,50 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert ddp[0] == pytest.approx(single[0], rel=1e-6)  # same model on the same batch before any update
     assert ddp == pytest.approx(single, rel=1e-5)  # the updates match too (gradient all-reduce)
     assert Path(tmp_path / "ddp" / "metrics.json").exists()
+
+
+def test_sigterm_checkpoints_then_resume_completes(tmp_path):
+    import signal
+    import time
+
+    args = [
+        "--layer",
+        "rnn",
+        "--task",
+        "mqar",
+        "--task-config",
+        "vocab_size=32",
+        "train=[[16,2,256]]",
+        "test=[[16,2,32]]",
+        "--d-model",
+        "16",
+        "--n-layers",
+        "1",
+        "--steps",
+        "400",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    env = {**os.environ, "SEQZOO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "seqzoo", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (not log.exists() or log.stat().st_size < 200):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    latest = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert 0 < latest["step"] < 400
+    logged = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert logged[-1] == latest["step"]  # the checkpoint is at the last completed step

@@ -37,6 +37,17 @@ def ln_l2_bwd(x: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: floa
     return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
 
 
+def ln_l2_bwd_centered(x: Tensor, c: Tensor, gamma2: Tensor, eps: float = LN_EPS) -> Tensor:
+    """``ln_l2_bwd`` in three kernels for the hot loop, with the parts that do not depend on x given:
+    c = weight·(bias − target) and gamma2 = weight². Then ∂ℓ/∂x̂ = gamma2·x̂ + c, and the LayerNorm
+    backward (the same formula as ``ln_l2_bwd``) maps it to ∂ℓ/∂x; differentiable to first order."""
+    x_hat, mean, rstd = torch.native_layer_norm(x, x.shape[-1:], None, None, eps)
+    grad_x_hat = torch.addcmul(c, gamma2, x_hat)
+    return torch.ops.aten.native_layer_norm_backward(
+        grad_x_hat, x, x.shape[-1:], mean, rstd, None, None, [True, False, False]
+    )[0]
+
+
 def gelu_tanh_grad(x: Tensor) -> Tensor:
     """d/dx of gelu_tanh(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
     t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))

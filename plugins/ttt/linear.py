@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from seqzoo.learner import GradientLearner, TTTConfig, TTTLayer
 
-from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_normalize
+from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
 
 __all__ = ["LinearLearner", "TTTLinear", "ttt_linear_dual", "ttt_linear_chunk"]
 
@@ -92,6 +91,10 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
     W1 (B, H, d, d), b1 (B, H, 1, d), ln_w/ln_b (H, d) (b1 = ln_w = ln_b = None: no inner norm).
     Returns Z (B, H, T, d) and (W1, b1) after the last full mini-batch (a trailing partial one of r
     tokens uses rows 1..r and leaves them unchanged). Same signature as the Triton kernel.
+
+    Only Z1 = XK·W + b of each mini-batch, its gradient g and the weight update are sequential; the
+    η matrices and XQ·XKᵀ of every mini-batch are one batched call before the loop. Without autograd
+    the outputs are written in place into one (N, T, d) buffer.
     """
     B, H, T, d = XQ.shape
     b, N = mini_batch_size, B * H
@@ -105,51 +108,72 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
     Zs = []
     if n:
         e = n * b
-        mb = lambda t: rearrange(t[:, :e], "N (n b) d -> n N b d", b=b)
+        mb = lambda t: t[:, :e].unflatten(1, (n, b))  # (N, n, b, ...), a view
         q, k, v = mb(XQ), mb(XK), mb(XV)
-        # Everything that does not depend on the evolving weights, for all mini-batches at once. With the
-        # inner norm the bias rides along as a last row of W: [x, 1]·[W; b] = x·W + b, and the dual
-        # form's (q·k + 1) is [q, 1]·[k, 1].
-        if norm:
-            ones = q.new_ones(*q.shape[:-1], 1)
-            q, k = torch.cat([q, ones], -1), torch.cat([k, ones], -1)
-            W = torch.cat([W, bias], -2)  # (N, d + 1, d)
-        eta = causal_eta(token_eta, rearrange(lr[:, :e], "N (n b) -> n N b", b=b))  # (n, N, b, b)
-        M = eta * (q @ k.transpose(-1, -2))  # Z̄ = [XQ, 1]·W − M·g
-        kT_last = (eta[:, :, -1:, :].transpose(-1, -2) * k).transpose(-1, -2)  # (n, N, d(+1), b): (η[b, j] XK_j)ᵀ
-        kq = torch.cat([k, q], -2)  # (n, N, 2b, d(+1)): one matmul with W gives Z1 and XQ·W
-        if norm:  # g = ∂ℓ/∂x̂·... = γ²·x̂ + γ(β − target): the part without x̂, for all mini-batches
-            gamma2, c = gamma * gamma, gamma * (beta - (v - mb(XK)))
-        else:
-            target = v
+        eta = causal_eta(token_eta, mb(lr))  # (N, n, b, b)
+        # M = η ⊙ (XQ·XKᵀ + 1): Z̄ = XQ·W + b − M·g within each mini-batch
+        qk = torch.matmul(q, k.transpose(-1, -2))
+        M = eta * (qk + 1.0) if norm else eta * qk
+        eta_last = eta[:, :, -1:, :]  # (N, n, 1, b): η[b, j], the weights of the end-of-mini-batch update
+        kT_last = (k * eta_last.transpose(-1, -2)).transpose(-1, -2)  # (N, n, d, b): (η[b, j] XK_j)ᵀ
+        if norm:  # ∂ℓ/∂x̂ = γ²·x̂ + γ(β − (XV − XK)) = γ²·x̂ + γβ + γ(XK − XV)
+            gamma2, gamma_beta = gamma * gamma, gamma * beta
+        # Without autograd the weights are updated in place and every mini-batch's output goes straight
+        # into one buffer; with autograd each step makes new tensors.
+        inplace = not torch.is_grad_enabled()
+        out = XQ.new_empty(n, N, b, d) if inplace else None
+        # per-mini-batch views made once (indexing in the loop costs a dispatch per tensor)
+        ks, qs, vs, Ms = k.unbind(1), q.unbind(1), v.unbind(1), M.unbind(1)
+        kTs, els = kT_last.unbind(1), eta_last.unbind(1)
 
-        def run(lo: int, hi: int, W: Tensor):
-            out = []
+        def run(lo: int, hi: int, W: Tensor, bias: Tensor | None):
+            Zb = []
+            if inplace:
+                W, bias = W.clone(), bias.clone() if norm else None
             for i in range(lo, hi):
-                Z1, Zq = torch.bmm(kq[i], W).split(b, dim=-2)
-                if norm:  # the LayerNorm backward fused with the L2 loss (see ln_l2_bwd)
-                    x_hat, rstd = ln_normalize(Z1)
-                    g = torch.addcmul(c[i], gamma2, x_hat)
-                    g = torch.addcmul(g - g.mean(-1, keepdim=True), x_hat, (g * x_hat).mean(-1, keepdim=True),
-                                      value=-1.0) * rstd
+                if norm:
+                    c = torch.addcmul(gamma_beta, gamma, ks[i] - vs[i])
+                    g = ln_l2_bwd_centered(torch.baddbmm(bias, ks[i], W), c, gamma2)
                 else:
-                    g = Z1 - target[i]
-                out.append(torch.baddbmm(Zq, M[i], g, alpha=-1.0))
-                W = torch.baddbmm(W, kT_last[i], g, alpha=-1.0)  # W ← W − Σ_j η[b, j] XK_jᵀ g_j
-            return torch.stack(out), W
+                    g = torch.bmm(ks[i], W) - vs[i]
+                # Z̄ = XQ·W + b − M·g;  W ← W − Σ_j η[b, j] XK_jᵀ g_j,  b ← b − Σ_j η[b, j] g_j
+                if inplace:
+                    if norm:
+                        torch.baddbmm(bias, qs[i], W, out=out[i])
+                    else:
+                        torch.bmm(qs[i], W, out=out[i])
+                    out[i].baddbmm_(Ms[i], g, alpha=-1.0)
+                    W.baddbmm_(kTs[i], g, alpha=-1.0)
+                    if norm:
+                        bias.baddbmm_(els[i], g, alpha=-1.0)
+                else:
+                    Z_bar = torch.baddbmm(bias, qs[i], W) if norm else torch.bmm(qs[i], W)
+                    Zb.append(torch.baddbmm(Z_bar, Ms[i], g, alpha=-1.0))
+                    W = torch.baddbmm(W, kTs[i], g, alpha=-1.0)
+                    if norm:
+                        bias = torch.baddbmm(bias, els[i], g, alpha=-1.0)
+            return (torch.stack(Zb) if Zb else out[lo:hi]), W, bias
 
         group = checkpoint_group if checkpoint_group > 0 and torch.is_grad_enabled() else n
         for lo in range(0, n, group):
             hi = min(lo + group, n)
             if group < n:
-                Z_bar, W = torch.utils.checkpoint.checkpoint(run, lo, hi, W, use_reentrant=False)
+                Z_bar, W, bias = torch.utils.checkpoint.checkpoint(run, lo, hi, W, bias, use_reentrant=False)
             else:
-                Z_bar, W = run(lo, hi, W)
+                Z_bar, W, bias = run(lo, hi, W, bias)
             Zs.append(Z_bar)
+        Z_bar = Zs[0] if len(Zs) == 1 else torch.cat(Zs)  # (n, N, b, d)
+        # to (B, T, H, d), the layout of the output projection's input, in the LayerNorm's one copy
+        to_bthd = lambda t: t.reshape(n, B, H, b, d).permute(1, 0, 3, 2, 4)  # (B, n, b, H, d)
+        Z_bar = to_bthd(Z_bar)
         if norm:
-            W, bias = W[:, :d], W[:, d:]
-        Z_bar = rearrange(Zs[0] if len(Zs) == 1 else torch.cat(Zs), "n N b d -> N (n b) d")
-        Zs = [XQ[:, :e] + ln_fwd(Z_bar, gamma, beta) if norm else Z_bar]
+            Z = ln_fwd(Z_bar, ln_w, ln_b)
+            xq = XQ[:, :e].reshape(B, H, n, b, d).permute(0, 2, 3, 1, 4)
+            Z = Z.add_(xq) if out is not None else Z + xq
+        else:
+            Z = Z_bar
+        # back to (N, e, d) as a view (B = 1) of the (B, T, H, d) tensor
+        Zs = [Z.reshape(B, e, H, d).transpose(1, 2).reshape(N, e, d)]
     if T > n * b:  # a trailing partial mini-batch: rows 1..r, weights unchanged
         s, r = n * b, T - n * b
         zero_b = torch.zeros_like(bias) if norm else None

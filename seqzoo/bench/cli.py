@@ -41,8 +41,14 @@ def _threads(args) -> None:
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not enabled, transient=False)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
 
 
 # --- compare ----------------------------------------------------------------------------------------------
@@ -51,6 +57,7 @@ def _cmd_compare(args) -> int:
 
     from .compare import compare
     from .report import compare_table, write_plots, write_report
+    from .train import Interrupted
 
     _threads(args)
     console = Console(width=max(160, Console().width))
@@ -60,13 +67,26 @@ def _cmd_compare(args) -> int:
     progress = _progress(not args.no_progress)
     try:
         with progress:
-            results = compare(layers=_names(args.layers), backbones=_names(args.backbones), tasks=_names(args.tasks),
-                              preset_name=args.preset, device=args.device, seed=args.seed, out=out,
-                              resume=args.resume, data=args.data, speed=not args.no_speed, overrides=overrides,
-                              progress=progress, console=console)
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted: finished units are in {out / 'results.json'}; "
-                      "continue with --resume[/yellow]")
+            results = compare(
+                layers=_names(args.layers),
+                backbones=_names(args.backbones),
+                tasks=_names(args.tasks),
+                preset_name=args.preset,
+                device=args.device,
+                seed=args.seed,
+                out=out,
+                resume=args.resume,
+                data=args.data,
+                speed=not args.no_speed,
+                overrides=overrides,
+                progress=progress,
+                console=console,
+            )
+    except (KeyboardInterrupt, Interrupted):
+        console.print(
+            f"[yellow]interrupted: finished units are in {out / 'results.json'}; "
+            "continue with --resume[/yellow]"
+        )
         return 130
     except (KeyError, ValueError, TypeError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
@@ -74,11 +94,15 @@ def _cmd_compare(args) -> int:
     plots = write_plots(results, out)
     report = write_report(results, out, plots)
     console.print(compare_table(results))
-    console.print(f"results: {out / 'results.json'}; report: {report}; plots: {', '.join(plots.values()) or 'none'}"
-                  f" ({time.perf_counter() - t0:.0f} s)")
+    console.print(
+        f"results: {out / 'results.json'}; report: {report}; plots: {', '.join(plots.values()) or 'none'}"
+        f" ({time.perf_counter() - t0:.0f} s)"
+    )
     failed = [k for k, c in results["cells"].items() if c.get("status") != "ok"]
     if failed:
-        console.print(f"[yellow]{len(failed)} cell(s) with failures (see report.md): {', '.join(failed)}[/yellow]")
+        console.print(
+            f"[yellow]{len(failed)} cell(s) with failures (see report.md): {', '.join(failed)}[/yellow]"
+        )
     return 0
 
 
@@ -95,12 +119,24 @@ def _cmd_train(args) -> int:
     task_config = parse_config(args.task_config)
     if args.data:
         task_config["data"] = str(Path(args.data).expanduser().resolve())
-    cfg = TrainConfig(layer=args.layer, backbone=args.backbone, task=args.task, task_config=task_config,
-                      d_model=args.d_model, n_layers=args.n_layers, intermediate_size=args.intermediate_size,
-                      layer_config=parse_config(args.config), steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, warmup_steps=args.warmup if args.warmup is not None else args.steps // 10,
-                      seed=args.seed, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-                      device=args.device)
+    cfg = TrainConfig(
+        layer=args.layer,
+        backbone=args.backbone,
+        task=args.task,
+        task_config=task_config,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        intermediate_size=args.intermediate_size,
+        layer_config=parse_config(args.config),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup if args.warmup is not None else args.steps // 10,
+        seed=args.seed,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+    )
     tb = _tensorboard(args.out) if rank == 0 and args.out else None
 
     def on_step(step: int, loss: float) -> None:
@@ -125,9 +161,15 @@ def _cmd_train(args) -> int:
             tb.close()
         _destroy_process_group()
     if rank == 0:
-        summary = {"steps": res.steps, "params": res.params, "params_non_embedding": res.params_non_embedding,
-                   "state_size": res.state_size, "seconds": round(res.seconds, 2), "resumed_from": res.resumed_from,
-                   "metrics": {k: v for k, v in res.metrics.items() if k != "loss_by_position"}}
+        summary = {
+            "steps": res.steps,
+            "params": res.params,
+            "params_non_embedding": res.params_non_embedding,
+            "state_size": res.state_size,
+            "seconds": round(res.seconds, 2),
+            "resumed_from": res.resumed_from,
+            "metrics": {k: v for k, v in res.metrics.items() if k != "loss_by_position"},
+        }
         print(json.dumps({"result": summary}), flush=True)
     return 0
 
@@ -161,10 +203,23 @@ def _cmd_bench(args) -> int:
     layers = _names(args.layers) or list_layers()
     progress = _progress(not args.no_progress)
     peak = matmul_peak(args.device)
-    results = {"config": {"d_model": args.d_model, "heads": args.heads, "batch": args.batch, "lengths": args.lengths,
-                          "decode_positions": args.decode_positions, "repeats": args.repeats,
-                          "device": args.device, "backward": not args.no_backward, "memory": not args.no_memory},
-               "matmul_peak_gflops": peak, "versions": versions(), "machine": machine_info(args.device), "layers": {}}
+    results = {
+        "config": {
+            "d_model": args.d_model,
+            "heads": args.heads,
+            "batch": args.batch,
+            "lengths": args.lengths,
+            "decode_positions": args.decode_positions,
+            "repeats": args.repeats,
+            "device": args.device,
+            "backward": not args.no_backward,
+            "memory": not args.no_memory,
+        },
+        "matmul_peak_gflops": peak,
+        "versions": versions(),
+        "machine": machine_info(args.device),
+        "layers": {},
+    }
     out = Path(args.out)
     with progress:
         task = progress.add_task("seqzoo bench", total=len(layers))
@@ -172,10 +227,20 @@ def _cmd_bench(args) -> int:
             progress.update(task, description=f"bench: {name}")
             try:
                 results["layers"][name] = bench_layer(
-                    name, d_model=args.d_model, heads=args.heads, batch=args.batch, lengths=args.lengths,
-                    decode_positions=args.decode_positions, repeats=args.repeats, warmup=args.warmup,
-                    device=args.device, backward=not args.no_backward, memory=not args.no_memory,
-                    max_seconds=args.max_seconds, peak_gflops=peak)
+                    name,
+                    d_model=args.d_model,
+                    heads=args.heads,
+                    batch=args.batch,
+                    lengths=args.lengths,
+                    decode_positions=args.decode_positions,
+                    repeats=args.repeats,
+                    warmup=args.warmup,
+                    device=args.device,
+                    backward=not args.no_backward,
+                    memory=not args.no_memory,
+                    max_seconds=args.max_seconds,
+                    peak_gflops=peak,
+                )
             except Exception as exc:  # noqa: BLE001 - one failing layer is reported, not fatal
                 results["layers"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             write_json(out / "bench.json", results)
@@ -188,28 +253,42 @@ def _cmd_bench(args) -> int:
 
 def add_commands(sub) -> None:
     """Add the harness subcommands to the ``seqzoo`` argument parser."""
-    p = sub.add_parser("compare", help="train and time every layer in both backbones; table, JSON, plots, report",
-                       description="Train every registered layer in both backbones, parameter-matched, under one "
-                                   "recipe on the default tasks, time them, and write results.json, PNG plots "
-                                   "and report.md.")
-    p.add_argument("--layers", nargs="*", help="layer names (comma or space separated; default: all registered)")
+    p = sub.add_parser(
+        "compare",
+        help="train and time every layer in both backbones; table, JSON, plots, report",
+        description="Train every registered layer in both backbones, parameter-matched, under one "
+        "recipe on the default tasks, time them, and write results.json, PNG plots "
+        "and report.md.",
+    )
+    p.add_argument(
+        "--layers", nargs="*", help="layer names (comma or space separated; default: all registered)"
+    )
     p.add_argument("--backbones", nargs="*", help="transformer, mamba (default: both)")
     p.add_argument("--tasks", nargs="*", help="registered tasks (default: the preset's, mqar and lm)")
-    p.add_argument("--preset", default="default", choices=["quick", "default", "paper"],
-                   help="quick: seconds (tests); default: minutes on a CPU; paper: the published recipes (GPU)")
+    p.add_argument(
+        "--preset",
+        default="default",
+        choices=["quick", "default", "paper"],
+        help="quick: seconds (tests); default: minutes on a CPU; paper: the published recipes (GPU)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of data and initialisation (default 0)")
     p.add_argument("--out", default="seqzoo-results", help="output folder (default seqzoo-results)")
     p.add_argument("--resume", action="store_true", help="keep finished units of an earlier run in --out")
-    p.add_argument("--data", default=None, help="file or folder of text for the lm task (default: stdlib sources)")
+    p.add_argument(
+        "--data", default=None, help="file or folder of text for the lm task (default: stdlib sources)"
+    )
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("train", help="train one model (checkpoints, resume, JSONL log; runs under torchrun)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train one model (checkpoints, resume, JSONL log; runs under torchrun)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--layer", required=True)
     p.add_argument("--backbone", default="transformer", choices=["transformer", "mamba"])
     p.add_argument("--task", default="mqar")
@@ -233,18 +312,27 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("bench", help="prefill/decode latency, memory, FLOP/s vs context length",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "bench",
+        help="prefill/decode latency, memory, FLOP/s vs context length",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--layers", nargs="*", help="layer names (default: all registered)")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--lengths", type=_ints, default=[512, 1024, 2048, 4096, 8192, 16384],
-                   help="comma-separated context lengths (k = ×1024)")
+    p.add_argument(
+        "--lengths",
+        type=_ints,
+        default=[512, 1024, 2048, 4096, 8192, 16384],
+        help="comma-separated context lengths (k = ×1024)",
+    )
     p.add_argument("--decode-positions", type=_ints, default=[64, 8192], help="positions for decode timing")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-seconds", type=float, default=20.0, help="skip longer lengths once one call is slower")
+    p.add_argument(
+        "--max-seconds", type=float, default=20.0, help="skip longer lengths once one call is slower"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward timing")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")

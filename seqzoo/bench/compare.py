@@ -20,78 +20,170 @@ from typing import Any
 import torch
 
 from ..backbones import BACKBONES, create_model, default_intermediate_size
-from ..registry import layer_spec, list_layers
+from ..registry import layer_spec, list_layers, task_spec
 from .speed import bench_model
 from .store import machine_info, read_json, versions, write_json
 from .tasks import make_task
-from .train import TrainConfig, model_state_size, train
+from .train import Interrupted, TrainConfig, model_state_size, train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRESETS", "preset", "compare", "match_intermediate_size", "non_embedding_params", "cell_key",
-           "RECIPE"]
+__all__ = [
+    "PRESETS",
+    "preset",
+    "compare",
+    "match_intermediate_size",
+    "non_embedding_params",
+    "cell_key",
+    "RECIPE",
+]
 
-RECIPE = {"optimizer": "AdamW", "betas": [0.9, 0.95], "weight_decay": 0.1, "grad_clip": 1.0,
-          "schedule": "linear warmup then cosine decay to 0.1·lr"}
+RECIPE = {
+    "optimizer": "AdamW",
+    "betas": [0.9, 0.95],
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "schedule": "linear warmup then cosine decay to 0.1·lr",
+}
 
 
 def _mqar_paper() -> dict:
     """The zoology / Based MQAR recipe (arXiv 2402.18668 figure 2; zoology's configs)."""
     vocab = 8192
-    train_segments = [[64, 4, 100_000], [128, 8, 20_000], [256, 16, 20_000], [256, 32, 20_000], [256, 64, 20_000]]
-    test_segments = [[64, 4, 1000], [64, 8, 1000], [64, 16, 1000], [128, 32, 1000], [256, 64, 1000],
-                     [512, 128, 1000], [1024, 256, 1000]]
+    train_segments = [
+        [64, 4, 100_000],
+        [128, 8, 20_000],
+        [256, 16, 20_000],
+        [256, 32, 20_000],
+        [256, 64, 20_000],
+    ]
+    test_segments = [
+        [64, 4, 1000],
+        [64, 8, 1000],
+        [64, 16, 1000],
+        [128, 32, 1000],
+        [256, 64, 1000],
+        [512, 128, 1000],
+        [1024, 256, 1000],
+    ]
     batch, epochs = 256, 32
     n_train = sum(s[2] for s in train_segments)
-    return {"task_config": {"vocab_size": vocab, "train": train_segments, "test": test_segments},
-            "d_models": [64, 128, 256, 512], "n_layers": 2, "batch_size": batch,
-            "steps": epochs * n_train // batch, "warmup_frac": 0.1,
-            "lrs": [float(f"{10 ** e:.3g}") for e in (-4.0, -10 / 3, -8 / 3, -2.0)], "eval_batch_size": 32}
+    return {
+        "task_config": {"vocab_size": vocab, "train": train_segments, "test": test_segments},
+        "d_models": [64, 128, 256, 512],
+        "n_layers": 2,
+        "batch_size": batch,
+        "steps": epochs * n_train // batch,
+        "warmup_frac": 0.1,
+        "lrs": [float(f"{10**e:.3g}") for e in (-4.0, -10 / 3, -8 / 3, -2.0)],
+        "eval_batch_size": 32,
+    }
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "description": "seconds-long smoke run (tests): tiny widths, a few steps; numbers are not meaningful",
         "tasks": {
-            "mqar": {"task_config": {"vocab_size": 64, "train": [[32, 4, 256]], "test": [[32, 4, 64]]},
-                     "d_models": [32], "n_layers": 1, "batch_size": 16, "steps": 6, "warmup_frac": 0.2,
-                     "lrs": [3e-3], "eval_batch_size": 64},
-            "lm": {"task_config": {"seq_len": 32, "max_train_bytes": 100_000, "num_eval": 8},
-                   "d_models": [32], "n_layers": 1, "batch_size": 8, "steps": 4, "warmup_frac": 0.2,
-                   "lrs": [3e-3], "eval_batch_size": 8},
+            "mqar": {
+                "task_config": {"vocab_size": 64, "train": [[32, 4, 256]], "test": [[32, 4, 64]]},
+                "d_models": [32],
+                "n_layers": 1,
+                "batch_size": 16,
+                "steps": 6,
+                "warmup_frac": 0.2,
+                "lrs": [3e-3],
+                "eval_batch_size": 64,
+            },
+            "lm": {
+                "task_config": {"seq_len": 32, "max_train_bytes": 100_000, "num_eval": 8},
+                "d_models": [32],
+                "n_layers": 1,
+                "batch_size": 8,
+                "steps": 4,
+                "warmup_frac": 0.2,
+                "lrs": [3e-3],
+                "eval_batch_size": 8,
+            },
         },
-        "speed": {"d_model": 32, "n_layers": 1, "lengths": [16, 32], "decode_positions": [8], "repeats": 1,
-                  "warmup": 0, "decode_steps": 2},
+        "speed": {
+            "d_model": 32,
+            "n_layers": 1,
+            "lengths": [16, 32],
+            "decode_positions": [8],
+            "repeats": 1,
+            "warmup": 0,
+            "decode_steps": 2,
+        },
         "reference_layer": "self_attention",
     },
     "default": {
         "description": "CPU-sized recipe: minutes on 2 cores for 7 layers × 2 backbones; one learning rate for "
-                       "every cell (no sweep)",
+        "every cell (no sweep)",
         "tasks": {
-            "mqar": {"task_config": {"vocab_size": 64, "train": [[32, 4, 8192]], "test": [[32, 4, 512]],
-                                     "random_non_queries": False},
-                     "d_models": [64], "n_layers": 2, "batch_size": 64, "steps": 250, "warmup_frac": 0.1,
-                     "lrs": [1e-2], "eval_batch_size": 256},
-            "lm": {"task_config": {"seq_len": 64, "num_eval": 64},
-                   "d_models": [64], "n_layers": 2, "batch_size": 16, "steps": 60, "warmup_frac": 0.1,
-                   "lrs": [1e-2], "eval_batch_size": 64},
+            "mqar": {
+                "task_config": {
+                    "vocab_size": 64,
+                    "train": [[32, 4, 8192]],
+                    "test": [[32, 4, 512]],
+                    "random_non_queries": False,
+                },
+                "d_models": [64],
+                "n_layers": 2,
+                "batch_size": 64,
+                "steps": 250,
+                "warmup_frac": 0.1,
+                "lrs": [1e-2],
+                "eval_batch_size": 256,
+            },
+            "lm": {
+                "task_config": {"seq_len": 64, "num_eval": 64},
+                "d_models": [64],
+                "n_layers": 2,
+                "batch_size": 16,
+                "steps": 60,
+                "warmup_frac": 0.1,
+                "lrs": [1e-2],
+                "eval_batch_size": 64,
+            },
         },
-        "speed": {"d_model": 64, "n_layers": 2, "lengths": [256, 1024, 4096], "decode_positions": [64, 1024],
-                  "repeats": 2, "warmup": 1, "decode_steps": 4},
+        "speed": {
+            "d_model": 64,
+            "n_layers": 2,
+            "lengths": [256, 1024, 4096],
+            "decode_positions": [64, 1024],
+            "repeats": 2,
+            "warmup": 1,
+            "decode_steps": 4,
+        },
         "reference_layer": "self_attention",
     },
     "paper": {
         "description": "the zoology/Based MQAR sweep and the TTT paper's 125M LM (d 768, 12 layers, 12 heads); "
-                       "needs a GPU",
+        "needs a GPU",
         "tasks": {
             "mqar": _mqar_paper(),
-            "lm": {"task_config": {"seq_len": 2048, "num_eval": 256, "max_train_bytes": 10 ** 12},
-                   "d_models": [768], "n_layers": 12, "layer_config": {"num_heads": 12}, "batch_size": 256,
-                   "steps": 4800, "warmup_frac": 0.1, "lrs": [3e-3], "eval_batch_size": 8},
+            "lm": {
+                "task_config": {"seq_len": 2048, "num_eval": 256, "max_train_bytes": 10**12},
+                "d_models": [768],
+                "n_layers": 12,
+                "layer_config": {"num_heads": 12},
+                "batch_size": 256,
+                "steps": 4800,
+                "warmup_frac": 0.1,
+                "lrs": [3e-3],
+                "eval_batch_size": 8,
+            },
         },
-        "speed": {"d_model": 768, "n_layers": 12, "layer_config": {"num_heads": 12},
-                  "lengths": [1024, 4096, 16384], "decode_positions": [1024, 16384], "repeats": 5, "warmup": 2,
-                  "decode_steps": 16},
+        "speed": {
+            "d_model": 768,
+            "n_layers": 12,
+            "layer_config": {"num_heads": 12},
+            "lengths": [1024, 4096, 16384],
+            "decode_positions": [1024, 16384],
+            "repeats": 5,
+            "warmup": 2,
+            "decode_steps": 16,
+        },
         "reference_layer": "self_attention",
     },
 }
@@ -118,11 +210,24 @@ def _layer_config(layer: str, wanted: dict) -> dict:
     return {k: v for k, v in wanted.items() if k in names}
 
 
-def non_embedding_params(layer: str, backbone: str, *, d_model: int, n_layers: int, vocab_size: int,
-                         intermediate_size: int, layer_config: dict | None = None) -> int:
+def non_embedding_params(
+    layer: str,
+    backbone: str,
+    *,
+    d_model: int,
+    n_layers: int,
+    vocab_size: int,
+    intermediate_size: int,
+    layer_config: dict | None = None,
+) -> int:
     """Parameters of the model minus its (tied) embedding, built on the meta device when possible."""
-    kwargs = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, intermediate_size=intermediate_size,
-                  **(layer_config or {}))
+    kwargs = dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=n_layers,
+        intermediate_size=intermediate_size,
+        **(layer_config or {}),
+    )
     try:
         with torch.device("meta"):
             model = create_model(layer, backbone, **kwargs)
@@ -131,8 +236,16 @@ def non_embedding_params(layer: str, backbone: str, *, d_model: int, n_layers: i
     return model.num_parameters(embeddings=False)
 
 
-def match_intermediate_size(layer: str, backbone: str, target: int, *, d_model: int, n_layers: int,
-                            vocab_size: int, layer_config: dict | None = None) -> tuple[int, int]:
+def match_intermediate_size(
+    layer: str,
+    backbone: str,
+    target: int,
+    *,
+    d_model: int,
+    n_layers: int,
+    vocab_size: int,
+    layer_config: dict | None = None,
+) -> tuple[int, int]:
     """The SwiGLU width that brings the model's non-embedding parameters closest to ``target``.
 
     Returns ``(intermediate_size, params)``. Parameters are linear in the width (3·d·n_layers per unit).
@@ -140,8 +253,15 @@ def match_intermediate_size(layer: str, backbone: str, target: int, *, d_model: 
     base = default_intermediate_size(d_model)
 
     def count(i: int) -> int:
-        return non_embedding_params(layer, backbone, d_model=d_model, n_layers=n_layers, vocab_size=vocab_size,
-                                    intermediate_size=i, layer_config=layer_config)
+        return non_embedding_params(
+            layer,
+            backbone,
+            d_model=d_model,
+            n_layers=n_layers,
+            vocab_size=vocab_size,
+            intermediate_size=i,
+            layer_config=layer_config,
+        )
 
     p_base = count(base)
     per_unit = 3 * d_model * n_layers
@@ -178,10 +298,22 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()[:300]
 
 
-def compare(*, layers: list[str] | None = None, backbones: list[str] | None = None, tasks: list[str] | None = None,
-            preset_name: str = "default", device: str = "cpu", seed: int = 0, out: str | Path = "seqzoo-results",
-            resume: bool = False, data: str | None = None, speed: bool = True, overrides: dict | None = None,
-            progress: Any = None, console: Any = None) -> dict[str, Any]:
+def compare(
+    *,
+    layers: list[str] | None = None,
+    backbones: list[str] | None = None,
+    tasks: list[str] | None = None,
+    preset_name: str = "default",
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | Path = "seqzoo-results",
+    resume: bool = False,
+    data: str | None = None,
+    speed: bool = True,
+    overrides: dict | None = None,
+    progress: Any = None,
+    console: Any = None,
+) -> dict[str, Any]:
     """Run the comparison and write ``out/results.json``; returns the results dict.
 
     ``progress`` is an optional ``rich.progress.Progress``; ``console`` an optional rich console for notes.
@@ -199,6 +331,7 @@ def compare(*, layers: list[str] | None = None, backbones: list[str] | None = No
             raise ValueError(f"expected backbones from {BACKBONES}, got {b!r}")
     tasks = list(tasks or cfg["tasks"])
     for t in tasks:
+        task_spec(t)  # unknown names fail here, with close matches
         if t not in cfg["tasks"]:
             cfg["tasks"][t] = copy.deepcopy(cfg["tasks"].get("lm", {}))
             cfg["tasks"][t]["task_config"] = {}
@@ -207,8 +340,16 @@ def compare(*, layers: list[str] | None = None, backbones: list[str] | None = No
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     path = outp / "results.json"
-    run_config = {"preset": preset_name, "preset_config": cfg, "layers": layers, "backbones": backbones,
-                  "tasks": tasks, "seed": seed, "device": device, "recipe": RECIPE}
+    run_config = {
+        "preset": preset_name,
+        "preset_config": cfg,
+        "layers": layers,
+        "backbones": backbones,
+        "tasks": tasks,
+        "seed": seed,
+        "device": device,
+        "recipe": RECIPE,
+    }
     results = _load_or_new(path, run_config, resume, console)
     notes = console.print if console is not None else log.info
     t_start = time.perf_counter() - float(results.get("elapsed_s", 0.0))
@@ -225,22 +366,31 @@ def compare(*, layers: list[str] | None = None, backbones: list[str] | None = No
 
     def get_task(name: str):
         if name not in task_objs:
-            task_objs[name] = make_task(name, seed=seed, cache_dir=cache_dir, **cfg["tasks"][name]["task_config"])
+            task_objs[name] = make_task(
+                name, seed=seed, cache_dir=cache_dir, **cfg["tasks"][name]["task_config"]
+            )
         return task_objs[name]
 
     for layer in layers:
         for backbone in backbones:
-            cell = results["cells"].setdefault(cell_key(layer, backbone),
-                                               {"layer": layer, "backbone": backbone, "tasks": {}})
+            cell = results["cells"].setdefault(
+                cell_key(layer, backbone), {"layer": layer, "backbone": backbone, "tasks": {}}
+            )
             for task in tasks:
                 tcfg = cfg["tasks"][task]
                 for d in tcfg["d_models"]:
                     for lr in tcfg["lrs"]:
-                        units.append((f"{layer}/{backbone} {task} d{d} lr {_lr_key(lr)}",
-                                      _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save),
-                                      tcfg["steps"]))
+                        units.append(
+                            (
+                                f"{layer}/{backbone} {task} d{d} lr {_lr_key(lr)}",
+                                _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save),
+                                tcfg["steps"],
+                            )
+                        )
             if speed:
-                units.append((f"{layer}/{backbone} speed", _speed_unit(cell, cfg["speed"], seed, device, save), 0))
+                units.append(
+                    (f"{layer}/{backbone} speed", _speed_unit(cell, cfg["speed"], seed, device, save), 0)
+                )
 
     pending = [(label, fn, steps) for label, fn, steps in units if not getattr(fn, "done", lambda: False)()]
     skipped = len(units) - len(pending)
@@ -280,18 +430,31 @@ def _deep_update(dst: dict, src: dict) -> None:
 def _load_or_new(path: Path, run_config: dict, resume: bool, console) -> dict:
     if resume and path.exists():
         old = read_json(path)
-        if old.get("run_config", {}).get("preset_config") != _json_roundtrip(run_config["preset_config"]) or \
-                old.get("run_config", {}).get("seed") != run_config["seed"]:
-            raise ValueError(f"cannot resume {path}: it was made with a different preset, overrides or seed; "
-                             "use another --out or drop --resume")
-        old["run_config"]["layers"] = sorted(set(old["run_config"]["layers"]) | set(run_config["layers"]))
+        if (
+            old.get("run_config", {}).get("preset_config") != _json_roundtrip(run_config["preset_config"])
+            or old.get("run_config", {}).get("seed") != run_config["seed"]
+        ):
+            raise ValueError(
+                f"cannot resume {path}: it was made with a different preset, overrides or seed; "
+                "use another --out or drop --resume"
+            )
+        for key in ("layers", "backbones", "tasks"):
+            merged = old["run_config"][key] + [x for x in run_config[key] if x not in old["run_config"][key]]
+            old["run_config"][key] = merged
         old["resumed"] = old.get("resumed", 0) + 1
         return old
     import seqzoo
 
-    return {"schema": 1, "tool": f"seqzoo {seqzoo.__version__}", "started": _now(), "run_config": run_config,
-            "versions": versions(), "machine": machine_info(run_config["device"]),
-            "param_targets": {}, "cells": {}}
+    return {
+        "schema": 1,
+        "tool": f"seqzoo {seqzoo.__version__}",
+        "started": _now(),
+        "run_config": run_config,
+        "versions": versions(),
+        "machine": machine_info(run_config["device"]),
+        "param_targets": {},
+        "cells": {},
+    }
 
 
 def _json_roundtrip(obj):
@@ -309,9 +472,15 @@ def _param_target(results: dict, task: str, d: int, tcfg: dict, vocab: int, laye
         ref = results["run_config"]["preset_config"].get("reference_layer", "self_attention")
         names = list_layers()
         ref = ref if ref in names else sorted(results["run_config"]["layers"])[0]
-        n = non_embedding_params(ref, "transformer", d_model=d, n_layers=tcfg["n_layers"], vocab_size=vocab,
-                                 intermediate_size=default_intermediate_size(d),
-                                 layer_config=_layer_config(ref, layer_config))
+        n = non_embedding_params(
+            ref,
+            "transformer",
+            d_model=d,
+            n_layers=tcfg["n_layers"],
+            vocab_size=vocab,
+            intermediate_size=default_intermediate_size(d),
+            layer_config=_layer_config(ref, layer_config),
+        )
         results["param_targets"][key] = {"reference": f"{ref}/transformer", "params_non_embedding": n}
     return results["param_targets"][key]["params_non_embedding"]
 
@@ -334,23 +503,51 @@ def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save):
             t = get_task(task)
             layer_config = _layer_config(cell["layer"], tcfg.get("layer_config", {}))
             target = _param_target(results, task, d, tcfg, t.vocab_size, tcfg.get("layer_config", {}))
-            width, n_params = match_intermediate_size(cell["layer"], cell["backbone"], target, d_model=d,
-                                                      n_layers=tcfg["n_layers"], vocab_size=t.vocab_size,
-                                                      layer_config=layer_config)
-            entry.update(intermediate_size=width, params_non_embedding=n_params,
-                         param_ratio=n_params / target, layer_config=layer_config)
+            width, n_params = match_intermediate_size(
+                cell["layer"],
+                cell["backbone"],
+                target,
+                d_model=d,
+                n_layers=tcfg["n_layers"],
+                vocab_size=t.vocab_size,
+                layer_config=layer_config,
+            )
+            entry.update(
+                intermediate_size=width,
+                params_non_embedding=n_params,
+                param_ratio=n_params / target,
+                layer_config=layer_config,
+            )
             steps = tcfg["steps"]
-            tc = TrainConfig(layer=cell["layer"], backbone=cell["backbone"], task=task,
-                             task_config=tcfg["task_config"], d_model=d, n_layers=tcfg["n_layers"],
-                             intermediate_size=width, layer_config=layer_config, steps=steps,
-                             batch_size=tcfg["batch_size"], lr=lr, warmup_steps=int(tcfg["warmup_frac"] * steps),
-                             seed=seed, eval_batch_size=tcfg["eval_batch_size"], device=device)
+            tc = TrainConfig(
+                layer=cell["layer"],
+                backbone=cell["backbone"],
+                task=task,
+                task_config=tcfg["task_config"],
+                d_model=d,
+                n_layers=tcfg["n_layers"],
+                intermediate_size=width,
+                layer_config=layer_config,
+                steps=steps,
+                batch_size=tcfg["batch_size"],
+                lr=lr,
+                warmup_steps=int(tcfg["warmup_frac"] * steps),
+                seed=seed,
+                eval_batch_size=tcfg["eval_batch_size"],
+                device=device,
+            )
             res = train(tc, task=t, on_step=lambda s, loss: run.on_step(s, loss))
             stride = max(1, len(res.losses) // 100)
-            rec.update(status="ok", metrics=res.metrics, params=res.params,
-                       params_non_embedding=res.params_non_embedding, state_size=res.state_size,
-                       loss_curve={"stride": stride, "loss": res.losses[::stride]}, final_train_loss=res.losses[-1])
-        except KeyboardInterrupt:
+            rec.update(
+                status="ok",
+                metrics=res.metrics,
+                params=res.params,
+                params_non_embedding=res.params_non_embedding,
+                state_size=res.state_size,
+                loss_curve={"stride": stride, "loss": res.losses[::stride]},
+                final_train_loss=res.losses[-1],
+            )
+        except (KeyboardInterrupt, Interrupted):
             raise
         except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
             log.warning("%s/%s %s failed: %s", cell["layer"], cell["backbone"], task, exc)
@@ -386,23 +583,43 @@ def _speed_unit(cell, scfg, seed, device, save):
         try:
             torch.manual_seed(seed)
             layer_config = _layer_config(cell["layer"], scfg.get("layer_config", {}))
-            model = create_model(cell["layer"], cell["backbone"], vocab_size=256, d_model=scfg["d_model"],
-                                 n_layers=scfg["n_layers"], **layer_config).to(device)
+            model = create_model(
+                cell["layer"],
+                cell["backbone"],
+                vocab_size=256,
+                d_model=scfg["d_model"],
+                n_layers=scfg["n_layers"],
+                **layer_config,
+            ).to(device)
             gen = torch.Generator().manual_seed(seed)
 
             def make_input(T: int) -> torch.Tensor:
                 return torch.randint(0, 256, (1, T), generator=gen).to(device)
 
-            res = bench_model(model, make_input, lengths=scfg["lengths"], decode_positions=scfg["decode_positions"],
-                              decode_steps=scfg["decode_steps"], repeats=scfg["repeats"], warmup=scfg["warmup"],
-                              device=device, max_seconds=scfg.get("max_seconds", 10.0))
+            res = bench_model(
+                model,
+                make_input,
+                lengths=scfg["lengths"],
+                decode_positions=scfg["decode_positions"],
+                decode_steps=scfg["decode_steps"],
+                repeats=scfg["repeats"],
+                warmup=scfg["warmup"],
+                device=device,
+                max_seconds=scfg.get("max_seconds", 10.0),
+            )
             errors = [r["error"] for r in res["prefill"] + res["decode"] if "error" in r]
             state = {str(T): model_state_size(model, T) for T in scfg["lengths"]}
-            cell["speed"] = {"status": "ok" if not errors else "failed", **res, "state_size": state,
-                             "d_model": scfg["d_model"], "n_layers": scfg["n_layers"], "batch": 1}
+            cell["speed"] = {
+                "status": "ok" if not errors else "failed",
+                **res,
+                "state_size": state,
+                "d_model": scfg["d_model"],
+                "n_layers": scfg["n_layers"],
+                "batch": 1,
+            }
             if errors:
                 cell["speed"]["error"] = errors[0]
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             raise
         except Exception as exc:  # noqa: BLE001
             cell["speed"] = {"status": "failed", "error": _error_text(exc)}
@@ -449,6 +666,9 @@ def lr_policy(cfg: dict) -> str:
     parts = []
     for task, t in cfg["tasks"].items():
         lrs = t["lrs"]
-        parts.append(f"{task}: single lr {lrs[0]:g} (no sweep)" if len(lrs) == 1
-                     else f"{task}: best of lr sweep {', '.join(f'{x:g}' for x in lrs)}")
+        parts.append(
+            f"{task}: single lr {lrs[0]:g} (no sweep)"
+            if len(lrs) == 1
+            else f"{task}: best of lr sweep {', '.join(f'{x:g}' for x in lrs)}"
+        )
     return "; ".join(parts)

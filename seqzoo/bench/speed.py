@@ -24,8 +24,16 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["timeit", "matmul_peak", "layer_flops", "FLOPS", "bench_layer", "bench_model", "make_layer",
-           "peak_memory"]
+__all__ = [
+    "timeit",
+    "matmul_peak",
+    "layer_flops",
+    "FLOPS",
+    "bench_layer",
+    "bench_model",
+    "make_layer",
+    "peak_memory",
+]
 
 
 # --- timing -------------------------------------------------------------------------------------------
@@ -34,8 +42,14 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, device="cpu",
-           max_seconds: float | None = None) -> dict[str, float]:
+def timeit(
+    fn: Callable[[], Any],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device="cpu",
+    max_seconds: float | None = None,
+) -> dict[str, float]:
     """Seconds per call of ``fn``: median, quartiles, min, max over ``repeats`` calls after warm-up.
 
     With ``max_seconds``, stops repeating once that much time was spent (at least one timed call).
@@ -55,8 +69,14 @@ def timeit(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1, device="
             break
     times.sort()
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "min": times[0], "max": times[-1],
-            "n": len(times)}
+    return {
+        "median": statistics.median(times),
+        "q1": q[0],
+        "q3": q[2],
+        "min": times[0],
+        "max": times[-1],
+        "n": len(times),
+    }
 
 
 def matmul_peak(device="cpu", *, n: int | None = None, repeats: int = 5) -> float:
@@ -65,7 +85,7 @@ def matmul_peak(device="cpu", *, n: int | None = None, repeats: int = 5) -> floa
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     t = timeit(lambda: a @ b, repeats=repeats, warmup=2, device=device)
-    return 2 * n ** 3 / t["min"] / 1e9
+    return 2 * n**3 / t["min"] / 1e9
 
 
 # --- analytic FLOP counts (forward, one sequence of T tokens) ----------------------------------------------
@@ -123,8 +143,9 @@ FLOPS: dict[str, tuple[Callable[[int, int, dict], float], str]] = {
 }
 
 
-def layer_flops(name: str, T: int, d_model: int, layer: torch.nn.Module | None = None,
-                **config) -> tuple[float, str]:
+def layer_flops(
+    name: str, T: int, d_model: int, layer: torch.nn.Module | None = None, **config
+) -> tuple[float, str]:
     """Approximate forward FLOPs of ``name`` on one sequence of T tokens, and the formula used.
 
     Layers without a formula count ``2·params·T`` (the matmul FLOPs of their weights).
@@ -161,10 +182,21 @@ def _decode_timer(module, prompt, token, steps: int) -> Callable[[], None]:
     return run
 
 
-def bench_model(module: torch.nn.Module, make_input: Callable[[int], torch.Tensor], *, lengths: list[int],
-                decode_positions: list[int] = (), decode_steps: int = 8, repeats: int = 3, warmup: int = 1,
-                backward: bool = False, device="cpu", max_seconds: float = 20.0,
-                flops: Callable[[int], float] | None = None, peak_gflops: float | None = None) -> dict:
+def bench_model(
+    module: torch.nn.Module,
+    make_input: Callable[[int], torch.Tensor],
+    *,
+    lengths: list[int],
+    decode_positions: list[int] = (),
+    decode_steps: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    backward: bool = False,
+    device="cpu",
+    max_seconds: float = 20.0,
+    flops: Callable[[int], float] | None = None,
+    peak_gflops: float | None = None,
+) -> dict:
     """Prefill (and optionally forward+backward) per length, decode per position, for any module with
     the contract's ``forward(x) -> (y, state)`` and ``step(x_t, state)``. ``make_input(T)`` gives a batch.
 
@@ -189,8 +221,9 @@ def bench_model(module: torch.nn.Module, make_input: Callable[[int], torch.Tenso
                     module(x)
 
             t = timeit(fwd, repeats=repeats, warmup=warmup, device=device, max_seconds=max_seconds)
-            row.update(seconds=t, ms_per_token=1e3 * t["median"] / (batch * T),
-                       tokens_per_s=batch * T / t["median"])
+            row.update(
+                seconds=t, ms_per_token=1e3 * t["median"] / (batch * T), tokens_per_s=batch * T / t["median"]
+            )
             if flops is not None:
                 f = flops(T) * batch
                 row["gflops"] = f / t["median"] / 1e9
@@ -226,19 +259,40 @@ def bench_model(module: torch.nn.Module, make_input: Callable[[int], torch.Tenso
     return out
 
 
-def peak_memory(name: str, d_model: int, heads: int | None, batch: int, T: int, device="cpu",
-                layer_config: dict | None = None, backward: bool = False) -> dict[str, float]:
+def peak_memory(
+    name: str,
+    d_model: int,
+    heads: int | None,
+    batch: int,
+    T: int,
+    device="cpu",
+    layer_config: dict | None = None,
+    backward: bool = False,
+) -> dict[str, float]:
     """Peak memory of one forward (or forward+backward) in MB above the baseline after setup.
 
     CPU: the RSS high-water mark (``resource.getrusage``) of a fresh subprocess; CUDA:
     ``torch.cuda.max_memory_allocated`` in this process.
     """
-    spec = {"name": name, "d_model": d_model, "heads": heads, "batch": batch, "T": T, "device": device,
-            "layer_config": layer_config or {}, "backward": backward}
+    spec = {
+        "name": name,
+        "d_model": d_model,
+        "heads": heads,
+        "batch": batch,
+        "T": T,
+        "device": device,
+        "layer_config": layer_config or {},
+        "backward": backward,
+    }
     if torch.device(device).type == "cuda":
         return _memory_probe(spec)
-    proc = subprocess.run([sys.executable, "-m", "seqzoo.bench.speed", "--memory-probe", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "seqzoo.bench.speed", "--memory-probe", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         raise RuntimeError(f"memory probe failed: {tail[0]}")
@@ -272,13 +326,26 @@ def _memory_probe(spec: dict) -> dict[str, float]:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_mb": max(peak - base, 0) / 2 ** 20, "baseline_mb": base / 2 ** 20}
+    return {"peak_mb": max(peak - base, 0) / 2**20, "baseline_mb": base / 2**20}
 
 
-def bench_layer(name: str, *, d_model: int = 64, heads: int | None = 4, batch: int = 1,
-                lengths: list[int] = (512, 1024, 2048, 4096, 8192, 16384), decode_positions: list[int] = (64, 8192),
-                repeats: int = 5, warmup: int = 1, device="cpu", backward: bool = True, memory: bool = True,
-                max_seconds: float = 20.0, peak_gflops: float | None = None, layer_config: dict | None = None) -> dict:
+def bench_layer(
+    name: str,
+    *,
+    d_model: int = 64,
+    heads: int | None = 4,
+    batch: int = 1,
+    lengths: list[int] = (512, 1024, 2048, 4096, 8192, 16384),
+    decode_positions: list[int] = (64, 8192),
+    repeats: int = 5,
+    warmup: int = 1,
+    device="cpu",
+    backward: bool = True,
+    memory: bool = True,
+    max_seconds: float = 20.0,
+    peak_gflops: float | None = None,
+    layer_config: dict | None = None,
+) -> dict:
     """Every speed figure of one registered layer (see the module docstring)."""
     layer_config = dict(layer_config or {})
     torch.manual_seed(0)
@@ -291,19 +358,36 @@ def bench_layer(name: str, *, d_model: int = 64, heads: int | None = 4, batch: i
     def flops(T):
         return layer_flops(name, T, d_model, layer, **cfg)[0]
 
-    res = bench_model(layer, lambda T: torch.randn(batch, T, d_model, device=device), lengths=list(lengths),
-                      decode_positions=list(decode_positions), repeats=repeats, warmup=warmup, backward=backward,
-                      device=device, max_seconds=max_seconds, flops=flops, peak_gflops=peak_gflops)
-    res.update(layer=name, d_model=d_model, heads=heads, batch=batch,
-               params=sum(p.numel() for p in layer.parameters()),
-               flops_formula=layer_flops(name, 1, d_model, layer, **cfg)[1],
-               state_size={str(T): layer.state_size(T) for T in lengths})
+    res = bench_model(
+        layer,
+        lambda T: torch.randn(batch, T, d_model, device=device),
+        lengths=list(lengths),
+        decode_positions=list(decode_positions),
+        repeats=repeats,
+        warmup=warmup,
+        backward=backward,
+        device=device,
+        max_seconds=max_seconds,
+        flops=flops,
+        peak_gflops=peak_gflops,
+    )
+    res.update(
+        layer=name,
+        d_model=d_model,
+        heads=heads,
+        batch=batch,
+        params=sum(p.numel() for p in layer.parameters()),
+        flops_formula=layer_flops(name, 1, d_model, layer, **cfg)[1],
+        state_size={str(T): layer.state_size(T) for T in lengths},
+    )
     if memory:
         for row in res["prefill"]:
             if "seconds" not in row:
                 continue
             try:
-                row["peak_mb"] = peak_memory(name, d_model, heads, batch, row["T"], device, layer_config)["peak_mb"]
+                row["peak_mb"] = peak_memory(name, d_model, heads, batch, row["T"], device, layer_config)[
+                    "peak_mb"
+                ]
             except Exception as exc:  # noqa: BLE001
                 row["peak_mb_error"] = str(exc)[:200]
     return res

@@ -17,8 +17,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "write_json", "read_json", "save_tensors", "load_tensors", "machine_info",
-           "versions", "jsonable"]
+__all__ = [
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "save_tensors",
+    "load_tensors",
+    "machine_info",
+    "versions",
+    "jsonable",
+]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -70,8 +78,9 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                 metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Save a flat dict of tensors as safetensors, atomically (contiguous CPU copies)."""
     from safetensors.torch import save_file
 
@@ -79,7 +88,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
-def load_tensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_tensors(
+    path: str | os.PathLike, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file: (tensors, metadata)."""
     from safetensors import safe_open
 

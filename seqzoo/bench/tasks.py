@@ -30,8 +30,17 @@ from .store import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "MQARConfig", "MQARTask", "LMConfig", "LMTask", "mqar_examples", "make_task",
-           "default_cache_dir", "stdlib_files"]
+__all__ = [
+    "Task",
+    "MQARConfig",
+    "MQARTask",
+    "LMConfig",
+    "LMTask",
+    "mqar_examples",
+    "make_task",
+    "default_cache_dir",
+    "stdlib_files",
+]
 
 IGNORE = -100
 
@@ -74,7 +83,9 @@ class Task:
     def train_batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def evaluate(self, model: torch.nn.Module, *, batch_size: int = 64, device: str | torch.device = "cpu") -> dict:
+    def evaluate(
+        self, model: torch.nn.Module, *, batch_size: int = 64, device: str | torch.device = "cpu"
+    ) -> dict:
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -82,8 +93,16 @@ class Task:
 
 
 # --- MQAR -------------------------------------------------------------------------------------------
-def mqar_examples(num_examples: int, *, vocab_size: int, seq_len: int, num_kv_pairs: int,
-                  power_a: float = 0.01, random_non_queries: bool = True, seed: int = 0) -> tuple[Tensor, Tensor]:
+def mqar_examples(
+    num_examples: int,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
     """MQAR examples with zoology's semantics: ``(inputs, labels)`` of shape (N, seq_len), int64.
 
     Keys come from ``[1, vocab/2)``, values from ``[vocab/2, vocab)``, both unique within an example.
@@ -107,7 +126,7 @@ def mqar_examples(num_examples: int, *, vocab_size: int, seq_len: int, num_kv_pa
     log_p = (power_a - 1) * np.log(np.arange(1, space + 1)) + math.log(power_a)
     inputs = np.zeros((num_examples, seq_len), dtype=np.int64)
     labels = np.full((num_examples, seq_len), IGNORE, dtype=np.int64)
-    chunk = max(1, 2 ** 22 // max(half, space))
+    chunk = max(1, 2**22 // max(half, space))
     for lo in range(0, num_examples, chunk):
         n = min(chunk, num_examples - lo)
         rows = np.arange(n)[:, None]
@@ -127,8 +146,8 @@ def mqar_examples(num_examples: int, *, vocab_size: int, seq_len: int, num_kv_pa
         if random_non_queries:
             filler = rng.integers(0, vocab_size, size=(n, seq_len))
             block_in = np.where(block_in == 0, filler, block_in)
-        inputs[lo:lo + n] = block_in
-        labels[lo:lo + n] = block_lab
+        inputs[lo : lo + n] = block_in
+        labels[lo : lo + n] = block_lab
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
@@ -137,12 +156,18 @@ class MQARConfig:
     """MQAR data: one or more segments ``(seq_len, num_kv_pairs, num_examples)`` for train and test."""
 
     vocab_size: int = field(default=256, metadata={"help": "keys from the lower half, values from the upper"})
-    train: list = field(default_factory=lambda: [[64, 8, 16384]],
-                        metadata={"help": "train segments [seq_len, num_kv_pairs, num_examples]"})
-    test: list = field(default_factory=lambda: [[64, 8, 1024]],
-                       metadata={"help": "test segments [seq_len, num_kv_pairs, num_examples]"})
+    train: list = field(
+        default_factory=lambda: [[64, 8, 16384]],
+        metadata={"help": "train segments [seq_len, num_kv_pairs, num_examples]"},
+    )
+    test: list = field(
+        default_factory=lambda: [[64, 8, 1024]],
+        metadata={"help": "test segments [seq_len, num_kv_pairs, num_examples]"},
+    )
     power_a: float = field(default=0.01, metadata={"help": "power-law exponent of the query gaps"})
-    random_non_queries: bool = field(default=True, metadata={"help": "fill non-query slots with random tokens"})
+    random_non_queries: bool = field(
+        default=True, metadata={"help": "fill non-query slots with random tokens"}
+    )
 
 
 def _checked_config(cls, config: dict) -> Any:
@@ -177,16 +202,31 @@ class MQARTask(Task):
         def build() -> dict[str, Tensor]:
             ins, labs = [], []
             for i, (seq_len, kv, n) in enumerate(segments):
-                x, y = mqar_examples(n, vocab_size=cfg.vocab_size, seq_len=seq_len, num_kv_pairs=kv,
-                                     power_a=cfg.power_a, random_non_queries=cfg.random_non_queries,
-                                     seed=seed + 1000 * i)
+                x, y = mqar_examples(
+                    n,
+                    vocab_size=cfg.vocab_size,
+                    seq_len=seq_len,
+                    num_kv_pairs=kv,
+                    power_a=cfg.power_a,
+                    random_non_queries=cfg.random_non_queries,
+                    seed=seed + 1000 * i,
+                )
                 pad = self.seq_len - seq_len  # shorter segments padded on the right: causal, no labels
                 ins.append(F.pad(x, (0, pad), value=0))
                 labs.append(F.pad(y, (0, pad), value=IGNORE))
             return {"inputs": torch.cat(ins).to(torch.int32), "labels": torch.cat(labs).to(torch.int32)}
 
-        key = _cache_key("mqar", {"segments": segments, "seed": seed, "vocab": cfg.vocab_size,
-                                  "power_a": cfg.power_a, "random": cfg.random_non_queries, "v": 1})
+        key = _cache_key(
+            "mqar",
+            {
+                "segments": segments,
+                "seed": seed,
+                "vocab": cfg.vocab_size,
+                "power_a": cfg.power_a,
+                "random": cfg.random_non_queries,
+                "v": 1,
+            },
+        )
         t = _cached(cache, key, build)
         return t["inputs"].long(), t["labels"].long()
 
@@ -225,14 +265,14 @@ class MQARTask(Task):
         counts = torch.zeros(self.test_inputs.shape[0])
         loss_sum = 0.0
         for lo in range(0, self.test_inputs.shape[0], batch_size):
-            x = self.test_inputs[lo:lo + batch_size].to(device)
-            y = self.test_labels[lo:lo + batch_size].to(device)
+            x = self.test_inputs[lo : lo + batch_size].to(device)
+            y = self.test_labels[lo : lo + batch_size].to(device)
             logits, _ = model(x)
             mask = y != IGNORE
             loss_sum += F.cross_entropy(logits[mask].float(), y[mask], reduction="sum").item()
             hit = (logits.argmax(-1) == y) & mask
-            correct[lo:lo + batch_size] = hit.sum(1).float().cpu()
-            counts[lo:lo + batch_size] = mask.sum(1).float().cpu()
+            correct[lo : lo + batch_size] = hit.sum(1).float().cpu()
+            counts[lo : lo + batch_size] = mask.sum(1).float().cpu()
         total = counts.sum().item()
         out = {"accuracy": correct.sum().item() / total, "loss": loss_sum / total, "num_queries": int(total)}
         if len(self.test_segments) > 1:
@@ -249,7 +289,9 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
         files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
@@ -275,9 +317,13 @@ class LMConfig:
     """Byte-level LM data: windows of ``seq_len + 1`` bytes from local text files."""
 
     seq_len: int = field(default=128, metadata={"help": "tokens per training/validation window"})
-    data: str | None = field(default=None, metadata={"help": "file or folder of text (default: stdlib sources)"})
+    data: str | None = field(
+        default=None, metadata={"help": "file or folder of text (default: stdlib sources)"}
+    )
     max_train_bytes: int = field(default=8_000_000, metadata={"help": "cap on the training stream"})
-    val_every: int = field(default=20, metadata={"help": "a file goes to validation when crc32(path) % val_every == 0"})
+    val_every: int = field(
+        default=20, metadata={"help": "a file goes to validation when crc32(path) % val_every == 0"}
+    )
     num_eval: int = field(default=64, metadata={"help": "validation windows"})
 
 
@@ -295,16 +341,22 @@ class LMTask(Task):
             raise ValueError(f"expected seq_len >= 1, got {self.cfg.seq_len}")
         self.seed = seed
         self.seq_len = self.cfg.seq_len
-        root, files = stdlib_files() if self.cfg.data is None else _text_files(Path(self.cfg.data).expanduser())
+        root, files = (
+            stdlib_files() if self.cfg.data is None else _text_files(Path(self.cfg.data).expanduser())
+        )
         self.source = "python-stdlib" if self.cfg.data is None else str(Path(self.cfg.data).resolve())
         listing = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
-        key = _cache_key("lm", {"source": self.source, "files": listing, "cfg": dataclasses.asdict(self.cfg), "v": 1})
+        key = _cache_key(
+            "lm", {"source": self.source, "files": listing, "cfg": dataclasses.asdict(self.cfg), "v": 1}
+        )
         cache = Path(cache_dir) if cache_dir is not None else None
         t = _cached(cache, key, lambda: self._build(root, files))
         self.train_bytes = t["train"].long()
         self.val_windows = t["val"].long()
         if self.train_bytes.numel() <= self.seq_len + 1:
-            raise ValueError(f"expected more than {self.seq_len + 1} training bytes, got {self.train_bytes.numel()}")
+            raise ValueError(
+                f"expected more than {self.seq_len + 1} training bytes, got {self.train_bytes.numel()}"
+            )
 
     def _build(self, root: Path, files: list[Path]) -> dict[str, Tensor]:
         cfg, w = self.cfg, self.cfg.seq_len + 1
@@ -329,7 +381,7 @@ class LMTask(Task):
         while len(windows) < cfg.num_eval:
             added = False
             for blob in val:
-                chunk = blob[offset: offset + w]
+                chunk = blob[offset : offset + w]
                 if len(chunk) == w and len(windows) < cfg.num_eval:
                     windows.append(chunk)
                     added = True
@@ -343,13 +395,21 @@ class LMTask(Task):
         return {"train": torch.from_numpy(train_arr), "val": torch.from_numpy(val_arr)}
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "seed": self.seed, "source": self.source, **dataclasses.asdict(self.cfg),
-                "train_bytes": int(self.train_bytes.numel()), "val_windows": int(self.val_windows.shape[0])}
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "source": self.source,
+            **dataclasses.asdict(self.cfg),
+            "train_bytes": int(self.train_bytes.numel()),
+            "val_windows": int(self.val_windows.shape[0]),
+        }
 
     def train_batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
         """``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, step)``."""
         rng = np.random.default_rng([self.seed, 11, step])
-        starts = torch.from_numpy(rng.integers(0, self.train_bytes.numel() - self.seq_len - 1, size=batch_size))
+        starts = torch.from_numpy(
+            rng.integers(0, self.train_bytes.numel() - self.seq_len - 1, size=batch_size)
+        )
         idx = starts[:, None] + torch.arange(self.seq_len + 1)
         win = self.train_bytes[idx]
         return win[:, :-1], win[:, 1:]
@@ -360,15 +420,19 @@ class LMTask(Task):
         per_pos = torch.zeros(self.seq_len, dtype=torch.float64)
         n = 0
         for lo in range(0, self.val_windows.shape[0], batch_size):
-            win = self.val_windows[lo:lo + batch_size].to(device)
+            win = self.val_windows[lo : lo + batch_size].to(device)
             logits, _ = model(win[:, :-1])
             loss = F.cross_entropy(logits.float().transpose(1, 2), win[:, 1:], reduction="none")  # (B, T)
             per_pos += loss.double().sum(0).cpu()
             n += win.shape[0]
         per_pos /= n
         loss = per_pos.mean().item()
-        return {"loss": loss, "bits_per_byte": loss / math.log(2), "loss_by_position": per_pos.tolist(),
-                "num_windows": n}
+        return {
+            "loss": loss,
+            "bits_per_byte": loss / math.log(2),
+            "loss_by_position": per_pos.tolist(),
+            "num_windows": n,
+        }
 
 
 TASKS: dict[str, type[Task]] = {"mqar": MQARTask, "lm": LMTask}

@@ -33,8 +33,17 @@ from .tasks import IGNORE, Task, make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "train", "build_model", "model_state_size", "lr_at", "make_optimizer",
-           "NonFiniteLoss", "Interrupted"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "build_model",
+    "model_state_size",
+    "lr_at",
+    "make_optimizer",
+    "NonFiniteLoss",
+    "Interrupted",
+]
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -98,9 +107,15 @@ class TrainResult:
 def build_model(cfg: TrainConfig, vocab_size: int) -> LanguageModel:
     """The model of a config, initialised from ``cfg.seed`` (identical on every rank)."""
     torch.manual_seed(cfg.seed)
-    return create_model(cfg.layer, cfg.backbone, vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                        intermediate_size=cfg.intermediate_size or default_intermediate_size(cfg.d_model),
-                        **cfg.layer_config)
+    return create_model(
+        cfg.layer,
+        cfg.backbone,
+        vocab_size=vocab_size,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        intermediate_size=cfg.intermediate_size or default_intermediate_size(cfg.d_model),
+        **cfg.layer_config,
+    )
 
 
 def model_state_size(model: LanguageModel, seq_len: int) -> int:
@@ -152,8 +167,12 @@ def _init_distributed(device: str) -> _Dist:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return _Dist(rank=dist.get_rank(), world=dist.get_world_size(),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), active=True)
+    return _Dist(
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        active=True,
+    )
 
 
 def _all_reduce_sum(values: list[float], d: _Dist, device) -> list[float]:
@@ -167,8 +186,9 @@ def _all_reduce_sum(values: list[float], d: _Dist, device) -> list[float]:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, step: int, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
-                    losses: list[float]) -> Path:
+def save_checkpoint(
+    out: Path, step: int, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, losses: list[float]
+) -> Path:
     """Write ``out/checkpoint-{step}/`` (model, optimizer, RNG: safetensors; rest: JSON), then point
     ``out/latest.json`` at it with an atomic replace; older checkpoints are removed afterwards."""
     folder = out / f"checkpoint-{step:07d}"
@@ -197,7 +217,9 @@ def save_checkpoint(out: Path, step: int, cfg: TrainConfig, model: nn.Module, op
     return folder
 
 
-def load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, list[float], dict]:
+def load_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, device
+) -> tuple[int, list[float], dict]:
     """Restore the checkpoint named by ``out/latest.json``: returns (step, losses, saved config)."""
     latest = read_json(out / "latest.json")
     folder = out / latest["checkpoint"]
@@ -250,9 +272,17 @@ def _masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"), int(mask.sum())
 
 
-def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike | None = None, resume: bool = False,
-          stop_after: int | None = None, on_step: Callable[[int, float], None] | None = None,
-          cache_dir=None, evaluate: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    task: Task | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    cache_dir=None,
+    evaluate: bool = True,
+) -> TrainResult:
     """Train and evaluate one model. ``stop_after`` ends the run after that many steps, as an interruption would."""
     device = torch.device(cfg.device)
     dist = _init_distributed(cfg.device)
@@ -284,7 +314,11 @@ def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike 
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        runner = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=_has_unused_parameters(model, task, device),
+        )
     logf = open(outp / "log.jsonl", "a") if outp is not None and dist.main else None  # noqa: SIM115
     per_rank = cfg.batch_size // dist.world
     t0 = time.perf_counter()
@@ -297,8 +331,8 @@ def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike 
                 for g in opt.param_groups:
                     g["lr"] = lr
                 ids, labels = task.train_batch(step, cfg.batch_size)
-                ids = ids[dist.rank * per_rank:(dist.rank + 1) * per_rank].to(device)
-                labels = labels[dist.rank * per_rank:(dist.rank + 1) * per_rank].to(device)
+                ids = ids[dist.rank * per_rank : (dist.rank + 1) * per_rank].to(device)
+                labels = labels[dist.rank * per_rank : (dist.rank + 1) * per_rank].to(device)
                 global_count = _all_reduce_sum([float((labels != IGNORE).sum())], dist, device)[0]
                 logits, _ = runner(ids)
                 loss_sum, _ = _masked_loss_sum(logits, labels)
@@ -313,17 +347,38 @@ def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike 
                 losses.append(loss)
                 step += 1
                 if logf is not None and (step % max(cfg.log_every, 1) == 0 or step == cfg.steps):
-                    logf.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                           "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+                    logf.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "loss": loss,
+                                "lr": lr,
+                                "grad_norm": grad_norm,
+                                "seconds": round(time.perf_counter() - t0, 3),
+                            }
+                        )
+                        + "\n"
+                    )
                     logf.flush()
                 if on_step is not None:
                     on_step(step, loss)
-                stopping = signals.caught is not None or (stop_after is not None and step - start >= stop_after)
-                if outp is not None and dist.main and (
-                        stopping or step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                stopping = signals.caught is not None or (
+                    stop_after is not None and step - start >= stop_after
+                )
+                if (
+                    outp is not None
+                    and dist.main
+                    and (
+                        stopping
+                        or step == cfg.steps
+                        or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                    )
+                ):
                     save_checkpoint(outp, step, cfg, model, opt, losses)
                 if signals.caught is not None:
-                    raise Interrupted(f"stopped by signal {signals.caught} after step {step}; resume with --resume")
+                    raise Interrupted(
+                        f"stopped by signal {signals.caught} after step {step}; resume with --resume"
+                    )
                 if stopping:
                     break
     finally:
@@ -339,8 +394,26 @@ def train(cfg: TrainConfig, *, task: Task | None = None, out: str | os.PathLike 
             raise NonFiniteLoss(f"evaluation gave non-finite {', '.join(bad)}")
         if outp is not None and dist.main:
             write_json(outp / "metrics.json", {"metrics": metrics, "config": cfg.to_dict(), "steps": step})
-    return TrainResult(metrics=metrics, losses=losses, params=params, params_non_embedding=params_ne,
-                       state_size=state_size, seconds=seconds, steps=step, resumed_from=resumed_from)
+    return TrainResult(
+        metrics=metrics,
+        losses=losses,
+        params=params,
+        params_non_embedding=params_ne,
+        state_size=state_size,
+        seconds=seconds,
+        steps=step,
+        resumed_from=resumed_from,
+    )
+
+
+def _has_unused_parameters(model: nn.Module, task: Task, device) -> bool:
+    """Whether some parameter gets no gradient (DDP must then be told): one probe backward, discarded."""
+    ids, _ = task.train_batch(0, 1)
+    logits, _ = model(ids.to(device))
+    logits.float().sum().backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    return unused
 
 
 def _truncate_log(path: Path, step: int) -> None:
