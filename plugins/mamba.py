@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import seqzoo
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
+from seqzoo.nn import gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,17 @@ def selective_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
         h = decay * h + (dt[:, i] * x[:, i])[:, :, None] * B[:, i, None, :]  # + Δ_t B_t x_t
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, i]))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
-    return y + x * D, h
+    return torch.addcmul(y, x, D), h
 
 
-#: Elements of (batch, d_inner, d_state) summed over the chunks of a group: the group is the unit the
-#: scan arranges its inputs for, about 512 KiB of states per group position in float32.
-SCAN_STEP_ELEMENTS = 2**17
+#: Sets the scan's groups: by default a group has SCAN_STEP_ELEMENTS // (batch · d_inner · d_state)
+#: chunks (at least 4), e.g. 42 chunks of 8 tokens at d_inner 1536, d_state 16, batch 1. A group's chunks
+#: share their buffers, and ``Mamba.forward``'s segments are whole groups.
+SCAN_STEP_ELEMENTS = 2**20
+
+#: Elements of a (batch, tokens, d_inner) activation in one segment of ``Mamba.forward`` (2 MiB in
+#: float32): long sequences go through the layer segment by segment, each a whole number of scan groups.
+SEGMENT_ELEMENTS = 2**19
 
 
 def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
@@ -86,8 +91,8 @@ def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
         group = slice(lo, lo + chunk_size * blocks)
         y, h = _scan_group(dt[:, group], dtx[:, group], A, B[:, group], C[:, group], h, chunk_size)
         ys.append(y)
-    y = torch.cat(ys, dim=1) if ys else x.new_zeros(x.shape)
-    return y + x * D, h
+    y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)) if ys else x.new_zeros(x.shape)
+    return y.addcmul_(x, D), h  # y is a fresh tensor: + D x in place
 
 
 def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor,
@@ -97,24 +102,29 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
     Returns y (b, s, d) without the D term, and the state after the group.
     """
     track = torch.is_grad_enabled() and any(v.requires_grad for v in (dt, dtx, A, B, C, h))
+    b, s, d = dt.shape
     At = A.t().contiguous()  # (n, d): states are laid out (b, l, n, d), d innermost, for long vector ops
     h = h.transpose(1, 2)  # (b, n, d)
+    if not track:  # the chunks share buffers (fresh ones would be page-faulted in again for every chunk);
+        shape = (b, min(chunk_size, s), At.shape[0], d)  # two for the inputs: a chunk's last state is
+        decays, inputs = dt.new_empty(shape), (dt.new_empty(shape), dt.new_empty(shape))  # read by the next
     ys = []
-    for lo in range(0, dt.shape[1], chunk_size):
+    for k, lo in enumerate(range(0, s, chunk_size)):
         c = slice(lo, lo + chunk_size)
-        decay = (dt[:, c, None, :] * At).exp_()  # exp(Δ_i A)   (b, l, n, d)
-        hs = B[:, c, :, None] * dtx[:, c, None, :]  # Δ_i B_i x_i (b, l, n, d)
         if track:  # autograd needs every h_i as its own tensor
+            decay = (dt[:, c, None, :] * At).exp_()  # exp(Δ_i A)   (b, l, n, d)
+            hs = B[:, c, :, None] * dtx[:, c, None, :]  # Δ_i B_i x_i (b, l, n, d)
             states = []
-            for i in range(hs.shape[1]):
-                h = torch.addcmul(hs[:, i], decay[:, i], h)  # h_i = exp(Δ_i A) h_{i−1} + Δ_i B_i x_i
+            for inputs_i, decay_i in zip(hs.unbind(1), decay.unbind(1)):
+                h = torch.addcmul(inputs_i, decay_i, h)  # h_i = exp(Δ_i A) h_{i−1} + Δ_i B_i x_i
                 states.append(h)
             hs = torch.stack(states, dim=1)
-        else:  # the same multiply-adds, written over the inputs
-            hs[:, 0].addcmul_(decay[:, 0], h)
-            for i in range(1, hs.shape[1]):
-                hs[:, i].addcmul_(decay[:, i], hs[:, i - 1])
-            h = hs[:, -1]
+        else:  # the same arithmetic in the buffers, the states written over the inputs
+            l = min(chunk_size, s - lo)
+            decay = torch.mul(dt[:, c, None, :], At, out=decays[:, :l]).exp_()
+            hs = torch.mul(B[:, c, :, None], dtx[:, c, None, :], out=inputs[k % 2][:, :l])
+            for h_i, decay_i in zip(hs.unbind(1), decay.unbind(1)):
+                h = h_i.addcmul_(decay_i, h)
         ys.append(torch.matmul(C[:, c, None, :], hs)[:, :, 0])  # y_i = C_i·h_i: (1, n) @ (n, d) per position
     return torch.cat(ys, dim=1), h.transpose(1, 2).contiguous()
 
@@ -225,14 +235,9 @@ class Mamba(SequenceLayer):
         return self.d_inner * (self.d_conv + self.d_state)
 
     # pieces shared by forward and step
-    def _ssm_inputs(self, xc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(Δ before its bias and softplus, B, C) read from the conv output xc (..., d_inner)."""
-        dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return F.linear(dt, self.dt_proj.weight), B, C
-
     def _output(self, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
         """out_proj(y ⊙ silu(z) [⊙ gelu_tanh(g_proj(u))])."""
-        y = y * F.silu(z)
+        y = F.silu(z).mul_(y)  # in place in the fresh silu(z): one activation less to allocate
         if self.g_proj is not None:
             y = y * gelu_tanh(self.g_proj(u))
         return self.out_proj(y)
@@ -250,19 +255,52 @@ class Mamba(SequenceLayer):
         if fresh and self._use_kernels(x):
             return self._forward_kernels(x)
         dtype = x.dtype
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, t, d_inner) each
-        xc, _ = causal_conv(self.conv1d, xi, state["conv_state"][..., 1:])
-        conv_state = torch.cat([state["conv_state"], xi[:, -self.d_conv:].transpose(1, 2)], dim=-1)
-        xc = F.silu(xc)
-        dt, B, C = self._ssm_inputs(xc)
         ctype = torch.promote_types(dtype, torch.float32)  # scan in at least float32
-        A = -torch.exp(self.A_log.to(ctype))
-        dt = F.softplus((dt + self.dt_proj.bias).to(ctype))  # Δ_t
-        y, h = selective_scan_chunked(xc.to(ctype), dt, A, B.to(ctype), C.to(ctype),
-                                      self.D.to(ctype), state["ssm_state"].to(ctype), self.config.chunk_size,
-                                      self.config.scan_blocks)
-        new_state = {"conv_state": conv_state[..., -self.d_conv:], "ssm_state": h.to(dtype)}
-        return self._output(y.to(dtype), z, x), new_state
+        A = self._A(ctype)
+        conv_state, h = state["conv_state"], state["ssm_state"].to(ctype)
+        ys = []
+        span = self._segment_tokens(x.shape[0])
+        for lo in range(0, x.shape[1], span):
+            y, conv_state, h = self._forward_segment(x[:, lo:lo + span], conv_state, h, A)
+            ys.append(y)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        return y, {"conv_state": conv_state, "ssm_state": h.to(dtype)}
+
+    def _segment_tokens(self, batch_size: int) -> int:
+        """Tokens per segment of ``forward``: whole scan groups, about ``SEGMENT_ELEMENTS`` per
+        (b, tokens, d_inner) activation, so that the segment's activations stay cache-resident."""
+        cfg = self.config
+        blocks = cfg.scan_blocks or max(4, SCAN_STEP_ELEMENTS // max(1, batch_size * self.d_inner * self.d_state))
+        group = cfg.chunk_size * blocks
+        return group * max(1, SEGMENT_ELEMENTS // (batch_size * self.d_inner * group))
+
+    def _conv_segment(self, xi: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+        """The depthwise causal conv over xi (b, s, d_inner) continuing conv_state (b, d_inner, d_conv):
+        ``causal_conv``'s result, as d_conv shifted multiply-adds over (b, s, d_inner) with d_inner
+        innermost (3x faster than its windows · taps product on a sequence's slice). Returns the
+        conv output and the new conv_state (the last d_conv inputs)."""
+        K, s = self.d_conv, xi.shape[1]
+        padded = torch.cat([conv_state[..., 1:].transpose(1, 2), xi], dim=1)  # (b, K − 1 + s, d_inner)
+        taps = self.conv1d.weight[:, 0].t().contiguous()  # (K, d_inner)
+        bias = self.conv1d.bias
+        y = padded[:, :s] * taps[0] if bias is None else torch.addcmul(bias, padded[:, :s], taps[0])
+        for k in range(1, K):
+            y = y.addcmul_(padded[:, k:k + s], taps[k])  # y_t += w_k · x_{t − K + 1 + k}
+        return y, padded[:, -K:].transpose(1, 2).contiguous()
+
+    def _forward_segment(self, u: Tensor, conv_state: Tensor, h: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """forward over u (b, s, d_model) from conv_state and h (in the scan's dtype, that of A).
+
+        Returns the output, the new conv_state and the new h."""
+        xi, z = self.in_proj(u).chunk(2, dim=-1)  # (b, s, d_inner) each
+        xc, conv_state = self._conv_segment(xi, conv_state)
+        xc = F.silu(xc, inplace=True)  # xc is the conv's fresh output
+        dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        ctype = A.dtype
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ctype))  # Δ_t
+        y, h = selective_scan_chunked(xc.to(ctype), dt, A, B.to(ctype), C.to(ctype), self.D.to(ctype), h,
+                                      self.config.chunk_size, self.config.scan_blocks)
+        return self._output(y.to(u.dtype), z, u), conv_state, h
 
     # update rule + output rule, one token
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
@@ -276,26 +314,27 @@ class Mamba(SequenceLayer):
             xc = xc + self.conv1d.bias
         xc = F.silu(xc)
         dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if x.is_cuda and self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward
+        if self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward
             y, h = self._step_kernels(xc, F.linear(dt, self.dt_proj.weight), B, C, z, state["ssm_state"])
             return self._output_gate_only(y, x), {"conv_state": conv_state, "ssm_state": h}
         ctype = torch.promote_types(dtype, torch.float32)
         if ctype != dtype:
             xc, B, C = xc.to(ctype), B.to(ctype), C.to(ctype)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ctype))  # Δ_t (b, d_inner)
-        dtx = dt * xc
-        h = torch.addcmul(dtx[..., None] * B[:, None, :], torch.exp(dt[..., None] * self._A(ctype)),
-                          state["ssm_state"].to(ctype))  # h_t = exp(Δ A) h_{t−1} + Δ B x
+        # h_t = exp(Δ A) h_{t−1} + Δ B x, each (b, d_inner, d_state) buffer written in place once
+        decay = (dt[..., None] * self._A(ctype)).exp_()
+        h = ((dt * xc)[..., None] * B[:, None, :]).addcmul_(decay, state["ssm_state"].to(ctype))
         y = torch.baddbmm((self.D.to(ctype) * xc)[..., None], h, C[..., None])[..., 0]  # y = C·h + D x
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
 
     def _A(self, ctype: torch.dtype) -> Tensor:
         """A = −exp(A_log) in ``ctype``. Without a gradient to track it is cached until ``A_log`` changes
-        (in place, by a new tensor, dtype or device), so a decode step does not re-derive it."""
+        (in place, by a new tensor, dtype or device), so a decode step does not re-derive it; an A made
+        under ``torch.inference_mode`` is used only there."""
         A_log = self.A_log
         if A_log.requires_grad and torch.is_grad_enabled():
             return -torch.exp(A_log.to(ctype))
-        key = (A_log._version, A_log.data_ptr(), A_log.device, ctype)
+        key = (A_log._version, A_log.data_ptr(), A_log.device, ctype, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_A_cache")
         if cached is None or cached[0] is not A_log or cached[1] != key:
             with torch.no_grad():

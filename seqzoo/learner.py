@@ -389,16 +389,16 @@ class TTTLayer(_Heads):
 
     def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
         state = super().check_input(x, state, step=step)
-        pos, b = state["pos"], state["mini_batch_size"]
-        if b.numel() and not bool((b == self.mini_batch_size).all()):
+        pos, b = state["pos"].tolist(), state["mini_batch_size"].tolist()  # one read each (step runs per token)
+        if any(m != self.mini_batch_size for m in b):
             raise ValueError(
                 f"expected a state of a layer with mini_batch_size={self.mini_batch_size}, got one with "
-                f"state['mini_batch_size'] = {b.tolist()}"
+                f"state['mini_batch_size'] = {b}"
             )
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.mini_batch_size):
-            raise ValueError(f"expected state['pos'] in [0, {self.mini_batch_size}), got {pos.tolist()}")
-        if pos.numel() and not bool((pos == pos[0]).all()):
-            raise ValueError(f"expected every batch element at the same position, got state['pos'] = {pos.tolist()}")
+        if pos and (min(pos) < 0 or max(pos) >= self.mini_batch_size):
+            raise ValueError(f"expected state['pos'] in [0, {self.mini_batch_size}), got {pos}")
+        if pos and any(p != pos[0] for p in pos):
+            raise ValueError(f"expected every batch element at the same position, got state['pos'] = {pos}")
         return state
 
     def _start_weights(self, state: State) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -553,10 +553,66 @@ class TTTLayer(_Heads):
 
     # --- step: one token --------------------------------------------------------------------------
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One token in the primal form: the gradient of this token at the mini-batch-start weights W is
+        added to G, the output uses W̄ = W − tokidx·G, and W ← W̄ only at the mini-batch's end."""
         state = self.check_input(x, state, step=True)
+        B, H, d, b = x.shape[0], self.num_heads, self.head_dim, self.mini_batch_size
         q, k, v, new = self._qkv_step(x, state)
-        y, new = self._ttt(x.unsqueeze(1), q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), state, new)
-        return y.squeeze(1), new
+        p = int(state["pos"][0]) if B else 0
+        dtype = x.dtype
+        with _no_autocast(x.device.type):
+            q, k = self._rope_step(q.to(dtype), k.to(dtype), p)
+            flat = lambda t: t.to(dtype).reshape(B * H, 1, d)
+            W, G = self._start_weights(state)
+            commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
+            Z, W_bar, G = self._token_step(flat(q), flat(k), flat(v), self._gate_eta_step(x),
+                                           self._token_eta_at(p, dtype), W, G, self._outer(B, dtype), commit)
+        if commit:
+            W, G = W_bar, {n: torch.zeros_like(g) for n, g in G.items()}
+        for n in self.inner_names:
+            new[n], new[f"{n}_grad"] = W[n].reshape(B, H, *W[n].shape[1:]), G[n].reshape(B, H, *G[n].shape[1:])
+        new["pos"] = torch.full((B,), (p + 1) % b, dtype=torch.int64, device=x.device)
+        new["mini_batch_size"] = state["mini_batch_size"]
+        return self._output(x, Z.reshape(B, H * d)), new
+
+    def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
+        """One token (N, 1, d) of ``step``: Z (N, 1, d), W̄ (needed only when ``commit``), G updated.
+        A learner with a closed-form primal step overrides this; the default is ``_chunk``."""
+        return self._chunk(XQ, XK, XV, lr, tok, W, G, outer)
+
+    def _gate_eta_step(self, x: Tensor) -> Tensor:
+        """``_gate_eta`` of one token x (B, C) -> (B·H, 1)."""
+        if not self.config.learnable_lr:
+            return x.new_full((x.shape[0] * self.num_heads, 1), self.config.ttt_base_lr / self.head_dim)
+        logits = torch.addmm(self.learnable_ttt_lr_bias[:, 0].to(x.dtype), x, self.learnable_ttt_lr_weight[:, 0].to(x.dtype).t())
+        return (self.config.ttt_base_lr / self.head_dim) * torch.sigmoid(logits).reshape(-1, 1)
+
+    def _token_eta_at(self, p: int, dtype) -> Tensor:
+        """tokidx[p] of ``token_eta`` as a (1,) tensor."""
+        idx = getattr(self, "learnable_token_idx", None)
+        if idx is None:
+            return torch.ones(1, dtype=dtype, device=self.learnable_ttt_lr_bias.device if self.config.learnable_lr else None)
+        return torch.clamp_min(idx[p:p + 1].to(dtype) + 1.0 / (p + 1), 0.0)
+
+    def _rope_step(self, q: Tensor, k: Tensor, p: int) -> tuple[Tensor, Tensor]:
+        """RoPE of one token (B, H, d) at position p inside the mini-batch, from a table of the b
+        rotations made once per dtype and device by ``apply_rope`` itself (so the numbers are its own)."""
+        if not self.config.rope:
+            return q, k
+        if q.dtype not in (torch.float32, torch.float64):
+            pos = torch.tensor([p], device=q.device)
+            rope = lambda t: apply_rope(t.unsqueeze(-2), pos, self.config.rope_theta).squeeze(-2)
+            return rope(q), rope(k)
+        cache = self.__dict__.setdefault("_rope_tables", {})
+        key = (q.dtype, q.device, apply_rope)
+        if key not in cache:  # apply_rope of the pairs (1, 0) at positions 0..b-1 is (cos, sin)
+            basis = torch.zeros(self.mini_batch_size, self.head_dim, dtype=q.dtype, device=q.device)
+            basis[:, 0::2] = 1.0
+            table = apply_rope(basis, torch.arange(self.mini_batch_size, device=q.device), self.config.rope_theta)
+            cache[key] = torch.view_as_complex(table.unflatten(-1, (-1, 2)).contiguous())
+        rotation = cache[key][p]
+        rope = lambda t: torch.view_as_real(torch.view_as_complex(t.contiguous().unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+        return rope(q), rope(k)
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"

@@ -84,6 +84,31 @@ def ttt_linear_chunk(XQ, XK, XV, lr, tok, W1, b1, GW1, Gb1, ln_w, ln_b):
     return Z, (W_bar, b_bar), (GW_new, Gb_new)
 
 
+def ttt_linear_step(XQ, XK, XV, lr, tok, W1, b1, GW1, Gb1, ln_w, ln_b, commit=True):
+    """One token in the primal form, without forming W̄ unless ``commit`` (the mini-batch's last token).
+
+    Shapes as ``ttt_linear_chunk`` with r = 1. With G' = G + gate·∇ℓ(W) (∇_W1 = XKᵀg, ∇_b1 = g),
+    z = f(XQ; W − tok·G') where XQ·(W1 − tok·G'_W) + (b1 − tok·G'_b) = XQ·W1 + b1 − tok·(XQ·G'_W + G'_b).
+    Returns Z (N, 1, d), (W̄1, b̄1) or (None, None), and (G'_W, G'_b).
+    """
+    norm = ln_w is not None
+    if norm:
+        g = ln_l2_bwd_centered(torch.baddbmm(b1, XK, W1), torch.addcmul(ln_w * ln_b, ln_w, XK - XV), ln_w * ln_w)
+    else:
+        g = torch.bmm(XK, W1) - XV
+    lr_g = lr.unsqueeze(-1) * g
+    GW = torch.baddbmm(GW1, XK.transpose(-1, -2), lr_g)
+    if norm:
+        Gb = Gb1 + lr_g
+        Z_bar = torch.baddbmm(b1, XQ, W1) - tok * torch.baddbmm(Gb, XQ, GW)
+        Z = XQ + ln_fwd(Z_bar, ln_w, ln_b)
+    else:
+        Gb = None
+        Z = torch.bmm(XQ, W1) - tok * torch.bmm(XQ, GW)
+    W_bar = (W1 - tok * GW, b1 - tok * Gb if norm else None) if commit else (None, None)
+    return Z, W_bar, (GW, Gb)
+
+
 def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batch_size, checkpoint_group=0):
     """TTT-Linear over a sequence that starts at a mini-batch boundary with zero accumulated gradient.
 
@@ -111,9 +136,6 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
         mb = lambda t: t[:, :e].unflatten(1, (n, b))  # (N, n, b, ...), a view
         q, k, v = mb(XQ), mb(XK), mb(XV)
         eta = causal_eta(token_eta, mb(lr))  # (N, n, b, b)
-        # M = η ⊙ (XQ·XKᵀ + 1): Z̄ = XQ·W + b − M·g within each mini-batch
-        qk = torch.matmul(q, k.transpose(-1, -2))
-        M = eta * (qk + 1.0) if norm else eta * qk
         eta_last = eta[:, :, -1:, :]  # (N, n, 1, b): η[b, j], the weights of the end-of-mini-batch update
         kT_last = (k * eta_last.transpose(-1, -2)).transpose(-1, -2)  # (N, n, d, b): (η[b, j] XK_j)ᵀ
         if norm:  # ∂ℓ/∂x̂ = γ²·x̂ + γ(β − (XV − XK)) = γ²·x̂ + γβ + γ(XK − XV)
@@ -123,7 +145,8 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
         inplace = not torch.is_grad_enabled()
         out = XQ.new_empty(n, N, b, d) if inplace else None
         # per-mini-batch views made once (indexing in the loop costs a dispatch per tensor)
-        ks, qs, vs, Ms = k.unbind(1), q.unbind(1), v.unbind(1), M.unbind(1)
+        ks, qs, vs, etas = k.unbind(1), q.unbind(1), v.unbind(1), eta.unbind(1)
+        one = q.new_ones(()) if norm else q.new_zeros(())
         kTs, els = kT_last.unbind(1), eta_last.unbind(1)
 
         def run(lo: int, hi: int, W: Tensor, bias: Tensor | None):
@@ -136,19 +159,22 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
                     g = ln_l2_bwd_centered(torch.baddbmm(bias, ks[i], W), c, gamma2)
                 else:
                     g = torch.bmm(ks[i], W) - vs[i]
+                # M = η ⊙ (XQ·XKᵀ + 1) (without the 1 when there is no bias)
+                M = torch.baddbmm(one, qs[i], ks[i].transpose(-1, -2))
+                M = M.mul_(etas[i]) if inplace else M * etas[i]
                 # Z̄ = XQ·W + b − M·g;  W ← W − Σ_j η[b, j] XK_jᵀ g_j,  b ← b − Σ_j η[b, j] g_j
                 if inplace:
                     if norm:
                         torch.baddbmm(bias, qs[i], W, out=out[i])
                     else:
                         torch.bmm(qs[i], W, out=out[i])
-                    out[i].baddbmm_(Ms[i], g, alpha=-1.0)
+                    out[i].baddbmm_(M, g, alpha=-1.0)
                     W.baddbmm_(kTs[i], g, alpha=-1.0)
                     if norm:
                         bias.baddbmm_(els[i], g, alpha=-1.0)
                 else:
                     Z_bar = torch.baddbmm(bias, qs[i], W) if norm else torch.bmm(qs[i], W)
-                    Zb.append(torch.baddbmm(Z_bar, Ms[i], g, alpha=-1.0))
+                    Zb.append(torch.baddbmm(Z_bar, M, g, alpha=-1.0))
                     W = torch.baddbmm(W, kTs[i], g, alpha=-1.0)
                     if norm:
                         bias = torch.baddbmm(bias, els[i], g, alpha=-1.0)
@@ -204,6 +230,16 @@ class TTTLinear(TTTLayer):
         )
         W_bar, G_new = {"W1": W1}, {"W1": GW1}
         if b1 is not None:
+            W_bar["b1"], G_new["b1"] = b1, Gb1
+        return Z, W_bar, G_new
+
+    def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
+        ln_w, ln_b = self._ln(outer)
+        Z, (W1, b1), (GW1, Gb1) = ttt_linear_step(
+            XQ, XK, XV, lr, tok, W["W1"], W.get("b1"), G["W1"], G.get("b1"), ln_w, ln_b, commit
+        )
+        W_bar, G_new = {"W1": W1}, {"W1": GW1}
+        if Gb1 is not None:
             W_bar["b1"], G_new["b1"] = b1, Gb1
         return Z, W_bar, G_new
 

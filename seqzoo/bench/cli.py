@@ -59,6 +59,8 @@ def _cmd_compare(args) -> int:
     from .report import compare_table, write_plots, write_report
     from .train import Interrupted
 
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1  # models this small gain little from intra-op threads, and stall on a busy machine
     _threads(args)
     console = Console(width=max(160, Console().width))
     out = Path(args.out)
@@ -281,7 +283,7 @@ def add_commands(sub) -> None:
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(
