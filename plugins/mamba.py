@@ -110,25 +110,29 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
         # alternate between two, as a chunk's last state is read while the next chunk's inputs are formed
         shape = (b, min(chunk_size, s), At.shape[0], d)
         decays, inputs = dt.new_empty(shape), (dt.new_empty(shape), dt.new_empty(shape))
-    ys = []
+        y = dt.new_empty(b, s, 1, d)
+    ys = []  # with autograd: the chunks' outputs
     for k, lo in enumerate(range(0, s, chunk_size)):
         c = slice(lo, lo + chunk_size)
+        # per chunk: exp(Δ_i A) and Δ_i B_i x_i (b, l, n, d); h_i = exp(Δ_i A) h_{i−1} + Δ_i B_i x_i;
+        # y_i = C_i·h_i as (1, n) @ (n, d) per position
         if track:  # autograd needs every h_i as its own tensor
-            decay = (dt[:, c, None, :] * At).exp_()  # exp(Δ_i A)   (b, l, n, d)
-            hs = B[:, c, :, None] * dtx[:, c, None, :]  # Δ_i B_i x_i (b, l, n, d)
+            decay = (dt[:, c, None, :] * At).exp_()
             states = []
-            for inputs_i, decay_i in zip(hs.unbind(1), decay.unbind(1)):
-                h = torch.addcmul(inputs_i, decay_i, h)  # h_i = exp(Δ_i A) h_{i−1} + Δ_i B_i x_i
+            for inputs_i, decay_i in zip((B[:, c, :, None] * dtx[:, c, None, :]).unbind(1), decay.unbind(1)):
+                h = torch.addcmul(inputs_i, decay_i, h)
                 states.append(h)
-            hs = torch.stack(states, dim=1)
+            ys.append(torch.matmul(C[:, c, None, :], torch.stack(states, dim=1)))
         else:  # the same arithmetic in the buffers, the states written over the inputs
             size = min(chunk_size, s - lo)
             decay = torch.mul(dt[:, c, None, :], At, out=decays[:, :size]).exp_()
             hs = torch.mul(B[:, c, :, None], dtx[:, c, None, :], out=inputs[k % 2][:, :size])
             for h_i, decay_i in zip(hs.unbind(1), decay.unbind(1)):
                 h = h_i.addcmul_(decay_i, h)
-        ys.append(torch.matmul(C[:, c, None, :], hs)[:, :, 0])  # y_i = C_i·h_i: (1, n) @ (n, d) per position
-    return torch.cat(ys, dim=1), h.transpose(1, 2).contiguous()
+            torch.matmul(C[:, c, None, :], hs, out=y[:, c])
+    if track:
+        y = torch.cat(ys, dim=1)
+    return y[:, :, 0], h.transpose(1, 2).contiguous()
 
 
 # --- mamba-ssm's CUDA kernels (only ever imported for CUDA tensors) ---------------------------------
@@ -164,9 +168,11 @@ class MambaConfig:
     bias: bool = field(default=False, metadata={"help": "biases in in_proj and out_proj"})
     use_gate: bool = field(default=False, metadata={
         "help": "extra output gate of the TTT Mamba backbone: out_proj(gelu_tanh(g_proj(u)) ⊙ y), g_proj: d_model → d_inner"})
-    chunk_size: int = field(default=8, metadata={"help": "tokens per chunk of the CPU scan (decays formed at once)"})
+    chunk_size: int = field(default=8, metadata={
+        "help": "tokens per chunk of the CPU scan (decays formed at once)"})
     scan_blocks: int | None = field(default=None, metadata={
-        "help": "chunks per group of the CPU scan (default: SCAN_STEP_ELEMENTS // (batch·d_inner·d_state), at least 4)"})
+        "help": "chunks per group of the CPU scan (default: SCAN_STEP_ELEMENTS // (batch·d_inner·d_state), "
+                "at least 4)"})
     use_kernels: bool = field(default=True, metadata={"help": "use mamba-ssm's CUDA kernels on CUDA tensors when installed"})
 
 
@@ -238,8 +244,10 @@ class Mamba(SequenceLayer):
 
     # pieces shared by forward and step
     def _output(self, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
-        """out_proj(y ⊙ silu(z) [⊙ gelu_tanh(g_proj(u))])."""
-        y = F.silu(z).mul_(y)  # in place in the fresh silu(z): one activation less to allocate
+        """out_proj(y ⊙ silu(z) [⊙ gelu_tanh(g_proj(u))]). Unless autograd tracks z, z (a slice of
+        in_proj's fresh output) is overwritten: one activation less to allocate."""
+        in_place = not (torch.is_grad_enabled() and z.requires_grad)  # autograd forbids it on chunk()'s views
+        y = F.silu(z, inplace=in_place).mul_(y)
         if self.g_proj is not None:
             y = y * gelu_tanh(self.g_proj(u))
         return self.out_proj(y)
@@ -272,7 +280,8 @@ class Mamba(SequenceLayer):
         """Tokens per segment of ``forward``: whole scan groups, about ``SEGMENT_ELEMENTS`` per
         (b, tokens, d_inner) activation, so that the segment's activations stay cache-resident."""
         cfg = self.config
-        blocks = cfg.scan_blocks or max(4, SCAN_STEP_ELEMENTS // max(1, batch_size * self.d_inner * self.d_state))
+        states = batch_size * self.d_inner * self.d_state
+        blocks = cfg.scan_blocks or max(4, SCAN_STEP_ELEMENTS // max(1, states))
         group = cfg.chunk_size * blocks
         return group * max(1, SEGMENT_ELEMENTS // (batch_size * self.d_inner * group))
 
@@ -290,7 +299,8 @@ class Mamba(SequenceLayer):
             y = y.addcmul_(padded[:, k:k + s], taps[k])  # y_t += w_k · x_{t − K + 1 + k}
         return y, padded[:, -K:].transpose(1, 2).contiguous()
 
-    def _forward_segment(self, u: Tensor, conv_state: Tensor, h: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _forward_segment(self, u: Tensor, conv_state: Tensor, h: Tensor,
+                         A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """forward over u (b, s, d_model) from conv_state and h (in the scan's dtype, that of A).
 
         Returns the output, the new conv_state and the new h."""

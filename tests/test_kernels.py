@@ -1,8 +1,8 @@
 """The TTT Triton kernels equal their torch reference, and the reference equals the primal definition.
 
-The kernels run on the CPU under the Triton interpreter. The kernel module is decorated lazily under the
-mode in force at the first call, so setting TRITON_INTERPRET=1 here works even when another test module
-imported triton first; the fixture restores the variable afterwards.
+The kernels run on the CPU under the Triton interpreter. tests/conftest.py sets TRITON_INTERPRET=1 before
+anything imports torch (triton.language's helpers are decorated at its first import, which torch may
+trigger); the kernel module itself is decorated lazily under the mode in force at the first call.
 """
 
 from __future__ import annotations

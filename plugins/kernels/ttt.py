@@ -1,9 +1,10 @@
 """Public entry points of the TTT kernels: validation, launch, selection and the exact backward.
 
 The Triton kernels run when the tensors are on CUDA, or on the CPU when the Triton interpreter is on
-(``TRITON_INTERPRET=1``). Triton reads that variable when ``@triton.jit`` decorates a kernel, so the
-kernel module is loaded lazily at the first call, once per mode: setting the variable any time before
-the first kernel call is enough, even if triton itself was imported earlier.
+(``TRITON_INTERPRET=1``). Triton reads that variable when ``@triton.jit`` decorates a function, so the
+kernel module is loaded lazily at the first call, once per mode. ``triton.language``'s own helpers are
+decorated when it is first imported (torch may import it early, e.g. through ``torch.func``): set the
+variable before the process imports torch to run interpreted kernels.
 
 Gradients: ``ttt_linear_forward`` / ``ttt_mlp_forward`` are a ``torch.autograd.Function`` whose forward
 is the kernel (saving the inner weights every ``checkpoint_group`` mini-batches) and whose backward
