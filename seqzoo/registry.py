@@ -20,9 +20,9 @@ import inspect
 import logging
 import os
 import threading
+import traceback
 import types
 import typing
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
