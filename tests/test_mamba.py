@@ -396,3 +396,34 @@ def test_cuda_kernels_equal_torch_path():
     assert_close(s1["ssm_state"], s1_ref["ssm_state"], 1e-4, "ssm_state after a step")
     y.sum().backward()  # the kernels' backward runs
     assert all(p.grad is not None for p in fast.parameters())
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_in_many_segments_equals_steps_and_hf(monkeypatch, grad):
+    """Long sequences go through the layer segment by segment and the scan group by group; force many
+    of both at a small width and check the no-grad and autograd paths against token-by-token steps,
+    Hugging Face's mixer, and each other's gradients."""
+    monkeypatch.setattr(mamba_plugin, "SCAN_STEP_ELEMENTS", 1)
+    monkeypatch.setattr(mamba_plugin, "SEGMENT_ELEMENTS", 1)
+    cfg, mixer = _hf_mixer(24, state_size=8, conv_kernel=4, expand=2, time_step_rank="auto", use_bias=False,
+                           use_conv_bias=True, seed=7)
+    layer = seqzoo.create_layer("mamba", 24, d_state=8, chunk_size=4).to(F64)
+    layer.load_state_dict(mixer.state_dict(), strict=True)
+    assert layer._segment_tokens(2) < 100  # many segments over T = 301
+    u = torch.randn(2, 301, 24, dtype=F64, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y, st = layer(u)
+    with torch.no_grad():
+        y_steps, st_steps = scan_steps(layer, u.detach())
+        want = mixer.slow_forward(u.detach())
+    assert_close(y.detach(), y_steps, 1e-12, "segmented forward vs step scan")
+    for k in st:
+        assert_close(st[k].detach(), st_steps[k], 1e-12, f"segmented forward vs step scan, state {k}")
+    assert_close(y.detach(), want, HF_TOL, "segmented forward vs HF MambaMixer")
+    if grad:
+        y.pow(2).sum().backward()
+        g_seg = u.grad.clone()
+        u2 = u.detach().clone().requires_grad_(True)
+        y_ref, _ = scan_steps(layer, u2)
+        y_ref.pow(2).sum().backward()
+        assert_close(g_seg, u2.grad, 1e-10, "input gradient: segmented forward vs step scan")
