@@ -565,8 +565,9 @@ class TTTLayer(_Heads):
             flat = lambda t: t.to(dtype).reshape(B * H, 1, d)
             W, G = self._start_weights(state)
             commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
-            Z, W_bar, G = self._token_step(flat(q), flat(k), flat(v), self._gate_eta_step(x),
-                                           self._token_eta_at(p, dtype), W, G, self._outer(B, dtype), commit)
+            tok = self._token_eta_at(p, x.device, dtype)
+            Z, W_bar, G = self._token_step(flat(q), flat(k), flat(v), self._gate_eta_step(x), tok, W, G,
+                                           self._outer(B, dtype), commit)
         if commit:
             W, G = W_bar, {n: torch.zeros_like(g) for n, g in G.items()}
         for n in self.inner_names:
@@ -584,14 +585,15 @@ class TTTLayer(_Heads):
         """``_gate_eta`` of one token x (B, C) -> (B·H, 1)."""
         if not self.config.learnable_lr:
             return x.new_full((x.shape[0] * self.num_heads, 1), self.config.ttt_base_lr / self.head_dim)
-        logits = torch.addmm(self.learnable_ttt_lr_bias[:, 0].to(x.dtype), x, self.learnable_ttt_lr_weight[:, 0].to(x.dtype).t())
+        weight, bias = self.learnable_ttt_lr_weight[:, 0].to(x.dtype), self.learnable_ttt_lr_bias[:, 0].to(x.dtype)
+        logits = torch.addmm(bias, x, weight.t())
         return (self.config.ttt_base_lr / self.head_dim) * torch.sigmoid(logits).reshape(-1, 1)
 
-    def _token_eta_at(self, p: int, dtype) -> Tensor:
+    def _token_eta_at(self, p: int, device, dtype) -> Tensor:
         """tokidx[p] of ``token_eta`` as a (1,) tensor."""
         idx = getattr(self, "learnable_token_idx", None)
         if idx is None:
-            return torch.ones(1, dtype=dtype, device=self.learnable_ttt_lr_bias.device if self.config.learnable_lr else None)
+            return torch.ones(1, device=device, dtype=dtype)
         return torch.clamp_min(idx[p:p + 1].to(dtype) + 1.0 / (p + 1), 0.0)
 
     def _rope_step(self, q: Tensor, k: Tensor, p: int) -> tuple[Tensor, Tensor]:
@@ -611,7 +613,8 @@ class TTTLayer(_Heads):
             table = apply_rope(basis, torch.arange(self.mini_batch_size, device=q.device), self.config.rope_theta)
             cache[key] = torch.view_as_complex(table.unflatten(-1, (-1, 2)).contiguous())
         rotation = cache[key][p]
-        rope = lambda t: torch.view_as_real(torch.view_as_complex(t.contiguous().unflatten(-1, (-1, 2))) * rotation).flatten(-2)
+        pairs = lambda t: torch.view_as_complex(t.contiguous().unflatten(-1, (-1, 2)))
+        rope = lambda t: torch.view_as_real(pairs(t) * rotation).flatten(-2)
         return rope(q), rope(k)
 
     def extra_repr(self) -> str:

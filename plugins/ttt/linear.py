@@ -140,10 +140,12 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
         kT_last = (k * eta_last.transpose(-1, -2)).transpose(-1, -2)  # (N, n, d, b): (η[b, j] XK_j)ᵀ
         if norm:  # ∂ℓ/∂x̂ = γ²·x̂ + γ(β − (XV − XK)) = γ²·x̂ + γβ + γ(XK − XV)
             gamma2, gamma_beta = gamma * gamma, gamma * beta
-        # Without autograd the weights are updated in place and every mini-batch's output goes straight
-        # into one buffer; with autograd each step makes new tensors.
+        # Without autograd the weights are updated in place and every mini-batch's output z = XQ + LN(Z̄)
+        # goes straight into its place in one (B, n, b, H, d) buffer, the layout of the output projection's
+        # input; with autograd each step makes new tensors.
         inplace = not torch.is_grad_enabled()
-        out = XQ.new_empty(n, N, b, d) if inplace else None
+        if inplace:
+            Z_i, final = XQ.new_empty(N, b, d), XQ.new_empty(B, n, b, H, d)
         # per-mini-batch views made once (indexing in the loop costs a dispatch per tensor)
         ks, qs, vs, etas = k.unbind(1), q.unbind(1), v.unbind(1), eta.unbind(1)
         one = q.new_ones(()) if norm else q.new_zeros(())
@@ -165,10 +167,15 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
                 # Z̄ = XQ·W + b − M·g;  W ← W − Σ_j η[b, j] XK_jᵀ g_j,  b ← b − Σ_j η[b, j] g_j
                 if inplace:
                     if norm:
-                        torch.baddbmm(bias, qs[i], W, out=out[i])
+                        torch.baddbmm(bias, qs[i], W, out=Z_i)
                     else:
-                        torch.bmm(qs[i], W, out=out[i])
-                    out[i].baddbmm_(M, g, alpha=-1.0)
+                        torch.bmm(qs[i], W, out=Z_i)
+                    Z_i.baddbmm_(M, g, alpha=-1.0)
+                    dest = final[:, i].transpose(1, 2)  # (B, H, b, d)
+                    if norm:
+                        torch.add(ln_fwd(Z_i, gamma, beta).view(B, H, b, d), qs[i].view(B, H, b, d), out=dest)
+                    else:
+                        dest.copy_(Z_i.view(B, H, b, d))
                     W.baddbmm_(kTs[i], g, alpha=-1.0)
                     if norm:
                         bias.baddbmm_(els[i], g, alpha=-1.0)
@@ -178,7 +185,7 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
                     W = torch.baddbmm(W, kTs[i], g, alpha=-1.0)
                     if norm:
                         bias = torch.baddbmm(bias, els[i], g, alpha=-1.0)
-            return (torch.stack(Zb) if Zb else out[lo:hi]), W, bias
+            return (torch.stack(Zb) if Zb else None), W, bias
 
         group = checkpoint_group if checkpoint_group > 0 and torch.is_grad_enabled() else n
         for lo in range(0, n, group):
@@ -188,16 +195,13 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
             else:
                 Z_bar, W, bias = run(lo, hi, W, bias)
             Zs.append(Z_bar)
-        Z_bar = Zs[0] if len(Zs) == 1 else torch.cat(Zs)  # (n, N, b, d)
-        # to (B, T, H, d), the layout of the output projection's input, in the LayerNorm's one copy
-        to_bthd = lambda t: t.reshape(n, B, H, b, d).permute(1, 0, 3, 2, 4)  # (B, n, b, H, d)
-        Z_bar = to_bthd(Z_bar)
-        if norm:
-            Z = ln_fwd(Z_bar, ln_w, ln_b)
-            xq = XQ[:, :e].reshape(B, H, n, b, d).permute(0, 2, 3, 1, 4)
-            Z = Z.add_(xq) if out is not None else Z + xq
+        if inplace:
+            Z = final
         else:
-            Z = Z_bar
+            Z_bar = Zs[0] if len(Zs) == 1 else torch.cat(Zs)  # (n, N, b, d)
+            # to (B, T, H, d), the layout of the output projection's input, in the LayerNorm's one copy
+            Z_bar = Z_bar.reshape(n, B, H, b, d).permute(1, 0, 3, 2, 4)  # (B, n, b, H, d)
+            Z = ln_fwd(Z_bar, ln_w, ln_b) + XQ[:, :e].reshape(B, H, n, b, d).permute(0, 2, 3, 1, 4) if norm else Z_bar
         # back to (N, e, d) as a view (B = 1) of the (B, T, H, d) tensor
         Zs = [Z.reshape(B, e, H, d).transpose(1, 2).reshape(N, e, d)]
     if T > n * b:  # a trailing partial mini-batch: rows 1..r, weights unchanged

@@ -20,7 +20,7 @@ from torch import Tensor
 from seqzoo.learner import GradientLearner, TTTConfig, TTTLayer
 from seqzoo.nn import gelu_tanh
 
-from .common import LN_EPS, causal_eta, gelu_tanh_grad, kernel, ln_fwd, ln_l2_bwd
+from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd_centered
 
 __all__ = ["MLPLearner", "TTTMLP", "TTTMLPConfig", "ttt_mlp_dual", "ttt_mlp_chunk"]
 
@@ -74,8 +74,12 @@ def _mlp_grads(XK, XV, W1, b1, W2, b2, ln_w, ln_b):
     Z1 = _affine(XK, W1, b1)
     X2 = gelu_tanh(Z1)
     Z2 = _affine(X2, W2, b2)
-    g2 = ln_l2_bwd(Z2, XV - XK, ln_w, ln_b) if ln_w is not None else Z2 - XV
-    g1 = (g2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1)
+    if ln_w is not None:  # the LayerNorm backward fused with the L2 loss, in three kernels
+        g2 = ln_l2_bwd_centered(Z2, torch.addcmul(ln_w * ln_b, ln_w, XK - XV), ln_w * ln_w)
+    else:
+        g2 = Z2 - XV
+    # g1 = (g2·W2ᵀ) ⊙ gelu'(Z1), in one kernel
+    g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, W2.transpose(-1, -2)), Z1, approximate="tanh")
     return X2, g1, g2
 
 
@@ -110,6 +114,25 @@ def ttt_mlp_chunk(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b):
     return Z, W_last, G_new
 
 
+def ttt_mlp_step(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b, commit=True):
+    """One token (N, 1, d) in the primal form, without forming W̄ = W − tok·G' unless ``commit``:
+    x·(W − tok·G'_W) + (b − tok·G'_b) = (x·W + b) − tok·(x·G'_W + G'_b) for both layers.
+    Returns Z (N, 1, d), W̄ (a dict, or None without ``commit``) and G' (as ``ttt_mlp_chunk``)."""
+    norm = ln_w is not None
+    X2, g1, g2 = _mlp_grads(XK, XV, W["W1"], W.get("b1"), W["W2"], W.get("b2"), ln_w, ln_b)
+    lr_ = lr.unsqueeze(-1)
+    lr_g1, lr_g2 = lr_ * g1, lr_ * g2
+    G_new = {"W1": torch.baddbmm(G["W1"], XK.transpose(-1, -2), lr_g1),
+             "W2": torch.baddbmm(G["W2"], X2.transpose(-1, -2), lr_g2)}
+    if norm:
+        G_new["b1"], G_new["b2"] = G["b1"] + lr_g1, G["b2"] + lr_g2
+    X2_bar = gelu_tanh(_affine(XQ, W["W1"], W.get("b1")) - tok * _affine(XQ, G_new["W1"], G_new.get("b1")))
+    Z2_bar = _affine(X2_bar, W["W2"], W.get("b2")) - tok * _affine(X2_bar, G_new["W2"], G_new.get("b2"))
+    Z = XQ + ln_fwd(Z2_bar, ln_w, ln_b) if norm else Z2_bar
+    W_last = {n: W[n] - tok * G_new[n] for n in W} if commit else None
+    return Z, W_last, G_new
+
+
 def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini_batch_size, checkpoint_group=0):
     """TTT-MLP over a sequence that starts at a mini-batch boundary with zero accumulated gradient.
 
@@ -138,14 +161,27 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
         eta_last = eta[:, :, -1:, :]  # (n, N, 1, b)
         kT_last = (eta_last.transpose(-1, -2) * k).transpose(-1, -2)
 
+        # without autograd the weights are updated in place (a copy of each per mini-batch saved)
+        inplace = not torch.is_grad_enabled()
+
         def run(lo, hi, W1, b1, W2, b2):
             out = []
+            if inplace:
+                W1, W2 = W1.clone(), W2.clone()
+                b1, b2 = (b1.clone(), b2.clone()) if norm else (None, None)
             for i in range(lo, hi):
                 X2, g1, g2 = _mlp_grads(k[i], v[i], W1, b1, W2, b2, gamma, beta)
                 X2_bar = gelu_tanh(torch.baddbmm(_affine(q[i], W1, b1), M1[i], g1, alpha=-1.0))
                 M2 = eta[i] * (X2_bar @ X2.transpose(-1, -2) + one)
                 out.append(torch.baddbmm(_affine(X2_bar, W2, b2), M2, g2, alpha=-1.0))
                 eta_X2 = eta_last[i].transpose(-1, -2) * X2  # (N, b, 4d): η[b, j] X2_j
+                if inplace:
+                    W1.baddbmm_(kT_last[i], g1, alpha=-1.0)
+                    W2.baddbmm_(eta_X2.transpose(-1, -2), g2, alpha=-1.0)
+                    if norm:
+                        b1.baddbmm_(eta_last[i], g1, alpha=-1.0)
+                        b2.baddbmm_(eta_last[i], g2, alpha=-1.0)
+                    continue
                 W1 = torch.baddbmm(W1, kT_last[i], g1, alpha=-1.0)
                 W2 = torch.baddbmm(W2, eta_X2.transpose(-1, -2), g2, alpha=-1.0)
                 if norm:
@@ -191,6 +227,10 @@ class TTTMLP(TTTLayer):
     def _chunk(self, XQ, XK, XV, lr, tok, W, G, outer):
         ln_w, ln_b = self._ln(outer)
         return ttt_mlp_chunk(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b)
+
+    def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
+        ln_w, ln_b = self._ln(outer)
+        return ttt_mlp_step(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b, commit)
 
     def _full(self, XQ, XK, XV, lr, tok, W, outer):
         H = self.num_heads
