@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 import seqzoo
-from seqzoo import SequenceLayer, State
-from seqzoo.nn import apply_rope, causal_conv, causal_conv_step, conv_state_shape, gelu_tanh
+from seqzoo import State
+from seqzoo.nn import HeadProjections, apply_rope
 
 __all__ = [
     "LinearAttention",
@@ -47,91 +47,6 @@ def _identity(x: Tensor) -> Tensor:
 
 #: φ applied to queries and keys of linear attention, per head.
 FEATURE_MAPS = {"identity": _identity, "elu+1": _elu_plus_one}
-
-
-# --- shared projections --------------------------------------------------------------------------
-class _Projections(SequenceLayer):
-    """q/k/v/o projections split into heads, with the optional share_qk convs and output gate.
-
-    Subclasses set ``self.config`` (with ``num_heads``, ``share_qk``, ``use_gate``, ``conv_kernel``)
-    before calling ``_build``.
-    """
-
-    def _build(self) -> None:
-        cfg, C = self.config, self.d_model
-        for name in ("num_heads", "conv_kernel"):
-            value = getattr(cfg, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
-        if C % cfg.num_heads:
-            raise ValueError(
-                f"expected d_model divisible by num_heads, got d_model={C}, num_heads={cfg.num_heads}"
-            )
-        self.num_heads = cfg.num_heads
-        self.head_dim = C // cfg.num_heads
-        self.q_proj = nn.Linear(C, C, bias=False)
-        if cfg.share_qk:
-            # XQ = conv_q(q_proj(x)), XK = conv_k(q_proj(x)): depthwise causal convs with bias
-            self.conv_q = nn.Conv1d(C, C, cfg.conv_kernel, groups=C, bias=True, padding=cfg.conv_kernel - 1)
-            self.conv_k = nn.Conv1d(C, C, cfg.conv_kernel, groups=C, bias=True, padding=cfg.conv_kernel - 1)
-        else:
-            self.k_proj = nn.Linear(C, C, bias=False)
-        self.v_proj = nn.Linear(C, C, bias=False)
-        self.o_proj = nn.Linear(C, C, bias=False)
-        if cfg.use_gate:
-            self.g_proj = nn.Linear(C, C, bias=False)
-
-    def _conv_state(self, batch_size: int, device, dtype) -> State:
-        """The share_qk convs' state: the last conv_kernel - 1 outputs of q_proj, (B, C, K - 1).
-
-        conv_q and conv_k read the same sequence, so one window serves both.
-        """
-        if not self.config.share_qk:
-            return {}
-        return {"conv": torch.zeros(conv_state_shape(self.conv_q, batch_size), device=device, dtype=dtype)}
-
-    def _conv_state_size(self) -> int:
-        return self.d_model * (self.config.conv_kernel - 1) if self.config.share_qk else 0
-
-    def _heads(self, t: Tensor) -> Tensor:
-        return rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
-
-    def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
-        """x (B, T, C) -> q, k, v of shape (B, H, T, d) and the new conv state (if any)."""
-        v = self.v_proj(x)
-        if self.config.share_qk and x.shape[1] == 0:  # nothing to convolve: the window stays as it is
-            q = k = self.q_proj(x)
-            new = {"conv": state["conv"].clone()}
-        elif self.config.share_qk:
-            xq = self.q_proj(x)
-            q, _ = causal_conv(self.conv_q, xq, state["conv"])
-            k, conv = causal_conv(self.conv_k, xq, state["conv"])
-            new = {"conv": conv.contiguous()}  # own storage, not a view of the whole padded input
-        else:
-            q, k, new = self.q_proj(x), self.k_proj(x), {}
-        return self._heads(q), self._heads(k), self._heads(v), new
-
-    def _qkv_step(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
-        """x (B, C) -> q, k, v of shape (B, H, d) and the new conv state (if any)."""
-        v = self.v_proj(x)
-        if self.config.share_qk:
-            xq = self.q_proj(x)
-            q, _ = causal_conv_step(self.conv_q, xq, state["conv"])
-            k, conv = causal_conv_step(self.conv_k, xq, state["conv"])
-            new = {"conv": conv.contiguous()}
-        else:
-            q, k, new = self.q_proj(x), self.k_proj(x), {}
-        split = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
-        return split(q), split(k), split(v), new
-
-    def _output(self, x: Tensor, y: Tensor) -> Tensor:
-        """o_proj(y), or o_proj(gelu_tanh(g_proj(x)) * y) with use_gate; y has heads merged."""
-        if self.config.use_gate:
-            y = gelu_tanh(self.g_proj(x)) * y
-        return self.o_proj(y)
-
-    def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, {self.config}"
 
 
 # --- linear attention ----------------------------------------------------------------------------
@@ -189,7 +104,7 @@ def linear_attention_chunked(
     return y, S_end, z_end
 
 
-class LinearAttention(_Projections):
+class LinearAttention(HeadProjections):
     """Multi-head causal linear attention (Katharopoulos et al. 2020), chunked forward, O(1) step.
 
     Per head, with φ the feature map and q, k, v the projections of x:
@@ -212,7 +127,7 @@ class LinearAttention(_Projections):
         if cfg.normalize and not cfg.eps >= 0:
             raise ValueError(f"expected eps >= 0, got {cfg.eps!r}")
         self.phi = FEATURE_MAPS[cfg.feature_map]
-        self._build()
+        self._build_projections(cfg.num_heads, cfg.share_qk, cfg.use_gate, cfg.conv_kernel)
 
     # state
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
@@ -240,7 +155,7 @@ class LinearAttention(_Projections):
             y = y / ((q * z).sum(-1, keepdim=True) + self.config.eps)
             new["z"] = z
         y = rearrange(y, "b h e -> b (h e)")
-        return self._output(x, y), new
+        return self.o_proj(self._gate(x, y)), new
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)
@@ -253,7 +168,7 @@ class LinearAttention(_Projections):
         new["S"] = S.clone(memory_format=torch.contiguous_format)
         if z is not None:
             new["z"] = z.clone(memory_format=torch.contiguous_format)
-        return self._output(x, rearrange(y, "b h t e -> b t (h e)")), new
+        return self.o_proj(self._gate(x, rearrange(y, "b h t e -> b t (h e)"))), new
 
 
 # --- softmax self-attention ----------------------------------------------------------------------
@@ -270,7 +185,7 @@ class SelfAttentionConfig:
     conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
 
 
-class SelfAttention(_Projections):
+class SelfAttention(HeadProjections):
     """Multi-head causal softmax attention with a KV cache.
 
     Per head, with q, k, v the projections of x and R_t the RoPE rotation at absolute position t
@@ -288,7 +203,7 @@ class SelfAttention(_Projections):
     def __init__(self, d_model: int, **config):
         super().__init__(d_model)
         self.config = cfg = SelfAttentionConfig(**config)
-        self._build()
+        self._build_projections(cfg.num_heads, cfg.share_qk, cfg.use_gate, cfg.conv_kernel)
         if cfg.rope and self.head_dim % 2:
             raise ValueError(
                 f"rope needs an even head_dim, got head_dim={self.head_dim} "
@@ -335,7 +250,7 @@ class SelfAttention(_Projections):
         new["v"] = torch.cat([state["v"], v.unsqueeze(2)], dim=2)
         # one query against the whole cache: every key is at or before this position, no mask
         y = F.scaled_dot_product_attention(q, new["k"], new["v"], scale=self.scale)
-        return self._output(x, rearrange(y, "b h 1 e -> b (h e)")), new
+        return self.o_proj(self._gate(x, rearrange(y, "b h 1 e -> b (h e)"))), new
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)
@@ -354,7 +269,7 @@ class SelfAttention(_Projections):
             keys = torch.arange(past + T, device=x.device)
             mask = keys[None, :] <= (past + torch.arange(T, device=x.device))[:, None]  # (T, past + T)
             y = F.scaled_dot_product_attention(q, new["k"], new["v"], attn_mask=mask, scale=self.scale)
-        return self._output(x, rearrange(y, "b h t e -> b t (h e)")), new
+        return self.o_proj(self._gate(x, rearrange(y, "b h t e -> b t (h e)"))), new
 
 
 @seqzoo.hookimpl

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .contract import SequenceLayer, State
-from .nn import apply_rope, causal_conv, causal_conv_step, conv_state_shape, gelu_tanh
+from .nn import HeadProjections, apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -200,68 +200,8 @@ def token_eta(mini_batch_size: int, learnable_token_idx: Tensor | None, *, devic
     return torch.clamp_min(1.0 / i + learnable_token_idx, 0.0)
 
 
-# --- shared projections ----------------------------------------------------------------------------
-class _Heads(SequenceLayer):
-    """q/k/v/o projections split into heads, optional share_qk convs and output gate (ttt-lm-pytorch names)."""
-
-    def _build_projections(self, num_heads: int, share_qk: bool, use_gate: bool, conv_kernel: int) -> None:
-        C = self.d_model
-        _positive_int("num_heads", num_heads)
-        _positive_int("conv_kernel", conv_kernel)
-        if C % num_heads:
-            raise ValueError(f"expected d_model divisible by num_heads, got d_model={C}, num_heads={num_heads}")
-        self.num_heads, self.head_dim = num_heads, C // num_heads
-        self.share_qk, self.use_gate = bool(share_qk), bool(use_gate)
-        self.q_proj = nn.Linear(C, C, bias=False)
-        if self.share_qk:  # XQ = conv_q(q_proj(x)), XK = conv_k(q_proj(x))
-            self.conv_q = nn.Conv1d(C, C, conv_kernel, groups=C, bias=True, padding=conv_kernel - 1)
-            self.conv_k = nn.Conv1d(C, C, conv_kernel, groups=C, bias=True, padding=conv_kernel - 1)
-        else:
-            self.k_proj = nn.Linear(C, C, bias=False)
-        self.v_proj = nn.Linear(C, C, bias=False)
-        self.o_proj = nn.Linear(C, C, bias=False)
-        if self.use_gate:
-            self.g_proj = nn.Linear(C, C, bias=False)
-
-    def _conv_state(self, batch_size: int, device, dtype) -> State:
-        """conv_q and conv_k read the same sequence q_proj(x): one window (B, C, K-1) serves both."""
-        if not self.share_qk:
-            return {}
-        return {"conv": torch.zeros(conv_state_shape(self.conv_q, batch_size), device=device, dtype=dtype)}
-
-    def _conv_state_size(self) -> int:
-        return self.d_model * (self.conv_q.weight.shape[-1] - 1) if self.share_qk else 0
-
-    def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
-        """x (B, T, C) -> XQ, XK, XV (B, H, T, d) and the new conv state."""
-        new: State = {}
-        if self.share_qk:
-            xq = self.q_proj(x)
-            q, _ = causal_conv(self.conv_q, xq, state["conv"])
-            k, new["conv"] = causal_conv(self.conv_k, xq, state["conv"])
-        else:
-            q, k = self.q_proj(x), self.k_proj(x)
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
-        return heads(q), heads(k), heads(self.v_proj(x)), new
-
-    def _qkv_step(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
-        """x (B, C) -> XQ, XK, XV (B, H, d) and the new conv state."""
-        new: State = {}
-        if self.share_qk:
-            xq = self.q_proj(x)
-            q, _ = causal_conv_step(self.conv_q, xq, state["conv"])
-            k, new["conv"] = causal_conv_step(self.conv_k, xq, state["conv"])
-        else:
-            q, k = self.q_proj(x), self.k_proj(x)
-        heads = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
-        return heads(q), heads(k), heads(self.v_proj(x)), new
-
-    def _gate(self, x: Tensor, y: Tensor) -> Tensor:
-        return gelu_tanh(self.g_proj(x)) * y if self.use_gate else y
-
-
 # --- a layer around any Learner --------------------------------------------------------------------
-class LearnerLayer(_Heads):
+class LearnerLayer(HeadProjections):
     """The TTT layer of a general ``Learner``: step = train(k_t, v_t), then y_t = predict(q_t).
 
     ``forward`` scans ``step``; a learner with a parallel form gets a subclass that overrides it.
@@ -317,7 +257,7 @@ class LearnerLayer(_Heads):
 
 
 # --- the TTT layer around any GradientLearner ------------------------------------------------------
-class TTTLayer(_Heads):
+class TTTLayer(HeadProjections):
     """A TTT layer whose hidden state is a ``GradientLearner``'s weights, trained by mini-batch GD.
 
     Parameters (ttt-lm-pytorch names): ``q_proj``, ``k_proj`` (or ``conv_q``/``conv_k`` with share_qk),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape", "apply_rope"]
+from .contract import SequenceLayer, State
+
+__all__ = ["HeadProjections", "RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape", "apply_rope"]
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -53,18 +56,21 @@ def causal_conv(conv: nn.Conv1d, x: Tensor, conv_state: Tensor | None = None) ->
     """Depthwise causal conv over x (B, T, C) continuing from ``conv_state`` (B, C, K-1).
 
     Returns (y (B, T, C), new conv_state). Without a state the sequence is left-padded with zeros,
-    exactly as ``nn.Conv1d(padding=K-1)`` followed by keeping the first T outputs.
+    exactly as ``nn.Conv1d(padding=K-1)`` followed by keeping the first T outputs. The new state has
+    its own storage (not a view of the padded input), and T = 0 returns a copy of the state.
     """
     B, T, C = x.shape
     K = conv.weight.shape[-1]
     if conv_state is None:
         conv_state = x.new_zeros(B, C, K - 1)
+    if T == 0:
+        return x.new_zeros(B, 0, C), conv_state.clone()
     xt = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, C, K-1+T)
     # depthwise conv as windows · taps (F.conv1d's depthwise CPU path is 100x slower at these sizes)
     y = torch.einsum("bctk,ck->bct", xt.unfold(-1, K, 1), conv.weight[:, 0, :])  # (B, C, T)
     if conv.bias is not None:
         y = y + conv.bias[:, None]
-    return y.transpose(1, 2), xt[..., xt.shape[-1] - (K - 1):]
+    return y.transpose(1, 2), xt[..., xt.shape[-1] - (K - 1):].contiguous()
 
 
 def causal_conv_step(conv: nn.Conv1d, x: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,7 +79,7 @@ def causal_conv_step(conv: nn.Conv1d, x: Tensor, conv_state: Tensor) -> tuple[Te
     y = torch.einsum("bck,ck->bc", window, conv.weight[:, 0, :])
     if conv.bias is not None:
         y = y + conv.bias
-    return y, window[..., 1:]
+    return y, window[..., 1:].contiguous()
 
 
 def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
@@ -98,3 +104,73 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2)
+
+
+class HeadProjections(SequenceLayer):
+    """Base of the multi-head layers: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (no bias) split into
+    heads, with the Mamba-backbone options ``share_qk`` (one ``q_proj``, then depthwise causal convs
+    ``conv_q``/``conv_k`` of width ``conv_kernel``, with bias) and ``use_gate`` (``g_proj``).
+
+    The names are ttt-lm-pytorch's, so attention and TTT layers load each other's weights.
+    """
+
+    def _build_projections(self, num_heads: int, share_qk: bool, use_gate: bool, conv_kernel: int) -> None:
+        C = self.d_model
+        for name, value in (("num_heads", num_heads), ("conv_kernel", conv_kernel)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+        if C % num_heads:
+            raise ValueError(f"expected d_model divisible by num_heads, got d_model={C}, num_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, C // num_heads
+        self.share_qk, self.use_gate = bool(share_qk), bool(use_gate)
+        self.q_proj = nn.Linear(C, C, bias=False)
+        if self.share_qk:  # XQ = conv_q(q_proj(x)), XK = conv_k(q_proj(x))
+            self.conv_q = nn.Conv1d(C, C, conv_kernel, groups=C, bias=True, padding=conv_kernel - 1)
+            self.conv_k = nn.Conv1d(C, C, conv_kernel, groups=C, bias=True, padding=conv_kernel - 1)
+        else:
+            self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        if self.use_gate:
+            self.g_proj = nn.Linear(C, C, bias=False)
+
+    def _conv_state(self, batch_size: int, device, dtype) -> State:
+        """conv_q and conv_k read the same sequence q_proj(x): one window (B, C, K-1) serves both."""
+        if not self.share_qk:
+            return {}
+        return {"conv": torch.zeros(conv_state_shape(self.conv_q, batch_size), device=device, dtype=dtype)}
+
+    def _conv_state_size(self) -> int:
+        return self.d_model * (self.conv_q.weight.shape[-1] - 1) if self.share_qk else 0
+
+    def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """x (B, T, C) -> XQ, XK, XV (B, H, T, d) and the new conv state."""
+        new: State = {}
+        if self.share_qk:
+            xq = self.q_proj(x)
+            q, _ = causal_conv(self.conv_q, xq, state["conv"])
+            k, new["conv"] = causal_conv(self.conv_k, xq, state["conv"])
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.num_heads)
+        return heads(q), heads(k), heads(self.v_proj(x)), new
+
+    def _qkv_step(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """x (B, C) -> XQ, XK, XV (B, H, d) and the new conv state."""
+        new: State = {}
+        if self.share_qk:
+            xq = self.q_proj(x)
+            q, _ = causal_conv_step(self.conv_q, xq, state["conv"])
+            k, new["conv"] = causal_conv_step(self.conv_k, xq, state["conv"])
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        heads = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
+        return heads(q), heads(k), heads(self.v_proj(x)), new
+
+    def _gate(self, x: Tensor, y: Tensor) -> Tensor:
+        """gelu_tanh(g_proj(x)) * y with use_gate, else y (heads merged)."""
+        return gelu_tanh(self.g_proj(x)) * y if self.use_gate else y
+
+    def extra_repr(self) -> str:
+        config = getattr(self, "config", None)
+        return f"d_model={self.d_model}" + (f", {config}" if config is not None else "")
