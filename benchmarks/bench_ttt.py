@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from official_ttt import make_official  # noqa: E402
+
+from seqzoo.bench.speed import summarize  # noqa: E402
 
 HERE = Path(__file__).resolve()
 
@@ -79,20 +80,6 @@ GOALS = {
 
 
 # --- measuring ---------------------------------------------------------------------------------------
-
-
-def summarize(times: list[float]) -> dict[str, float]:
-    """Median, quartiles, min and max of a list of seconds."""
-    times = sorted(times)
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {
-        "median": statistics.median(times),
-        "q1": q[0],
-        "q3": q[2],
-        "min": times[0],
-        "max": times[-1],
-        "n": len(times),
-    }
 
 
 #: the clock of every timing: wall time, or this process's CPU time (``--clock cpu``), which other

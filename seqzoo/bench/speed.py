@@ -67,7 +67,12 @@ def timeit(
         spent += times[-1]
         if max_seconds is not None and spent > max_seconds:
             break
-    times.sort()
+    return summarize(times)
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of a list of seconds."""
+    times = sorted(times)
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {
         "median": statistics.median(times),
