@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import seqzoo
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import gelu_tanh
+from seqzoo.nn import derived, gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -318,14 +318,16 @@ class Mamba(SequenceLayer):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         state = self.check_input(x, state, step=True)
         dtype = x.dtype
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
-        # the window of the last d_conv conv inputs is the new conv_state; the conv is window · taps
-        conv_state = torch.cat([state["conv_state"][..., 1:], xi[..., None]], dim=-1)  # (b, d_inner, d_conv)
-        xc = (conv_state * self.conv1d.weight[:, 0]).sum(-1)
+        # decode runs once per token: every tensor op costs microseconds of dispatch here, so the step
+        # calls the functional forms directly and makes as few views as it can
+        xi, z = F.linear(x, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, d_inner) each
+        # the window of the last d_conv conv inputs is the new conv_state
+        conv_state = torch.cat([state["conv_state"][..., 1:], xi.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
+        xc = torch.linalg.vecdot(conv_state, self.conv1d.weight[:, 0])  # the conv is window · taps
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias
         xc = F.silu(xc)
-        dt, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = F.linear(xc, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward
             y, h = self._step_kernels(xc, F.linear(dt, self.dt_proj.weight), B, C, z, state["ssm_state"])
             return self._output_gate_only(y, x), {"conv_state": conv_state, "ssm_state": h}
@@ -333,25 +335,16 @@ class Mamba(SequenceLayer):
         if ctype != dtype:
             xc, B, C = xc.to(ctype), B.to(ctype), C.to(ctype)
         dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ctype))  # Δ_t (b, d_inner)
-        # h_t = exp(Δ A) h_{t−1} + Δ B x, each (b, d_inner, d_state) buffer written in place once
-        decay = (dt[..., None] * self._A(ctype)).exp_()
-        h = ((dt * xc)[..., None] * B[:, None, :]).addcmul_(decay, state["ssm_state"].to(ctype))
-        y = torch.baddbmm((self.D.to(ctype) * xc)[..., None], h, C[..., None])[..., 0]  # y = C·h + D x
+        # h_t = exp(Δ A) h_{t−1} + Δ B x: the outer product Δx ⊗ B is one bmm, the decay is added in place
+        decay = torch.mul(dt.unsqueeze(-1), self._A(ctype)).exp_()
+        h = torch.bmm((dt * xc).unsqueeze(-1), B.unsqueeze(1)).addcmul_(decay, state["ssm_state"].to(ctype))
+        y = torch.baddbmm((self.D.to(ctype) * xc).unsqueeze(-1), h, C.unsqueeze(-1)).squeeze(-1)  # C·h + D x
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
 
     def _A(self, ctype: torch.dtype) -> Tensor:
-        """A = −exp(A_log) in ``ctype``. Without a gradient to track it is cached until ``A_log`` changes
-        (in place, by a new tensor, dtype or device), so a decode step does not re-derive it; an A made
-        under ``torch.inference_mode`` is used only there."""
-        A_log = self.A_log
-        if A_log.requires_grad and torch.is_grad_enabled():
-            return -torch.exp(A_log.to(ctype))
-        key = (A_log._version, A_log.data_ptr(), A_log.device, ctype, torch.is_inference_mode_enabled())
-        cached = self.__dict__.get("_A_cache")
-        if cached is None or cached[0] is not A_log or cached[1] != key:
-            with torch.no_grad():
-                cached = self.__dict__["_A_cache"] = (A_log, key, -torch.exp(A_log.to(ctype)))
-        return cached[2]
+        """A = −exp(A_log) in ``ctype``, made once until ``A_log`` changes when autograd does not track it
+        (so a decode step does not re-derive it)."""
+        return derived(self, ("A", ctype), [self.A_log], lambda: -torch.exp(self.A_log.to(ctype)))
 
     # --- CUDA: mamba-ssm's kernels ------------------------------------------------------------------
     def _output_gate_only(self, y: Tensor, u: Tensor) -> Tensor:

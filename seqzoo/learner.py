@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from .contract import SequenceLayer, State
-from .nn import HeadProjections, apply_rope
+from .nn import HeadProjections, apply_rope, derived
 
 log = logging.getLogger(__name__)
 
@@ -350,12 +351,17 @@ class TTTLayer(HeadProjections):
 
     # --- the views and the learning rate -----------------------------------------------------------
     def _outer(self, batch: int, dtype) -> dict[str, Tensor]:
-        """The outer-only per-head parameters expanded to (B·H, ...)."""
-        out = {}
-        for n in self.outer_names:
-            p = getattr(self, n).to(dtype)
-            out[n] = p.unsqueeze(0).expand(batch, *p.shape).reshape(-1, *p.shape[1:])
-        return out
+        """The outer-only per-head parameters expanded to (B·H, ...) (made once per batch size and dtype
+        while they do not change and autograd does not track them)."""
+
+        def build():
+            out = {}
+            for n in self.outer_names:
+                p = getattr(self, n).to(dtype)
+                out[n] = p.unsqueeze(0).expand(batch, *p.shape).reshape(-1, *p.shape[1:])
+            return out
+
+        return derived(self, ("outer", batch, dtype), [getattr(self, n) for n in self.outer_names], build)
 
     def _gate_eta(self, x: Tensor) -> Tensor:
         """gate_j = ttt_base_lr · σ(θ_lr,h · x_j + b_lr,h) / d for x (B, T, C) -> (B, H, T)."""
@@ -379,9 +385,10 @@ class TTTLayer(HeadProjections):
         return apply_rope(XQ, positions, theta), apply_rope(XK, positions, theta)
 
     def _output(self, x: Tensor, z: Tensor) -> Tensor:
-        if self.post_norm is not None:
-            z = self.post_norm(z)
-        return self.o_proj(self._gate(x, z))
+        norm = self.post_norm
+        if norm is not None:  # the functional forms: a module call costs a decode step several microseconds
+            z = F.layer_norm(z, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.linear(self._gate(x, z), self.o_proj.weight)
 
     # --- forward: whole mini-batches through _full, partial ones through _chunk --------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -525,16 +532,18 @@ class TTTLayer(HeadProjections):
         """``_gate_eta`` of one token x (B, C) -> (B·H, 1)."""
         if not self.config.learnable_lr:
             return x.new_full((x.shape[0] * self.num_heads, 1), self.config.ttt_base_lr / self.head_dim)
-        weight, bias = self.learnable_ttt_lr_weight[:, 0].to(x.dtype), self.learnable_ttt_lr_bias[:, 0].to(x.dtype)
-        logits = torch.addmm(bias, x, weight.t())
-        return (self.config.ttt_base_lr / self.head_dim) * torch.sigmoid(logits).reshape(-1, 1)
+        weight, bias = self.learnable_ttt_lr_weight, self.learnable_ttt_lr_bias
+        weight_t, bias = derived(self, ("lr_gate", x.dtype), [weight, bias],
+                                 lambda: (weight[:, 0].to(x.dtype).t(), bias[:, 0].to(x.dtype)))
+        gate = torch.sigmoid(torch.addmm(bias, x, weight_t)).view(-1, 1)
+        return gate * (self.config.ttt_base_lr / self.head_dim)
 
     def _token_eta_at(self, p: int, device, dtype) -> Tensor:
-        """tokidx[p] of ``token_eta`` as a (1,) tensor."""
+        """tokidx[p] of ``token_eta`` as a (1,) tensor, from the table of all b made by ``_token_eta``."""
         idx = getattr(self, "learnable_token_idx", None)
-        if idx is None:
-            return torch.ones(1, device=device, dtype=dtype)
-        return torch.clamp_min(idx[p:p + 1].to(dtype) + 1.0 / (p + 1), 0.0)
+        sources = [] if idx is None else [idx]
+        table = derived(self, ("token_eta", device, dtype), sources, lambda: self._token_eta(device, dtype))
+        return table[p:p + 1]
 
     def _rope_step(self, q: Tensor, k: Tensor, p: int) -> tuple[Tensor, Tensor]:
         """RoPE of one token (B, H, d) at position p inside the mini-batch, from a table of the b

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -9,11 +12,35 @@ from torch import Tensor, nn
 
 from .contract import SequenceLayer, State
 
-__all__ = ["HeadProjections", "RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape", "apply_rope"]
+T = TypeVar("T")
+
+__all__ = [
+    "HeadProjections", "RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape",
+    "apply_rope", "derived",
+]
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
+
+
+def derived(owner: nn.Module, key: Hashable, sources: Sequence[Tensor], build: Callable[[], T]) -> T:
+    """``build()``, a value derived from the tensors ``sources`` (parameters), cached on ``owner`` under
+    ``key`` until one of them changes: in place (its version counter), by another tensor, or by a new
+    storage (``.to()``, ``load_state_dict(assign=True)``). A decode step runs per token, so what does not
+    depend on the token (−exp(A_log), an expanded per-head parameter, a table of row scales) is made
+    once. Built afresh, and not cached, while autograd would record it (a cached graph could not be
+    reused) and for inference tensors, which keep no version counter."""
+    if any(t.is_inference() for t in sources) or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        return build()
+    stamp = tuple((t._version, t.data_ptr()) for t in sources), torch.is_inference_mode_enabled()
+    cache = owner.__dict__.setdefault("_seqzoo_derived", {})
+    hit = cache.get(key)
+    if hit is not None and hit[1] == stamp and all(a is b for a, b in zip(hit[0], sources)):
+        return hit[2]
+    value = build()
+    cache[key] = (tuple(sources), stamp, value)
+    return value
 
 
 class RMSNorm(nn.Module):
@@ -164,7 +191,7 @@ class HeadProjections(SequenceLayer):
             k, new["conv"] = causal_conv_step(self.conv_k, xq, state["conv"])
         else:
             q, k = self.q_proj(x), self.k_proj(x)
-        heads = lambda t: rearrange(t, "b (h d) -> b h d", h=self.num_heads)
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # (B, H, d), a view (einops costs ~10x more)
         return heads(q), heads(k), heads(self.v_proj(x)), new
 
     def _gate(self, x: Tensor, y: Tensor) -> Tensor:
