@@ -72,26 +72,31 @@ class Block(nn.Module):
             out["preconv"] = conv
         return out
 
+    def _branch_input(self, h: Tensor) -> Tensor:
+        """The residual stream in the block's own dtype: a stream kept in float32 (``residual_in_fp32``)
+        is rounded to a bfloat16 block's dtype before each norm, as mamba-ssm's blocks do."""
+        return h.to(self.seq_norm.weight.dtype)
+
     def forward(self, h: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         inner, conv_state = self._split(state) if state is not None else (None, None)
         if self.conv is not None:
-            c, conv_state = self.conv(h, conv_state)
+            c, conv_state = self.conv(self._branch_input(h), conv_state)
             h = h + c
-        y, inner = self.seq_modeling_block(self.seq_norm(h), inner)
+        y, inner = self.seq_modeling_block(self.seq_norm(self._branch_input(h)), inner)
         h = h + y
         if self.mlp is not None:
-            h = h + self.mlp(self.ffn_norm(h))
+            h = h + self.mlp(self.ffn_norm(self._branch_input(h)))
         return h, self._join(inner, conv_state)
 
     def step(self, h: Tensor, state: State) -> tuple[Tensor, State]:
         inner, conv_state = self._split(state)
         if self.conv is not None:
-            c, conv_state = self.conv.step(h, conv_state)
+            c, conv_state = self.conv.step(self._branch_input(h), conv_state)
             h = h + c
-        y, inner = self.seq_modeling_block.step(self.seq_norm(h), inner)
+        y, inner = self.seq_modeling_block.step(self.seq_norm(self._branch_input(h)), inner)
         h = h + y
         if self.mlp is not None:
-            h = h + self.mlp(self.ffn_norm(h))
+            h = h + self.mlp(self.ffn_norm(self._branch_input(h)))
         return h, self._join(inner, conv_state)
 
 
@@ -107,6 +112,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     conv_kernel: int = 4
     tie_embeddings: bool = True
+    residual_in_fp32: bool = False
     layer_config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,22 +186,30 @@ class LanguageModel(nn.Module):
 
     def forward(self, input_ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         self._check_ids(input_ids, 2)
-        h = self.embed_tokens(input_ids)
+        h = self._embed(input_ids)
         new_state: State = {}
         for i, (block, s) in enumerate(zip(self.layers, self._block_states(state))):
             h, s = block(h, s)
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
-        return F.linear(self.norm(h), self.head_weight), new_state
+        return self._head(h), new_state
+
+    def _embed(self, ids: Tensor) -> Tensor:
+        """The residual stream's start: the embeddings, in at least float32 with ``residual_in_fp32``."""
+        h = self.embed_tokens(ids)
+        return h.to(torch.promote_types(h.dtype, torch.float32)) if self.config.residual_in_fp32 else h
+
+    def _head(self, h: Tensor) -> Tensor:
+        return F.linear(self.norm(h.to(self.norm.weight.dtype)), self.head_weight)
 
     def step(self, token_ids: Tensor, state: State) -> tuple[Tensor, State]:
         """One token per batch element: token_ids (B,) -> logits (B, vocab), new state."""
         self._check_ids(token_ids, 1)
-        h = self.embed_tokens(token_ids)
+        h = self._embed(token_ids)
         new_state: State = {}
         for i, (block, s) in enumerate(zip(self.layers, self._block_states(state))):
             h, s = block.step(h, s)
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
-        return F.linear(self.norm(h), self.head_weight), new_state
+        return self._head(h), new_state
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -235,9 +249,13 @@ def _sample(logits: Tensor, temperature: float, top_k: int | None, generator) ->
 def create_model(layer: str, backbone: str = "transformer", *, vocab_size: int = 256, d_model: int = 64,
                  n_layers: int = 2, mlp: bool = True, intermediate_size: int | None = None,
                  norm_eps: float = 1e-6, conv_kernel: int = 4, tie_embeddings: bool = True,
-                 **layer_config) -> LanguageModel:
-    """A ``LanguageModel`` of ``n_layers`` blocks of ``backbone`` around the registered ``layer``."""
+                 residual_in_fp32: bool = False, **layer_config) -> LanguageModel:
+    """A ``LanguageModel`` of ``n_layers`` blocks of ``backbone`` around the registered ``layer``.
+
+    ``residual_in_fp32``: keep the residual stream between blocks in (at least) float32 while the blocks
+    run in the model's dtype, as mamba-ssm's ``MambaLMHeadModel`` does by default; a float32 or float64
+    model computes the same numbers either way."""
     return LanguageModel(ModelConfig(layer=layer, backbone=backbone, vocab_size=vocab_size, d_model=d_model,
                                      n_layers=n_layers, mlp=mlp, intermediate_size=intermediate_size,
                                      norm_eps=norm_eps, conv_kernel=conv_kernel, tie_embeddings=tie_embeddings,
-                                     layer_config=layer_config))
+                                     residual_in_fp32=residual_in_fp32, layer_config=layer_config))

@@ -117,7 +117,9 @@ def from_mamba_ssm(state_dict, config):
 
     Accepts either project's state_dict layout (``backbone.embedding`` or ``backbone.embeddings``) and
     config names (``d_model``/``hidden_size``, ``n_layer``/``num_hidden_layers``, ...). The model is a
-    transformer backbone without MLP around the ``mamba`` layer, in the state_dict's dtype.
+    transformer backbone without MLP around the ``mamba`` layer, in the state_dict's dtype, with the
+    residual stream in float32 unless the config says ``residual_in_fp32=False`` (both projects' default
+    is True; it changes nothing for float32 and float64 weights).
     """
     import torch
 
@@ -174,7 +176,8 @@ def from_mamba_ssm(state_dict, config):
 
     model = create_model("mamba", backbone="transformer", mlp=False, vocab_size=opts.pop("vocab_size"),
                          d_model=opts.pop("d_model"), n_layers=opts.pop("n_layers"),
-                         norm_eps=opts.pop("norm_eps", 1e-5), tie_embeddings=tie, **opts)
+                         norm_eps=opts.pop("norm_eps", 1e-5), tie_embeddings=tie,
+                         residual_in_fp32=bool(cfg.get("residual_in_fp32", True)), **opts)
     model = model.to(embedding.dtype)
     model.load_state_dict(ours, strict=True)
     return model

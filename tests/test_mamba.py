@@ -427,3 +427,57 @@ def test_forward_in_many_segments_equals_steps_and_hf(monkeypatch, grad):
         y_ref, _ = scan_steps(layer, u2)
         y_ref.pow(2).sum().backward()
         assert_close(g_seg, u2.grad, 1e-10, "input gradient: segmented forward vs step scan")
+
+
+def _mamba_ssm_mixer_model(model, ids=None, token=None, state=None):
+    """mamba-ssm's MixerModel + tied head (fused_add_norm=False, residual_in_fp32=True) written out on
+    seqzoo's modules: the residual stream is float32, each block's norm reads it rounded to the block's
+    dtype. With ``token`` it runs the mixers' ``step``."""
+    hidden = model.embed_tokens(ids if token is None else token)
+    residual, new = None, {}
+    for i, block in enumerate(model.layers):
+        residual = hidden + residual if residual is not None else hidden
+        hidden = block.seq_norm(residual.to(block.seq_norm.weight.dtype))
+        residual = residual.to(torch.float32)
+        if token is None:
+            hidden = block.seq_modeling_block(hidden)[0]
+        else:
+            inner = {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith(f"{i}.layer.")}
+            hidden, s = block.seq_modeling_block.step(hidden, inner)
+            new.update({f"{i}.layer.{k}": v for k, v in s.items()})
+    residual = hidden + residual
+    hidden = model.norm(residual.to(model.norm.weight.dtype))
+    return F.linear(hidden, model.embed_tokens.weight), new
+
+
+def test_residual_in_fp32_is_mamba_ssm_block_loop():
+    torch.manual_seed(0)
+    kw = dict(backbone="transformer", mlp=False, vocab_size=50, d_model=32, n_layers=3, norm_eps=1e-5)
+    model = seqzoo.create_model("mamba", residual_in_fp32=True, **kw).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        got, state = model(ids)
+        want, _ = _mamba_ssm_mixer_model(model, ids)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        token = torch.randint(0, 50, (2,))
+        got_step, got_state = model.step(token, state)
+        want_step, want_state = _mamba_ssm_mixer_model(model, token=token, state=state)
+        assert torch.equal(got_step, want_step)
+        assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
+        # the flag matters in bfloat16 and changes nothing in float32
+        plain = seqzoo.create_model("mamba", **kw).to(torch.bfloat16)
+        plain.load_state_dict(model.state_dict())
+        assert not torch.equal(plain(ids)[0], got)
+        model32, plain32 = model.float(), plain.float()
+        assert torch.equal(model32(ids)[0], plain32(ids)[0])
+
+
+def test_from_mamba_ssm_keeps_the_residual_in_fp32():
+    torch.manual_seed(0)
+    src = seqzoo.create_model("mamba", backbone="transformer", mlp=False, vocab_size=40, d_model=16, n_layers=1)
+    sd = {"backbone.embedding.weight": src.embed_tokens.weight, "backbone.norm_f.weight": src.norm.weight}
+    for k, v in src.layers[0].state_dict().items():
+        part, _, rest = k.partition(".")
+        sd[f"backbone.layers.0.{'mixer' if part == 'seq_modeling_block' else 'norm'}.{rest}"] = v
+    assert from_mamba_ssm(sd, {"d_model": 16, "n_layer": 1}).config.residual_in_fp32
+    assert not from_mamba_ssm(sd, {"d_model": 16, "n_layer": 1, "residual_in_fp32": False}).config.residual_in_fp32
