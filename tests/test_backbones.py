@@ -48,6 +48,22 @@ def test_causal_conv_equals_padded_conv_and_steps():
     torch.testing.assert_close(state, st)
 
 
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_causal_conv_wider_state_and_no_bias(K):
+    """A state wider than K − 1 (Mamba keeps K inputs) carries the same conv; K = 1 and no bias work."""
+    conv = torch.nn.Conv1d(5, 5, K, groups=5, bias=False, padding=K - 1).double()
+    x = torch.randn(3, 9, 5, dtype=torch.float64)
+    want = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)
+    wide = torch.zeros(3, 5, K + 2, dtype=torch.float64)
+    y1, s1 = causal_conv(conv, x[:, :4], wide)
+    y2, s2 = causal_conv(conv, x[:, 4:], s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), want, rtol=1e-13, atol=1e-13)
+    assert s2.shape == wide.shape and torch.equal(s2, x[:, -(K + 2):].transpose(1, 2))
+    if K >= 2:  # a state narrower than K − 1 is refused
+        with pytest.raises(ValueError, match="at least"):
+            causal_conv(conv, x, torch.zeros(3, 5, K - 2, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
 def test_block_structure_matches_official_names(backbone):
     lm = seqzoo.create_model("rnn", backbone, vocab_size=11, d_model=16, n_layers=2)
