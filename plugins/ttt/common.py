@@ -54,6 +54,26 @@ def gelu_tanh_grad(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
 
 
+def gelu_tanh_into(x: Tensor, out: Tensor, t: Tensor, x_sq: Tensor) -> Tensor:
+    """gelu_tanh(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³), written into ``out``; keeps
+    t = tanh u and x_sq = x² (for ``gelu_tanh_grad_into``). Workspaces of x's shape, no autograd: the
+    fused ``F.gelu(approximate="tanh")`` CPU kernel measured 1.7x slower than these seven passes."""
+    torch.mul(x, x, out=x_sq)
+    torch.mul(x_sq, _SQRT_2_OVER_PI * 0.044715, out=t).add_(_SQRT_2_OVER_PI).mul_(x).tanh_()
+    torch.mul(x, 0.5, out=out)
+    return out.addcmul_(out, t)
+
+
+def gelu_tanh_grad_into(grad: Tensor, x: Tensor, t: Tensor, x_sq: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """grad ⊙ gelu_tanh'(x) into ``out``, from t and x_sq of ``gelu_tanh_into`` (x_sq is overwritten):
+    gelu_tanh'(x) = ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²). ``out`` may be ``grad``."""
+    torch.mul(x_sq, 3 * _SQRT_2_OVER_PI * 0.044715, out=scratch).add_(_SQRT_2_OVER_PI).mul_(x)
+    t_sq = torch.mul(t, t, out=x_sq)
+    scratch.addcmul_(scratch, t_sq, value=-1.0)  # x(1 − t²)·√(2/π)(1 + 3kx²)
+    scratch.add_(t).add_(1.0)
+    return torch.mul(grad, scratch, out=out).mul_(0.5)
+
+
 def causal_eta(token_eta: Tensor, lr_eta: Tensor) -> Tensor:
     """η[..., i, j] = token_eta[i] · lr_eta[..., j] for j ≤ i, else 0: token_eta (r,), lr_eta (..., r)."""
     return torch.tril(token_eta[:, None] * lr_eta[..., None, :])

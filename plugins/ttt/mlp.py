@@ -20,7 +20,15 @@ from torch import Tensor
 from seqzoo.learner import GradientLearner, TTTConfig, TTTLayer
 from seqzoo.nn import gelu_tanh
 
-from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd_centered
+from .common import (
+    LN_EPS,
+    causal_eta,
+    gelu_tanh_grad_into,
+    gelu_tanh_into,
+    kernel,
+    ln_fwd,
+    ln_l2_bwd_centered,
+)
 
 __all__ = ["MLPLearner", "TTTMLP", "TTTMLPConfig", "ttt_mlp_dual", "ttt_mlp_chunk"]
 
@@ -157,49 +165,40 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
         q, k, v = mb(XQ), mb(XK), mb(XV)
         eta = causal_eta(token_eta, rearrange(lr[:, :e], "N (n b) -> n N b", b=b))  # (n, N, b, b)
         one = 1.0 if norm else 0.0
-        M1 = eta * (q @ k.transpose(-1, -2) + one)  # Z̄1 = XQ·W1 + b1 − M1·g1
-        eta_last = eta[:, :, -1:, :]  # (n, N, 1, b)
-        kT_last = (eta_last.transpose(-1, -2) * k).transpose(-1, -2)
+        if not torch.is_grad_enabled():
+            Z, W1, b1, W2, b2 = _mlp_scan_no_grad(q, k, v, eta, W1, b1, W2, b2, gamma, beta, B)
+            Zs.append(Z.reshape(B, e, H, d).transpose(1, 2).reshape(N, e, d))  # a view when B = 1
+        else:
+            M1 = eta * (q @ k.transpose(-1, -2) + one)  # Z̄1 = XQ·W1 + b1 − M1·g1
+            eta_last = eta[:, :, -1:, :]  # (n, N, 1, b)
+            kT_last = (eta_last.transpose(-1, -2) * k).transpose(-1, -2)
 
-        # without autograd the weights are updated in place (a copy of each per mini-batch saved)
-        inplace = not torch.is_grad_enabled()
-
-        def run(lo, hi, W1, b1, W2, b2):
-            out = []
-            if inplace:
-                W1, W2 = W1.clone(), W2.clone()
-                b1, b2 = (b1.clone(), b2.clone()) if norm else (None, None)
-            for i in range(lo, hi):
-                X2, g1, g2 = _mlp_grads(k[i], v[i], W1, b1, W2, b2, gamma, beta)
-                X2_bar = gelu_tanh(torch.baddbmm(_affine(q[i], W1, b1), M1[i], g1, alpha=-1.0))
-                M2 = eta[i] * (X2_bar @ X2.transpose(-1, -2) + one)
-                out.append(torch.baddbmm(_affine(X2_bar, W2, b2), M2, g2, alpha=-1.0))
-                eta_X2 = eta_last[i].transpose(-1, -2) * X2  # (N, b, 4d): η[b, j] X2_j
-                if inplace:
-                    W1.baddbmm_(kT_last[i], g1, alpha=-1.0)
-                    W2.baddbmm_(eta_X2.transpose(-1, -2), g2, alpha=-1.0)
+            def run(lo, hi, W1, b1, W2, b2):
+                out = []
+                for i in range(lo, hi):
+                    X2, g1, g2 = _mlp_grads(k[i], v[i], W1, b1, W2, b2, gamma, beta)
+                    X2_bar = gelu_tanh(torch.baddbmm(_affine(q[i], W1, b1), M1[i], g1, alpha=-1.0))
+                    M2 = eta[i] * (X2_bar @ X2.transpose(-1, -2) + one)
+                    out.append(torch.baddbmm(_affine(X2_bar, W2, b2), M2, g2, alpha=-1.0))
+                    eta_X2 = eta_last[i].transpose(-1, -2) * X2  # (N, b, 4d): η[b, j] X2_j
+                    W1 = torch.baddbmm(W1, kT_last[i], g1, alpha=-1.0)
+                    W2 = torch.baddbmm(W2, eta_X2.transpose(-1, -2), g2, alpha=-1.0)
                     if norm:
-                        b1.baddbmm_(eta_last[i], g1, alpha=-1.0)
-                        b2.baddbmm_(eta_last[i], g2, alpha=-1.0)
-                    continue
-                W1 = torch.baddbmm(W1, kT_last[i], g1, alpha=-1.0)
-                W2 = torch.baddbmm(W2, eta_X2.transpose(-1, -2), g2, alpha=-1.0)
-                if norm:
-                    b1 = torch.baddbmm(b1, eta_last[i], g1, alpha=-1.0)
-                    b2 = torch.baddbmm(b2, eta_last[i], g2, alpha=-1.0)
-            return torch.stack(out), W1, b1, W2, b2
+                        b1 = torch.baddbmm(b1, eta_last[i], g1, alpha=-1.0)
+                        b2 = torch.baddbmm(b2, eta_last[i], g2, alpha=-1.0)
+                return torch.stack(out), W1, b1, W2, b2
 
-        group = checkpoint_group if checkpoint_group > 0 and torch.is_grad_enabled() else n
-        for lo in range(0, n, group):
-            hi = min(lo + group, n)
-            if group < n:
-                Z_bar, W1, b1, W2, b2 = torch.utils.checkpoint.checkpoint(
-                    run, lo, hi, W1, b1, W2, b2, use_reentrant=False)
-            else:
-                Z_bar, W1, b1, W2, b2 = run(lo, hi, W1, b1, W2, b2)
-            Zs.append(Z_bar)
-        Z_bar = rearrange(Zs[0] if len(Zs) == 1 else torch.cat(Zs), "n N b d -> N (n b) d")
-        Zs = [XQ[:, :e] + ln_fwd(Z_bar, gamma, beta) if norm else Z_bar]
+            group = checkpoint_group if checkpoint_group > 0 else n
+            for lo in range(0, n, group):
+                hi = min(lo + group, n)
+                if group < n:
+                    Z_bar, W1, b1, W2, b2 = torch.utils.checkpoint.checkpoint(
+                        run, lo, hi, W1, b1, W2, b2, use_reentrant=False)
+                else:
+                    Z_bar, W1, b1, W2, b2 = run(lo, hi, W1, b1, W2, b2)
+                Zs.append(Z_bar)
+            Z_bar = rearrange(Zs[0] if len(Zs) == 1 else torch.cat(Zs), "n N b d -> N (n b) d")
+            Zs = [XQ[:, :e] + ln_fwd(Z_bar, gamma, beta) if norm else Z_bar]
     if T > n * b:  # a trailing partial mini-batch: rows 1..r, weights unchanged
         s, r = n * b, T - n * b
         W = {"W1": W1, "W2": W2}
@@ -211,6 +210,60 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
     Z = (Zs[0] if len(Zs) == 1 else torch.cat(Zs, dim=1)) if Zs else XQ
     unflat = lambda t: t.reshape(B, H, *t.shape[1:]) if t is not None else None
     return unflat(Z), unflat(W1), unflat(b1), unflat(W2), unflat(b2)
+
+
+
+def _mlp_scan_no_grad(q, k, v, eta, W1, b1, W2, b2, gamma, beta, batch):
+    """The mini-batch loop of ``ttt_mlp_dual`` without autograd: q/k/v (n, N, b, d) with N = batch·H,
+    eta (n, N, b, b). Returns z = XQ + LN(Z̄) (Z̄ without the inner norm) in the (batch, n, b, H, d)
+    layout of the output projection's input, and the final W1, b1, W2, b2 (copies, updated in place).
+
+    Everything that reads a mini-batch runs inside the loop, and every intermediate is written into one
+    workspace that all mini-batches reuse: fresh (N, b, 4d) tensors would each cost page faults (glibc
+    hands such sizes back to the OS) and arrive cold in cache. GELU and its derivative share tanh u
+    (``gelu_tanh_into``)."""
+    n, N, b, d = q.shape
+    H = N // batch
+    norm = gamma is not None
+    W1, W2 = W1.clone(), W2.clone()
+    b1, b2 = (b1.clone(), b2.clone()) if norm else (None, None)
+    new = lambda *shape: q.new_empty(N, b, *shape)
+    Z1, X2, G1, g1, Zq, X2_bar, scaled_g1, t, x_sq, scratch = (new(W1.shape[-1]) for _ in range(10))
+    Z2, Z2_bar, scaled_g2, M1, M2 = new(d), new(d), new(d), new(b), new(b)
+    final = q.new_empty(batch, n, b, H, d)
+    one = q.new_ones(()) if norm else q.new_zeros(())
+    if norm:
+        gamma2, gamma_beta = gamma * gamma, gamma * beta
+    affine = lambda x, W, bias, out: torch.baddbmm(bias, x, W, out=out) if norm else torch.bmm(x, W, out=out)
+    for i in range(n):
+        # forward and backward of the inner model on the keys at the mini-batch-start weights
+        gelu_tanh_into(affine(k[i], W1, b1, Z1), X2, t, x_sq)
+        affine(X2, W2, b2, Z2)
+        if norm:
+            g2 = ln_l2_bwd_centered(Z2, torch.addcmul(gamma_beta, gamma, k[i] - v[i]), gamma2)
+        else:
+            g2 = Z2.sub_(v[i])
+        gelu_tanh_grad_into(torch.bmm(g2, W2.transpose(-1, -2), out=G1), Z1, t, x_sq, g1, scratch)
+        # the dual form: Z̄1 = XQ·W1 + b1 − M1·g1,  Z̄2 = X̄2·W2 + b2 − M2·g2,  M = η ⊙ (·ᵀ + 1)
+        torch.baddbmm(one, q[i], k[i].transpose(-1, -2), out=M1).mul_(eta[i])
+        gelu_tanh_into(affine(q[i], W1, b1, Zq).baddbmm_(M1, g1, alpha=-1.0), X2_bar, t, x_sq)
+        torch.baddbmm(one, X2_bar, X2.transpose(-1, -2), out=M2).mul_(eta[i])
+        affine(X2_bar, W2, b2, Z2_bar).baddbmm_(M2, g2, alpha=-1.0)
+        dest = final[:, i].transpose(1, 2)  # (batch, H, b, d)
+        if norm:
+            torch.add(ln_fwd(Z2_bar, gamma, beta).view(batch, H, b, d), q[i].view(batch, H, b, d), out=dest)
+        else:
+            dest.copy_(Z2_bar.view(batch, H, b, d))
+        # W ← W − Σ_j η[b, j] ∇ℓ_j: the gradients scaled by the last row of η
+        last = eta[i, :, -1:, :]  # (N, 1, b)
+        torch.mul(g1, last.transpose(-1, -2), out=scaled_g1)
+        torch.mul(g2, last.transpose(-1, -2), out=scaled_g2)
+        W1.baddbmm_(k[i].transpose(-1, -2), scaled_g1, alpha=-1.0)
+        W2.baddbmm_(X2.transpose(-1, -2), scaled_g2, alpha=-1.0)
+        if norm:
+            b1.baddbmm_(last, g1, alpha=-1.0)
+            b2.baddbmm_(last, g2, alpha=-1.0)
+    return final, W1, b1, W2, b2
 
 
 class TTTMLP(TTTLayer):
