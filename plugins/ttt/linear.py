@@ -141,19 +141,22 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
         q, k, v = mb(XQ), mb(XK), mb(XV)
         eta = causal_eta(token_eta, mb(lr))  # (N, n, b, b)
         eta_last = eta[:, :, -1:, :]  # (N, n, 1, b): η[b, j], the weights of the end-of-mini-batch update
-        kT_last = (k * eta_last.transpose(-1, -2)).transpose(-1, -2)  # (N, n, d, b): (η[b, j] XK_j)ᵀ
         if norm:  # ∂ℓ/∂x̂ = γ²·x̂ + γ(β − (XV − XK)) = γ²·x̂ + γβ + γ(XK − XV)
             gamma2, gamma_beta = gamma * gamma, gamma * beta
         # Without autograd the weights are updated in place and every mini-batch's output z = XQ + LN(Z̄)
         # goes straight into its place in one (B, n, b, H, d) buffer, the layout of the output projection's
         # input; with autograd each step makes new tensors.
         inplace = not torch.is_grad_enabled()
-        if inplace:
+        if inplace:  # workspaces reused by every mini-batch
             Z_i, final = XQ.new_empty(N, b, d), XQ.new_empty(B, n, b, H, d)
+            M_i, scaled_g = XQ.new_empty(N, b, b), XQ.new_empty(N, b, d)
+            kTs = None
+        else:  # (η[b, j] XK_j)ᵀ (N, n, d, b)
+            kTs = (k * eta_last.transpose(-1, -2)).transpose(-1, -2).unbind(1)
         # per-mini-batch views made once (indexing in the loop costs a dispatch per tensor)
         ks, qs, vs, etas = k.unbind(1), q.unbind(1), v.unbind(1), eta.unbind(1)
         one = q.new_ones(()) if norm else q.new_zeros(())
-        kTs, els = kT_last.unbind(1), eta_last.unbind(1)
+        els = eta_last.unbind(1)
 
         def run(lo: int, hi: int, W: Tensor, bias: Tensor | None):
             Zb = []
@@ -166,8 +169,10 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
                 else:
                     g = torch.bmm(ks[i], W) - vs[i]
                 # M = η ⊙ (XQ·XKᵀ + 1) (without the 1 when there is no bias)
-                M = torch.baddbmm(one, qs[i], ks[i].transpose(-1, -2))
-                M = M.mul_(etas[i]) if inplace else M * etas[i]
+                if inplace:
+                    M = torch.baddbmm(one, qs[i], ks[i].transpose(-1, -2), out=M_i).mul_(etas[i])
+                else:
+                    M = torch.baddbmm(one, qs[i], ks[i].transpose(-1, -2)) * etas[i]
                 # Z̄ = XQ·W + b − M·g;  W ← W − Σ_j η[b, j] XK_jᵀ g_j,  b ← b − Σ_j η[b, j] g_j
                 if inplace:
                     if norm:
@@ -180,7 +185,9 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
                         torch.add(ln_fwd(Z_i, gamma, beta).view(B, H, b, d), qs[i].view(B, H, b, d), out=dest)
                     else:
                         dest.copy_(Z_i.view(B, H, b, d))
-                    W.baddbmm_(kTs[i], g, alpha=-1.0)
+                    # XK_jᵀ (η[b, j] g_j): the gradients scaled by the last row of η
+                    torch.mul(g, els[i].transpose(-1, -2), out=scaled_g)
+                    W.baddbmm_(ks[i].transpose(-1, -2), scaled_g, alpha=-1.0)
                     if norm:
                         bias.baddbmm_(els[i], g, alpha=-1.0)
                 else:
