@@ -329,8 +329,12 @@ class TTTLayer(HeadProjections):
         return 2 * weights + 2 + self._conv_state_size()
 
     def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
+        return self._checked(x, state, step)[0]
+
+    def _checked(self, x: Tensor, state: State | None, step: bool) -> tuple[State, int]:
+        """``check_input`` and the position inside the mini-batch (read once: step runs per token)."""
         state = super().check_input(x, state, step=step)
-        pos, b = state["pos"].tolist(), state["mini_batch_size"].tolist()  # one read each (step runs per token)
+        pos, b = state["pos"].tolist(), state["mini_batch_size"].tolist()
         if any(m != self.mini_batch_size for m in b):
             raise ValueError(
                 f"expected a state of a layer with mini_batch_size={self.mini_batch_size}, got one with "
@@ -340,7 +344,7 @@ class TTTLayer(HeadProjections):
             raise ValueError(f"expected state['pos'] in [0, {self.mini_batch_size}), got {pos}")
         if pos and any(p != pos[0] for p in pos):
             raise ValueError(f"expected every batch element at the same position, got state['pos'] = {pos}")
-        return state
+        return state, (pos[0] if pos else 0)
 
     def _start_weights(self, state: State) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """W and G from the state, flattened to (B·H, ...)."""
@@ -502,14 +506,15 @@ class TTTLayer(HeadProjections):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One token in the primal form: the gradient of this token at the mini-batch-start weights W is
         added to G, the output uses W̄ = W − tokidx·G, and W ← W̄ only at the mini-batch's end."""
-        state = self.check_input(x, state, step=True)
+        state, p = self._checked(x, state, step=True)
         B, H, d, b = x.shape[0], self.num_heads, self.head_dim, self.mini_batch_size
         q, k, v, new = self._qkv_step(x, state)
-        p = int(state["pos"][0]) if B else 0
         dtype = x.dtype
         with _no_autocast(x.device.type):
-            q, k = self._rope_step(q.to(dtype), k.to(dtype), p)
-            flat = lambda t: t.to(dtype).reshape(B * H, 1, d)
+            if q.dtype != dtype:  # under autocast
+                q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            q, k = self._rope_step(q, k, p)
+            flat = lambda t: t.reshape(B * H, 1, d)
             W, G = self._start_weights(state)
             commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
             tok = self._token_eta_at(p, x.device, dtype)
