@@ -386,7 +386,8 @@ class TTTLayer(HeadProjections):
         T = XQ.shape[-2]
         positions = (start + torch.arange(T, device=XQ.device)) % self.mini_batch_size
         theta = self.config.rope_theta
-        return apply_rope(XQ, positions, theta), apply_rope(XK, positions, theta)
+        # XQ and XK are this call's own projections: rotated in place
+        return apply_rope(XQ, positions, theta, inplace=True), apply_rope(XK, positions, theta, inplace=True)
 
     def _output(self, x: Tensor, z: Tensor) -> Tensor:
         norm = self.post_norm

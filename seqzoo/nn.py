@@ -117,10 +117,12 @@ def causal_conv_step(conv: nn.Conv1d, x: Tensor, conv_state: Tensor) -> tuple[Te
     return y, window[..., 1:].contiguous()
 
 
-def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0, *, inplace: bool = False) -> Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of x (..., T, d) by positions (T,) · theta^(-2i/d).
 
-    This is the EasyLM / ttt-lm-pytorch convention (pairs are neighbours, not halves).
+    This is the EasyLM / ttt-lm-pytorch convention (pairs are neighbours, not halves). ``inplace``:
+    rotate x itself where its layout allows (float32/64 with the pairs adjacent in memory) and return
+    it — for a caller that owns x, a whole-sequence buffer less to allocate and fault in.
     """
     d = x.shape[-1]
     if d % 2:
@@ -131,9 +133,12 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
     if x.dtype in (torch.float32, torch.float64):
         # one fused pass (3x faster): the pair (x_2i, x_2i+1) as x_2i + i·x_2i+1, times e^{i·angle}
         pairs = x.unflatten(-1, (d // 2, 2))
+        rotation = torch.polar(torch.ones_like(angle), angle)
         if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
             pairs = pairs.contiguous()
-        rotation = torch.polar(torch.ones_like(angle), angle)
+        elif inplace:
+            torch.view_as_complex(pairs).mul_(rotation)
+            return x
         return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]

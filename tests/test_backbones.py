@@ -32,6 +32,19 @@ def test_rope_adjacent_pairs():
         apply_rope(torch.randn(2, 3), torch.arange(2))
 
 
+def test_apply_rope_in_place_equals_out_of_place():
+    pos = torch.arange(7) % 4
+    base = torch.randn(2, 7, 3, 8, dtype=torch.float64)
+    x = base.transpose(1, 2)  # (B, H, T, d), a view with the pairs adjacent
+    want = apply_rope(x.clone(), pos)
+    got = apply_rope(x, pos, inplace=True)
+    assert got is x and torch.equal(got, want)
+    odd = torch.randn(2, 3, 7, 9, dtype=torch.float64)[..., 1:]  # pairs straddle storage: falls back
+    before = odd.clone()
+    out = apply_rope(odd, pos, inplace=True)
+    assert out is not odd and torch.equal(odd, before) and torch.equal(out, apply_rope(before, pos))
+
+
 def test_causal_conv_equals_padded_conv_and_steps():
     conv = torch.nn.Conv1d(6, 6, 4, groups=6, bias=True, padding=3).double()
     x = torch.randn(2, 11, 6, dtype=torch.float64)

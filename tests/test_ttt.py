@@ -50,8 +50,9 @@ def golden_layer(cfg, params, **extra):
     return layer
 
 
-def rope_float32_tables(x, positions, theta=10000.0):
-    """apply_rope with cos/sin computed in float32, as the official RotaryEmbedding does."""
+def rope_float32_tables(x, positions, theta=10000.0, *, inplace=False):
+    """apply_rope with cos/sin computed in float32, as the official RotaryEmbedding does (always a new
+    tensor: ``inplace`` is a permission, not a promise)."""
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     angle = positions.float()[:, None] * inv_freq[None, :]
