@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqzoo.learner import TTTLayer
+from seqzoo.nn import derived
+
 log = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
@@ -99,3 +102,22 @@ def kernel(name: str, device: torch.device, *, required: bool):
         log.debug("Triton kernel %s unavailable on %s; using the torch dual form", name, device)
         return None
     return fn
+
+
+class InnerNormTTT(TTTLayer):
+    """Base of the hand-derived TTT layers (TTT-Linear, TTT-MLP), whose inner model ends in a per-head
+    LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``."""
+
+    def _ln(self, outer: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
+        """The inner LayerNorm's weight and bias as (B·H, 1, d), or (None, None) without it."""
+        if not self.config.inner_norm:
+            return None, None
+        return outer["ttt_norm_weight"].unsqueeze(1), outer["ttt_norm_bias"].unsqueeze(1)
+
+    def _ln_terms(self, ln_w: Tensor | None, ln_b: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """(ln_w·ln_b, ln_w²) of the fused LN-L2 backward, made once per shape and dtype while the
+        LN parameters do not change (a decode step would otherwise recompute them per token)."""
+        if ln_w is None:
+            return None
+        return derived(self, ("ln_terms", ln_w.shape[0], ln_w.dtype), [self.ttt_norm_weight, self.ttt_norm_bias],
+                       lambda: (ln_w * ln_b, ln_w * ln_w))

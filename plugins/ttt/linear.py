@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqzoo.learner import GradientLearner, TTTConfig, TTTLayer
-from seqzoo.nn import derived
+from seqzoo.learner import GradientLearner, TTTConfig
 
-from .common import LN_EPS, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
+from .common import LN_EPS, InnerNormTTT, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
 
 __all__ = ["LinearLearner", "TTTLinear", "ttt_linear_dual", "ttt_linear_chunk"]
 
@@ -226,17 +225,12 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
     return unflat(Z), unflat(W), unflat(bias) if norm else None
 
 
-class TTTLinear(TTTLayer):
+class TTTLinear(InnerNormTTT):
     """TTT-Linear (Sun et al. 2024): hidden state W1, b1 of f(x) = x + LN(x·W1 + b1), per head.
 
     ``forward`` runs the dual form (matmuls within each mini-batch, batched over batch × heads);
     ``step`` the primal form. Equal to ttt-lm-pytorch's ``TTTLinear`` with the same state_dict.
     """
-
-    def _ln(self, outer):
-        if not self.config.inner_norm:
-            return None, None
-        return outer["ttt_norm_weight"].unsqueeze(1), outer["ttt_norm_bias"].unsqueeze(1)
 
     def _chunk(self, XQ, XK, XV, lr, tok, W, G, outer):
         ln_w, ln_b = self._ln(outer)
@@ -250,12 +244,9 @@ class TTTLinear(TTTLayer):
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         ln_w, ln_b = self._ln(outer)
-        ln_terms = None
-        if ln_w is not None:  # made once per batch size and dtype while the LN parameters do not change
-            ln_terms = derived(self, ("ln_terms", XQ.shape[0], XQ.dtype), [self.ttt_norm_weight, self.ttt_norm_bias],
-                               lambda: (ln_w * ln_b, ln_w * ln_w))
         Z, (W1, b1), (GW1, Gb1) = ttt_linear_step(
-            XQ, XK, XV, lr, tok, W["W1"], W.get("b1"), G["W1"], G.get("b1"), ln_w, ln_b, commit, ln_terms
+            XQ, XK, XV, lr, tok, W["W1"], W.get("b1"), G["W1"], G.get("b1"), ln_w, ln_b, commit,
+            self._ln_terms(ln_w, ln_b)
         )
         W_bar, G_new = {"W1": W1}, {"W1": GW1}
         if Gb1 is not None:
