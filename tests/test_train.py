@@ -212,3 +212,19 @@ def test_sigterm_checkpoints_then_resume_completes(tmp_path):
     assert 0 < latest["step"] < 400
     logged = [json.loads(x)["step"] for x in log.read_text().splitlines()]
     assert logged[-1] == latest["step"]  # the checkpoint is at the last completed step
+
+
+def test_optimizer_skips_weight_decay_where_a_layer_says_so():
+    """Matrices decay, vectors do not, nor Mamba's A_log and D (mamba-ssm's ``_no_weight_decay``)."""
+    import seqzoo
+    from seqzoo.bench.train import make_optimizer
+
+    model = seqzoo.create_model("mamba", backbone="transformer", mlp=False, vocab_size=16, d_model=16, n_layers=1)
+    opt = make_optimizer(model, TrainConfig(layer="mamba", weight_decay=0.1))
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    mixer = model.layers[0].seq_modeling_block
+    assert mixer.A_log.ndim == 2 and decay_of[id(mixer.A_log)] == 0.0
+    assert decay_of[id(mixer.D)] == 0.0
+    assert decay_of[id(mixer.in_proj.weight)] == 0.1
+    assert decay_of[id(model.norm.weight)] == 0.0
+    assert len(decay_of) == sum(1 for _ in model.parameters())
