@@ -280,3 +280,37 @@ def test_sigterm_leaves_valid_results_and_resume_finishes(tmp_path):
         overrides=json.loads(override),
     )
     assert all(c["status"] == "ok" for c in done["cells"].values())
+
+
+def _run_numbers(res: dict) -> dict:
+    out = {}
+    for key, cell in res["cells"].items():
+        for task, by_width in cell["tasks"].items():
+            for width, entry in by_width.items():
+                for lr, run in entry["runs"].items():
+                    out[(key, task, width, lr)] = (run["status"], run.get("metrics"), run.get("final_train_loss"))
+    return out
+
+
+def test_parallel_training_gives_the_serial_numbers(tmp_path):
+    """jobs=2 trains cells in worker processes; every number equals the one-process run's."""
+    kw = dict(layers=["rnn", "ttt_linear"], tasks=["mqar", "lm"], preset_name="quick", speed=False, overrides=TINY)
+    serial = compare(out=tmp_path / "serial", jobs=1, **kw)
+    parallel = compare(out=tmp_path / "parallel", jobs=2, **kw)
+    want, got = _run_numbers(serial), _run_numbers(parallel)
+    assert len(want) == 8 and got == want
+    assert json.loads((tmp_path / "parallel" / "results.json").read_text())["finished"]
+
+
+def test_parallel_worker_without_the_layer_reports_it(tmp_path):
+    """A layer registered only in this process (not an installed plugin) fails in its cell, with the
+    reason, when the workers cannot see it; the other cells complete."""
+    seqzoo.register_plugin(_NaNPlugin, name="nan-harness-test")
+    try:
+        res = compare(layers=["rnn", "nan_layer_harness_test"], backbones=["transformer"], tasks=["mqar"],
+                      preset_name="quick", out=tmp_path, speed=False, overrides=TINY, jobs=2)
+    finally:
+        seqzoo.unregister_plugin("nan-harness-test")
+    assert res["cells"]["rnn/transformer"]["status"] == "ok"
+    bad = res["cells"]["nan_layer_harness_test/transformer"]
+    assert bad["status"] == "failed" and "nan_layer_harness_test" in json.dumps(bad["errors"])

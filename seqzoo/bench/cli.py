@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,19 @@ def _progress(enabled: bool):
 
 
 # --- compare ----------------------------------------------------------------------------------------------
+def _jobs(args) -> int:
+    """Training runs at once: given, or on CPU one per core left by the torch threads (on CUDA one)."""
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ValueError(f"expected --jobs >= 1, got {args.jobs}")
+        return args.jobs
+    if args.device != "cpu":
+        return 1
+    import torch
+
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+
+
 def _cmd_compare(args) -> int:
     from rich.console import Console
 
@@ -83,6 +97,7 @@ def _cmd_compare(args) -> int:
                 overrides=overrides,
                 progress=progress,
                 console=console,
+                jobs=_jobs(args),
             )
     except (KeyboardInterrupt, Interrupted):
         console.print(
@@ -284,6 +299,11 @@ def add_commands(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
+    p.add_argument(
+        "--jobs", type=int, default=None,
+        help="training runs at once, in worker processes (default on CPU: cores / threads; the speed sweep "
+        "always runs alone)",
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser(

@@ -316,8 +316,13 @@ def compare(
     overrides: dict | None = None,
     progress: Any = None,
     console: Any = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the comparison and write ``out/results.json``; returns the results dict.
+
+    ``jobs`` > 1 trains that many cells at once in worker processes (each with this process's torch
+    thread count; the layers must come from installed plugins, which the workers load), then runs the
+    speed sweep alone. Every cell's numbers are the same as with ``jobs=1``.
 
     ``progress`` is an optional ``rich.progress.Progress``; ``console`` an optional rich console for notes.
     ``overrides`` replaces preset entries (``{"tasks": {"mqar": {"steps": 10}}}``), for tests and sweeps.
@@ -386,7 +391,8 @@ def compare(
                         units.append(
                             (
                                 f"{layer}/{backbone} {task} d{d} lr {_lr_key(lr)}",
-                                _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save),
+                                _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save,
+                                            cache_dir),
                                 tcfg["steps"],
                             )
                         )
@@ -401,6 +407,10 @@ def compare(
         notes(f"resume: skipping {skipped} finished unit(s) of {len(units)} from {path}")
     overall = progress.add_task("seqzoo compare", total=len(pending)) if progress is not None else None
     with _TermAsInterrupt():
+        training = [u for u in pending if hasattr(u[1], "prepare")]
+        if jobs > 1 and len(training) > 1:  # training units in worker processes; the speed sweep alone after
+            _run_parallel(training, jobs, torch.get_num_threads(), progress, overall)
+            pending = [u for u in pending if not hasattr(u[1], "prepare")]
         for label, fn, steps in pending:
             sub = None
             if progress is not None:
@@ -420,6 +430,62 @@ def compare(
     _summarise(results, cfg, tasks)
     save()
     return results
+
+
+def _run_parallel(units: list, jobs: int, threads: int, progress, overall) -> None:
+    """Train ``units`` (label, run, steps) in ``jobs`` spawned worker processes; each finished run is
+    merged and saved here as it arrives. However this ends (Ctrl-C, SIGTERM, an error), every worker
+    started is stopped before it returns; the runs that finished are kept."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    todo, done = ctx.Queue(), ctx.Queue()
+    specs = {}
+    for n, (label, fn, _) in enumerate(units):
+        specs[n] = (label, fn)
+        todo.put((n, fn.prepare()))
+    workers = []
+    try:
+        for _ in range(min(jobs, len(units))):
+            todo.put(None)  # one stop mark per worker
+            workers.append(ctx.Process(target=_worker, args=(todo, done, threads), daemon=True))
+            workers[-1].start()
+        left = set(specs)
+        while left:
+            if progress is not None:
+                shown = ", ".join(specs[n][0] for n in sorted(left)[:jobs])
+                progress.update(overall, description=f"compare ({jobs} at once): {shown}")
+            try:
+                n, rec = done.get(timeout=0.5)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers):
+                    for n in sorted(left):  # the workers died without a word: each run says so
+                        specs[n][1].finish({"status": "failed", "error": "training worker process died"})
+                    return
+                continue
+            left.discard(n)
+            specs[n][1].finish(rec)
+            if progress is not None:
+                progress.advance(overall)
+    finally:
+        started = [w for w in workers if w.pid is not None]  # an interrupt may land inside start()
+        for w in started:
+            if w.is_alive():
+                w.terminate()
+        for w in started:
+            w.join()
+        todo.cancel_join_thread()
+        done.cancel_join_thread()
+
+
+def _worker(todo, done, threads: int) -> None:
+    """A training worker: runs prepared specs until the stop mark; Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    while (item := todo.get()) is not None:
+        n, spec = item
+        done.put((n, _train_cell(spec)))
 
 
 def _deep_update(dst: dict, src: dict) -> None:
@@ -488,7 +554,9 @@ def _param_target(results: dict, task: str, d: int, tcfg: dict, vocab: int, laye
     return results["param_targets"][key]["params_non_embedding"]
 
 
-def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save):
+def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save, cache_dir):
+    """One (cell, task, width, lr) training run: ``run()`` in this process, or ``prepare()`` (parameter
+    matching, here), ``_train_cell(spec)`` (anywhere: a worker process) and ``finish(rec)`` (here)."""
     entry_path = (task, f"d{d}")
 
     def runs() -> dict:
@@ -498,10 +566,10 @@ def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save):
         r = cell["tasks"].get(task, {}).get(f"d{d}", {}).get("runs", {}).get(_lr_key(lr))
         return r is not None and r.get("status") == "ok"
 
-    def run() -> None:
-        entry = runs()
-        rec: dict[str, Any] = {"lr": lr, "status": "running"}
-        t0 = time.perf_counter()
+    def prepare() -> dict:
+        """The run's spec; a failure here (a layer that cannot be built) is the run's recorded error."""
+        spec: dict[str, Any] = {"task": task, "seed": seed, "cache_dir": str(cache_dir),
+                                "task_kwargs": tcfg["task_config"], "lr": lr}
         try:
             t = get_task(task)
             layer_config = _layer_config(cell["layer"], tcfg.get("layer_config", {}))
@@ -515,14 +583,14 @@ def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save):
                 vocab_size=t.vocab_size,
                 layer_config=layer_config,
             )
-            entry.update(
+            runs().update(
                 intermediate_size=width,
                 params_non_embedding=n_params,
                 param_ratio=n_params / target,
                 layer_config=layer_config,
             )
             steps = tcfg["steps"]
-            tc = TrainConfig(
+            spec["train_config"] = dict(
                 layer=cell["layer"],
                 backbone=cell["backbone"],
                 task=task,
@@ -539,30 +607,56 @@ def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save):
                 eval_batch_size=tcfg["eval_batch_size"],
                 device=device,
             )
-            res = train(tc, task=t, on_step=lambda s, loss: run.on_step(s, loss))
-            stride = max(1, len(res.losses) // 100)
-            rec.update(
-                status="ok",
-                metrics=res.metrics,
-                params=res.params,
-                params_non_embedding=res.params_non_embedding,
-                state_size=res.state_size,
-                loss_curve={"stride": stride, "loss": res.losses[::stride]},
-                final_train_loss=res.losses[-1],
-            )
         except (KeyboardInterrupt, Interrupted):
             raise
         except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
-            log.warning("%s/%s %s failed: %s", cell["layer"], cell["backbone"], task, exc)
-            rec.update(status="failed", error=_error_text(exc))
-        rec["seconds"] = round(time.perf_counter() - t0, 2)
+            spec["error"] = _error_text(exc)
+        return spec
+
+    def finish(rec: dict) -> None:
+        if rec["status"] != "ok":
+            log.warning("%s/%s %s failed: %s", cell["layer"], cell["backbone"], task, rec.get("error"))
+        entry = runs()
         entry["runs"][_lr_key(lr)] = rec
         _pick_best(entry, get_task(task) if rec["status"] == "ok" else None)
         save()
 
-    run.done = done
+    def run() -> None:
+        finish(_train_cell(prepare(), task=get_task(task), on_step=run.on_step))
+
+    run.done, run.prepare, run.finish = done, prepare, finish
     run.on_step = lambda s, loss: None
     return run
+
+
+def _train_cell(spec: dict, task=None, on_step=None) -> dict:
+    """Train and evaluate one prepared run (``spec`` from ``_train_unit``); returns its record. Runs in a
+    worker process as well as in the caller's: ``task`` (built from the spec when None) and ``on_step``
+    are the caller's conveniences. A layer that fails (raises, produces NaN) gives a failed record."""
+    rec: dict[str, Any] = {"lr": spec["lr"], "status": "running"}
+    if "error" in spec:  # the layer could not even be built
+        return {**rec, "status": "failed", "error": spec["error"], "seconds": 0.0}
+    t0 = time.perf_counter()
+    try:
+        if task is None:
+            task = make_task(spec["task"], seed=spec["seed"], cache_dir=Path(spec["cache_dir"]), **spec["task_kwargs"])
+        res = train(TrainConfig(**spec["train_config"]), task=task, on_step=on_step)
+        stride = max(1, len(res.losses) // 100)
+        rec.update(
+            status="ok",
+            metrics=res.metrics,
+            params=res.params,
+            params_non_embedding=res.params_non_embedding,
+            state_size=res.state_size,
+            loss_curve={"stride": stride, "loss": res.losses[::stride]},
+            final_train_loss=res.losses[-1],
+        )
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
+        rec.update(status="failed", error=_error_text(exc))
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return _json_roundtrip(rec)
 
 
 def _pick_best(entry: dict, task) -> None:
