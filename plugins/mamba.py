@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import seqzoo
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import causal_conv, derived, gelu_tanh
+from seqzoo.nn import causal_conv, gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,9 @@ class Mamba(SequenceLayer):
     """The Mamba (v1) mixer, with mamba-ssm's parameter names, shapes and initialisation."""
 
     Config = MambaConfig
+    #: parameters an optimiser should not decay (by name: a mark on the tensor is lost by deepcopy and
+    #: ``load_state_dict(assign=True)``); mamba-ssm also marks them ``_no_weight_decay``
+    no_weight_decay: tuple[str, ...] = ("A_log", "D")
 
     def __init__(self, d_model: int, **config):
         super().__init__(d_model)
@@ -304,16 +307,14 @@ class Mamba(SequenceLayer):
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         state = self.check_input(x, state, step=True)
         dtype = x.dtype
-        # decode runs once per token: every tensor op costs microseconds of dispatch here, so the step
-        # calls the functional forms directly and makes as few views as it can
-        xi, z = F.linear(x, self.in_proj.weight, self.in_proj.bias).chunk(2, dim=-1)  # (b, d_inner) each
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
         # the window of the last d_conv conv inputs is the new conv_state
         conv_state = torch.cat([state["conv_state"][..., 1:], xi.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
         xc = torch.linalg.vecdot(conv_state, self.conv1d.weight[:, 0])  # the conv is window · taps
         if self.conv1d.bias is not None:
             xc = xc + self.conv1d.bias
         xc = F.silu(xc)
-        dt, B, C = F.linear(xc, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward
             y, h = self._step_kernels(xc, F.linear(dt, self.dt_proj.weight), B, C, z, state["ssm_state"])
             return self._output_gate_only(y, x), {"conv_state": conv_state, "ssm_state": h}
@@ -328,9 +329,9 @@ class Mamba(SequenceLayer):
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
 
     def _A(self, ctype: torch.dtype) -> Tensor:
-        """A = −exp(A_log) in ``ctype``, made once until ``A_log`` changes when autograd does not track it
-        (so a decode step does not re-derive it)."""
-        return derived(self, ("A", ctype), [self.A_log], lambda: -torch.exp(self.A_log.to(ctype)))
+        """A = −exp(A_log) in ``ctype`` (derived afresh per call: a cached value could not see a change
+        of A_log made through ``.data``)."""
+        return -torch.exp(self.A_log.to(ctype))
 
     # --- CUDA: mamba-ssm's kernels ------------------------------------------------------------------
     def _output_gate_only(self, y: Tensor, u: Tensor) -> Tensor:

@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from .contract import SequenceLayer, State
-from .nn import HeadProjections, apply_rope, derived
+from .nn import HeadProjections, apply_rope, cached_views
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +354,8 @@ class TTTLayer(HeadProjections):
 
     # --- the views and the learning rate -----------------------------------------------------------
     def _outer(self, batch: int, dtype) -> dict[str, Tensor]:
-        """The outer-only per-head parameters expanded to (B·H, ...) (made once per batch size and dtype
-        while they do not change and autograd does not track them)."""
+        """The outer-only per-head parameters expanded to (B·H, ...) (views, made once per batch size in
+        the parameters' dtype while autograd does not track them)."""
 
         def build():
             out = {}
@@ -365,7 +364,7 @@ class TTTLayer(HeadProjections):
                 out[n] = p.unsqueeze(0).expand(batch, *p.shape).reshape(-1, *p.shape[1:])
             return out
 
-        return derived(self, ("outer", batch, dtype), [getattr(self, n) for n in self.outer_names], build)
+        return cached_views(self, ("outer", batch, dtype), [getattr(self, n) for n in self.outer_names], build)
 
     def _gate_eta(self, x: Tensor) -> Tensor:
         """gate_j = ttt_base_lr · σ(θ_lr,h · x_j + b_lr,h) / d for x (B, T, C) -> (B, H, T)."""
@@ -386,14 +385,14 @@ class TTTLayer(HeadProjections):
         T = XQ.shape[-2]
         positions = (start + torch.arange(T, device=XQ.device)) % self.mini_batch_size
         theta = self.config.rope_theta
-        # XQ and XK are this call's own projections: rotated in place
-        return apply_rope(XQ, positions, theta, inplace=True), apply_rope(XK, positions, theta, inplace=True)
+        # XQ and XK are this call's own projections: rotated in place unless a hook has seen them
+        inplace = self._owns_qk()
+        return apply_rope(XQ, positions, theta, inplace=inplace), apply_rope(XK, positions, theta, inplace=inplace)
 
     def _output(self, x: Tensor, z: Tensor) -> Tensor:
-        norm = self.post_norm
-        if norm is not None:  # the functional forms: a module call costs a decode step several microseconds
-            z = F.layer_norm(z, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        return F.linear(self._gate(x, z), self.o_proj.weight)
+        if self.post_norm is not None:  # module calls, so hooks and wrapped modules (LoRA, ...) apply
+            z = self.post_norm(z)
+        return self.o_proj(self._gate(x, z))
 
     # --- forward: whole mini-batches through _full, partial ones through _chunk --------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -539,17 +538,17 @@ class TTTLayer(HeadProjections):
         if not self.config.learnable_lr:
             return x.new_full((x.shape[0] * self.num_heads, 1), self.config.ttt_base_lr / self.head_dim)
         weight, bias = self.learnable_ttt_lr_weight, self.learnable_ttt_lr_bias
-        weight_t, bias = derived(self, ("lr_gate", x.dtype), [weight, bias],
-                                 lambda: (weight[:, 0].to(x.dtype).t(), bias[:, 0].to(x.dtype)))
+        weight_t, bias = cached_views(self, ("lr_gate", x.dtype), [weight, bias],
+                                      lambda: (weight[:, 0].to(x.dtype).t(), bias[:, 0].to(x.dtype)))
         gate = torch.sigmoid(torch.addmm(bias, x, weight_t)).view(-1, 1)
         return gate * (self.config.ttt_base_lr / self.head_dim)
 
     def _token_eta_at(self, p: int, device, dtype) -> Tensor:
-        """tokidx[p] of ``token_eta`` as a (1,) tensor, from the table of all b made by ``_token_eta``."""
+        """tokidx[p] of ``token_eta`` as a (1,) tensor."""
         idx = getattr(self, "learnable_token_idx", None)
-        sources = [] if idx is None else [idx]
-        table = derived(self, ("token_eta", device, dtype), sources, lambda: self._token_eta(device, dtype))
-        return table[p:p + 1]
+        if idx is None:
+            return torch.ones(1, device=device, dtype=dtype)
+        return torch.clamp_min(idx[p:p + 1].to(dtype) + 1.0 / (p + 1), 0.0)
 
     def _rope_step(self, q: Tensor, k: Tensor, p: int) -> tuple[Tensor, Tensor]:
         """RoPE of one token (B, H, d) at position p inside the mini-batch, from a table of the b
@@ -561,7 +560,7 @@ class TTTLayer(HeadProjections):
             rope = lambda t: apply_rope(t.unsqueeze(-2), pos, self.config.rope_theta).squeeze(-2)
             return rope(q), rope(k)
         cache = self.__dict__.setdefault("_rope_tables", {})
-        key = (q.dtype, q.device, apply_rope)
+        key = (q.dtype, q.device, apply_rope, torch.is_inference_mode_enabled())  # an inference tensor serves only there
         if key not in cache:  # apply_rope of the pairs (1, 0) at positions 0..b-1 is (cos, sin)
             basis = torch.zeros(self.mini_batch_size, self.head_dim, dtype=q.dtype, device=q.device)
             basis[:, 0::2] = 1.0

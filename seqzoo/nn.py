@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 __all__ = [
     "HeadProjections", "RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape",
-    "apply_rope", "derived",
+    "apply_rope", "cached_views",
 ]
 
 
@@ -24,23 +24,35 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def derived(owner: nn.Module, key: Hashable, sources: Sequence[Tensor], build: Callable[[], T]) -> T:
-    """``build()``, a value derived from the tensors ``sources`` (parameters), cached on ``owner`` under
-    ``key`` until one of them changes: in place (its version counter), by another tensor, or by a new
-    storage (``.to()``, ``load_state_dict(assign=True)``). A decode step runs per token, so what does not
-    depend on the token (−exp(A_log), an expanded per-head parameter, a table of row scales) is made
-    once. Built afresh, and not cached, while autograd would record it (a cached graph could not be
-    reused) and for inference tensors, which keep no version counter."""
-    if any(t.is_inference() for t in sources) or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+def cached_views(owner: nn.Module, key: Hashable, sources: Sequence[Tensor], build: Callable[[], T]) -> T:
+    """``build()``, views of the tensors ``sources`` (parameters: reshaped, expanded, transposed), kept
+    on ``owner`` under ``key`` while every source is the same tensor on the same storage. A view reads
+    its source's current values, so in-place changes (through ``.data`` too) need no invalidation; a
+    result that is not all views (a dtype cast copies, a product computes) is not kept. Nor is anything
+    while autograd would record it (a cached graph could not be reused), for inference tensors and for
+    tensors under ``torch.func`` transforms. A decode step runs per token: the views it needs of
+    per-head parameters are made once."""
+    unstampable = lambda t: torch._C._functorch.is_functorch_wrapped_tensor(t) or t.is_inference()
+    if any(unstampable(t) for t in sources) or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
         return build()
-    stamp = tuple((t._version, t.data_ptr()) for t in sources), torch.is_inference_mode_enabled()
-    cache = owner.__dict__.setdefault("_seqzoo_derived", {})
+    stamp = tuple(t.data_ptr() for t in sources), torch.is_inference_mode_enabled()
+    cache = owner.__dict__.setdefault("_seqzoo_views", {})
     hit = cache.get(key)
     if hit is not None and hit[1] == stamp and all(a is b for a, b in zip(hit[0], sources)):
         return hit[2]
     value = build()
-    cache[key] = (tuple(sources), stamp, value)
+    storages = {t.untyped_storage().data_ptr() for t in sources}
+    if all(v.untyped_storage().data_ptr() in storages for v in _tensors_in(value)):
+        cache[key] = (tuple(sources), stamp, value)
     return value
+
+
+def _tensors_in(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for v in value for t in _tensors_in(v)]
 
 
 class RMSNorm(nn.Module):
@@ -206,6 +218,16 @@ class HeadProjections(SequenceLayer):
             q, k = self.q_proj(x), self.k_proj(x)
         heads = lambda t: t.unflatten(-1, (self.num_heads, -1))  # (B, H, d), a view (einops costs ~10x more)
         return heads(q), heads(k), heads(self.v_proj(x)), new
+
+    def _owns_qk(self) -> bool:
+        """Whether the XQ/XK that ``_qkv`` returns are seen by nobody else, so a caller may overwrite them:
+        conv outputs with share_qk, or plain ``nn.Linear`` outputs that no forward hook has seen."""
+        if self.share_qk:
+            return True
+        from torch.nn.modules import module as module_globals
+
+        plain = lambda m: type(m) is nn.Linear and not m._forward_hooks
+        return plain(self.q_proj) and plain(self.k_proj) and not module_globals._global_forward_hooks
 
     def _gate(self, x: Tensor, y: Tensor) -> Tensor:
         """gelu_tanh(g_proj(x)) * y with use_gate, else y (heads merged)."""

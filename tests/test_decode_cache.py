@@ -1,10 +1,10 @@
-"""Values a decode step derives from parameters once (``seqzoo.nn.derived``) follow every change of them."""
+"""What a decode step keeps between tokens (``seqzoo.nn.cached_views``) follows every change of the parameters."""
 
 import pytest
 import torch
 
 import seqzoo
-from seqzoo.nn import derived
+from seqzoo.nn import cached_views
 
 LAYERS = [("mamba", {}), ("ttt_linear", {"num_heads": 2}), ("ttt_mlp", {"num_heads": 2})]
 
@@ -57,23 +57,84 @@ def test_step_after_inference_mode_still_trains():
     assert layer.in_proj.weight.grad is not None
 
 
-def test_derived_rebuilds_on_replacement_and_version():
-    owner = torch.nn.Linear(2, 2)
+@pytest.mark.parametrize("name,config", LAYERS)
+@pytest.mark.parametrize("how", ["data", "vector_to_parameters"])
+def test_step_follows_changes_autograd_cannot_see(name, config, how):
+    """Writes through ``.data`` or into a vector the parameters alias bump no version counter."""
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer(name, 16, **config).eval()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        state = layer.forward(torch.randn(2, 5, 16))[1]
+        before = layer.step(x, state)[0]
+        if how == "data":
+            for p in layer.parameters():
+                p.data.mul_(1.25).add_(0.01)
+        else:
+            vec = torch.nn.utils.parameters_to_vector(layer.parameters())
+            torch.nn.utils.vector_to_parameters(vec, layer.parameters())
+            vec.mul_(1.25).add_(0.01)
+        after = layer.step(x, state)[0]
+        want = _fresh_step(name, config, layer, x, state)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+
+
+def test_cached_views_keeps_views_only():
+    owner = torch.nn.Linear(3, 2)
     calls = []
 
-    def build():
+    def build(fn):
         calls.append(1)
-        return owner.weight.detach() * 2
+        return fn()
 
     with torch.no_grad():
-        a = derived(owner, "w2", [owner.weight], build)
-        assert derived(owner, "w2", [owner.weight], build) is a and len(calls) == 1
-        owner.weight.add_(1.0)  # in place
-        b = derived(owner, "w2", [owner.weight], build)
-        assert len(calls) == 2 and torch.equal(b, owner.weight * 2)
-        owner.weight = torch.nn.Parameter(torch.zeros(2, 2))  # replaced
-        c = derived(owner, "w2", [owner.weight], build)
-        assert len(calls) == 3 and torch.equal(c, torch.zeros(2, 2))
-    # while autograd records, nothing is cached
-    derived(owner, "w2", [owner.weight], build)
-    assert len(calls) == 4
+        a = cached_views(owner, "t", [owner.weight], lambda: build(owner.weight.t))
+        assert cached_views(owner, "t", [owner.weight], lambda: build(owner.weight.t)) is a and len(calls) == 1
+        owner.weight.data.add_(1.0)  # a view sees it without being rebuilt
+        assert torch.equal(a, owner.weight.t())
+        owner.weight = torch.nn.Parameter(torch.zeros(2, 3))  # replaced: rebuilt
+        b = cached_views(owner, "t", [owner.weight], lambda: build(owner.weight.t))
+        assert len(calls) == 2 and torch.equal(b, torch.zeros(3, 2))
+        # a computed value is never kept
+        for _ in range(2):
+            cached_views(owner, "twice", [owner.weight], lambda: build(lambda: owner.weight * 2))
+        assert len(calls) == 4
+    # while autograd records, nothing is kept
+    cached_views(owner, "t", [owner.weight], lambda: build(owner.weight.t))
+    assert len(calls) == 5
+
+
+def test_vmap_over_functional_call():
+    """An ensemble of TTT layers run with torch.func (BatchedTensor parameters have no data pointer)."""
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer("ttt_linear", 16, num_heads=2).eval()
+    params = {k: torch.stack([v, v * 1.1]) for k, v in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        state = layer.init_state(1)
+        run = lambda p: torch.func.functional_call(layer, (p, buffers), (x, state))[0]
+        ys = torch.func.vmap(run)(params)
+        y0 = torch.func.functional_call(layer, ({k: v[0] for k, v in params.items()}, buffers), (x, state))[0]
+    torch.testing.assert_close(ys[0], y0)
+
+
+def test_hooks_see_the_projections_and_act_on_every_path():
+    torch.manual_seed(0)
+    ttt = seqzoo.create_layer("ttt_linear", 16, num_heads=2).eval()
+    seen = []
+    ttt.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.clone()) or None)
+    q_out = []
+    ttt.q_proj.register_forward_hook(lambda m, i, o: q_out.append(o))
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        ttt(x)
+    assert torch.equal(q_out[0], seen[0])  # RoPE did not rotate what a hook holds
+    ttt.o_proj.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    mamba = seqzoo.create_layer("mamba", 16).eval()
+    mamba.in_proj.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    with torch.no_grad():
+        for layer in (ttt, mamba):
+            assert torch.count_nonzero(layer(x)[0]) == 0
+            assert torch.count_nonzero(layer.step(x[:, 0], layer.init_state(1))[0]) == 0

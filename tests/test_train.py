@@ -228,3 +228,10 @@ def test_optimizer_skips_weight_decay_where_a_layer_says_so():
     assert decay_of[id(mixer.in_proj.weight)] == 0.1
     assert decay_of[id(model.norm.weight)] == 0.0
     assert len(decay_of) == sum(1 for _ in model.parameters())
+    import copy
+
+    twin = copy.deepcopy(model)  # deepcopy loses the marks on the tensors; the names still count
+    assert not getattr(twin.layers[0].seq_modeling_block.A_log, "_no_weight_decay", False)
+    opt = make_optimizer(twin, TrainConfig(layer="mamba", weight_decay=0.1))
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay_of[id(twin.layers[0].seq_modeling_block.A_log)] == 0.0

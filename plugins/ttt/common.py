@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqzoo.learner import TTTLayer
-from seqzoo.nn import derived
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +112,3 @@ class InnerNormTTT(TTTLayer):
         if not self.config.inner_norm:
             return None, None
         return outer["ttt_norm_weight"].unsqueeze(1), outer["ttt_norm_bias"].unsqueeze(1)
-
-    def _ln_terms(self, ln_w: Tensor | None, ln_b: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """(ln_w·ln_b, ln_w²) of the fused LN-L2 backward, made once per shape and dtype while the
-        LN parameters do not change (a decode step would otherwise recompute them per token)."""
-        if ln_w is None:
-            return None
-        return derived(self, ("ln_terms", ln_w.shape[0], ln_w.dtype), [self.ttt_norm_weight, self.ttt_norm_bias],
-                       lambda: (ln_w * ln_b, ln_w * ln_w))

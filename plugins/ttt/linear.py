@@ -84,9 +84,8 @@ def ttt_linear_chunk(XQ, XK, XV, lr, tok, W1, b1, GW1, Gb1, ln_w, ln_b):
     return Z, (W_bar, b_bar), (GW_new, Gb_new)
 
 
-def ttt_linear_step(XQ, XK, XV, lr, tok, W1, b1, GW1, Gb1, ln_w, ln_b, commit=True, ln_terms=None):
+def ttt_linear_step(XQ, XK, XV, lr, tok, W1, b1, GW1, Gb1, ln_w, ln_b, commit=True):
     """One token in the primal form, without forming W̄ unless ``commit`` (the mini-batch's last token).
-    ``ln_terms``: (ln_w·ln_b, ln_w²) when the caller has them made already.
 
     Shapes as ``ttt_linear_chunk`` with r = 1. With G' = G + gate·∇ℓ(W) (∇_W1 = XKᵀg, ∇_b1 = g),
     z = f(XQ; W − tok·G') where XQ·(W1 − tok·G'_W) + (b1 − tok·G'_b) = XQ·W1 + b1 − tok·(XQ·G'_W + G'_b).
@@ -94,8 +93,7 @@ def ttt_linear_step(XQ, XK, XV, lr, tok, W1, b1, GW1, Gb1, ln_w, ln_b, commit=Tr
     """
     norm = ln_w is not None
     if norm:
-        ln_wb, ln_w2 = ln_terms if ln_terms is not None else (ln_w * ln_b, ln_w * ln_w)
-        g = ln_l2_bwd_centered(torch.baddbmm(b1, XK, W1), torch.addcmul(ln_wb, ln_w, XK - XV), ln_w2)
+        g = ln_l2_bwd_centered(torch.baddbmm(b1, XK, W1), torch.addcmul(ln_w * ln_b, ln_w, XK - XV), ln_w * ln_w)
     else:
         g = torch.bmm(XK, W1) - XV
     lr_g = lr.unsqueeze(-1) * g
@@ -245,8 +243,7 @@ class TTTLinear(InnerNormTTT):
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         ln_w, ln_b = self._ln(outer)
         Z, (W1, b1), (GW1, Gb1) = ttt_linear_step(
-            XQ, XK, XV, lr, tok, W["W1"], W.get("b1"), G["W1"], G.get("b1"), ln_w, ln_b, commit,
-            self._ln_terms(ln_w, ln_b)
+            XQ, XK, XV, lr, tok, W["W1"], W.get("b1"), G["W1"], G.get("b1"), ln_w, ln_b, commit
         )
         W_bar, G_new = {"W1": W1}, {"W1": GW1}
         if Gb1 is not None:

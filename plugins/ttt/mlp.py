@@ -78,15 +78,13 @@ def _affine(x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     return torch.baddbmm(b, x, W) if b is not None else torch.bmm(x, W)
 
 
-def _mlp_grads(XK, XV, W1, b1, W2, b2, ln_w, ln_b, ln_terms=None):
-    """Forward and backward of the inner model on the keys: X2, g1 = ∂ℓ/∂Z1, g2 = ∂ℓ/∂Z2.
-    ``ln_terms``: (ln_w·ln_b, ln_w²) when the caller has them made already."""
+def _mlp_grads(XK, XV, W1, b1, W2, b2, ln_w, ln_b):
+    """Forward and backward of the inner model on the keys: X2, g1 = ∂ℓ/∂Z1, g2 = ∂ℓ/∂Z2."""
     Z1 = _affine(XK, W1, b1)
     X2 = gelu_tanh(Z1)
     Z2 = _affine(X2, W2, b2)
     if ln_w is not None:  # the LayerNorm backward fused with the L2 loss, in three kernels
-        ln_wb, ln_w2 = ln_terms if ln_terms is not None else (ln_w * ln_b, ln_w * ln_w)
-        g2 = ln_l2_bwd_centered(Z2, torch.addcmul(ln_wb, ln_w, XK - XV), ln_w2)
+        g2 = ln_l2_bwd_centered(Z2, torch.addcmul(ln_w * ln_b, ln_w, XK - XV), ln_w * ln_w)
     else:
         g2 = Z2 - XV
     # g1 = (g2·W2ᵀ) ⊙ gelu'(Z1), in one kernel
@@ -125,12 +123,12 @@ def ttt_mlp_chunk(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b):
     return Z, W_last, G_new
 
 
-def ttt_mlp_step(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b, commit=True, ln_terms=None):
+def ttt_mlp_step(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b, commit=True):
     """One token (N, 1, d) in the primal form, without forming W̄ = W − tok·G' unless ``commit``:
     x·(W − tok·G'_W) + (b − tok·G'_b) = (x·W + b) − tok·(x·G'_W + G'_b) for both layers.
     Returns Z (N, 1, d), W̄ (a dict, or None without ``commit``) and G' (as ``ttt_mlp_chunk``)."""
     norm = ln_w is not None
-    X2, g1, g2 = _mlp_grads(XK, XV, W["W1"], W.get("b1"), W["W2"], W.get("b2"), ln_w, ln_b, ln_terms)
+    X2, g1, g2 = _mlp_grads(XK, XV, W["W1"], W.get("b1"), W["W2"], W.get("b2"), ln_w, ln_b)
     lr_ = lr.unsqueeze(-1)
     lr_g1, lr_g2 = lr_ * g1, lr_ * g2
     G_new = {"W1": torch.baddbmm(G["W1"], XK.transpose(-1, -2), lr_g1),
@@ -281,7 +279,7 @@ class TTTMLP(InnerNormTTT):
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         ln_w, ln_b = self._ln(outer)
-        return ttt_mlp_step(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b, commit, self._ln_terms(ln_w, ln_b))
+        return ttt_mlp_step(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b, commit)
 
     def _full(self, XQ, XK, XV, lr, tok, W, outer):
         H = self.num_heads

@@ -63,7 +63,8 @@ def _jobs(args) -> int:
         return 1
     import torch
 
-    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, torch.get_num_threads()))
 
 
 def _cmd_compare(args) -> int:

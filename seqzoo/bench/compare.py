@@ -459,11 +459,14 @@ def _run_parallel(units: list, jobs: int, threads: int, progress, overall) -> No
             try:
                 n, rec = done.get(timeout=0.5)
             except queue.Empty:
-                if not any(w.is_alive() for w in workers):
+                if any(w.is_alive() for w in workers):
+                    continue
+                try:  # a last result may have arrived as the last worker exited
+                    n, rec = done.get(timeout=1.0)
+                except queue.Empty:
                     for n in sorted(left):  # the workers died without a word: each run says so
                         specs[n][1].finish({"status": "failed", "error": "training worker process died"})
                     return
-                continue
             left.discard(n)
             specs[n][1].finish(rec)
             if progress is not None:
@@ -480,7 +483,9 @@ def _run_parallel(units: list, jobs: int, threads: int, progress, overall) -> No
 
 
 def _worker(todo, done, threads: int) -> None:
-    """A training worker: runs prepared specs until the stop mark; Ctrl-C is the parent's to handle."""
+    """A training worker: runs prepared specs until the stop mark. The parent stops the workers on
+    Ctrl-C / SIGTERM (and keeps only the runs that finished); a Ctrl-C that reaches the worker between
+    runs is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     while (item := todo.get()) is not None:

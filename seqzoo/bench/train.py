@@ -140,8 +140,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (ndim ≥ 2), none on vectors (norms, biases, per-head scalars) nor
-    on parameters a layer marks ``_no_weight_decay`` (mamba-ssm's convention: Mamba's A_log and D)."""
-    decays = lambda p: p.ndim >= 2 and not getattr(p, "_no_weight_decay", False)
+    on the parameters a module names in its ``no_weight_decay`` attribute or marks ``_no_weight_decay``
+    (mamba-ssm's conventions: Mamba's A_log and D)."""
+    exempt = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
+    decays = lambda p: p.ndim >= 2 and id(p) not in exempt and not getattr(p, "_no_weight_decay", False)
     decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
