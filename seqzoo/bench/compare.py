@@ -488,9 +488,12 @@ def _worker(todo, done, threads: int) -> None:
     runs is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    while (item := todo.get()) is not None:
-        n, spec = item
-        done.put((n, _train_cell(spec)))
+    try:
+        while (item := todo.get()) is not None:
+            n, spec = item
+            done.put((n, _train_cell(spec)))
+    except (KeyboardInterrupt, Interrupted):  # a Ctrl-C during a run (training handles it): stop quietly
+        return
 
 
 def _deep_update(dst: dict, src: dict) -> None:
