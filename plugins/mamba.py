@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import seqzoo
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import causal_conv, gelu_tanh
+from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +308,7 @@ class Mamba(SequenceLayer):
         state = self.check_input(x, state, step=True)
         dtype = x.dtype
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
-        # the window of the last d_conv conv inputs is the new conv_state
-        conv_state = torch.cat([state["conv_state"][..., 1:], xi.unsqueeze(-1)], dim=-1)  # (b, d_inner, d_conv)
-        xc = torch.linalg.vecdot(conv_state, self.conv1d.weight[:, 0])  # the conv is window · taps
-        if self.conv1d.bias is not None:
-            xc = xc + self.conv1d.bias
+        xc, conv_state = causal_conv_step(self.conv1d, xi, state["conv_state"])  # keeps the last d_conv inputs
         xc = F.silu(xc)
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         if self._use_kernels(x) and not torch.is_grad_enabled():  # the kernel has no backward

@@ -121,12 +121,15 @@ def causal_conv(conv: nn.Conv1d, x: Tensor, conv_state: Tensor | None = None) ->
 
 
 def causal_conv_step(conv: nn.Conv1d, x: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
-    """One token of ``causal_conv``: x (B, C) -> y (B, C), new conv_state."""
-    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (B, C, K)
-    y = torch.einsum("bck,ck->bc", window, conv.weight[:, 0, :])
+    """One token of ``causal_conv``: x (B, C) -> y (B, C), new conv_state of the same width W ≥ K−1."""
+    K = conv.weight.shape[-1]
+    if conv_state.shape[-1] < K - 1:
+        raise ValueError(f"expected a conv_state of at least K - 1 = {K - 1} inputs, got shape {tuple(conv_state.shape)}")
+    inputs = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (B, C, W + 1)
+    y = torch.linalg.vecdot(inputs[..., inputs.shape[-1] - K:], conv.weight[:, 0])  # the window · taps
     if conv.bias is not None:
         y = y + conv.bias
-    return y, window[..., 1:].contiguous()
+    return y, inputs[..., 1:].contiguous()
 
 
 def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0, *, inplace: bool = False) -> Tensor:

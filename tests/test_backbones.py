@@ -72,9 +72,16 @@ def test_causal_conv_wider_state_and_no_bias(K):
     y2, s2 = causal_conv(conv, x[:, 4:], s1)
     torch.testing.assert_close(torch.cat([y1, y2], 1), want, rtol=1e-13, atol=1e-13)
     assert s2.shape == wide.shape and torch.equal(s2, x[:, -(K + 2):].transpose(1, 2))
+    state = wide  # the step carries the same wide state
+    for t in range(9):
+        yt, state = causal_conv_step(conv, x[:, t], state)
+        torch.testing.assert_close(yt, want[:, t], rtol=1e-13, atol=1e-13)
+    assert torch.equal(state, s2)
     if K >= 2:  # a state narrower than K − 1 is refused
         with pytest.raises(ValueError, match="at least"):
             causal_conv(conv, x, torch.zeros(3, 5, K - 2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="at least"):
+            causal_conv_step(conv, x[:, 0], torch.zeros(3, 5, K - 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])

@@ -165,11 +165,11 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
         mb = lambda t: rearrange(t[:, :e], "N (n b) d -> n N b d", b=b)
         q, k, v = mb(XQ), mb(XK), mb(XV)
         eta = causal_eta(token_eta, rearrange(lr[:, :e], "N (n b) -> n N b", b=b))  # (n, N, b, b)
-        one = 1.0 if norm else 0.0
         if not torch.is_grad_enabled():
             Z, W1, b1, W2, b2 = _mlp_scan_no_grad(q, k, v, eta, W1, b1, W2, b2, gamma, beta, B)
             Zs.append(Z.reshape(B, e, H, d).transpose(1, 2).reshape(N, e, d))  # a view when B = 1
         else:
+            one = 1.0 if norm else 0.0
             M1 = eta * (q @ k.transpose(-1, -2) + one)  # Z̄1 = XQ·W1 + b1 − M1·g1
             eta_last = eta[:, :, -1:, :]  # (n, N, 1, b)
             kT_last = (eta_last.transpose(-1, -2) * k).transpose(-1, -2)
@@ -211,7 +211,6 @@ def ttt_mlp_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, W2, b2, ln_w, ln_b, mini
     Z = (Zs[0] if len(Zs) == 1 else torch.cat(Zs, dim=1)) if Zs else XQ
     unflat = lambda t: t.reshape(B, H, *t.shape[1:]) if t is not None else None
     return unflat(Z), unflat(W1), unflat(b1), unflat(W2), unflat(b2)
-
 
 
 def _mlp_scan_no_grad(q, k, v, eta, W1, b1, W2, b2, gamma, beta, batch):
