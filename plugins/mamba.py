@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 import seqzoo
-from seqzoo import SequenceLayer, State
+from seqzoo import SequenceLayer, State, native
 from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class MambaConfig:
     scan_blocks: int | None = field(default=None, metadata={
         "help": "chunks per group of the CPU scan (default: SCAN_STEP_ELEMENTS // (batch·d_inner·d_state), "
                 "at least 4)"})
-    use_kernels: bool = field(default=True, metadata={"help": "use mamba-ssm's CUDA kernels on CUDA tensors when installed"})
+    use_kernels: bool = field(default=True, metadata={"help": "fused kernels: mamba-ssm's on CUDA tensors when installed, seqzoo's native decode step on CPU"})
 
 
 class Mamba(SequenceLayer):
@@ -306,6 +306,10 @@ class Mamba(SequenceLayer):
     # update rule + output rule, one token
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         state = self.check_input(x, state, step=True)
+        if self.config.use_kernels and x.is_cpu and not torch.is_grad_enabled():
+            out = self._step_native(x, state)
+            if out is not None:
+                return out
         dtype = x.dtype
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
         xc, conv_state = causal_conv_step(self.conv1d, xi, state["conv_state"])  # keeps the last d_conv inputs
@@ -323,6 +327,18 @@ class Mamba(SequenceLayer):
         h = torch.bmm((dt * xc).unsqueeze(-1), B.unsqueeze(1)).addcmul_(decay, state["ssm_state"].to(ctype))
         y = torch.baddbmm((self.D.to(ctype) * xc).unsqueeze(-1), h, C.unsqueeze(-1)).squeeze(-1)  # C·h + D x
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
+
+    # --- CPU: seqzoo's fused decode step (seqzoo.native) -------------------------------------------
+    def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
+        """``step`` with everything between in_proj and out_proj in one native call (seqzoo.native),
+        equal to the torch path to float32 rounding; None where the kernel does not apply."""
+        x_proj, dt_proj, conv = self.x_proj, self.dt_proj, self.conv1d
+        params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, self.A_log, self.D)
+        conv_state, ssm_state = state["conv_state"], state["ssm_state"]
+        if not (native.plain_linear(x_proj, dt_proj) and native.usable(x, conv_state, ssm_state, *params)):
+            return None
+        y, conv_state, h = native.mamba_step(self.in_proj(x), conv_state, ssm_state, *params)
+        return self._output_gate_only(y, x), {"conv_state": conv_state, "ssm_state": h}
 
     def _A(self, ctype: torch.dtype) -> Tensor:
         """A = −exp(A_log) in ``ctype`` (derived afresh per call: a cached value could not see a change

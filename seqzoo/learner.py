@@ -92,7 +92,9 @@ class TTTConfig:
     conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base (positions t mod b)"})
     backend: str = field(
-        default="auto", metadata={"help": "inner scan: 'torch', 'triton' (CUDA kernels), 'auto' (triton on CUDA)"}
+        default="auto",
+        metadata={"help": "inner scan: 'torch', 'triton' (CUDA kernels), 'auto' (triton on CUDA; on CPU, a native "
+                          "decode step where the layer has one: seqzoo.native)"},
     )
     scan_checkpoint_group_size: int = field(
         default=0, metadata={"help": "mini-batches per gradient-checkpointed group when training (0 = off)"}
@@ -559,17 +561,22 @@ class TTTLayer(HeadProjections):
             pos = torch.tensor([p], device=q.device)
             rope = lambda t: apply_rope(t.unsqueeze(-2), pos, self.config.rope_theta).squeeze(-2)
             return rope(q), rope(k)
-        cache = self.__dict__.setdefault("_rope_tables", {})
-        key = (q.dtype, q.device, apply_rope, torch.is_inference_mode_enabled())  # an inference tensor serves only there
-        if key not in cache:  # apply_rope of the pairs (1, 0) at positions 0..b-1 is (cos, sin)
-            basis = torch.zeros(self.mini_batch_size, self.head_dim, dtype=q.dtype, device=q.device)
-            basis[:, 0::2] = 1.0
-            table = apply_rope(basis, torch.arange(self.mini_batch_size, device=q.device), self.config.rope_theta)
-            cache[key] = torch.view_as_complex(table.unflatten(-1, (-1, 2)).contiguous())
-        rotation = cache[key][p]
+        rotation = self._rope_table(q.dtype, q.device)[p]
         pairs = lambda t: torch.view_as_complex(t.contiguous().unflatten(-1, (-1, 2)))
         rope = lambda t: torch.view_as_real(pairs(t) * rotation).flatten(-2)
         return rope(q), rope(k)
+
+    def _rope_table(self, dtype: torch.dtype, device) -> Tensor:
+        """The b rotations e^{i·p·θ_k} of the positions p inside a mini-batch, (b, d/2) complex, made once
+        per dtype and device by ``apply_rope`` itself (so the numbers are its own)."""
+        cache = self.__dict__.setdefault("_rope_tables", {})
+        key = (dtype, device, apply_rope, torch.is_inference_mode_enabled())  # an inference tensor serves only there
+        if key not in cache:  # apply_rope of the pairs (1, 0) at positions 0..b-1 is (cos, sin)
+            basis = torch.zeros(self.mini_batch_size, self.head_dim, dtype=dtype, device=device)
+            basis[:, 0::2] = 1.0
+            table = apply_rope(basis, torch.arange(self.mini_batch_size, device=device), self.config.rope_theta)
+            cache[key] = torch.view_as_complex(table.unflatten(-1, (-1, 2)).contiguous())
+        return cache[key]
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"

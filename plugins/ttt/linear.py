@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from seqzoo import State, native
 from seqzoo.learner import GradientLearner, TTTConfig
 
 from .common import LN_EPS, InnerNormTTT, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
@@ -239,6 +240,41 @@ class TTTLinear(InnerNormTTT):
         if b1 is not None:
             W_bar["b1"], G_new["b1"] = b1, Gb1
         return Z, W_bar, G_new
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        if self.config.backend == "auto" and x.is_cpu and not torch.is_grad_enabled() and self.config.inner_norm:
+            out = self._step_native(x, state)
+            if out is not None:
+                return out
+        return super().step(x, state)
+
+    def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
+        """``step`` with everything between the projections and post_norm in one native call
+        (seqzoo.native): RoPE, the η gate, the inner gradient, G, the output and, at the end of a
+        mini-batch, W̄. Equal to the torch path to float32 rounding; None where it does not apply."""
+        lr_w = getattr(self, "learnable_ttt_lr_weight", None)
+        lr_b = getattr(self, "learnable_ttt_lr_bias", None)
+        token_idx = getattr(self, "learnable_token_idx", None)
+        ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
+        W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]
+        if torch.is_autocast_enabled("cpu") or not native.usable(x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, token_idx):
+            return None
+        state, p = self._checked(x, state, step=True)
+        q, k, v, new = self._qkv_step(x, state)
+        if not (q.dtype is k.dtype is v.dtype is torch.float32):
+            return None
+        B, H, d = q.shape
+        rope = torch.view_as_real(self._rope_table(q.dtype, q.device)[p]) if self.config.rope else None
+        commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
+        Z, GW, Gb, W_bar, b_bar = native.ttt_linear_token(
+            q, k, v, x, lr_w, lr_b, self.config.ttt_base_lr / self.head_dim, rope, token_idx, p, W, b, GW, Gb,
+            ln_w, ln_b, LN_EPS, commit)
+        if commit:
+            W, b, GW, Gb = W_bar, b_bar, torch.zeros_like(GW), torch.zeros_like(Gb)
+        new.update(W1=W, b1=b, W1_grad=GW, b1_grad=Gb)
+        new["pos"] = torch.full((B,), (p + 1) % self.mini_batch_size, dtype=torch.int64, device=x.device)
+        new["mini_batch_size"] = state["mini_batch_size"]
+        return self._output(x, Z.view(B, H * d)), new
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         ln_w, ln_b = self._ln(outer)

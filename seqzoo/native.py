@@ -1,0 +1,225 @@
+"""Fused CPU decode steps in C (``seqzoo/csrc/decode.c``), built once per machine with the system C compiler.
+
+A decode step on the CPU is a few large mat-vecs (the projections) and dozens of tiny ops between them,
+each costing PyTorch's per-op dispatch (3-10 µs) for a few microseconds of arithmetic. The kernels here
+do the tiny part in one call: Mamba's conv, x_proj, dt_proj and selective-state update (when x_proj and
+dt_proj are bare ``nn.Linear``: ``plain_linear``), TTT-Linear's inner step. The large projections stay
+module calls (hooks and wrapped modules apply).
+
+- ``available()``: the library is built (or was built before) and loads. The build runs at the first
+  call, never at import: ``cc -O3 -march=native``, about a second, cached under ``$SEQZOO_CACHE_DIR``
+  (default ``$XDG_CACHE_HOME/seqzoo`` or ``~/.cache/seqzoo``) by a hash of the source, the compiler
+  and the CPU. ``SEQZOO_NATIVE=0`` turns the kernels off; with no compiler they are off and the torch
+  paths run (one log line says why).
+- ``usable(*tensors)``: float32 CPU tensors, autograd off (``torch.no_grad``/``inference_mode``, as
+  generation runs), no ``torch.func`` transform, no tracing: the layers take the native path only then,
+  and their torch path otherwise.
+
+Every kernel is tested against the layer's torch path (tests/test_native.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+
+log = logging.getLogger(__name__)
+
+__all__ = ["available", "usable", "plain_linear", "mamba_step", "ttt_linear_token", "cache_dir"]
+
+SOURCE = Path(__file__).parent / "csrc" / "decode.c"
+MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head a TTT kernel takes
+FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "sz_mamba_step": (_i32, [_i64] * 6 + [_ptr, _i64] + [_ptr] * 12),
+    "sz_ttt_linear_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 6
+                            + [_f32] + [_ptr] * 5),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SEQZOO_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "seqzoo"
+    )
+    return Path(root) / "native"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile to a temporary name and rename: concurrent builders (compare's workers) never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        errors = []
+        # the widest vectors this CPU has; then what every compiler takes
+        for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
+            cmd = [compiler, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode == 0:
+                os.replace(tmp, target)
+                return
+            errors.append(f"{' '.join(cmd)}: {run.stderr.strip()[-500:]}")
+        raise RuntimeError("; ".join(errors))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("SEQZOO_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+        log.debug("seqzoo native kernels off (SEQZOO_NATIVE=0)")
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.info("seqzoo native CPU kernels unavailable: no C compiler (cc, gcc, clang); using the torch paths")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"decode-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as err:
+        log.warning("seqzoo native CPU kernels unavailable (%s); using the torch paths", err)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them at the first call)."""
+    global _lib, _tried
+    if not _tried:
+        _lib, _tried = _load(), True
+    return _lib is not None
+
+
+def _library() -> ctypes.CDLL:
+    if _lib is None and not available():
+        raise RuntimeError("seqzoo native CPU kernels are unavailable (see the log); check native.available() first")
+    return _lib
+
+
+def usable(*tensors: Tensor | None) -> bool:
+    """Whether the native path may run on these tensors: autograd not recording (the kernels have no
+    backward), no ``torch.func`` transform, no tracing or compiling, and every tensor float32 on the CPU."""
+    if torch.is_grad_enabled() or not (_lib is not None or available()):
+        return False
+    if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+            or torch._C._get_tracing_state() is not None):
+        return False
+    f32 = torch.float32
+    return all(t is None or (t.dtype is f32 and t.is_cpu and t.layout is torch.strided) for t in tensors)
+
+
+def plain_linear(*modules: nn.Module) -> bool:
+    """Whether these are bare ``nn.Linear`` modules no hook watches, so a kernel may read their weights
+    instead of calling them (a hooked or wrapped module must be called)."""
+    hooks = module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+    return not hooks and all(
+        type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks for m in modules
+    )
+
+
+def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None,
+               x_proj_w: Tensor, dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mamba's decode step between ``in_proj`` and ``out_proj`` (as ``Mamba.step``'s torch path):
+    xz (B, 2·d_inner) = in_proj(u), conv_state (B, d_inner, W ≥ K−1), h (B, d_inner, d_state), conv_w
+    (d_inner, 1, K), x_proj_w (R + 2·d_state, d_inner), dt_w (d_inner, R), dt_b, D (d_inner,), A_log
+    (d_inner, d_state) -> y = (C·h' + D·xc) ⊙ silu(z) (B, d_inner), the new conv_state and h'."""
+    Bsz, two_d = xz.shape
+    Dn, N = A_log.shape
+    K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
+    if (two_d != 2 * Dn or conv_state.shape != (Bsz, Dn, W) or W < K - 1 or h.shape != (Bsz, Dn, N)
+            or conv_w.shape != (Dn, 1, K) or (conv_b is not None and conv_b.shape != (Dn,))
+            or x_proj_w.shape != (R + 2 * N, Dn) or dt_w.shape != (Dn, R) or dt_b.shape != (Dn,) or D.shape != (Dn,)):
+        raise ValueError(
+            f"mamba_step: inconsistent shapes xz {tuple(xz.shape)}, conv_state {tuple(conv_state.shape)}, "
+            f"h {tuple(h.shape)}, conv_w {tuple(conv_w.shape)}, x_proj_w {tuple(x_proj_w.shape)}, "
+            f"dt_w {tuple(dt_w.shape)}, A_log {tuple(A_log.shape)}, D {tuple(D.shape)}"
+        )
+    if xz.stride(-1) != 1:
+        xz = xz.contiguous()
+    # every pointer below is of a tensor bound to a name here, alive until the call returns
+    conv_state, h, conv_w, x_proj_w, dt_w = (t.contiguous() for t in (conv_state, h, conv_w, x_proj_w, dt_w))
+    conv_b = None if conv_b is None else conv_b.contiguous()
+    dt_b, A_log, D = dt_b.contiguous(), A_log.contiguous(), D.contiguous()
+    y = xz.new_empty((Bsz, Dn))
+    conv_out, h_out = torch.empty_like(conv_state), torch.empty_like(h)
+    status = _library().sz_mamba_step(
+        Bsz, Dn, N, R, W, K, xz.data_ptr(), xz.stride(0) if Bsz > 1 else two_d, conv_state.data_ptr(),
+        conv_out.data_ptr(), conv_w.data_ptr(), None if conv_b is None else conv_b.data_ptr(), x_proj_w.data_ptr(),
+        dt_w.data_ptr(), dt_b.data_ptr(), A_log.data_ptr(), D.data_ptr(), h.data_ptr(), h_out.data_ptr(),
+        y.data_ptr())
+    if status:
+        raise MemoryError("mamba_step: the kernel could not allocate its workspace")
+    return y, conv_out, h_out
+
+
+def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | None, lr_b: Tensor | None,
+                     lr_base: float, rope: Tensor | None, token_idx: Tensor | None, p: int, W: Tensor, b: Tensor,
+                     GW: Tensor, Gb: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float,
+                     commit: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One TTT-Linear token with the inner LayerNorm (as ``TTTLayer.step`` with ``ttt_linear_step``):
+    q, k, v (B, H, d) before RoPE; x (B, C) the layer input, lr_w (H, 1, C) / lr_b (H, 1) the η gate
+    (None: the gate is ``lr_base``), ``lr_base`` = ttt_base_lr / d; rope (d/2, 2) the (cos, sin) of
+    this position or None; token_idx (b,) the learnable offsets or None, p the position in the
+    mini-batch; W/GW (B, H, d, d), b/Gb (B, H, 1, d), ln_w/ln_b (H, d). Returns Z (B, H, d), G'_W, G'_b
+    and, when ``commit``, W̄ and b̄ (else None)."""
+    Bsz, H, d = q.shape
+    C = x.shape[-1]
+    N = Bsz * H
+    if (k.shape != q.shape or v.shape != q.shape or x.shape != (Bsz, C) or W.shape != (Bsz, H, d, d)
+            or GW.shape != W.shape or b.shape != (Bsz, H, 1, d) or Gb.shape != b.shape or ln_w.shape != (H, d)
+            or ln_b.shape != (H, d) or (lr_w is not None and (lr_w.shape != (H, 1, C) or lr_b.shape != (H, 1)))
+            or (rope is not None and rope.shape != (d // 2, 2))
+            or (token_idx is not None and not 0 <= p < token_idx.shape[0])):
+        raise ValueError(f"ttt_linear_token: inconsistent shapes q {tuple(q.shape)}, x {tuple(x.shape)}, "
+                         f"W {tuple(W.shape)}, b {tuple(b.shape)}, ln_w {tuple(ln_w.shape)}, p {p}")
+    if d > MAX_DIM:
+        raise ValueError(f"ttt_linear_token: head_dim {d} exceeds the kernel's limit {MAX_DIM}")
+    # every pointer below is of a tensor bound to a name here, alive until the call returns
+    q, k, v, x, W, b, GW, Gb, ln_w, ln_b = (t.contiguous() for t in (q, k, v, x, W, b, GW, Gb, ln_w, ln_b))
+    lr_w, lr_b, rope, token_idx = (None if t is None else t.contiguous() for t in (lr_w, lr_b, rope, token_idx))
+    ptr = lambda t: None if t is None else t.data_ptr()
+    Z = torch.empty_like(q)
+    GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)
+    W_out = torch.empty_like(W) if commit else None
+    b_out = torch.empty_like(b) if commit else None
+    status = _library().sz_ttt_linear_token(
+        N, H, d, C, q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b), lr_base,
+        ptr(rope), ptr(token_idx), p, W.data_ptr(), b.data_ptr(), GW.data_ptr(), Gb.data_ptr(), ln_w.data_ptr(),
+        ln_b.data_ptr(), eps, Z.data_ptr(), GW_out.data_ptr(), Gb_out.data_ptr(), ptr(W_out), ptr(b_out))
+    if status:
+        raise RuntimeError(f"ttt_linear_token: the kernel refused head_dim {d}")
+    return Z, GW_out, Gb_out, W_out, b_out

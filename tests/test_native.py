@@ -1,0 +1,185 @@
+"""The native CPU decode steps (seqzoo.native) against the layers' torch paths, and when they apply."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import seqzoo
+from seqzoo import native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels are off")
+
+
+def _twins(name: str, torch_option: dict, **config):
+    """A layer on the native path and its twin forced onto the torch path, with the same weights
+    (perturbed away from the initialisation, so that zeros and ones do not hide mistakes)."""
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer(name, **config).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    twin = seqzoo.create_layer(name, **config, **torch_option).eval()
+    twin.load_state_dict(layer.state_dict())
+    return layer, twin
+
+
+def _decode(layer, x: torch.Tensor):
+    state = layer.init_state(x.shape[0])
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = layer.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def _spy(monkeypatch, name: str) -> list:
+    calls = []
+    original = getattr(native, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(native, name, counted)
+    return calls
+
+
+MAMBA_CONFIGS = [
+    dict(d_model=48),
+    dict(d_model=32, d_state=8, d_conv=3, use_gate=True),
+    dict(d_model=40, d_state=5, expand=1, conv_bias=False, dt_rank=3),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("config", MAMBA_CONFIGS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_mamba_native_step_equals_torch_path(config, batch, monkeypatch):
+    layer, twin = _twins("mamba", {"use_kernels": False}, **config)
+    calls = _spy(monkeypatch, "mamba_step")
+    x = torch.randn(batch, 21, config["d_model"])
+    with torch.no_grad():
+        y, state = _decode(layer, x)
+        y_ref, state_ref = _decode(twin, x)
+        y_fwd, _ = twin(x)
+    assert len(calls) == 21
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_fwd)
+    for key in state_ref:
+        torch.testing.assert_close(state[key], state_ref[key])
+
+
+@needs_native
+def test_mamba_native_step_takes_any_state_layout(monkeypatch):
+    layer, twin = _twins("mamba", {"use_kernels": False}, d_model=32)
+    x = torch.randn(2, 32)
+    state = twin.init_state(2)
+    state = {k: torch.randn(v.shape[::-1]).transpose(0, -1) for k, v in state.items()}  # not contiguous
+    with torch.inference_mode():
+        y, new = layer.step(x, state)
+        y_ref, new_ref = twin.step(x, state)
+    torch.testing.assert_close(y, y_ref)
+    for key in new_ref:
+        torch.testing.assert_close(new[key], new_ref[key])
+
+
+@needs_native
+def test_mamba_native_step_only_where_it_applies(monkeypatch):
+    layer, _ = _twins("mamba", {"use_kernels": False}, d_model=32)
+    calls = _spy(monkeypatch, "mamba_step")
+    x = torch.randn(1, 32)
+    state = layer.init_state(1)
+    layer.step(x, state)  # autograd records: the torch path (the kernel has no backward)
+    assert not calls
+    with torch.no_grad():
+        layer.double().step(x.double(), layer.init_state(1, dtype=torch.float64))  # float64
+        assert not calls
+        layer.float()
+        handle = layer.x_proj.register_forward_hook(lambda m, i, o: o * 2)  # a hook the kernel could not run
+        hooked, _ = layer.step(x, state)
+        assert not calls
+        handle.remove()
+        plain, _ = layer.step(x, state)
+        assert len(calls) == 1
+    assert not torch.allclose(hooked, plain)  # the hook ran
+
+
+TTT_CONFIGS = [
+    dict(),
+    dict(use_gate=True, share_qk=True),
+    dict(rope=False, token_idx=False, learnable_lr=False),
+    dict(post_norm=False, mini_batch_size=4, ttt_base_lr=0.5),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("config", TTT_CONFIGS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_ttt_linear_native_step_equals_torch_path(config, batch, monkeypatch):
+    layer, twin = _twins("ttt_linear", {"backend": "torch"}, d_model=64, num_heads=4, **config)
+    calls = _spy(monkeypatch, "ttt_linear_token")
+    x = torch.randn(batch, 37, 64)  # crosses mini-batch ends, where W ← W̄
+    with torch.inference_mode():
+        y, state = _decode(layer, x)
+        y_ref, state_ref = _decode(twin, x)
+        y_fwd, state_fwd = twin(x)
+    assert len(calls) == 37
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_fwd)
+    for key in state_ref:
+        torch.testing.assert_close(state[key], state_ref[key])
+        torch.testing.assert_close(state[key], state_fwd[key])
+
+
+@needs_native
+def test_ttt_linear_native_step_only_where_it_applies(monkeypatch):
+    calls = _spy(monkeypatch, "ttt_linear_token")
+    x = torch.randn(1, 64)
+    for config in (dict(backend="torch"), dict(inner_norm=False)):
+        layer = seqzoo.create_layer("ttt_linear", d_model=64, num_heads=4, **config).eval()
+        with torch.no_grad():
+            layer.step(x, layer.init_state(1))
+    layer = seqzoo.create_layer("ttt_linear", d_model=64, num_heads=4).eval()
+    layer.step(x, layer.init_state(1))  # autograd records
+    with torch.no_grad():
+        layer.double().step(x.double(), layer.init_state(1, dtype=torch.float64))
+    assert not calls
+    with torch.no_grad():
+        layer.float().step(x, layer.init_state(1))
+    assert len(calls) == 1
+
+
+def test_native_off_by_environment(tmp_path):
+    code = "from seqzoo import native; print(native.available())"
+    env = {**os.environ, "SEQZOO_NATIVE": "0", "SEQZOO_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert not any(tmp_path.iterdir())  # nothing was built
+
+
+def test_native_without_a_compiler_uses_the_torch_paths(tmp_path):
+    code = (
+        "import torch, seqzoo; from seqzoo import native; print(native.available());"
+        "m = seqzoo.create_layer('mamba', d_model=16).eval();"
+        "torch.no_grad().__enter__(); y, s = m.step(torch.randn(1, 16), m.init_state(1)); print(tuple(y.shape))"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "SEQZOO_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "(1,", "16)"]
+    assert "native CPU kernels unavailable" in out.stderr
+
+
+@needs_native
+def test_native_build_is_cached_per_source(tmp_path):
+    code = "from seqzoo import native; print(native.available(), native.cache_dir())"
+    env = {**os.environ, "SEQZOO_CACHE_DIR": str(tmp_path)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split()[0] == "True"
+    built = list((tmp_path / "native").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # one library, no temporary left behind
