@@ -335,7 +335,7 @@ class Mamba(SequenceLayer):
         x_proj, dt_proj, conv = self.x_proj, self.dt_proj, self.conv1d
         params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, self.A_log, self.D)
         conv_state, ssm_state = state["conv_state"], state["ssm_state"]
-        if not (native.plain_linear(x_proj, dt_proj) and native.usable(x, conv_state, ssm_state, *params)):
+        if not (native.plain(x_proj, dt_proj) and native.usable(x, conv_state, ssm_state, *params)):
             return None
         y, conv_state, h = native.mamba_step(self.in_proj(x), conv_state, ssm_state, *params)
         return self._output_gate_only(y, x), {"conv_state": conv_state, "ssm_state": h}

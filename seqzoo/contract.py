@@ -78,32 +78,33 @@ class SequenceLayer(nn.Module):
         if not isinstance(state, dict):
             raise TypeError(f"{name}: expected state to be a dict[str, Tensor], got {type(state).__name__}")
         template = self._state_template(batch_size, dtype)
-        if set(state) != set(template):
+        if len(state) != len(template) or any(key not in state for key in template):
             raise ValueError(
                 f"{name}: expected a state with keys {sorted(template)}, got keys {sorted(state)} "
                 "(a state from another layer?)"
             )
         dynamic = self.state_dynamic_dims
+        device = torch.device(device)
         for key, want in template.items():
             got = state[key]
             if not isinstance(got, Tensor):
                 raise TypeError(f"{name}: state[{key!r}] must be a Tensor, got {type(got).__name__}")
-            free = dynamic.get(key, ())
-            shape_ok = got.ndim == want.ndim and all(
-                g == w or i in free for i, (g, w) in enumerate(zip(got.shape, want.shape))
-            )
-            if not shape_ok:
-                shown = tuple("*" if i in free else s for i, s in enumerate(want.shape))
-                raise ValueError(
-                    f"{name}: expected state[{key!r}] of shape {shown} for batch size {batch_size}, "
-                    f"got {tuple(got.shape)}"
-                )
+            if got.shape != want.shape:
+                free = dynamic.get(key, ())
+                if got.ndim != want.ndim or any(
+                    g != w and i not in free for i, (g, w) in enumerate(zip(got.shape, want.shape))
+                ):
+                    shown = tuple("*" if i in free else s for i, s in enumerate(want.shape))
+                    raise ValueError(
+                        f"{name}: expected state[{key!r}] of shape {shown} for batch size {batch_size}, "
+                        f"got {tuple(got.shape)}"
+                    )
             if got.dtype != want.dtype:
                 raise TypeError(
                     f"{name}: expected state[{key!r}] of dtype {want.dtype} to go with x of dtype "
                     f"{dtype}, got {got.dtype}"
                 )
-            if got.device != torch.device(device):
+            if got.device != device:
                 raise ValueError(
                     f"{name}: state[{key!r}] is on {got.device} but x is on {device}; move both to one device"
                 )

@@ -3,7 +3,7 @@
 A decode step on the CPU is a few large mat-vecs (the projections) and dozens of tiny ops between them,
 each costing PyTorch's per-op dispatch (3-10 µs) for a few microseconds of arithmetic. The kernels here
 do the tiny part in one call: Mamba's conv, x_proj, dt_proj and selective-state update (when x_proj and
-dt_proj are bare ``nn.Linear``: ``plain_linear``), TTT-Linear's inner step. The large projections stay
+dt_proj are bare ``nn.Linear``: ``plain``), TTT-Linear's inner step. The large projections stay
 module calls (hooks and wrapped modules apply).
 
 - ``available()``: the library is built (or was built before) and loads. The build runs at the first
@@ -36,7 +36,7 @@ from torch.nn.modules import module as module_globals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "usable", "plain_linear", "mamba_step", "ttt_linear_token", "cache_dir"]
+__all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "cache_dir"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
 MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head a TTT kernel takes
@@ -49,7 +49,7 @@ _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.
 _SIGNATURES = {
     "sz_mamba_step": (_i32, [_i64] * 6 + [_ptr, _i64] + [_ptr] * 12),
     "sz_ttt_linear_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 6
-                            + [_f32] + [_ptr] * 5),
+                            + [_f32, _ptr, _ptr, _f32] + [_ptr] * 5),
 }
 
 
@@ -139,16 +139,14 @@ def usable(*tensors: Tensor | None) -> bool:
             or torch._C._get_tracing_state() is not None):
         return False
     f32 = torch.float32
-    return all(t is None or (t.dtype is f32 and t.is_cpu and t.layout is torch.strided) for t in tensors)
+    return all(t is None or (t.dtype is f32 and t.is_cpu) for t in tensors)
 
 
-def plain_linear(*modules: nn.Module) -> bool:
-    """Whether these are bare ``nn.Linear`` modules no hook watches, so a kernel may read their weights
-    instead of calling them (a hooked or wrapped module must be called)."""
+def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:
+    """Whether these are bare ``kind`` modules (``nn.Linear``, ``nn.LayerNorm``) no hook watches, so a
+    kernel may read their parameters instead of calling them (a hooked or wrapped module must be called)."""
     hooks = module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-    return not hooks and all(
-        type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks for m in modules
-    )
+    return not hooks and all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
 
 def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None,
@@ -188,38 +186,44 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
 
 def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | None, lr_b: Tensor | None,
                      lr_base: float, rope: Tensor | None, token_idx: Tensor | None, p: int, W: Tensor, b: Tensor,
-                     GW: Tensor, Gb: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float,
-                     commit: bool) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+                     GW: Tensor, Gb: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, commit: bool,
+                     post_norm: tuple[Tensor, Tensor, float] | None = None,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """One TTT-Linear token with the inner LayerNorm (as ``TTTLayer.step`` with ``ttt_linear_step``):
     q, k, v (B, H, d) before RoPE; x (B, C) the layer input, lr_w (H, 1, C) / lr_b (H, 1) the η gate
-    (None: the gate is ``lr_base``), ``lr_base`` = ttt_base_lr / d; rope (d/2, 2) the (cos, sin) of
-    this position or None; token_idx (b,) the learnable offsets or None, p the position in the
-    mini-batch; W/GW (B, H, d, d), b/Gb (B, H, 1, d), ln_w/ln_b (H, d). Returns Z (B, H, d), G'_W, G'_b
-    and, when ``commit``, W̄ and b̄ (else None)."""
+    (None: the gate is ``lr_base``), ``lr_base`` = ttt_base_lr / d; rope (b, d/2, 2) the (cos, sin)
+    of the positions in a mini-batch, or None; token_idx (b,) the learnable offsets or None, p the
+    position in the mini-batch; W/GW (B, H, d, d), b/Gb (B, H, 1, d), ln_w/ln_b (H, d);
+    ``post_norm`` = (weight (C,), bias (C,), eps): the layer's output LayerNorm, applied to each
+    batch element's z. Returns Z (B, H, d), G'_W, G'_b and, when ``commit``, W̄ and b̄ (else None)."""
     Bsz, H, d = q.shape
     C = x.shape[-1]
-    N = Bsz * H
-    if (k.shape != q.shape or v.shape != q.shape or x.shape != (Bsz, C) or W.shape != (Bsz, H, d, d)
-            or GW.shape != W.shape or b.shape != (Bsz, H, 1, d) or Gb.shape != b.shape or ln_w.shape != (H, d)
-            or ln_b.shape != (H, d) or (lr_w is not None and (lr_w.shape != (H, 1, C) or lr_b.shape != (H, 1)))
-            or (rope is not None and rope.shape != (d // 2, 2))
-            or (token_idx is not None and not 0 <= p < token_idx.shape[0])):
-        raise ValueError(f"ttt_linear_token: inconsistent shapes q {tuple(q.shape)}, x {tuple(x.shape)}, "
-                         f"W {tuple(W.shape)}, b {tuple(b.shape)}, ln_w {tuple(ln_w.shape)}, p {p}")
+    post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
+    positions = [t.shape[0] for t in (rope, token_idx) if t is not None]
+    expected = [(k, q.shape), (v, q.shape), (x, (Bsz, H * d)), (W, (Bsz, H, d, d)), (GW, (Bsz, H, d, d)),
+                (b, (Bsz, H, 1, d)), (Gb, (Bsz, H, 1, d)), (ln_w, (H, d)), (ln_b, (H, d)), (lr_w, (H, 1, C)),
+                (lr_b, (H, 1)), (rope, (positions[0] if positions else 0, d // 2, 2)),
+                (token_idx, (positions[-1] if positions else 0,)), (post_w, (C,)), (post_b, (C,))]
+    wrong = [tuple(t.shape) for t, shape in expected if t is not None and t.shape != shape]
+    if wrong or (lr_w is None) != (lr_b is None) or not all(0 <= p < n for n in positions):
+        raise ValueError(f"ttt_linear_token: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
+                         f"(expected {[tuple(s) for t, s in expected if t is not None]}), position {p}")
     if d > MAX_DIM:
         raise ValueError(f"ttt_linear_token: head_dim {d} exceeds the kernel's limit {MAX_DIM}")
     # every pointer below is of a tensor bound to a name here, alive until the call returns
     q, k, v, x, W, b, GW, Gb, ln_w, ln_b = (t.contiguous() for t in (q, k, v, x, W, b, GW, Gb, ln_w, ln_b))
-    lr_w, lr_b, rope, token_idx = (None if t is None else t.contiguous() for t in (lr_w, lr_b, rope, token_idx))
+    lr_w, lr_b, rope, token_idx, post_w, post_b = (
+        None if t is None else t.contiguous() for t in (lr_w, lr_b, rope, token_idx, post_w, post_b))
     ptr = lambda t: None if t is None else t.data_ptr()
     Z = torch.empty_like(q)
     GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)
     W_out = torch.empty_like(W) if commit else None
     b_out = torch.empty_like(b) if commit else None
     status = _library().sz_ttt_linear_token(
-        N, H, d, C, q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b), lr_base,
+        Bsz * H, H, d, C, q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b), lr_base,
         ptr(rope), ptr(token_idx), p, W.data_ptr(), b.data_ptr(), GW.data_ptr(), Gb.data_ptr(), ln_w.data_ptr(),
-        ln_b.data_ptr(), eps, Z.data_ptr(), GW_out.data_ptr(), Gb_out.data_ptr(), ptr(W_out), ptr(b_out))
+        ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(), GW_out.data_ptr(),
+        Gb_out.data_ptr(), ptr(W_out), ptr(b_out))
     if status:
         raise RuntimeError(f"ttt_linear_token: the kernel refused head_dim {d}")
     return Z, GW_out, Gb_out, W_out, b_out

@@ -137,6 +137,21 @@ def test_ttt_linear_native_step_equals_torch_path(config, batch, monkeypatch):
 
 
 @needs_native
+def test_ttt_linear_native_step_calls_a_hooked_post_norm(monkeypatch):
+    """post_norm is folded into the kernel only while it is a bare LayerNorm; a hooked one is called."""
+    layer, twin = _twins("ttt_linear", {"backend": "torch"}, d_model=64, num_heads=4)
+    for m in (layer, twin):
+        m.post_norm.register_forward_hook(lambda mod, args, out: out * 2 + 1)
+    calls = _spy(monkeypatch, "ttt_linear_token")
+    x = torch.randn(2, 20, 64)
+    with torch.no_grad():
+        y, _ = _decode(layer, x)
+        y_ref, _ = _decode(twin, x)
+    assert len(calls) == 20
+    torch.testing.assert_close(y, y_ref)
+
+
+@needs_native
 def test_ttt_linear_native_step_only_where_it_applies(monkeypatch):
     calls = _spy(monkeypatch, "ttt_linear_token")
     x = torch.randn(1, 64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from seqzoo import State, native
 from seqzoo.learner import GradientLearner, TTTConfig
@@ -264,17 +264,29 @@ class TTTLinear(InnerNormTTT):
         if not (q.dtype is k.dtype is v.dtype is torch.float32):
             return None
         B, H, d = q.shape
-        rope = torch.view_as_real(self._rope_table(q.dtype, q.device)[p]) if self.config.rope else None
+        rope = self._rope_pairs(q.dtype, q.device) if self.config.rope else None
         commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
+        norm = self.post_norm
+        fuse_norm = norm is not None and native.plain(norm, kind=nn.LayerNorm) and norm.weight is not None and (
+            norm.bias is not None and norm.weight.dtype is torch.float32 and norm.bias.dtype is torch.float32)
         Z, GW, Gb, W_bar, b_bar = native.ttt_linear_token(
             q, k, v, x, lr_w, lr_b, self.config.ttt_base_lr / self.head_dim, rope, token_idx, p, W, b, GW, Gb,
-            ln_w, ln_b, LN_EPS, commit)
+            ln_w, ln_b, LN_EPS, commit, (norm.weight, norm.bias, norm.eps) if fuse_norm else None)
         if commit:
             W, b, GW, Gb = W_bar, b_bar, torch.zeros_like(GW), torch.zeros_like(Gb)
         new.update(W1=W, b1=b, W1_grad=GW, b1_grad=Gb)
         new["pos"] = torch.full((B,), (p + 1) % self.mini_batch_size, dtype=torch.int64, device=x.device)
         new["mini_batch_size"] = state["mini_batch_size"]
-        return self._output(x, Z.view(B, H * d)), new
+        z = Z.view(B, H * d)
+        return (self.o_proj(self._gate(x, z)) if fuse_norm else self._output(x, z)), new
+
+    def _rope_pairs(self, dtype, device) -> Tensor:
+        """``_rope_table`` as (cos, sin) pairs, (b, d/2, 2): a view, kept with the table."""
+        table = self._rope_table(dtype, device)
+        pairs = self.__dict__.get("_rope_pairs_view")
+        if pairs is None or pairs[0] is not table:
+            pairs = self.__dict__["_rope_pairs_view"] = (table, torch.view_as_real(table))
+        return pairs[1]
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         ln_w, ln_b = self._ln(outer)

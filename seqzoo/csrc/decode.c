@@ -15,8 +15,9 @@
 #define MAX_DIM 1024
 
 static inline float exp_poly(float x) {
-    /* e^x = 2^n · e^r, n = round(x / ln 2), |r| ≤ ln2 / 2; 0 below the smallest normal float. n is
-     * rounded by adding 1.5·2^23 (the float's last mantissa bits then hold n), which vectorises. */
+    /* e^x = 2^n · e^r, n = round(x / ln 2), |r| ≤ ln2 / 2; 0 below the smallest normal float, ∞ above
+     * 88.376 (2.4e38: a hair early, Cephes' bound that keeps 2^n finite). n is rounded by adding
+     * 1.5·2^23 (the float's last mantissa bits then hold n), which vectorises. */
     const float hi = 88.3762626647949f, lo = -87.3365447504f, shifter = 12582912.0f;
     float xc = x > hi ? hi : (x < lo ? lo : x);
     float t = xc * 1.44269504088896341f + shifter;
@@ -36,7 +37,7 @@ static inline float exp_poly(float x) {
     float scale;
     memcpy(&scale, &si, sizeof scale);
     float y = p * scale;
-    return x < lo ? 0.0f : y;
+    return x < lo ? 0.0f : (x > hi ? INFINITY : y); /* NaN passes through as NaN */
 }
 
 /* One channel's state row (N values): h' = exp(Δ·A) h + Δx·B, returns C·h'. */
@@ -51,6 +52,28 @@ static inline float ssm_row(int64_t N, float delta, float dx, const float *A_log
         acc += hn * Cv[n];
     }
     return acc;
+}
+
+/* ssm_row for N = 16 (Mamba's default d_state), four channels at once: each row is one vector, the four
+ * are independent chains the core overlaps (one row alone waits on its two exps in turn), and each sum
+ * is a tree of halvings instead of a chain of 16 dependent adds. */
+static inline void ssm_rows16x4(const float *delta, const float *x, const float *A_log, const float *Bv,
+                                const float *Cv, const float *h, float *h_out, float *y) {
+    float prod[4][16];
+    for (int r = 0; r < 4; r++) {
+        const float dr = delta[r], dx = delta[r] * x[r];
+        for (int n = 0; n < 16; n++) {
+            float decay = exp_poly(-dr * exp_poly(A_log[r * 16 + n]));
+            float hn = decay * h[r * 16 + n] + dx * Bv[n];
+            h_out[r * 16 + n] = hn;
+            prod[r][n] = hn * Cv[n];
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        for (int len = 16; len > 1; len /= 2)
+            for (int n = 0; n < len / 2; n++) prod[r][n] += prod[r][n + len / 2];
+        y[r] = prod[r][0];
+    }
 }
 
 static inline float silu(float x) { return x / (1.0f + exp_poly(-x)); }
@@ -153,13 +176,12 @@ int32_t sz_mamba_step(int64_t B, int64_t D, int64_t N, int64_t R, int64_t W, int
         for (int64_t d = 0; d < D; d++) delta[d] = softplus(delta[d] + dt_b[d]);
         const float *Bv = dbc + R, *Cv = dbc + R + N;
         /* the selective state update and the output */
-        if (N == 16) { /* mamba's default d_state: a trip count the compiler unrolls into one vector */
-            for (int64_t d = 0; d < D; d++)
-                yb[d] = ssm_row(16, delta[d], delta[d] * xc[d], A_log + d * 16, Bv, Cv, hb + d * 16, hob + d * 16);
-        } else {
-            for (int64_t d = 0; d < D; d++)
-                yb[d] = ssm_row(N, delta[d], delta[d] * xc[d], A_log + d * N, Bv, Cv, hb + d * N, hob + d * N);
-        }
+        int64_t d0 = 0;
+        if (N == 16)
+            for (; d0 + 4 <= D; d0 += 4)
+                ssm_rows16x4(delta + d0, xc + d0, A_log + d0 * 16, Bv, Cv, hb + d0 * 16, hob + d0 * 16, yb + d0);
+        for (int64_t d = d0; d < D; d++)
+            yb[d] = ssm_row(N, delta[d], delta[d] * xc[d], A_log + d * N, Bv, Cv, hb + d * N, hob + d * N);
         for (int64_t d = 0; d < D; d++) yb[d] = (yb[d] + Dp[d] * xc[d]) * silu(z[d]);
     }
     free(xc);
@@ -193,17 +215,18 @@ static void rotate(const float *x, const float *rope, float *out, int64_t d) {
  * (batch element n / H, head h = n mod H), in the primal form of seqzoo.learner.TTTLayer.step:
  *   gate = lr_base · σ(lr_b_h + lr_w_h · x)  (lr_base alone when lr_w is NULL);
  *   tok = max(token_idx[p] + 1/(p + 1), 0)  (1 when token_idx is NULL);
- *   q, k ← RoPE(q), RoPE(k)  (rope: the (cos, sin) pairs of this position, or NULL);
+ *   q, k ← RoPE(q), RoPE(k)  (rope: the (cos, sin) pairs of positions 0..b−1, (b, d/2, 2), or NULL);
  *   g = ∂/∂(kW + b) ½‖LN(kW + b) − (v − k)‖²  (the LayerNorm backward fused with the L2 loss);
  *   G'_W = G_W + kᵀ(gate·g),  G'_b = G_b + gate·g;
- *   z = q + LN(qW + b − tok·(q G'_W + G'_b));  and when W_out is given, W̄ = W − tok·G'_W, b̄ = b − tok·G'_b.
+ *   z = q + LN(qW + b − tok·(q G'_W + G'_b));  and when W_out is given, W̄ = W − tok·G'_W, b̄ = b − tok·G'_b;
+ *   when post_w is given, each batch element's z (its H heads, C = H·d values) ← LayerNorm(z)·post_w + post_b.
  * Returns 0, or 1 when d exceeds MAX_DIM (nothing written). */
 int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const float *q, const float *k,
                             const float *v, const float *x, const float *lr_w, const float *lr_b, float lr_base,
                             const float *rope, const float *token_idx, int64_t p, const float *W,
                             const float *bias, const float *GW, const float *Gb, const float *ln_w,
-                            const float *ln_b, float eps, float *Z, float *GW_out, float *Gb_out, float *W_out,
-                            float *b_out) {
+                            const float *ln_b, float eps, const float *post_w, const float *post_b,
+                            float post_eps, float *Z, float *GW_out, float *Gb_out, float *W_out, float *b_out) {
     if (d > MAX_DIM) return 1;
     float qr[MAX_DIM], kr[MAX_DIM], acc[MAX_DIM], acc2[MAX_DIM], x_hat[MAX_DIM], g[MAX_DIM];
     float tok = 1.0f;
@@ -226,8 +249,8 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
             rate = lr_base * (1.0f / (1.0f + exp_poly(-logit)));
         }
         if (rope) {
-            rotate(q + n * d, rope, qr, d);
-            rotate(k + n * d, rope, kr, d);
+            rotate(q + n * d, rope + p * d, qr, d);
+            rotate(k + n * d, rope + p * d, kr, d);
         } else {
             memcpy(qr, q + n * d, d * sizeof(float));
             memcpy(kr, k + n * d, d * sizeof(float));
@@ -275,6 +298,16 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
             float *Wo = W_out + n * d * d, *bo = b_out + n * d;
             for (int64_t i = 0; i < d * d; i++) Wo[i] = Wn[i] - tok * GWo[i];
             for (int64_t j = 0; j < d; j++) bo[j] = bn[j] - tok * Gbo[j];
+        }
+        if (post_w && h == H - 1) { /* the batch element's last head: its whole z is done */
+            float *zb = Z + (n - h) * d;
+            float mean = 0.0f, var = 0.0f;
+            for (int64_t j = 0; j < H * d; j++) mean += zb[j];
+            mean /= (float)(H * d);
+            for (int64_t j = 0; j < H * d; j++) var += (zb[j] - mean) * (zb[j] - mean);
+            var /= (float)(H * d);
+            const float rstd = 1.0f / sqrtf(var + post_eps);
+            for (int64_t j = 0; j < H * d; j++) zb[j] = (zb[j] - mean) * rstd * post_w[j] + post_b[j];
         }
     }
     return 0;
