@@ -142,6 +142,14 @@ def usable(*tensors: Tensor | None) -> bool:
     return all(t is None or (t.dtype is f32 and t.is_cpu) for t in tensors)
 
 
+def _require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:
+    """The kernels read raw float32 memory: anything else must be refused, not reinterpreted."""
+    bad = {k: (t.dtype, t.device.type) for k, t in tensors.items()
+           if t is not None and (t.dtype is not torch.float32 or not t.is_cpu)}
+    if bad:
+        raise TypeError(f"{name}: expected float32 CPU tensors, got {bad}")
+
+
 def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:
     """Whether these are bare ``kind`` modules (``nn.Linear``, ``nn.LayerNorm``) no hook watches, so a
     kernel may read their parameters instead of calling them (a hooked or wrapped module must be called)."""
@@ -152,13 +160,13 @@ def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:
 def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None,
                x_proj_w: Tensor, dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mamba's decode step between ``in_proj`` and ``out_proj`` (as ``Mamba.step``'s torch path):
-    xz (B, 2·d_inner) = in_proj(u), conv_state (B, d_inner, W ≥ K−1), h (B, d_inner, d_state), conv_w
+    xz (B, 2·d_inner) = in_proj(u), conv_state (B, d_inner, W ≥ max(K−1, 1)), h (B, d_inner, d_state), conv_w
     (d_inner, 1, K), x_proj_w (R + 2·d_state, d_inner), dt_w (d_inner, R), dt_b, D (d_inner,), A_log
     (d_inner, d_state) -> y = (C·h' + D·xc) ⊙ silu(z) (B, d_inner), the new conv_state and h'."""
     Bsz, two_d = xz.shape
     Dn, N = A_log.shape
     K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
-    if (two_d != 2 * Dn or conv_state.shape != (Bsz, Dn, W) or W < K - 1 or h.shape != (Bsz, Dn, N)
+    if (two_d != 2 * Dn or conv_state.shape != (Bsz, Dn, W) or W < max(K - 1, 1) or h.shape != (Bsz, Dn, N)
             or conv_w.shape != (Dn, 1, K) or (conv_b is not None and conv_b.shape != (Dn,))
             or x_proj_w.shape != (R + 2 * N, Dn) or dt_w.shape != (Dn, R) or dt_b.shape != (Dn,) or D.shape != (Dn,)):
         raise ValueError(
@@ -166,6 +174,8 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
             f"h {tuple(h.shape)}, conv_w {tuple(conv_w.shape)}, x_proj_w {tuple(x_proj_w.shape)}, "
             f"dt_w {tuple(dt_w.shape)}, A_log {tuple(A_log.shape)}, D {tuple(D.shape)}"
         )
+    _require_float32_cpu("mamba_step", dict(xz=xz, conv_state=conv_state, h=h, conv_w=conv_w, conv_b=conv_b,
+                                            x_proj_w=x_proj_w, dt_w=dt_w, dt_b=dt_b, A_log=A_log, D=D))
     if xz.stride(-1) != 1:
         xz = xz.contiguous()
     # every pointer below is of a tensor bound to a name here, alive until the call returns
@@ -210,6 +220,9 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
                          f"(expected {[tuple(s) for t, s in expected if t is not None]}), position {p}")
     if d > MAX_DIM:
         raise ValueError(f"ttt_linear_token: head_dim {d} exceeds the kernel's limit {MAX_DIM}")
+    _require_float32_cpu("ttt_linear_token", dict(q=q, k=k, v=v, x=x, W=W, b=b, GW=GW, Gb=Gb, ln_w=ln_w, ln_b=ln_b,
+                                                  lr_w=lr_w, lr_b=lr_b, rope=rope, token_idx=token_idx,
+                                                  post_w=post_w, post_b=post_b))
     # every pointer below is of a tensor bound to a name here, alive until the call returns
     q, k, v, x, W, b, GW, Gb, ln_w, ln_b = (t.contiguous() for t in (q, k, v, x, W, b, GW, Gb, ln_w, ln_b))
     lr_w, lr_b, rope, token_idx, post_w, post_b = (

@@ -198,3 +198,35 @@ def test_native_build_is_cached_per_source(tmp_path):
         assert out.stdout.split()[0] == "True"
     built = list((tmp_path / "native").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # one library, no temporary left behind
+
+
+@needs_native
+def test_native_functions_refuse_what_they_cannot_read():
+    """The kernels read raw float32 memory: wrong dtypes, devices and shapes are refused with a reason."""
+    layer = seqzoo.create_layer("mamba", d_model=16).eval()
+    state = layer.init_state(1)
+    params = (layer.conv1d.weight, layer.conv1d.bias, layer.x_proj.weight, layer.dt_proj.weight,
+              layer.dt_proj.bias, layer.A_log, layer.D)
+    xz = torch.randn(1, 2 * layer.d_inner)
+    with torch.no_grad():
+        native.mamba_step(xz, state["conv_state"], state["ssm_state"], *params)  # the right call works
+        with pytest.raises(TypeError, match="float32 CPU"):
+            native.mamba_step(xz.double(), state["conv_state"], state["ssm_state"], *params)
+        with pytest.raises(ValueError, match="inconsistent shapes"):
+            native.mamba_step(xz[:, :-1], state["conv_state"], state["ssm_state"], *params)
+        with pytest.raises(ValueError, match="inconsistent shapes"):
+            native.mamba_step(xz, state["conv_state"][..., :0], state["ssm_state"], *params)
+    ttt = seqzoo.create_layer("ttt_linear", d_model=16, num_heads=2).eval()
+    st = ttt.init_state(1)
+    q = torch.randn(1, 2, 8)
+    args = dict(x=torch.randn(1, 16), lr_w=ttt.learnable_ttt_lr_weight, lr_b=ttt.learnable_ttt_lr_bias, lr_base=0.1,
+                rope=None, token_idx=ttt.learnable_token_idx, p=3, W=st["W1"], b=st["b1"], GW=st["W1_grad"],
+                Gb=st["b1_grad"], ln_w=ttt.ttt_norm_weight, ln_b=ttt.ttt_norm_bias, eps=1e-6, commit=False)
+    with torch.no_grad():
+        native.ttt_linear_token(q, q, q, **args)
+        with pytest.raises(ValueError, match="position 16"):
+            native.ttt_linear_token(q, q, q, **{**args, "p": 16})
+        with pytest.raises(ValueError, match="got shapes"):
+            native.ttt_linear_token(q, q[..., :4], q, **args)
+        with pytest.raises(TypeError, match="float32 CPU"):
+            native.ttt_linear_token(q, q, q, **{**args, "W": st["W1"].double()})
