@@ -137,6 +137,35 @@ def test_ttt_linear_native_step_equals_torch_path(config, batch, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize(
+    "config,batch,length,prefix",
+    [
+        (dict(d_model=128, num_heads=2), 1, 64, 0),  # head_dim 64: the register-blocked products
+        (dict(d_model=128, num_heads=2, mini_batch_size=8), 2, 45, 5),  # a head and a tail around the kernel
+        (dict(d_model=64, num_heads=4), 2, 37, 0),  # head_dim 16: the generic loops
+        (dict(d_model=64, num_heads=4, rope=False, token_idx=False, learnable_lr=False, mini_batch_size=4), 1, 33, 3),
+    ],
+)
+def test_ttt_linear_native_prefill_equals_torch_path(config, batch, length, prefix, monkeypatch):
+    """forward's whole mini-batches through the native dual form = the torch dual form, outputs and states,
+    also when the sequence starts inside a mini-batch (the state of a prefix) and ends inside one."""
+    layer, twin = _twins("ttt_linear", {"backend": "torch"}, **config)
+    calls = _spy(monkeypatch, "ttt_linear_dual")
+    x = torch.randn(batch, prefix + length, config["d_model"])
+    with torch.no_grad():
+        _, state = twin(x[:, :prefix])
+        y, new = layer(x[:, prefix:], state)
+        y_ref, new_ref = twin(x[:, prefix:], state)
+    assert len(calls) == 1
+    torch.testing.assert_close(y, y_ref)
+    for key in new_ref:
+        torch.testing.assert_close(new[key], new_ref[key])
+    with torch.enable_grad():  # training: the torch path (the kernel has no backward)
+        y_grad, _ = layer(x[:, prefix:], state)
+    assert len(calls) == 1 and y_grad.requires_grad
+
+
+@needs_native
 def test_ttt_linear_native_step_calls_a_hooked_post_norm(monkeypatch):
     """post_norm is folded into the kernel only while it is a bare LayerNorm; a hooked one is called."""
     layer, twin = _twins("ttt_linear", {"backend": "torch"}, d_model=64, num_heads=4)

@@ -191,8 +191,10 @@ int32_t sz_mamba_step(int64_t B, int64_t D, int64_t N, int64_t R, int64_t W, int
 /* x̂ = (x − μ)·rstd over d values; returns rstd (biased variance, as LayerNorm). */
 static float normalize(const float *x, float *x_hat, int64_t d, float eps) {
     float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
     for (int64_t j = 0; j < d; j++) mean += x[j];
     mean /= (float)d;
+#pragma omp simd reduction(+ : var)
     for (int64_t j = 0; j < d; j++) {
         float c = x[j] - mean;
         var += c * c;
@@ -263,6 +265,7 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
         }
         float rstd = normalize(acc, x_hat, d, eps);
         float mean_g = 0.0f, mean_gx = 0.0f;
+#pragma omp simd reduction(+ : mean_g, mean_gx)
         for (int64_t j = 0; j < d; j++) {
             g[j] = gamma[j] * gamma[j] * x_hat[j] + (gamma[j] * beta[j] + gamma[j] * (kr[j] - vn[j]));
             mean_g += g[j];
@@ -302,13 +305,219 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
         if (post_w && h == H - 1) { /* the batch element's last head: its whole z is done */
             float *zb = Z + (n - h) * d;
             float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
             for (int64_t j = 0; j < H * d; j++) mean += zb[j];
             mean /= (float)(H * d);
+#pragma omp simd reduction(+ : var)
             for (int64_t j = 0; j < H * d; j++) var += (zb[j] - mean) * (zb[j] - mean);
             var /= (float)(H * d);
             const float rstd = 1.0f / sqrtf(var + post_eps);
             for (int64_t j = 0; j < H * d; j++) zb[j] = (zb[j] - mean) * rstd * post_w[j] + post_b[j];
         }
     }
+    return 0;
+}
+
+/* ---- prefill: TTT-Linear's dual form over whole mini-batches (inference: no autograd) ---------------- */
+
+/* acc (rows × d) = init (broadcast row, or 0) + A (rows × d, row stride lda) · M (d × d): four rows at a
+ * time, so each row of M is loaded once for four broadcast-multiply-adds. */
+static inline void rows_times_matrix(int64_t rows, int64_t d, const float *A, int64_t lda, const float *M,
+                                     const float *init, float *acc) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) {
+        float *a0 = acc + i * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+        const float *x0 = A + i * lda, *x1 = x0 + lda, *x2 = x1 + lda, *x3 = x2 + lda;
+        for (int64_t j = 0; j < d; j++) {
+            float v = init ? init[j] : 0.0f;
+            a0[j] = v, a1[j] = v, a2[j] = v, a3[j] = v;
+        }
+        for (int64_t k = 0; k < d; k++) {
+            const float *row = M + k * d;
+            const float c0 = x0[k], c1 = x1[k], c2 = x2[k], c3 = x3[k];
+            for (int64_t j = 0; j < d; j++) {
+                a0[j] += c0 * row[j];
+                a1[j] += c1 * row[j];
+                a2[j] += c2 * row[j];
+                a3[j] += c3 * row[j];
+            }
+        }
+    }
+    for (; i < rows; i++) {
+        float *a = acc + i * d;
+        const float *x = A + i * lda;
+        for (int64_t j = 0; j < d; j++) a[j] = init ? init[j] : 0.0f;
+        for (int64_t k = 0; k < d; k++)
+            for (int64_t j = 0; j < d; j++) a[j] += x[k] * M[k * d + j];
+    }
+}
+
+/* Head dim 64 (the 125M configurations): the same products with the rows held in registers, written with
+ * the compilers' generic vectors (16 floats; lowered to whatever the CPU has). */
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 v_load(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void v_store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* acc (rows × 64) = init + A · M (64 × 64), four rows at a time: 16 accumulators, one load of M's row k
+ * for 16 multiply-adds. */
+static inline void rows_times_matrix64(int64_t rows, const float *A, int64_t lda, const float *M, const float *init,
+                                       float *acc) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) {
+        v16 a[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) a[r][c] = init ? v_load(init + 16 * c) : (v16){0};
+        for (int64_t k = 0; k < 64; k++) {
+            const v16 m0 = v_load(M + k * 64), m1 = v_load(M + k * 64 + 16), m2 = v_load(M + k * 64 + 32),
+                      m3 = v_load(M + k * 64 + 48);
+            for (int r = 0; r < 4; r++) {
+                const float x = A[(i + r) * lda + k];
+                a[r][0] += x * m0, a[r][1] += x * m1, a[r][2] += x * m2, a[r][3] += x * m3;
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) v_store(acc + (i + r) * 64 + 16 * c, a[r][c]);
+    }
+    if (i < rows) rows_times_matrix(rows - i, 64, A + i * lda, lda, M, init, acc + i * 64);
+}
+
+/* W (64 × 64) −= Σ_j kt[:, j] ⊗ g[j] (kt 64 × b, g b × 64): each row of W in registers while the b
+ * rank-one updates are added. */
+static inline void rank_update64(float *W, const float *kt, const float *g, int64_t b) {
+    for (int64_t r = 0; r < 64; r++) {
+        v16 w0 = v_load(W + r * 64), w1 = v_load(W + r * 64 + 16), w2 = v_load(W + r * 64 + 32),
+            w3 = v_load(W + r * 64 + 48);
+        for (int64_t j = 0; j < b; j++) {
+            const float s = kt[r * b + j];
+            const float *gj = g + j * 64;
+            w0 -= s * v_load(gj), w1 -= s * v_load(gj + 16), w2 -= s * v_load(gj + 32), w3 -= s * v_load(gj + 48);
+        }
+        v_store(W + r * 64, w0), v_store(W + r * 64 + 16, w1), v_store(W + r * 64 + 32, w2);
+        v_store(W + r * 64 + 48, w3);
+    }
+}
+
+/* TTT-Linear with the inner LayerNorm over T = n·b tokens that start at a mini-batch boundary with zero
+ * accumulated gradient (seqzoo_plugins.ttt.linear.ttt_linear_dual), per (batch element, head), one
+ * mini-batch after another, the head's W and b staying in cache:
+ *   Z1 = XK·W + b,  g = ∂/∂Z1 ½‖LN(Z1) − (XV − XK)‖²  (row by row),
+ *   η[i, j] = tok[i]·lr[j] (j ≤ i),  Z̄ = XQ·W + b − (η ⊙ (XQ·XKᵀ + 1))·g,  z = XQ + LN(Z̄),
+ *   W ← W − (η[b−1, :] ⊙ XK)ᵀ·g,  b ← b − η[b−1, :]·g.
+ * XQ, XK, XV (after RoPE) share the strides (sB, sH, sT) (elements; unit stride within a head); lr (B, H, T)
+ * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
+ * (B, T, H, d), the layout of the output projection's input. Returns 0, 1 when d or b exceeds MAX_DIM,
+ * 2 when the workspace can't be allocated. */
+int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ,
+                           const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
+                           const float *tok, const float *ln_w, const float *ln_b, float eps, float *W,
+                           float *bias, float *Z) {
+    if (d > MAX_DIM || b > MAX_DIM) return 1;
+    float *work = malloc((size_t)(4 * b * d + 3 * b * b + 2 * d) * sizeof(float));
+    if (!work) return 2;
+    float *Z1 = work, *g = Z1 + b * d, *Zb = g + b * d, *kt = Zb + b * d, *eta = kt + b * d, *A = eta + b * b;
+    float *S = A + b * b, *x_hat = S + b * b, *row = x_hat + d;
+    const int64_t n_mb = T / b;
+    /* mini-batch by mini-batch, every head of it: the tokens' rows are read in order, and the heads'
+     * weights (H·d² floats) stay in cache from one mini-batch to the next */
+    for (int64_t bi = 0; bi < B; bi++) {
+        for (int64_t m = 0; m < n_mb; m++) {
+            const int64_t t0 = m * b;
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t base = bi * sB + h * sH + t0 * sT;
+                const float *gamma = ln_w + h * d, *beta = ln_b + h * d;
+                float *Wn = W + (bi * H + h) * d * d, *bn = bias + (bi * H + h) * d;
+                const float *lrn = lr + (bi * H + h) * T + t0;
+                const float *q = XQ + base, *k = XK + base, *v = XV + base;
+                /* the gradients of the mini-batch's tokens, all at the start weights */
+                if (d == 64)
+                    rows_times_matrix64(b, k, sT, Wn, bn, Z1);
+                else
+                    rows_times_matrix(b, d, k, sT, Wn, bn, Z1);
+                for (int64_t i = 0; i < b; i++) {
+                    const float *zi = Z1 + i * d, *ki = k + i * sT, *vi = v + i * sT;
+                    float *gi = g + i * d;
+                    const float rstd = normalize(zi, x_hat, d, eps);
+                    float mean_g = 0.0f, mean_gx = 0.0f;
+#pragma omp simd reduction(+ : mean_g, mean_gx)
+                    for (int64_t j = 0; j < d; j++) {
+                        gi[j] = gamma[j] * gamma[j] * x_hat[j] + (gamma[j] * beta[j] + gamma[j] * (ki[j] - vi[j]));
+                        mean_g += gi[j];
+                        mean_gx += gi[j] * x_hat[j];
+                    }
+                    mean_g /= (float)d;
+                    mean_gx /= (float)d;
+                    for (int64_t j = 0; j < d; j++) gi[j] = (gi[j] - mean_g - x_hat[j] * mean_gx) * rstd;
+                }
+                /* S = XQ·XKᵀ from XKᵀ (d × b), a row of S at a time without horizontal sums;
+                 * A = η ⊙ (S + 1), lower triangular */
+                for (int64_t j = 0; j < b; j++)
+                    for (int64_t c = 0; c < d; c++) kt[c * b + j] = k[j * sT + c];
+                for (int64_t i = 0; i < b; i++) {
+                    const float *qi = q + i * sT;
+                    float *Si = S + i * b;
+                    for (int64_t j = 0; j < b; j++) Si[j] = 1.0f;
+                    for (int64_t c = 0; c < d; c++) {
+                        const float qc = qi[c], *ktc = kt + c * b;
+                        for (int64_t j = 0; j < b; j++) Si[j] += qc * ktc[j];
+                    }
+                    for (int64_t j = 0; j < b; j++) {
+                        eta[i * b + j] = tok[i] * lrn[j];
+                        A[i * b + j] = j <= i ? eta[i * b + j] * Si[j] : 0.0f;
+                    }
+                }
+                /* Z̄ = XQ·W + b − A·g, then z = XQ + LN(Z̄) into (B, T, H, d) */
+                if (d == 64)
+                    rows_times_matrix64(b, q, sT, Wn, bn, Zb);
+                else
+                    rows_times_matrix(b, d, q, sT, Wn, bn, Zb);
+                for (int64_t i = 0; i < b; i++) {
+                    float *zi = Zb + i * d;
+                    if (d == 64) {
+                        v16 z0 = v_load(zi), z1 = v_load(zi + 16), z2 = v_load(zi + 32), z3 = v_load(zi + 48);
+                        for (int64_t j = 0; j <= i; j++) {
+                            const float a = A[i * b + j], *gj = g + j * 64;
+                            z0 -= a * v_load(gj), z1 -= a * v_load(gj + 16), z2 -= a * v_load(gj + 32);
+                            z3 -= a * v_load(gj + 48);
+                        }
+                        v_store(zi, z0), v_store(zi + 16, z1), v_store(zi + 32, z2), v_store(zi + 48, z3);
+                    } else {
+                        for (int64_t j = 0; j <= i; j++) {
+                            const float a = A[i * b + j], *gj = g + j * d;
+                            for (int64_t c = 0; c < d; c++) zi[c] -= a * gj[c];
+                        }
+                    }
+                    normalize(zi, x_hat, d, eps);
+                    const float *qi = q + i * sT;
+                    float *out = Z + ((bi * T + t0 + i) * H + h) * d;
+                    for (int64_t c = 0; c < d; c++) out[c] = qi[c] + (beta[c] + gamma[c] * x_hat[c]);
+                }
+                /* W ← W − (η[b−1, :] ⊙ XK)ᵀ·g, b ← b − η[b−1, :]·g */
+                const float *last = eta + (b - 1) * b;
+                for (int64_t c = 0; c < d; c++)
+                    for (int64_t j = 0; j < b; j++) kt[c * b + j] *= last[j];
+                for (int64_t c = 0; c < d; c++) row[c] = 0.0f;
+                for (int64_t j = 0; j < b; j++)
+                    for (int64_t c = 0; c < d; c++) row[c] += last[j] * g[j * d + c];
+                for (int64_t c = 0; c < d; c++) bn[c] -= row[c];
+                if (d == 64) {
+                    rank_update64(Wn, kt, g, b);
+                } else {
+                    for (int64_t r = 0; r < d; r++) {
+                        float *wr = Wn + r * d;
+                        const float *ktr = kt + r * b;
+                        for (int64_t j = 0; j < b; j++) {
+                            const float sj = ktr[j], *gj = g + j * d;
+                            for (int64_t c = 0; c < d; c++) wr[c] -= sj * gj[c];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    free(work);
     return 0;
 }
