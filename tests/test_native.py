@@ -37,6 +37,18 @@ def _decode(layer, x: torch.Tensor):
     return torch.stack(ys, 1), state
 
 
+def _assert_decode_matches(layer, twin, x: torch.Tensor) -> None:
+    """Token by token, ``layer`` (native) = ``twin`` (torch path), outputs and states; both = twin's forward."""
+    y, state = _decode(layer, x)
+    y_ref, state_ref = _decode(twin, x)
+    y_fwd, state_fwd = twin(x)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(y, y_fwd)
+    for key in state_ref:
+        torch.testing.assert_close(state[key], state_ref[key])
+        torch.testing.assert_close(state[key], state_fwd[key])
+
+
 def _spy(monkeypatch, name: str) -> list:
     calls = []
     original = getattr(native, name)
@@ -62,16 +74,9 @@ MAMBA_CONFIGS = [
 def test_mamba_native_step_equals_torch_path(config, batch, monkeypatch):
     layer, twin = _twins("mamba", {"use_kernels": False}, **config)
     calls = _spy(monkeypatch, "mamba_step")
-    x = torch.randn(batch, 21, config["d_model"])
     with torch.no_grad():
-        y, state = _decode(layer, x)
-        y_ref, state_ref = _decode(twin, x)
-        y_fwd, _ = twin(x)
+        _assert_decode_matches(layer, twin, torch.randn(batch, 21, config["d_model"]))
     assert len(calls) == 21
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(y, y_fwd)
-    for key in state_ref:
-        torch.testing.assert_close(state[key], state_ref[key])
 
 
 @needs_native
@@ -123,17 +128,9 @@ TTT_CONFIGS = [
 def test_ttt_linear_native_step_equals_torch_path(config, batch, monkeypatch):
     layer, twin = _twins("ttt_linear", {"backend": "torch"}, d_model=64, num_heads=4, **config)
     calls = _spy(monkeypatch, "ttt_linear_token")
-    x = torch.randn(batch, 37, 64)  # crosses mini-batch ends, where W ← W̄
     with torch.inference_mode():
-        y, state = _decode(layer, x)
-        y_ref, state_ref = _decode(twin, x)
-        y_fwd, state_fwd = twin(x)
+        _assert_decode_matches(layer, twin, torch.randn(batch, 37, 64))  # crosses mini-batch ends (W ← W̄)
     assert len(calls) == 37
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(y, y_fwd)
-    for key in state_ref:
-        torch.testing.assert_close(state[key], state_ref[key])
-        torch.testing.assert_close(state[key], state_fwd[key])
 
 
 @needs_native

@@ -213,6 +213,24 @@ static void rotate(const float *x, const float *rope, float *out, int64_t d) {
     }
 }
 
+/* g = scale · ∂/∂z ½‖LN(z)·γ + β − (v − k)‖² for one row (the LayerNorm backward fused with the L2
+ * loss): with x̂ = (z − μ)·rstd and ĝ = γ²x̂ + γβ + γ(k − v), g = scale·(ĝ − mean ĝ − x̂·mean(ĝ x̂))·rstd.
+ * x_hat is a workspace of d floats. */
+static inline void ln_l2_grad_row(const float *z, const float *k, const float *v, const float *gamma,
+                                  const float *beta, float scale, float eps, int64_t d, float *x_hat, float *g) {
+    const float rstd = normalize(z, x_hat, d, eps);
+    float mean_g = 0.0f, mean_gx = 0.0f;
+#pragma omp simd reduction(+ : mean_g, mean_gx)
+    for (int64_t j = 0; j < d; j++) {
+        g[j] = gamma[j] * gamma[j] * x_hat[j] + (gamma[j] * beta[j] + gamma[j] * (k[j] - v[j]));
+        mean_g += g[j];
+        mean_gx += g[j] * x_hat[j];
+    }
+    mean_g /= (float)d;
+    mean_gx /= (float)d;
+    for (int64_t j = 0; j < d; j++) g[j] = scale * ((g[j] - mean_g - x_hat[j] * mean_gx) * rstd);
+}
+
 /* One token of TTT-Linear with the inner LayerNorm (f(x) = x + LN(xW + b)), per row n = 0..N−1 of
  * (batch element n / H, head h = n mod H), in the primal form of seqzoo.learner.TTTLayer.step:
  *   gate = lr_base · σ(lr_b_h + lr_w_h · x)  (lr_base alone when lr_w is NULL);
@@ -263,17 +281,7 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
             const float ki = kr[i], *row = Wn + i * d;
             for (int64_t j = 0; j < d; j++) acc[j] += ki * row[j];
         }
-        float rstd = normalize(acc, x_hat, d, eps);
-        float mean_g = 0.0f, mean_gx = 0.0f;
-#pragma omp simd reduction(+ : mean_g, mean_gx)
-        for (int64_t j = 0; j < d; j++) {
-            g[j] = gamma[j] * gamma[j] * x_hat[j] + (gamma[j] * beta[j] + gamma[j] * (kr[j] - vn[j]));
-            mean_g += g[j];
-            mean_gx += g[j] * x_hat[j];
-        }
-        mean_g /= (float)d;
-        mean_gx /= (float)d;
-        for (int64_t j = 0; j < d; j++) g[j] = rate * ((g[j] - mean_g - x_hat[j] * mean_gx) * rstd);
+        ln_l2_grad_row(acc, kr, vn, gamma, beta, rate, eps, d, x_hat, g);
         /* G' and the output's two products in one pass over the rows */
         float *GWo = GW_out + n * d * d, *Gbo = Gb_out + n * d;
         for (int64_t j = 0; j < d; j++) {
@@ -437,21 +445,8 @@ int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b
                     rows_times_matrix64(b, k, sT, Wn, bn, Z1);
                 else
                     rows_times_matrix(b, d, k, sT, Wn, bn, Z1);
-                for (int64_t i = 0; i < b; i++) {
-                    const float *zi = Z1 + i * d, *ki = k + i * sT, *vi = v + i * sT;
-                    float *gi = g + i * d;
-                    const float rstd = normalize(zi, x_hat, d, eps);
-                    float mean_g = 0.0f, mean_gx = 0.0f;
-#pragma omp simd reduction(+ : mean_g, mean_gx)
-                    for (int64_t j = 0; j < d; j++) {
-                        gi[j] = gamma[j] * gamma[j] * x_hat[j] + (gamma[j] * beta[j] + gamma[j] * (ki[j] - vi[j]));
-                        mean_g += gi[j];
-                        mean_gx += gi[j] * x_hat[j];
-                    }
-                    mean_g /= (float)d;
-                    mean_gx /= (float)d;
-                    for (int64_t j = 0; j < d; j++) gi[j] = (gi[j] - mean_g - x_hat[j] * mean_gx) * rstd;
-                }
+                for (int64_t i = 0; i < b; i++)
+                    ln_l2_grad_row(Z1 + i * d, k + i * sT, v + i * sT, gamma, beta, 1.0f, eps, d, x_hat, g + i * d);
                 /* S = XQ·XKᵀ from XKᵀ (d × b), a row of S at a time without horizontal sums;
                  * A = η ⊙ (S + 1), lower triangular */
                 for (int64_t j = 0; j < b; j++)
