@@ -36,7 +36,7 @@ from torch.nn.modules import module as module_globals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "ttt_linear_dual", "cache_dir"]
+__all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
 MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head a TTT kernel takes
@@ -49,6 +49,7 @@ _i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.
 _SIGNATURES = {
     "sz_mamba_step": (_i32, [_i64] * 6 + [_ptr, _i64] + [_ptr] * 12),
     "sz_ttt_linear_dual": (_i32, [_i64] * 5 + [_ptr] * 3 + [_i64] * 3 + [_ptr] * 4 + [_f32] + [_ptr] * 3),
+    "sz_ttt_mlp_dual": (_i32, [_i64] * 5 + [_ptr] * 3 + [_i64] * 3 + [_ptr] * 4 + [_f32] + [_ptr] * 5),
     "sz_ttt_linear_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 6
                             + [_f32, _ptr, _ptr, _f32] + [_ptr] * 5),
 }
@@ -243,6 +244,27 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
     return Z, GW_out, Gb_out, W_out, b_out
 
 
+def _dual_inputs(name: str, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, weights: dict,
+                 ln_w: Tensor, ln_b: Tensor, mini_batch_size: int) -> tuple:
+    """Validate the dual-form kernels' inputs (weights: name -> (tensor, expected shape)); returns XQ, XK,
+    XV with shared strides and unit stride within a head, and the other inputs contiguous."""
+    Bsz, H, T, d = XQ.shape
+    bs = mini_batch_size
+    expected = [(XK, XQ.shape), (XV, XQ.shape), (lr, (Bsz, H, T)), (tok, (bs,)), (ln_w, (H, d)), (ln_b, (H, d)),
+                *weights.values()]
+    wrong = [tuple(t.shape) for t, shape in expected if t.shape != shape]
+    if wrong or bs < 1 or T % bs:
+        raise ValueError(f"{name}: for XQ {tuple(XQ.shape)} and mini-batches of {bs}, got shapes {wrong} "
+                         f"(expected {[tuple(s) for _, s in expected]}; T a multiple of b)")
+    if d > MAX_DIM or bs > MAX_DIM:
+        raise ValueError(f"{name}: head_dim {d} or mini-batch {bs} exceeds the kernel's limit {MAX_DIM}")
+    _require_float32_cpu(name, dict(XQ=XQ, XK=XK, XV=XV, lr=lr, tok=tok, ln_w=ln_w, ln_b=ln_b,
+                                    **{k: t for k, (t, _) in weights.items()}))
+    if XQ.stride(-1) != 1 or XK.stride() != XQ.stride() or XV.stride() != XQ.stride():
+        XQ, XK, XV = XQ.contiguous(), XK.contiguous(), XV.contiguous()
+    return XQ, XK, XV, lr.contiguous(), tok.contiguous(), ln_w.contiguous(), ln_b.contiguous()
+
+
 def ttt_linear_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W: Tensor, b: Tensor,
                     ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """TTT-Linear with the inner LayerNorm over whole mini-batches, dual form, without autograd (as
@@ -250,26 +272,40 @@ def ttt_linear_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,
     RoPE, lr (B, H, T), tok (b,), W (B, H, d, d), b (B, H, 1, d), ln_w/ln_b (H, d). Returns Z (B, H, T, d)
     (a view of a (B, T, H, d) tensor, the layout the output projection reads) and the new W and b."""
     Bsz, H, T, d = XQ.shape
-    bs = mini_batch_size
-    expected = [(XK, XQ.shape), (XV, XQ.shape), (lr, (Bsz, H, T)), (tok, (bs,)), (W, (Bsz, H, d, d)),
-                (b, (Bsz, H, 1, d)), (ln_w, (H, d)), (ln_b, (H, d))]
-    wrong = [tuple(t.shape) for t, shape in expected if t.shape != shape]
-    if wrong or bs < 1 or T % bs:
-        raise ValueError(f"ttt_linear_dual: for XQ {tuple(XQ.shape)} and mini-batches of {bs}, got shapes {wrong} "
-                         f"(expected {[tuple(s) for _, s in expected]}; T a multiple of b)")
-    if d > MAX_DIM or bs > MAX_DIM:
-        raise ValueError(f"ttt_linear_dual: head_dim {d} or mini-batch {bs} exceeds the kernel's limit {MAX_DIM}")
-    _require_float32_cpu("ttt_linear_dual", dict(XQ=XQ, XK=XK, XV=XV, lr=lr, tok=tok, W=W, b=b, ln_w=ln_w, ln_b=ln_b))
-    if XQ.stride(-1) != 1 or XK.stride() != XQ.stride() or XV.stride() != XQ.stride():
-        XQ, XK, XV = XQ.contiguous(), XK.contiguous(), XV.contiguous()
-    lr, tok, ln_w, ln_b = lr.contiguous(), tok.contiguous(), ln_w.contiguous(), ln_b.contiguous()
-    W_out = W.clone(memory_format=torch.contiguous_format)
-    b_out = b.clone(memory_format=torch.contiguous_format)
+    XQ, XK, XV, lr, tok, ln_w, ln_b = _dual_inputs(
+        "ttt_linear_dual", XQ, XK, XV, lr, tok, {"W": (W, (Bsz, H, d, d)), "b": (b, (Bsz, H, 1, d))}, ln_w, ln_b,
+        mini_batch_size)
+    W_out, b_out = (t.clone(memory_format=torch.contiguous_format) for t in (W, b))
     Z = XQ.new_empty((Bsz, T, H, d))
     sB, sH, sT, _ = XQ.stride()
     status = _library().sz_ttt_linear_dual(
-        Bsz, H, T, d, bs, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(), tok.data_ptr(),
-        ln_w.data_ptr(), ln_b.data_ptr(), eps, W_out.data_ptr(), b_out.data_ptr(), Z.data_ptr())
+        Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
+        tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W_out.data_ptr(), b_out.data_ptr(), Z.data_ptr())
     if status:
         raise MemoryError("ttt_linear_dual: the kernel could not allocate its workspace")
     return Z.transpose(1, 2), W_out, b_out
+
+
+def ttt_mlp_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W1: Tensor, b1: Tensor, W2: Tensor,
+                 b2: Tensor, ln_w: Tensor, ln_b: Tensor, mini_batch_size: int,
+                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """TTT-MLP with the inner LayerNorm over whole mini-batches, dual form, without autograd (as
+    ``seqzoo_plugins.ttt.mlp.ttt_mlp_dual`` for T a multiple of b): W1 (B, H, d, 4d), b1 (B, H, 1, 4d),
+    W2 (B, H, 4d, d), b2 (B, H, 1, d), the rest as ``ttt_linear_dual``. Returns Z (B, H, T, d) (a view
+    of a (B, T, H, d) tensor) and the new W1, b1, W2, b2."""
+    Bsz, H, T, d = XQ.shape
+    F = 4 * d
+    XQ, XK, XV, lr, tok, ln_w, ln_b = _dual_inputs(
+        "ttt_mlp_dual", XQ, XK, XV, lr, tok,
+        {"W1": (W1, (Bsz, H, d, F)), "b1": (b1, (Bsz, H, 1, F)), "W2": (W2, (Bsz, H, F, d)), "b2": (b2, (Bsz, H, 1, d))},
+        ln_w, ln_b, mini_batch_size)
+    W1_out, b1_out, W2_out, b2_out = (t.clone(memory_format=torch.contiguous_format) for t in (W1, b1, W2, b2))
+    Z = XQ.new_empty((Bsz, T, H, d))
+    sB, sH, sT, _ = XQ.stride()
+    status = _library().sz_ttt_mlp_dual(
+        Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
+        tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W1_out.data_ptr(), b1_out.data_ptr(),
+        W2_out.data_ptr(), b2_out.data_ptr(), Z.data_ptr())
+    if status:
+        raise MemoryError("ttt_mlp_dual: the kernel could not allocate its workspace")
+    return Z.transpose(1, 2), W1_out, b1_out, W2_out, b2_out

@@ -143,11 +143,12 @@ def test_ttt_linear_native_step_equals_torch_path(config, batch, monkeypatch):
         (dict(d_model=64, num_heads=4, rope=False, token_idx=False, learnable_lr=False, mini_batch_size=4), 1, 33, 3),
     ],
 )
-def test_ttt_linear_native_prefill_equals_torch_path(config, batch, length, prefix, monkeypatch):
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
+def test_ttt_native_prefill_equals_torch_path(name, config, batch, length, prefix, monkeypatch):
     """forward's whole mini-batches through the native dual form = the torch dual form, outputs and states,
     also when the sequence starts inside a mini-batch (the state of a prefix) and ends inside one."""
-    layer, twin = _twins("ttt_linear", {"backend": "torch"}, **config)
-    calls = _spy(monkeypatch, "ttt_linear_dual")
+    layer, twin = _twins(name, {"backend": "torch"}, **config)
+    calls = _spy(monkeypatch, f"{name}_dual")
     x = torch.randn(batch, prefix + length, config["d_model"])
     with torch.no_grad():
         _, state = twin(x[:, :prefix])

@@ -326,42 +326,11 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
     return 0;
 }
 
-/* ---- prefill: TTT-Linear's dual form over whole mini-batches (inference: no autograd) ---------------- */
+/* ---- prefill: the TTT layers' dual form over whole mini-batches (inference: no autograd) ---------- */
 
-/* acc (rows × d) = init (broadcast row, or 0) + A (rows × d, row stride lda) · M (d × d): four rows at a
- * time, so each row of M is loaded once for four broadcast-multiply-adds. */
-static inline void rows_times_matrix(int64_t rows, int64_t d, const float *A, int64_t lda, const float *M,
-                                     const float *init, float *acc) {
-    int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) {
-        float *a0 = acc + i * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
-        const float *x0 = A + i * lda, *x1 = x0 + lda, *x2 = x1 + lda, *x3 = x2 + lda;
-        for (int64_t j = 0; j < d; j++) {
-            float v = init ? init[j] : 0.0f;
-            a0[j] = v, a1[j] = v, a2[j] = v, a3[j] = v;
-        }
-        for (int64_t k = 0; k < d; k++) {
-            const float *row = M + k * d;
-            const float c0 = x0[k], c1 = x1[k], c2 = x2[k], c3 = x3[k];
-            for (int64_t j = 0; j < d; j++) {
-                a0[j] += c0 * row[j];
-                a1[j] += c1 * row[j];
-                a2[j] += c2 * row[j];
-                a3[j] += c3 * row[j];
-            }
-        }
-    }
-    for (; i < rows; i++) {
-        float *a = acc + i * d;
-        const float *x = A + i * lda;
-        for (int64_t j = 0; j < d; j++) a[j] = init ? init[j] : 0.0f;
-        for (int64_t k = 0; k < d; k++)
-            for (int64_t j = 0; j < d; j++) a[j] += x[k] * M[k * d + j];
-    }
-}
-
-/* Head dim 64 (the 125M configurations): the same products with the rows held in registers, written with
- * the compilers' generic vectors (16 floats; lowered to whatever the CPU has). */
+/* The products are written with the compilers' generic vectors (16 floats; lowered to whatever the CPU
+ * has): for output widths that are multiples of 64, a 64-column panel of four rows is 16 accumulators
+ * held in registers, and each row of the right-hand matrix is loaded once for 16 multiply-adds. */
 typedef float v16 __attribute__((vector_size(64)));
 static inline v16 v_load(const float *p) {
     v16 v;
@@ -370,42 +339,153 @@ static inline v16 v_load(const float *p) {
 }
 static inline void v_store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
-/* acc (rows × 64) = init + A · M (64 × 64), four rows at a time: 16 accumulators, one load of M's row k
- * for 16 multiply-adds. */
-static inline void rows_times_matrix64(int64_t rows, const float *A, int64_t lda, const float *M, const float *init,
-                                       float *acc) {
+/* out (rows × N, row stride N) = init (a row of N, or 0) + A (rows × K, row stride lda) · M (K × N). */
+static inline void matmul_rows(int64_t rows, int64_t K, int64_t N, const float *A, int64_t lda, const float *M,
+                        const float *init, float *out) {
     int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) {
-        v16 a[4][4];
-        for (int r = 0; r < 4; r++)
-            for (int c = 0; c < 4; c++) a[r][c] = init ? v_load(init + 16 * c) : (v16){0};
-        for (int64_t k = 0; k < 64; k++) {
-            const v16 m0 = v_load(M + k * 64), m1 = v_load(M + k * 64 + 16), m2 = v_load(M + k * 64 + 32),
-                      m3 = v_load(M + k * 64 + 48);
-            for (int r = 0; r < 4; r++) {
-                const float x = A[(i + r) * lda + k];
-                a[r][0] += x * m0, a[r][1] += x * m1, a[r][2] += x * m2, a[r][3] += x * m3;
+    if (N % 64 == 0) {
+        for (; i + 4 <= rows; i += 4) {
+            for (int64_t p = 0; p < N; p += 64) {
+                v16 acc[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 4; c++) acc[r][c] = init ? v_load(init + p + 16 * c) : (v16){0};
+                for (int64_t k = 0; k < K; k++) {
+                    const float *row = M + k * N + p;
+                    const v16 m0 = v_load(row), m1 = v_load(row + 16), m2 = v_load(row + 32), m3 = v_load(row + 48);
+                    for (int r = 0; r < 4; r++) {
+                        const float x = A[(i + r) * lda + k];
+                        acc[r][0] += x * m0, acc[r][1] += x * m1, acc[r][2] += x * m2, acc[r][3] += x * m3;
+                    }
+                }
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 4; c++) v_store(out + (i + r) * N + p + 16 * c, acc[r][c]);
             }
         }
-        for (int r = 0; r < 4; r++)
-            for (int c = 0; c < 4; c++) v_store(acc + (i + r) * 64 + 16 * c, a[r][c]);
     }
-    if (i < rows) rows_times_matrix(rows - i, 64, A + i * lda, lda, M, init, acc + i * 64);
+    if (N == 16) { /* one vector per row (a mini-batch-wide product), eight rows at a time: eight chains */
+        const v16 start = init ? v_load(init) : (v16){0};
+        for (; i + 8 <= rows; i += 8) {
+            v16 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = start;
+            for (int64_t k = 0; k < K; k++) {
+                const v16 m = v_load(M + k * 16);
+                for (int r = 0; r < 8; r++) acc[r] += A[(i + r) * lda + k] * m;
+            }
+            for (int r = 0; r < 8; r++) v_store(out + (i + r) * 16, acc[r]);
+        }
+        for (; i < rows; i++) {
+            const float *x = A + i * lda;
+            v16 acc = start;
+            for (int64_t k = 0; k < K; k++) acc += x[k] * v_load(M + k * 16);
+            v_store(out + i * 16, acc);
+        }
+    }
+    for (; i < rows; i++) {
+        float *o = out + i * N;
+        const float *x = A + i * lda;
+        for (int64_t j = 0; j < N; j++) o[j] = init ? init[j] : 0.0f;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < N; j++) o[j] += x[k] * M[k * N + j];
+    }
 }
 
-/* W (64 × 64) −= Σ_j kt[:, j] ⊗ g[j] (kt 64 × b, g b × 64): each row of W in registers while the b
- * rank-one updates are added. */
-static inline void rank_update64(float *W, const float *kt, const float *g, int64_t b) {
-    for (int64_t r = 0; r < 64; r++) {
-        v16 w0 = v_load(W + r * 64), w1 = v_load(W + r * 64 + 16), w2 = v_load(W + r * 64 + 32),
-            w3 = v_load(W + r * 64 + 48);
-        for (int64_t j = 0; j < b; j++) {
-            const float s = kt[r * b + j];
-            const float *gj = g + j * 64;
-            w0 -= s * v_load(gj), w1 -= s * v_load(gj + 16), w2 -= s * v_load(gj + 32), w3 -= s * v_load(gj + 48);
+/* W (rows × N) −= U (rows × b) · G (b × N): a sum of b rank-one updates, rows of W in registers (two rows
+ * of a 64-column panel at a time: eight independent chains). */
+static inline void rank_update(int64_t rows, int64_t N, int64_t b, float *W, const float *U, const float *G) {
+    int64_t r0 = 0;
+    if (N % 64 == 0)
+        for (; r0 + 2 <= rows; r0 += 2) {
+            float *wa = W + r0 * N, *wb = wa + N;
+            const float *ua = U + r0 * b, *ub = ua + b;
+            for (int64_t p = 0; p < N; p += 64) {
+                v16 a0 = v_load(wa + p), a1 = v_load(wa + p + 16), a2 = v_load(wa + p + 32), a3 = v_load(wa + p + 48);
+                v16 b0 = v_load(wb + p), b1 = v_load(wb + p + 16), b2 = v_load(wb + p + 32), b3 = v_load(wb + p + 48);
+                for (int64_t j = 0; j < b; j++) {
+                    const float *g = G + j * N + p;
+                    const v16 g0 = v_load(g), g1 = v_load(g + 16), g2 = v_load(g + 32), g3 = v_load(g + 48);
+                    const float sa = ua[j], sb = ub[j];
+                    a0 -= sa * g0, a1 -= sa * g1, a2 -= sa * g2, a3 -= sa * g3;
+                    b0 -= sb * g0, b1 -= sb * g1, b2 -= sb * g2, b3 -= sb * g3;
+                }
+                v_store(wa + p, a0), v_store(wa + p + 16, a1), v_store(wa + p + 32, a2), v_store(wa + p + 48, a3);
+                v_store(wb + p, b0), v_store(wb + p + 16, b1), v_store(wb + p + 32, b2), v_store(wb + p + 48, b3);
+            }
         }
-        v_store(W + r * 64, w0), v_store(W + r * 64 + 16, w1), v_store(W + r * 64 + 32, w2);
-        v_store(W + r * 64 + 48, w3);
+    for (int64_t r = r0; r < rows; r++) {
+        float *w = W + r * N;
+        const float *u = U + r * b;
+        int64_t p = 0;
+        for (; p + 64 <= N; p += 64) {
+            v16 w0 = v_load(w + p), w1 = v_load(w + p + 16), w2 = v_load(w + p + 32), w3 = v_load(w + p + 48);
+            for (int64_t j = 0; j < b; j++) {
+                const float s = u[j], *g = G + j * N + p;
+                w0 -= s * v_load(g), w1 -= s * v_load(g + 16), w2 -= s * v_load(g + 32), w3 -= s * v_load(g + 48);
+            }
+            v_store(w + p, w0), v_store(w + p + 16, w1), v_store(w + p + 32, w2), v_store(w + p + 48, w3);
+        }
+        for (int64_t j = 0; j < b && p < N; j++) /* a width that is not a multiple of 64: the rest */
+            for (int64_t c = 0; c < N - p; c++) w[p + c] -= u[j] * G[j * N + p + c];
+    }
+}
+
+/* dst (cols × rows) = srcᵀ for src (rows × cols, row stride lds), each row of dst scaled by scale[·]
+ * (or not, when scale is NULL): dst[c][r] = scale[r] · src[r][c]. */
+static inline void transpose_scaled(int64_t rows, int64_t cols, const float *src, int64_t lds, const float *scale,
+                             float *dst) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float s = scale ? scale[r] : 1.0f, *x = src + r * lds;
+        for (int64_t c = 0; c < cols; c++) dst[c * rows + r] = s * x[c];
+    }
+}
+
+/* The b × b matrix A = η ⊙ (X·Yᵀ + 1), lower triangular, η[i, j] = tok[i]·lr[j], from Yᵀ (K × b) (rows of
+ * X·Yᵀ as products, without horizontal sums). eta (b × b) receives η (its last row weighs the
+ * end-of-mini-batch update). */
+static inline void causal_scores(int64_t b, int64_t K, const float *X, int64_t ldx, const float *Yt, const float *tok,
+                          const float *lr, float *S, float *eta, float *A) {
+    matmul_rows(b, K, b, X, ldx, Yt, NULL, S);
+    for (int64_t i = 0; i < b; i++) {
+        float *Si = S + i * b;
+        for (int64_t j = 0; j < b; j++) Si[j] += 1.0f;
+        for (int64_t j = 0; j < b; j++) {
+            eta[i * b + j] = tok[i] * lr[j];
+            A[i * b + j] = j <= i ? eta[i * b + j] * Si[j] : 0.0f;
+        }
+    }
+}
+
+/* Z (rows × N) −= A (rows × b, lower triangular) · G (b × N). */
+static inline void subtract_causal(int64_t rows, int64_t N, int64_t b, const float *A, const float *G, float *Z) {
+    for (int64_t i = 0; i < rows; i++) {
+        float *z = Z + i * N;
+        int64_t p = 0;
+        for (; p + 64 <= N; p += 64) {
+            v16 z0 = v_load(z + p), z1 = v_load(z + p + 16), z2 = v_load(z + p + 32), z3 = v_load(z + p + 48);
+            for (int64_t j = 0; j <= i; j++) {
+                const float a = A[i * b + j], *g = G + j * N + p;
+                z0 -= a * v_load(g), z1 -= a * v_load(g + 16), z2 -= a * v_load(g + 32), z3 -= a * v_load(g + 48);
+            }
+            v_store(z + p, z0), v_store(z + p + 16, z1), v_store(z + p + 32, z2), v_store(z + p + 48, z3);
+        }
+        for (int64_t j = 0; j <= i && p < N; j++)
+            for (int64_t c = 0; c < N - p; c++) z[p + c] -= A[i * b + j] * G[j * N + p + c];
+    }
+}
+
+/* out[c] −= Σ_j w[j] · G[j][c] for G (b × N). */
+static inline void subtract_weighted_rows(int64_t b, int64_t N, const float *w, const float *G, float *out) {
+    for (int64_t j = 0; j < b; j++)
+        for (int64_t c = 0; c < N; c++) out[c] -= w[j] * G[j * N + c];
+}
+
+/* z = q + LN(Z̄)·γ + β for b rows, written at out with row stride ld_out. */
+static inline void output_rows(int64_t b, int64_t d, const float *Zbar, const float *q, int64_t ldq, const float *gamma,
+                        const float *beta, float eps, float *x_hat, float *out, int64_t ld_out) {
+    for (int64_t i = 0; i < b; i++) {
+        normalize(Zbar + i * d, x_hat, d, eps);
+        const float *qi = q + i * ldq;
+        float *o = out + i * ld_out;
+        for (int64_t c = 0; c < d; c++) o[c] = qi[c] + (beta[c] + gamma[c] * x_hat[c]);
     }
 }
 
@@ -419,97 +499,141 @@ static inline void rank_update64(float *W, const float *kt, const float *g, int6
  * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
  * (B, T, H, d), the layout of the output projection's input. Returns 0, 1 when d or b exceeds MAX_DIM,
  * 2 when the workspace can't be allocated. */
+/* One mini-batch of one head of sz_ttt_linear_dual (inlined twice: for d = 64, where the compiler
+ * unrolls every loop over d, and for any d). */
+static inline void linear_dual_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
+                                    const float *lr, const float *tok, const float *gamma, const float *beta, float eps,
+                                    float *W, float *bias, float *out, int64_t ld_out, float *work) {
+    float *Z1 = work, *g = Z1 + b * d, *Zb = g + b * d, *kt = Zb + b * d, *eta = kt + b * d, *A = eta + b * b;
+    float *S = A + b * b, *x_hat = S + b * b;
+    /* the gradients of the mini-batch's tokens, all at the start weights */
+    matmul_rows(b, d, d, k, sT, W, bias, Z1);
+    for (int64_t i = 0; i < b; i++)
+        ln_l2_grad_row(Z1 + i * d, k + i * sT, v + i * sT, gamma, beta, 1.0f, eps, d, x_hat, g + i * d);
+    /* A = η ⊙ (XQ·XKᵀ + 1); Z̄ = XQ·W + b − A·g; z = XQ + LN(Z̄) */
+    transpose_scaled(b, d, k, sT, NULL, kt);
+    causal_scores(b, d, q, sT, kt, tok, lr, S, eta, A);
+    matmul_rows(b, d, d, q, sT, W, bias, Zb);
+    subtract_causal(b, d, b, A, g, Zb);
+    output_rows(b, d, Zb, q, sT, gamma, beta, eps, x_hat, out, ld_out);
+    /* W ← W − (η[b−1, :] ⊙ XK)ᵀ·g, b ← b − η[b−1, :]·g */
+    const float *last = eta + (b - 1) * b;
+    transpose_scaled(b, d, k, sT, last, kt);
+    rank_update(d, d, b, W, kt, g);
+    subtract_weighted_rows(b, d, last, g, bias);
+}
+
 int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ,
                            const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
                            const float *tok, const float *ln_w, const float *ln_b, float eps, float *W,
                            float *bias, float *Z) {
     if (d > MAX_DIM || b > MAX_DIM) return 1;
-    float *work = malloc((size_t)(4 * b * d + 3 * b * b + 2 * d) * sizeof(float));
+    float *work = malloc((size_t)(4 * b * d + 3 * b * b + d) * sizeof(float));
     if (!work) return 2;
-    float *Z1 = work, *g = Z1 + b * d, *Zb = g + b * d, *kt = Zb + b * d, *eta = kt + b * d, *A = eta + b * b;
-    float *S = A + b * b, *x_hat = S + b * b, *row = x_hat + d;
-    const int64_t n_mb = T / b;
     /* mini-batch by mini-batch, every head of it: the tokens' rows are read in order, and the heads'
      * weights (H·d² floats) stay in cache from one mini-batch to the next */
     for (int64_t bi = 0; bi < B; bi++) {
-        for (int64_t m = 0; m < n_mb; m++) {
-            const int64_t t0 = m * b;
+        for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
             for (int64_t h = 0; h < H; h++) {
-                const int64_t base = bi * sB + h * sH + t0 * sT;
-                const float *gamma = ln_w + h * d, *beta = ln_b + h * d;
-                float *Wn = W + (bi * H + h) * d * d, *bn = bias + (bi * H + h) * d;
-                const float *lrn = lr + (bi * H + h) * T + t0;
-                const float *q = XQ + base, *k = XK + base, *v = XV + base;
-                /* the gradients of the mini-batch's tokens, all at the start weights */
+                const int64_t base = bi * sB + h * sH + t0 * sT, row = bi * H + h;
+                float *out = Z + ((bi * T + t0) * H + h) * d;
                 if (d == 64)
-                    rows_times_matrix64(b, k, sT, Wn, bn, Z1);
+                    linear_dual_head(64, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * 64,
+                                     ln_b + h * 64, eps, W + row * 64 * 64, bias + row * 64, out, H * 64, work);
                 else
-                    rows_times_matrix(b, d, k, sT, Wn, bn, Z1);
-                for (int64_t i = 0; i < b; i++)
-                    ln_l2_grad_row(Z1 + i * d, k + i * sT, v + i * sT, gamma, beta, 1.0f, eps, d, x_hat, g + i * d);
-                /* S = XQ·XKᵀ from XKᵀ (d × b), a row of S at a time without horizontal sums;
-                 * A = η ⊙ (S + 1), lower triangular */
-                for (int64_t j = 0; j < b; j++)
-                    for (int64_t c = 0; c < d; c++) kt[c * b + j] = k[j * sT + c];
-                for (int64_t i = 0; i < b; i++) {
-                    const float *qi = q + i * sT;
-                    float *Si = S + i * b;
-                    for (int64_t j = 0; j < b; j++) Si[j] = 1.0f;
-                    for (int64_t c = 0; c < d; c++) {
-                        const float qc = qi[c], *ktc = kt + c * b;
-                        for (int64_t j = 0; j < b; j++) Si[j] += qc * ktc[j];
-                    }
-                    for (int64_t j = 0; j < b; j++) {
-                        eta[i * b + j] = tok[i] * lrn[j];
-                        A[i * b + j] = j <= i ? eta[i * b + j] * Si[j] : 0.0f;
-                    }
-                }
-                /* Z̄ = XQ·W + b − A·g, then z = XQ + LN(Z̄) into (B, T, H, d) */
+                    linear_dual_head(d, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * d,
+                                     ln_b + h * d, eps, W + row * d * d, bias + row * d, out, H * d, work);
+            }
+        }
+    }
+    free(work);
+    return 0;
+}
+
+/* gelu_tanh(x) = ½x(1 + t), t = tanh u, u = √(2/π)(x + 0.044715x³), and (when dy is given) its
+ * derivative ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²), for n values; tanh u = 1 − 2/(e^{2u} + 1). */
+static inline void gelu_rows(int64_t n, const float *x, float *y, float *dy) {
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+    if (dy) {
+        for (int64_t i = 0; i < n; i++) {
+            const float xi = x[i], x2 = xi * xi, t = 1.0f - 2.0f / (exp_poly(2.0f * k0 * (xi + k1 * x2 * xi)) + 1.0f);
+            y[i] = 0.5f * xi * (1.0f + t);
+            dy[i] = 0.5f * (1.0f + t) + 0.5f * xi * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * x2);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const float xi = x[i], t = 1.0f - 2.0f / (exp_poly(2.0f * k0 * (xi + k1 * xi * xi * xi)) + 1.0f);
+            y[i] = 0.5f * xi * (1.0f + t);
+        }
+    }
+}
+
+/* One mini-batch of one head of sz_ttt_mlp_dual; F = 4d hidden units. */
+static inline void mlp_dual_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
+                                 const float *lr, const float *tok, const float *gamma, const float *beta, float eps,
+                                 float *W1, float *b1, float *W2, float *b2, float *out, int64_t ld_out, float *work) {
+    const int64_t F = 4 * d;
+    float *Z1 = work, *X2 = Z1 + b * F, *gp = X2 + b * F, *G1 = gp + b * F, *Zq = G1 + b * F, *X2b = Zq + b * F;
+    float *X2T = X2b + b * F, *G1T = X2T + F * b, *Z2 = G1T + F * b, *G2 = Z2 + b * d, *Z2b = G2 + b * d;
+    float *kt = Z2b + b * d, *S = kt + d * b, *eta = S + b * b, *A = eta + b * b, *x_hat = A + b * b;
+    /* the inner model's forward and backward on the keys, at the start weights */
+    matmul_rows(b, d, F, k, sT, W1, b1, Z1);
+    gelu_rows(b * F, Z1, X2, gp);
+    matmul_rows(b, F, d, X2, F, W2, b2, Z2);
+    for (int64_t i = 0; i < b; i++)
+        ln_l2_grad_row(Z2 + i * d, k + i * sT, v + i * sT, gamma, beta, 1.0f, eps, d, x_hat, G2 + i * d);
+    /* G1 = (G2·W2ᵀ) ⊙ gelu'(Z1), as (W2·G2ᵀ)ᵀ: W2's rows are read in order, no transpose of W2 */
+    transpose_scaled(b, d, G2, d, NULL, kt);
+    matmul_rows(F, d, b, W2, d, kt, NULL, G1T);
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t f = 0; f < F; f++) G1[i * F + f] = G1T[f * b + i] * gp[i * F + f];
+    /* the dual form: Z̄1 = XQ·W1 + b1 − A1·G1, X̄2 = gelu(Z̄1), Z̄2 = X̄2·W2 + b2 − A2·G2, z = XQ + LN(Z̄2) */
+    transpose_scaled(b, d, k, sT, NULL, kt);
+    causal_scores(b, d, q, sT, kt, tok, lr, S, eta, A);
+    matmul_rows(b, d, F, q, sT, W1, b1, Zq);
+    subtract_causal(b, F, b, A, G1, Zq);
+    gelu_rows(b * F, Zq, X2b, NULL);
+    transpose_scaled(b, F, X2, F, NULL, X2T);
+    causal_scores(b, F, X2b, F, X2T, tok, lr, S, eta, A);
+    matmul_rows(b, F, d, X2b, F, W2, b2, Z2b);
+    subtract_causal(b, d, b, A, G2, Z2b);
+    output_rows(b, d, Z2b, q, sT, gamma, beta, eps, x_hat, out, ld_out);
+    /* W1 ← W1 − (η[b−1, :] ⊙ XK)ᵀ·G1, W2 ← W2 − (η[b−1, :] ⊙ X2)ᵀ·G2, and the biases */
+    const float *last = eta + (b - 1) * b;
+    transpose_scaled(b, d, k, sT, last, kt);
+    rank_update(d, F, b, W1, kt, G1);
+    subtract_weighted_rows(b, F, last, G1, b1);
+    transpose_scaled(b, F, X2, F, last, X2T);
+    rank_update(F, d, b, W2, X2T, G2);
+    subtract_weighted_rows(b, d, last, G2, b2);
+}
+
+/* TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden 4d) over T = n·b
+ * tokens from a mini-batch boundary (seqzoo_plugins.ttt.mlp.ttt_mlp_dual), in the layout and order of
+ * sz_ttt_linear_dual: W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d), b2 (B, H, 1, d) updated in
+ * place, Z written as (B, T, H, d). Returns 0, 1 when d or b exceeds MAX_DIM, 2 when the workspace can't
+ * be allocated. */
+int32_t sz_ttt_mlp_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
+                        const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
+                        const float *ln_w, const float *ln_b, float eps, float *W1, float *b1, float *W2, float *b2,
+                        float *Z) {
+    if (d > MAX_DIM || b > MAX_DIM) return 1;
+    const int64_t F = 4 * d;
+    float *work = malloc((size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d) * sizeof(float));
+    if (!work) return 2;
+    for (int64_t bi = 0; bi < B; bi++) {
+        for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t base = bi * sB + h * sH + t0 * sT, row = bi * H + h;
+                float *out = Z + ((bi * T + t0) * H + h) * d;
                 if (d == 64)
-                    rows_times_matrix64(b, q, sT, Wn, bn, Zb);
+                    mlp_dual_head(64, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * 64,
+                                  ln_b + h * 64, eps, W1 + row * 64 * 256, b1 + row * 256, W2 + row * 256 * 64,
+                                  b2 + row * 64, out, H * 64, work);
                 else
-                    rows_times_matrix(b, d, q, sT, Wn, bn, Zb);
-                for (int64_t i = 0; i < b; i++) {
-                    float *zi = Zb + i * d;
-                    if (d == 64) {
-                        v16 z0 = v_load(zi), z1 = v_load(zi + 16), z2 = v_load(zi + 32), z3 = v_load(zi + 48);
-                        for (int64_t j = 0; j <= i; j++) {
-                            const float a = A[i * b + j], *gj = g + j * 64;
-                            z0 -= a * v_load(gj), z1 -= a * v_load(gj + 16), z2 -= a * v_load(gj + 32);
-                            z3 -= a * v_load(gj + 48);
-                        }
-                        v_store(zi, z0), v_store(zi + 16, z1), v_store(zi + 32, z2), v_store(zi + 48, z3);
-                    } else {
-                        for (int64_t j = 0; j <= i; j++) {
-                            const float a = A[i * b + j], *gj = g + j * d;
-                            for (int64_t c = 0; c < d; c++) zi[c] -= a * gj[c];
-                        }
-                    }
-                    normalize(zi, x_hat, d, eps);
-                    const float *qi = q + i * sT;
-                    float *out = Z + ((bi * T + t0 + i) * H + h) * d;
-                    for (int64_t c = 0; c < d; c++) out[c] = qi[c] + (beta[c] + gamma[c] * x_hat[c]);
-                }
-                /* W ← W − (η[b−1, :] ⊙ XK)ᵀ·g, b ← b − η[b−1, :]·g */
-                const float *last = eta + (b - 1) * b;
-                for (int64_t c = 0; c < d; c++)
-                    for (int64_t j = 0; j < b; j++) kt[c * b + j] *= last[j];
-                for (int64_t c = 0; c < d; c++) row[c] = 0.0f;
-                for (int64_t j = 0; j < b; j++)
-                    for (int64_t c = 0; c < d; c++) row[c] += last[j] * g[j * d + c];
-                for (int64_t c = 0; c < d; c++) bn[c] -= row[c];
-                if (d == 64) {
-                    rank_update64(Wn, kt, g, b);
-                } else {
-                    for (int64_t r = 0; r < d; r++) {
-                        float *wr = Wn + r * d;
-                        const float *ktr = kt + r * b;
-                        for (int64_t j = 0; j < b; j++) {
-                            const float sj = ktr[j], *gj = g + j * d;
-                            for (int64_t c = 0; c < d; c++) wr[c] -= sj * gj[c];
-                        }
-                    }
-                }
+                    mlp_dual_head(d, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * d,
+                                  ln_b + h * d, eps, W1 + row * d * F, b1 + row * F, W2 + row * F * d, b2 + row * d,
+                                  out, H * d, work);
             }
         }
     }
