@@ -257,3 +257,19 @@ def test_native_functions_refuse_what_they_cannot_read():
             native.ttt_linear_token(q, q[..., :4], q, **args)
         with pytest.raises(TypeError, match="float32 CPU"):
             native.ttt_linear_token(q, q, q, **{**args, "W": st["W1"].double()})
+
+
+@pytest.mark.parametrize("name", ["mamba", "ttt_linear"])
+def test_native_paths_validate_like_the_torch_paths(name):
+    """Without autograd (where the native paths run) a bad state or input still gets the layer's own error."""
+    layer = seqzoo.create_layer(name, d_model=32).eval()
+    state = layer.init_state(2)
+    with torch.no_grad():
+        broken = dict(state)
+        broken.pop(next(iter(broken)))
+        with pytest.raises(ValueError, match="expected a state with keys"):
+            layer.step(torch.randn(2, 32), broken)
+        with pytest.raises(ValueError, match="expected x of shape"):
+            layer.step(torch.randn(2, 31), state)
+        with pytest.raises(ValueError, match="shape"):
+            layer.step(torch.randn(3, 32), state)  # a state of batch 2 for a batch of 3

@@ -252,6 +252,7 @@ class TTTLinear(InnerNormTTT):
         """``step`` with everything between the projections and post_norm in one native call
         (seqzoo.native): RoPE, the η gate, the inner gradient, G, the output and, at the end of a
         mini-batch, W̄. Equal to the torch path to float32 rounding; None where it does not apply."""
+        state, p = self._checked(x, state, step=True)  # the input and state validated first, as on every path
         lr_w = getattr(self, "learnable_ttt_lr_weight", None)
         lr_b = getattr(self, "learnable_ttt_lr_bias", None)
         token_idx = getattr(self, "learnable_token_idx", None)
@@ -259,7 +260,6 @@ class TTTLinear(InnerNormTTT):
         W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]
         if torch.is_autocast_enabled("cpu") or not native.usable(x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, token_idx):
             return None
-        state, p = self._checked(x, state, step=True)
         q, k, v, new = self._qkv_step(x, state)
         if not (q.dtype is k.dtype is v.dtype is torch.float32):
             return None
