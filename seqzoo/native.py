@@ -168,22 +168,23 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
     Bsz, two_d = xz.shape
     Dn, N = A_log.shape
     K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
-    if (two_d != 2 * Dn or conv_state.shape != (Bsz, Dn, W) or W < max(K - 1, 1) or h.shape != (Bsz, Dn, N)
-            or conv_w.shape != (Dn, 1, K) or (conv_b is not None and conv_b.shape != (Dn,))
-            or x_proj_w.shape != (R + 2 * N, Dn) or dt_w.shape != (Dn, R) or dt_b.shape != (Dn,) or D.shape != (Dn,)):
-        raise ValueError(
-            f"mamba_step: inconsistent shapes xz {tuple(xz.shape)}, conv_state {tuple(conv_state.shape)}, "
-            f"h {tuple(h.shape)}, conv_w {tuple(conv_w.shape)}, x_proj_w {tuple(x_proj_w.shape)}, "
-            f"dt_w {tuple(dt_w.shape)}, A_log {tuple(A_log.shape)}, D {tuple(D.shape)}"
-        )
-    _require_float32_cpu("mamba_step", dict(xz=xz, conv_state=conv_state, h=h, conv_w=conv_w, conv_b=conv_b,
-                                            x_proj_w=x_proj_w, dt_w=dt_w, dt_b=dt_b, A_log=A_log, D=D))
+    tensors = (xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
+    want = ((Bsz, 2 * Dn), (Bsz, Dn, W), (Bsz, Dn, N), (Dn, 1, K), (Dn,), (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N),
+            (Dn,))
+    got = tuple(None if t is None else t.shape for t in tensors)
+    # one comparison on the hot path; the message is built only when it fails
+    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or W < max(K - 1, 1):
+        names = ("xz", "conv_state", "h", "conv_w", "conv_b", "x_proj_w", "dt_w", "dt_b", "A_log", "D")
+        raise ValueError("mamba_step: inconsistent shapes " + ", ".join(
+            f"{n} {tuple(g)}" for n, g in zip(names, got) if g is not None) + f" (a conv state of W >= {max(K - 1, 1)})")
+    if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
+        _require_float32_cpu("mamba_step", dict(xz=xz, conv_state=conv_state, h=h, conv_w=conv_w, conv_b=conv_b,
+                                                x_proj_w=x_proj_w, dt_w=dt_w, dt_b=dt_b, A_log=A_log, D=D))
     if xz.stride(-1) != 1:
         xz = xz.contiguous()
     # every pointer below is of a tensor bound to a name here, alive until the call returns
-    conv_state, h, conv_w, x_proj_w, dt_w = (t.contiguous() for t in (conv_state, h, conv_w, x_proj_w, dt_w))
-    conv_b = None if conv_b is None else conv_b.contiguous()
-    dt_b, A_log, D = dt_b.contiguous(), A_log.contiguous(), D.contiguous()
+    conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D = (
+        None if t is None else t.contiguous() for t in tensors[1:])
     y = xz.new_empty((Bsz, Dn))
     conv_out, h_out = torch.empty_like(conv_state), torch.empty_like(h)
     status = _library().sz_mamba_step(
@@ -211,24 +212,27 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
     Bsz, H, d = q.shape
     C = x.shape[-1]
     post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
-    positions = [t.shape[0] for t in (rope, token_idx) if t is not None]
-    expected = [(k, q.shape), (v, q.shape), (x, (Bsz, H * d)), (W, (Bsz, H, d, d)), (GW, (Bsz, H, d, d)),
-                (b, (Bsz, H, 1, d)), (Gb, (Bsz, H, 1, d)), (ln_w, (H, d)), (ln_b, (H, d)), (lr_w, (H, 1, C)),
-                (lr_b, (H, 1)), (rope, (positions[0] if positions else 0, d // 2, 2)),
-                (token_idx, (positions[-1] if positions else 0,)), (post_w, (C,)), (post_b, (C,))]
-    wrong = [tuple(t.shape) for t, shape in expected if t is not None and t.shape != shape]
-    if wrong or (lr_w is None) != (lr_b is None) or not all(0 <= p < n for n in positions):
+    tensors = (q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
+    n_rope = rope.shape[0] if rope is not None else 0
+    n_tok = token_idx.shape[0] if token_idx is not None else 0
+    want = (q.shape, q.shape, q.shape, (Bsz, H * d), (Bsz, H, d, d), (Bsz, H, 1, d), (Bsz, H, d, d), (Bsz, H, 1, d),
+            (H, d), (H, d), (H, 1, C), (H, 1), (n_rope, d // 2, 2), (n_tok,), (C,), (C,))
+    got = tuple(None if t is None else t.shape for t in tensors)
+    # one comparison on the hot path; the message is built only when it fails
+    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or (lr_w is None) != (lr_b is None) or (
+            rope is not None and not 0 <= p < n_rope) or (token_idx is not None and not 0 <= p < n_tok):
+        wrong = [tuple(g) for g, w, t in zip(got, want, tensors) if t is not None and g != w]
         raise ValueError(f"ttt_linear_token: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
-                         f"(expected {[tuple(s) for t, s in expected if t is not None]}), position {p}")
+                         f"(expected {[tuple(w) for w, t in zip(want, tensors) if t is not None]}), position {p}")
     if d > MAX_DIM:
         raise ValueError(f"ttt_linear_token: head_dim {d} exceeds the kernel's limit {MAX_DIM}")
-    _require_float32_cpu("ttt_linear_token", dict(q=q, k=k, v=v, x=x, W=W, b=b, GW=GW, Gb=Gb, ln_w=ln_w, ln_b=ln_b,
-                                                  lr_w=lr_w, lr_b=lr_b, rope=rope, token_idx=token_idx,
-                                                  post_w=post_w, post_b=post_b))
+    if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
+        names = ("q", "k", "v", "x", "W", "b", "GW", "Gb", "ln_w", "ln_b", "lr_w", "lr_b", "rope", "token_idx",
+                 "post_w", "post_b")
+        _require_float32_cpu("ttt_linear_token", dict(zip(names, tensors)))
     # every pointer below is of a tensor bound to a name here, alive until the call returns
-    q, k, v, x, W, b, GW, Gb, ln_w, ln_b = (t.contiguous() for t in (q, k, v, x, W, b, GW, Gb, ln_w, ln_b))
-    lr_w, lr_b, rope, token_idx, post_w, post_b = (
-        None if t is None else t.contiguous() for t in (lr_w, lr_b, rope, token_idx, post_w, post_b))
+    q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = (
+        None if t is None else t.contiguous() for t in tensors)
     ptr = lambda t: None if t is None else t.data_ptr()
     Z = torch.empty_like(q)
     GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)

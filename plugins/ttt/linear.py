@@ -257,13 +257,18 @@ class TTTLinear(InnerNormTTT):
         lr_b = getattr(self, "learnable_ttt_lr_bias", None)
         token_idx = getattr(self, "learnable_token_idx", None)
         ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
-        W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]
-        if torch.is_autocast_enabled("cpu") or not native.usable(x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, token_idx):
+        W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]  # validated with x
+        if torch.is_autocast_enabled("cpu") or not native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx):
             return None
-        q, k, v, new = self._qkv_step(x, state)
+        B, H, d = x.shape[0], self.num_heads, self.head_dim
+        projections = () if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
+        if projections and native.plain(*projections):  # what their forward computes, without the calls
+            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
+            new = {}
+        else:
+            q, k, v, new = self._qkv_step(x, state)
         if not (q.dtype is k.dtype is v.dtype is torch.float32):
             return None
-        B, H, d = q.shape
         rope = self._rope_pairs(q.dtype, q.device) if self.config.rope else None
         commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
         norm = self.post_norm
@@ -278,7 +283,12 @@ class TTTLinear(InnerNormTTT):
         new["pos"] = torch.full((B,), (p + 1) % self.mini_batch_size, dtype=torch.int64, device=x.device)
         new["mini_batch_size"] = state["mini_batch_size"]
         z = Z.view(B, H * d)
-        return (self.o_proj(self._gate(x, z)) if fuse_norm else self._output(x, z)), new
+        if not fuse_norm:
+            return self._output(x, z), new
+        o_proj = self.o_proj
+        if not self.use_gate and native.plain(o_proj):
+            return F.linear(z, o_proj.weight, o_proj.bias), new
+        return o_proj(self._gate(x, z)), new
 
     def _rope_pairs(self, dtype, device) -> Tensor:
         """``_rope_table`` as (cos, sin) pairs, (b, d/2, 2): a view, kept with the table."""
