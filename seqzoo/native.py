@@ -1,19 +1,25 @@
-"""Fused CPU decode steps in C (``seqzoo/csrc/decode.c``), built once per machine with the system C compiler.
+"""Native CPU kernels in C (``seqzoo/csrc/decode.c``): fused decode steps and the TTT layers' prefill,
+built once per machine with the system C compiler.
 
 A decode step on the CPU is a few large mat-vecs (the projections) and dozens of tiny ops between them,
-each costing PyTorch's per-op dispatch (3-10 µs) for a few microseconds of arithmetic. The kernels here
-do the tiny part in one call: Mamba's conv, x_proj, dt_proj and selective-state update (when x_proj and
-dt_proj are bare ``nn.Linear``: ``plain``), TTT-Linear's inner step. The large projections stay
-module calls (hooks and wrapped modules apply).
+each costing PyTorch's per-op dispatch (3-10 µs, several times that with the caches cold after the
+mat-vecs) for a few microseconds of arithmetic. The kernels here do the tiny part in one call: Mamba's
+conv, x_proj, dt_proj and selective-state update, TTT-Linear's inner step. The projections are read
+directly only while they are bare ``nn.Linear``/``nn.LayerNorm`` modules without hooks (``plain``);
+otherwise the layers call them, or take their torch path. The TTT layers' prefill runs its whole
+mini-batches through one call (``ttt_linear_dual``, ``ttt_mlp_dual``).
 
 - ``available()``: the library is built (or was built before) and loads. The build runs at the first
   call, never at import: ``cc -O3 -march=native``, about a second, cached under ``$SEQZOO_CACHE_DIR``
   (default ``$XDG_CACHE_HOME/seqzoo`` or ``~/.cache/seqzoo``) by a hash of the source, the compiler
   and the CPU. ``SEQZOO_NATIVE=0`` turns the kernels off; with no compiler they are off and the torch
   paths run (one log line says why).
-- ``usable(*tensors)``: float32 CPU tensors, autograd off (``torch.no_grad``/``inference_mode``, as
-  generation runs), no ``torch.func`` transform, no tracing: the layers take the native path only then,
-  and their torch path otherwise.
+- ``usable(*tensors)``: plain float32 CPU tensors, autograd off (``torch.no_grad``/``inference_mode``,
+  as generation runs), no autocast, no ``torch.func`` transform, no tracing: the layers take the native
+  path only then, and their torch path otherwise.
+
+The cached library is loaded from the cache folder: point ``SEQZOO_CACHE_DIR`` only at a folder that
+others cannot write.
 
 Every kernel is tested against the layer's torch path (tests/test_native.py).
 """
@@ -25,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -39,7 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
-MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head a TTT kernel takes
+MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head the TTT decode kernel takes (ttt_linear_token_fits)
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 
 _lib: ctypes.CDLL | None = None
@@ -72,7 +79,7 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: list[str], target: Path) -> None:
     """Compile to a temporary name and rename: concurrent builders (compare's workers) never see half a file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -81,7 +88,7 @@ def _build(compiler: str, target: Path) -> None:
         errors = []
         # the widest vectors this CPU has; then what every compiler takes
         for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            cmd = [compiler, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"]
+            cmd = [*compiler, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode == 0:
                 os.replace(tmp, target)
@@ -97,12 +104,13 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("SEQZOO_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
         log.debug("seqzoo native kernels off (SEQZOO_NATIVE=0)")
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        c for c in (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),) if c]
+    if not compiler:
         log.info("seqzoo native CPU kernels unavailable: no C compiler (cc, gcc, clang); using the torch paths")
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), " ".join(compiler).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     target = cache_dir() / f"decode-{key}.so"
     try:
@@ -134,14 +142,15 @@ def _library() -> ctypes.CDLL:
 
 def usable(*tensors: Tensor | None) -> bool:
     """Whether the native path may run on these tensors: autograd not recording (the kernels have no
-    backward), no ``torch.func`` transform, no tracing or compiling, and every tensor float32 on the CPU."""
-    if torch.is_grad_enabled() or not (_lib is not None or available()):
+    backward), no ``torch.func`` transform, no tracing, compiling or autocast, and every tensor a plain
+    float32 CPU tensor."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not (_lib is not None or available()):
         return False
     if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None):
         return False
-    f32 = torch.float32
-    return all(t is None or (t.dtype is f32 and t.is_cpu) for t in tensors)
+    f32, plain_types = torch.float32, (Tensor, nn.Parameter)  # no subclass (FakeTensor, DTensor, ...): no memory
+    return all(t is None or (type(t) in plain_types and t.dtype is f32 and t.is_cpu) for t in tensors)
 
 
 def _require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:
@@ -173,10 +182,12 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
             (Dn,))
     got = tuple(None if t is None else t.shape for t in tensors)
     # one comparison on the hot path; the message is built only when it fails
-    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or W < max(K - 1, 1):
+    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or K < 1 or W < max(K - 1, 1) or (
+            dt_b is None):
         names = ("xz", "conv_state", "h", "conv_w", "conv_b", "x_proj_w", "dt_w", "dt_b", "A_log", "D")
         raise ValueError("mamba_step: inconsistent shapes " + ", ".join(
-            f"{n} {tuple(g)}" for n, g in zip(names, got) if g is not None) + f" (a conv state of W >= {max(K - 1, 1)})")
+            f"{n} {tuple(g)}" for n, g in zip(names, got) if g is not None)
+            + f" (a conv of K >= 1 taps, a conv state of W >= {max(K - 1, 1)}, a dt bias)")
     if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
         _require_float32_cpu("mamba_step", dict(xz=xz, conv_state=conv_state, h=h, conv_w=conv_w, conv_b=conv_b,
                                                 x_proj_w=x_proj_w, dt_w=dt_w, dt_b=dt_b, A_log=A_log, D=D))
@@ -224,8 +235,8 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
         wrong = [tuple(g) for g, w, t in zip(got, want, tensors) if t is not None and g != w]
         raise ValueError(f"ttt_linear_token: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
                          f"(expected {[tuple(w) for w, t in zip(want, tensors) if t is not None]}), position {p}")
-    if d > MAX_DIM:
-        raise ValueError(f"ttt_linear_token: head_dim {d} exceeds the kernel's limit {MAX_DIM}")
+    if d > MAX_DIM or (rope is not None and d % 2):
+        raise ValueError(f"ttt_linear_token: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
     if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
         names = ("q", "k", "v", "x", "W", "b", "GW", "Gb", "ln_w", "ln_b", "lr_w", "lr_b", "rope", "token_idx",
                  "post_w", "post_b")
@@ -260,8 +271,6 @@ def _dual_inputs(name: str, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok:
     if wrong or bs < 1 or T % bs:
         raise ValueError(f"{name}: for XQ {tuple(XQ.shape)} and mini-batches of {bs}, got shapes {wrong} "
                          f"(expected {[tuple(s) for _, s in expected]}; T a multiple of b)")
-    if d > MAX_DIM or bs > MAX_DIM:
-        raise ValueError(f"{name}: head_dim {d} or mini-batch {bs} exceeds the kernel's limit {MAX_DIM}")
     _require_float32_cpu(name, dict(XQ=XQ, XK=XK, XV=XV, lr=lr, tok=tok, ln_w=ln_w, ln_b=ln_b,
                                     **{k: t for k, (t, _) in weights.items()}))
     if XQ.stride(-1) != 1 or XK.stride() != XQ.stride() or XV.stride() != XQ.stride():

@@ -273,3 +273,58 @@ def test_native_paths_validate_like_the_torch_paths(name):
             layer.step(torch.randn(2, 31), state)
         with pytest.raises(ValueError, match="shape"):
             layer.step(torch.randn(3, 32), state)  # a state of batch 2 for a batch of 3
+
+
+@needs_native
+def test_native_paths_step_aside(monkeypatch):
+    """Where the kernels do not apply, the torch path runs and works: autocast, a missing dt bias, a
+    subclass overriding a method of the torch step, a mini-batch longer than any kernel array."""
+    mamba_calls, token_calls = _spy(monkeypatch, "mamba_step"), _spy(monkeypatch, "ttt_linear_token")
+    x = torch.randn(1, 32)
+    mamba = seqzoo.create_layer("mamba", d_model=32).eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = mamba.step(x, mamba.init_state(1))
+        mamba.dt_proj.bias = None
+        mamba.step(x, mamba.init_state(1))
+        ttt = seqzoo.create_layer("ttt_linear", d_model=32, num_heads=2, mini_batch_size=1100).eval()
+        ttt(torch.randn(1, 3, 32))
+        ttt.step(x, ttt.init_state(1))  # the mini-batch position is still < 1024: the kernel runs
+        assert len(token_calls) == 1
+
+        class Halved(type(ttt)):  # a subclass that changes the output rule
+            def _output(self, x, z):
+                return super()._output(x, z) / 2
+
+        halved = Halved(32, learner=ttt.learner.__class__, num_heads=2).eval()
+        halved.step(x, halved.init_state(1))
+    assert y.dtype == torch.bfloat16 and not mamba_calls and len(token_calls) == 1
+
+
+@needs_native
+def test_native_refuses_shapes_its_arrays_cannot_hold():
+    layer = seqzoo.create_layer("mamba", d_model=16).eval()
+    state = layer.init_state(1)
+    conv_w = layer.conv1d.weight[..., :0]  # a conv of no taps
+    with torch.no_grad(), pytest.raises(ValueError, match="K >= 1"):
+        native.mamba_step(torch.randn(1, 2 * layer.d_inner), state["conv_state"], state["ssm_state"], conv_w,
+                          layer.conv1d.bias, layer.x_proj.weight, layer.dt_proj.weight, layer.dt_proj.bias,
+                          layer.A_log, layer.D)
+    q = torch.randn(1, 1, 3)  # an odd head with RoPE
+    W, b = torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 1, 3)
+    with pytest.raises(ValueError, match="even with RoPE"):
+        native.ttt_linear_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, W, b, W, b,
+                                torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
+
+
+@needs_native
+def test_native_mamba_step_passes_nan_through():
+    """A NaN in Δ gives NaN out, as on the torch path (the harness reports NaN runs; it must see them)."""
+    layer, twin = _twins("mamba", {"use_kernels": False}, d_model=32)
+    with torch.no_grad():
+        for m in (layer, twin):
+            m.dt_proj.bias[0] = float("nan")
+        y, state = layer.step(torch.randn(1, 32), layer.init_state(1))
+        y_ref, state_ref = twin.step(torch.randn(1, 32), twin.init_state(1))
+    assert torch.isnan(y).any() and torch.isnan(y_ref).any()
+    assert torch.isnan(state["ssm_state"]).any() and torch.isnan(state_ref["ssm_state"]).any()

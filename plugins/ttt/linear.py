@@ -241,12 +241,22 @@ class TTTLinear(InnerNormTTT):
             W_bar["b1"], G_new["b1"] = b1, Gb1
         return Z, W_bar, G_new
 
+    # the methods of the step's torch path that the native step stands in for: a subclass that overrides
+    # one of them gets the torch path
+    _NATIVE_STEP_REPLACES = ("_qkv_step", "_rope_step", "_gate_eta_step", "_token_eta_at", "_token_step", "_output",
+                             "_gate", "_checked")
+
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        if self.config.backend == "auto" and x.is_cpu and not torch.is_grad_enabled() and self.config.inner_norm:
+        if (self.config.backend == "auto" and x.is_cpu and not torch.is_grad_enabled() and self.config.inner_norm
+                and self.head_dim <= native.MAX_DIM and self._native_step_allowed()):
             out = self._step_native(x, state)
             if out is not None:
                 return out
         return super().step(x, state)
+
+    @classmethod
+    def _native_step_allowed(cls) -> bool:
+        return all(getattr(cls, n) is getattr(TTTLinear, n) for n in cls._NATIVE_STEP_REPLACES)
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` with everything between the projections and post_norm in one native call
@@ -258,17 +268,18 @@ class TTTLinear(InnerNormTTT):
         token_idx = getattr(self, "learnable_token_idx", None)
         ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
         W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]  # validated with x
-        if torch.is_autocast_enabled("cpu") or not native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx):
+        # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
+        # path), float32 like x, so that q, k, v are float32 too
+        projections = (self.q_proj, self.v_proj) if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
+        weights = [t for m in projections for t in (m.weight, m.bias) if isinstance(m, nn.Linear)]
+        if not (native.plain(*projections) and native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx, *weights)):
             return None
         B, H, d = x.shape[0], self.num_heads, self.head_dim
-        projections = () if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
-        if projections and native.plain(*projections):  # what their forward computes, without the calls
+        if self.share_qk:  # q_proj, then the conv_q / conv_k pair
+            q, k, v, new = self._qkv_step(x, state)
+        else:  # what the modules' forward computes, without the module calls
             q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
             new = {}
-        else:
-            q, k, v, new = self._qkv_step(x, state)
-        if not (q.dtype is k.dtype is v.dtype is torch.float32):
-            return None
         rope = self._rope_pairs(q.dtype, q.device) if self.config.rope else None
         commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
         norm = self.post_norm

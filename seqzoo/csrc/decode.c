@@ -108,7 +108,7 @@ static inline float log_poly(float x) {
 static inline float softplus(float x) {
     /* torch's softplus (β = 1, threshold 20): x above 20, else log1p(e^x), log1p(u) = ln(w)·u/(w − 1)
      * with w = 1 + u (exact to rounding where w − 1 loses u's low bits). */
-    float u = exp_poly(x < 20.0f ? x : 20.0f), w = 1.0f + u, wm1 = w - 1.0f;
+    float u = exp_poly(x > 20.0f ? 20.0f : x), w = 1.0f + u, wm1 = w - 1.0f; /* NaN stays NaN */
     float l = log_poly(w) * (u / (wm1 == 0.0f ? 1.0f : wm1));
     return x > 20.0f ? x : (wm1 == 0.0f ? u : l);
 }
@@ -497,8 +497,8 @@ static inline void output_rows(int64_t b, int64_t d, const float *Zbar, const fl
  *   W ← W − (η[b−1, :] ⊙ XK)ᵀ·g,  b ← b − η[b−1, :]·g.
  * XQ, XK, XV (after RoPE) share the strides (sB, sH, sT) (elements; unit stride within a head); lr (B, H, T)
  * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
- * (B, T, H, d), the layout of the output projection's input. Returns 0, 1 when d or b exceeds MAX_DIM,
- * 2 when the workspace can't be allocated. */
+ * (B, T, H, d), the layout of the output projection's input. Returns 0, or 1 when the workspace can't be
+ * allocated. */
 /* One mini-batch of one head of sz_ttt_linear_dual (inlined twice: for d = 64, where the compiler
  * unrolls every loop over d, and for any d). */
 static inline void linear_dual_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
@@ -527,9 +527,8 @@ int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b
                            const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
                            const float *tok, const float *ln_w, const float *ln_b, float eps, float *W,
                            float *bias, float *Z) {
-    if (d > MAX_DIM || b > MAX_DIM) return 1;
     float *work = malloc((size_t)(4 * b * d + 3 * b * b + d) * sizeof(float));
-    if (!work) return 2;
+    if (!work) return 1;
     /* mini-batch by mini-batch, every head of it: the tokens' rows are read in order, and the heads'
      * weights (H·d² floats) stay in cache from one mini-batch to the next */
     for (int64_t bi = 0; bi < B; bi++) {
@@ -611,16 +610,14 @@ static inline void mlp_dual_head(int64_t d, int64_t b, const float *q, const flo
 /* TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden 4d) over T = n·b
  * tokens from a mini-batch boundary (seqzoo_plugins.ttt.mlp.ttt_mlp_dual), in the layout and order of
  * sz_ttt_linear_dual: W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d), b2 (B, H, 1, d) updated in
- * place, Z written as (B, T, H, d). Returns 0, 1 when d or b exceeds MAX_DIM, 2 when the workspace can't
- * be allocated. */
+ * place, Z written as (B, T, H, d). Returns 0, or 1 when the workspace can't be allocated. */
 int32_t sz_ttt_mlp_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
                         const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
                         const float *ln_w, const float *ln_b, float eps, float *W1, float *b1, float *W2, float *b2,
                         float *Z) {
-    if (d > MAX_DIM || b > MAX_DIM) return 1;
     const int64_t F = 4 * d;
     float *work = malloc((size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d) * sizeof(float));
-    if (!work) return 2;
+    if (!work) return 1;
     for (int64_t bi = 0; bi < B; bi++) {
         for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
             for (int64_t h = 0; h < H; h++) {
