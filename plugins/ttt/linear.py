@@ -224,6 +224,9 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
     return unflat(Z), unflat(W), unflat(bias) if norm else None
 
 
+_NATIVE_STEP_CLASSES: dict[type, bool] = {}  # per class: no override of a method the native step stands in for
+
+
 class TTTLinear(InnerNormTTT):
     """TTT-Linear (Sun et al. 2024): hidden state W1, b1 of f(x) = x + LN(x·W1 + b1), per head.
 
@@ -256,7 +259,11 @@ class TTTLinear(InnerNormTTT):
 
     @classmethod
     def _native_step_allowed(cls) -> bool:
-        return all(getattr(cls, n) is getattr(TTTLinear, n) for n in cls._NATIVE_STEP_REPLACES)
+        allowed = _NATIVE_STEP_CLASSES.get(cls)
+        if allowed is None:
+            allowed = _NATIVE_STEP_CLASSES[cls] = all(
+                getattr(cls, n) is getattr(TTTLinear, n) for n in cls._NATIVE_STEP_REPLACES)
+        return allowed
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` with everything between the projections and post_norm in one native call
@@ -269,11 +276,11 @@ class TTTLinear(InnerNormTTT):
         ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
         W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]  # validated with x
         # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
-        # path), float32 like x, so that q, k, v are float32 too
+        # path)
         projections = (self.q_proj, self.v_proj) if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
-        weights = [t for m in projections for t in (m.weight, m.bias) if isinstance(m, nn.Linear)]
-        if not (native.plain(*projections) and native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx, *weights)):
+        if not (native.plain(*projections) and native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx)):
             return None
+        # (weights of another dtype than x make F.linear raise, as they do on the torch path)
         B, H, d = x.shape[0], self.num_heads, self.head_dim
         if self.share_qk:  # q_proj, then the conv_q / conv_k pair
             q, k, v, new = self._qkv_step(x, state)
