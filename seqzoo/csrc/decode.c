@@ -499,6 +499,27 @@ static inline void output_rows(int64_t b, int64_t d, const float *Zbar, const fl
  * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
  * (B, T, H, d), the layout of the output projection's input. Returns 0, or 1 when the workspace can't be
  * allocated. */
+/* One layer of the dual form, the output: Z̄ = X·W + b − A·G with A = η ⊙ (X·Yᵀ + 1) (lower triangular),
+ * for X (b × K, row stride ldx), Y (b × K, row stride ldy), W (K × N), G (b × N). Fills eta (η) too;
+ * Yt (K × b), S and A (b × b) are workspaces. */
+static inline void dual_output(int64_t b, int64_t K, int64_t N, const float *X, int64_t ldx, const float *Y,
+                               int64_t ldy, const float *tok, const float *lr, const float *W, const float *bias,
+                               const float *G, float *Yt, float *S, float *eta, float *A, float *out) {
+    transpose_scaled(b, K, Y, ldy, NULL, Yt);
+    causal_scores(b, K, X, ldx, Yt, tok, lr, S, eta, A);
+    matmul_rows(b, K, N, X, ldx, W, bias, out);
+    subtract_causal(b, N, b, A, G, out);
+}
+
+/* One layer of the dual form, the end-of-mini-batch update: W (K × N) ← W − (η[b−1, :] ⊙ Y)ᵀ·G and
+ * b ← b − η[b−1, :]·G, for Y (b × K, row stride ldy), G (b × N); Yt (K × b) is a workspace. */
+static inline void dual_update(int64_t b, int64_t K, int64_t N, const float *Y, int64_t ldy, const float *last,
+                               const float *G, float *W, float *bias, float *Yt) {
+    transpose_scaled(b, K, Y, ldy, last, Yt);
+    rank_update(K, N, b, W, Yt, G);
+    subtract_weighted_rows(b, N, last, G, bias);
+}
+
 /* One mini-batch of one head of sz_ttt_linear_dual (inlined twice: for d = 64, where the compiler
  * unrolls every loop over d, and for any d). */
 static inline void linear_dual_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
@@ -510,43 +531,59 @@ static inline void linear_dual_head(int64_t d, int64_t b, const float *q, const 
     matmul_rows(b, d, d, k, sT, W, bias, Z1);
     for (int64_t i = 0; i < b; i++)
         ln_l2_grad_row(Z1 + i * d, k + i * sT, v + i * sT, gamma, beta, 1.0f, eps, d, x_hat, g + i * d);
-    /* A = η ⊙ (XQ·XKᵀ + 1); Z̄ = XQ·W + b − A·g; z = XQ + LN(Z̄) */
-    transpose_scaled(b, d, k, sT, NULL, kt);
-    causal_scores(b, d, q, sT, kt, tok, lr, S, eta, A);
-    matmul_rows(b, d, d, q, sT, W, bias, Zb);
-    subtract_causal(b, d, b, A, g, Zb);
+    /* Z̄ = XQ·W + b − (η ⊙ (XQ·XKᵀ + 1))·g; z = XQ + LN(Z̄); W ← W − (η[b−1, :] ⊙ XK)ᵀ·g, b likewise */
+    dual_output(b, d, d, q, sT, k, sT, tok, lr, W, bias, g, kt, S, eta, A, Zb);
     output_rows(b, d, Zb, q, sT, gamma, beta, eps, x_hat, out, ld_out);
-    /* W ← W − (η[b−1, :] ⊙ XK)ᵀ·g, b ← b − η[b−1, :]·g */
-    const float *last = eta + (b - 1) * b;
-    transpose_scaled(b, d, k, sT, last, kt);
-    rank_update(d, d, b, W, kt, g);
-    subtract_weighted_rows(b, d, last, g, bias);
+    dual_update(b, d, d, k, sT, eta + (b - 1) * b, g, W, bias, kt);
+}
+
+/* The shape of one dual-form kernel: one mini-batch of one head, its weights (each of sizes[i] floats
+ * per head) given by pointer. */
+typedef void (*dual_head_fn)(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
+                             const float *lr, const float *tok, const float *gamma, const float *beta, float eps,
+                             float *const *weights, float *out, int64_t ld_out, float *work);
+
+/* Mini-batch by mini-batch, every head of it: the tokens' rows are read in order, and the heads' weights
+ * stay in cache from one mini-batch to the next. weights[i] holds B·H heads of sizes[i] floats. */
+static int32_t dual_scan(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
+                         const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
+                         const float *ln_w, const float *ln_b, float eps, int n_weights, float *const *weights,
+                         const int64_t *sizes, float *Z, size_t work_floats, dual_head_fn head) {
+    float *work = malloc(work_floats * sizeof(float));
+    if (!work) return 1;
+    float *w[8];
+    for (int64_t bi = 0; bi < B; bi++) {
+        for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
+            for (int64_t h = 0; h < H; h++) {
+                const int64_t base = bi * sB + h * sH + t0 * sT, row = bi * H + h;
+                for (int i = 0; i < n_weights; i++) w[i] = weights[i] + row * sizes[i];
+                head(d, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * d, ln_b + h * d,
+                     eps, w, Z + ((bi * T + t0) * H + h) * d, H * d, work);
+            }
+        }
+    }
+    free(work);
+    return 0;
+}
+
+/* linear_dual_head through the dual_head_fn shape, specialised for d = 64 */
+static void linear_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
+                        const float *lr, const float *tok, const float *gamma, const float *beta, float eps,
+                        float *const *w, float *out, int64_t ld_out, float *work) {
+    if (d == 64)
+        linear_dual_head(64, b, q, k, v, sT, lr, tok, gamma, beta, eps, w[0], w[1], out, ld_out, work);
+    else
+        linear_dual_head(d, b, q, k, v, sT, lr, tok, gamma, beta, eps, w[0], w[1], out, ld_out, work);
 }
 
 int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ,
                            const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
                            const float *tok, const float *ln_w, const float *ln_b, float eps, float *W,
                            float *bias, float *Z) {
-    float *work = malloc((size_t)(4 * b * d + 3 * b * b + d) * sizeof(float));
-    if (!work) return 1;
-    /* mini-batch by mini-batch, every head of it: the tokens' rows are read in order, and the heads'
-     * weights (H·d² floats) stay in cache from one mini-batch to the next */
-    for (int64_t bi = 0; bi < B; bi++) {
-        for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t base = bi * sB + h * sH + t0 * sT, row = bi * H + h;
-                float *out = Z + ((bi * T + t0) * H + h) * d;
-                if (d == 64)
-                    linear_dual_head(64, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * 64,
-                                     ln_b + h * 64, eps, W + row * 64 * 64, bias + row * 64, out, H * 64, work);
-                else
-                    linear_dual_head(d, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * d,
-                                     ln_b + h * d, eps, W + row * d * d, bias + row * d, out, H * d, work);
-            }
-        }
-    }
-    free(work);
-    return 0;
+    float *weights[2] = {W, bias};
+    const int64_t sizes[2] = {d * d, d};
+    return dual_scan(B, H, T, d, b, XQ, XK, XV, sB, sH, sT, lr, tok, ln_w, ln_b, eps, 2, weights, sizes, Z,
+                     (size_t)(4 * b * d + 3 * b * b + d), linear_head);
 }
 
 /* gelu_tanh(x) = ½x(1 + t), t = tanh u, u = √(2/π)(x + 0.044715x³), and (when dy is given) its
@@ -587,53 +624,37 @@ static inline void mlp_dual_head(int64_t d, int64_t b, const float *q, const flo
     for (int64_t i = 0; i < b; i++)
         for (int64_t f = 0; f < F; f++) G1[i * F + f] = G1T[f * b + i] * gp[i * F + f];
     /* the dual form: Z̄1 = XQ·W1 + b1 − A1·G1, X̄2 = gelu(Z̄1), Z̄2 = X̄2·W2 + b2 − A2·G2, z = XQ + LN(Z̄2) */
-    transpose_scaled(b, d, k, sT, NULL, kt);
-    causal_scores(b, d, q, sT, kt, tok, lr, S, eta, A);
-    matmul_rows(b, d, F, q, sT, W1, b1, Zq);
-    subtract_causal(b, F, b, A, G1, Zq);
+    dual_output(b, d, F, q, sT, k, sT, tok, lr, W1, b1, G1, kt, S, eta, A, Zq);
     gelu_rows(b * F, Zq, X2b, NULL);
-    transpose_scaled(b, F, X2, F, NULL, X2T);
-    causal_scores(b, F, X2b, F, X2T, tok, lr, S, eta, A);
-    matmul_rows(b, F, d, X2b, F, W2, b2, Z2b);
-    subtract_causal(b, d, b, A, G2, Z2b);
+    dual_output(b, F, d, X2b, F, X2, F, tok, lr, W2, b2, G2, X2T, S, eta, A, Z2b);
     output_rows(b, d, Z2b, q, sT, gamma, beta, eps, x_hat, out, ld_out);
     /* W1 ← W1 − (η[b−1, :] ⊙ XK)ᵀ·G1, W2 ← W2 − (η[b−1, :] ⊙ X2)ᵀ·G2, and the biases */
     const float *last = eta + (b - 1) * b;
-    transpose_scaled(b, d, k, sT, last, kt);
-    rank_update(d, F, b, W1, kt, G1);
-    subtract_weighted_rows(b, F, last, G1, b1);
-    transpose_scaled(b, F, X2, F, last, X2T);
-    rank_update(F, d, b, W2, X2T, G2);
-    subtract_weighted_rows(b, d, last, G2, b2);
+    dual_update(b, d, F, k, sT, last, G1, W1, b1, kt);
+    dual_update(b, F, d, X2, F, last, G2, W2, b2, X2T);
 }
 
 /* TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden 4d) over T = n·b
  * tokens from a mini-batch boundary (seqzoo_plugins.ttt.mlp.ttt_mlp_dual), in the layout and order of
  * sz_ttt_linear_dual: W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d), b2 (B, H, 1, d) updated in
  * place, Z written as (B, T, H, d). Returns 0, or 1 when the workspace can't be allocated. */
+/* mlp_dual_head through the dual_head_fn shape, specialised for d = 64 */
+static void mlp_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
+                     const float *lr, const float *tok, const float *gamma, const float *beta, float eps,
+                     float *const *w, float *out, int64_t ld_out, float *work) {
+    if (d == 64)
+        mlp_dual_head(64, b, q, k, v, sT, lr, tok, gamma, beta, eps, w[0], w[1], w[2], w[3], out, ld_out, work);
+    else
+        mlp_dual_head(d, b, q, k, v, sT, lr, tok, gamma, beta, eps, w[0], w[1], w[2], w[3], out, ld_out, work);
+}
+
 int32_t sz_ttt_mlp_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
                         const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
                         const float *ln_w, const float *ln_b, float eps, float *W1, float *b1, float *W2, float *b2,
                         float *Z) {
     const int64_t F = 4 * d;
-    float *work = malloc((size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d) * sizeof(float));
-    if (!work) return 1;
-    for (int64_t bi = 0; bi < B; bi++) {
-        for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
-            for (int64_t h = 0; h < H; h++) {
-                const int64_t base = bi * sB + h * sH + t0 * sT, row = bi * H + h;
-                float *out = Z + ((bi * T + t0) * H + h) * d;
-                if (d == 64)
-                    mlp_dual_head(64, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * 64,
-                                  ln_b + h * 64, eps, W1 + row * 64 * 256, b1 + row * 256, W2 + row * 256 * 64,
-                                  b2 + row * 64, out, H * 64, work);
-                else
-                    mlp_dual_head(d, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * d,
-                                  ln_b + h * d, eps, W1 + row * d * F, b1 + row * F, W2 + row * F * d, b2 + row * d,
-                                  out, H * d, work);
-            }
-        }
-    }
-    free(work);
-    return 0;
+    float *weights[4] = {W1, b1, W2, b2};
+    const int64_t sizes[4] = {d * F, F, F * d, d};
+    return dual_scan(B, H, T, d, b, XQ, XK, XV, sB, sH, sT, lr, tok, ln_w, ln_b, eps, 4, weights, sizes, Z,
+                     (size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d), mlp_head);
 }
