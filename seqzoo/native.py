@@ -43,7 +43,7 @@ from torch.nn.modules import module as module_globals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
+__all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
 MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head the TTT decode kernel takes (ttt_linear_token_fits)
@@ -57,6 +57,8 @@ _SIGNATURES = {
     "sz_mamba_step": (_i32, [_i64] * 6 + [_ptr, _i64] + [_ptr] * 12),
     "sz_ttt_linear_dual": (_i32, [_i64] * 5 + [_ptr] * 3 + [_i64] * 3 + [_ptr] * 4 + [_f32] + [_ptr] * 3),
     "sz_ttt_mlp_dual": (_i32, [_i64] * 5 + [_ptr] * 3 + [_i64] * 3 + [_ptr] * 4 + [_f32] + [_ptr] * 5),
+    "sz_ttt_mlp_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 10
+                         + [_f32, _ptr, _ptr, _f32] + [_ptr] * 9),
     "sz_ttt_linear_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 6
                             + [_f32, _ptr, _ptr, _f32] + [_ptr] * 5),
 }
@@ -257,6 +259,57 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
     if status:
         raise RuntimeError(f"ttt_linear_token: the kernel refused head_dim {d}")
     return Z, GW_out, Gb_out, W_out, b_out
+
+
+def ttt_mlp_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | None, lr_b: Tensor | None,
+                  lr_base: float, rope: Tensor | None, token_idx: Tensor | None, p: int, W: list[Tensor],
+                  G: list[Tensor], ln_w: Tensor, ln_b: Tensor, eps: float, commit: bool,
+                  post_norm: tuple[Tensor, Tensor, float] | None = None,
+                  ) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+    """One TTT-MLP token with the inner LayerNorm (as ``TTTLayer.step`` with ``ttt_mlp_step``), the other
+    arguments as ``ttt_linear_token``: W = [W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d),
+    b2 (B, H, 1, d)] and G their accumulated gradients. Returns Z (B, H, d), G' (a list like G) and,
+    when ``commit``, W̄ (a list like W, else None)."""
+    Bsz, H, d = q.shape
+    C, F = x.shape[-1], 4 * d
+    post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
+    if len(W) != 4 or len(G) != 4:
+        raise ValueError(f"ttt_mlp_token: expected W = [W1, b1, W2, b2] and G likewise, got {len(W)} and {len(G)}")
+    weight_shapes = [(Bsz, H, d, F), (Bsz, H, 1, F), (Bsz, H, F, d), (Bsz, H, 1, d)]
+    tensors = (q, k, v, x, *W, *G, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
+    n_rope = rope.shape[0] if rope is not None else 0
+    n_tok = token_idx.shape[0] if token_idx is not None else 0
+    want = (q.shape, q.shape, q.shape, (Bsz, H * d), *weight_shapes, *weight_shapes, (H, d), (H, d), (H, 1, C),
+            (H, 1), (n_rope, d // 2, 2), (n_tok,), (C,), (C,))
+    got = tuple(None if t is None else t.shape for t in tensors)
+    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or (lr_w is None) != (lr_b is None) or (
+            rope is not None and not 0 <= p < n_rope) or (token_idx is not None and not 0 <= p < n_tok):
+        wrong = [tuple(g) for g, w, t in zip(got, want, tensors) if t is not None and g != w]
+        raise ValueError(f"ttt_mlp_token: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
+                         f"(expected {[tuple(w) for w, t in zip(want, tensors) if t is not None]}), position {p}")
+    if d > MAX_DIM or (rope is not None and d % 2):
+        raise ValueError(f"ttt_mlp_token: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
+    if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
+        names = ("q", "k", "v", "x", "W1", "b1", "W2", "b2", "GW1", "Gb1", "GW2", "Gb2", "ln_w", "ln_b", "lr_w",
+                 "lr_b", "rope", "token_idx", "post_w", "post_b")
+        _require_float32_cpu("ttt_mlp_token", dict(zip(names, tensors)))
+    # every pointer below is of a tensor bound to a name here, alive until the call returns
+    tensors = tuple(None if t is None else t.contiguous() for t in tensors)
+    q, k, v, x = tensors[:4]
+    W, G = list(tensors[4:8]), list(tensors[8:12])
+    ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = tensors[12:]
+    ptr = lambda t: None if t is None else t.data_ptr()
+    Z = torch.empty_like(q)
+    G_out = [torch.empty_like(t) for t in G]
+    W_out = [torch.empty_like(t) for t in W] if commit else None
+    status = _library().sz_ttt_mlp_token(
+        Bsz * H, H, d, C, q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b), lr_base,
+        ptr(rope), ptr(token_idx), p, *(t.data_ptr() for t in W), *(t.data_ptr() for t in G), ln_w.data_ptr(),
+        ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(), *(t.data_ptr() for t in G_out),
+        *(ptr(t) for t in (W_out or [None] * 4)))
+    if status:
+        raise MemoryError("ttt_mlp_token: the kernel could not allocate its workspace")
+    return Z, G_out, W_out
 
 
 def _dual_inputs(name: str, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, weights: dict,

@@ -125,9 +125,10 @@ TTT_CONFIGS = [
 @needs_native
 @pytest.mark.parametrize("config", TTT_CONFIGS)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_ttt_linear_native_step_equals_torch_path(config, batch, monkeypatch):
-    layer, twin = _twins("ttt_linear", {"backend": "torch"}, d_model=64, num_heads=4, **config)
-    calls = _spy(monkeypatch, "ttt_linear_token")
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
+def test_ttt_native_step_equals_torch_path(name, config, batch, monkeypatch):
+    layer, twin = _twins(name, {"backend": "torch"}, d_model=64, num_heads=4, **config)
+    calls = _spy(monkeypatch, f"{name}_token")
     with torch.inference_mode():
         _assert_decode_matches(layer, twin, torch.randn(batch, 37, 64))  # crosses mini-batch ends (W ← W̄)
     assert len(calls) == 37
@@ -315,6 +316,13 @@ def test_native_refuses_shapes_its_arrays_cannot_hold():
     with pytest.raises(ValueError, match="even with RoPE"):
         native.ttt_linear_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, W, b, W, b,
                                 torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
+    mlp = [torch.zeros(1, 1, 3, 12), torch.zeros(1, 1, 1, 12), torch.zeros(1, 1, 12, 3), torch.zeros(1, 1, 1, 3)]
+    with pytest.raises(ValueError, match="even with RoPE"):
+        native.ttt_mlp_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, mlp, mlp,
+                             torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
+    with pytest.raises(ValueError, match="got shapes"):
+        native.ttt_mlp_token(q, q, q, torch.randn(1, 3), None, None, 0.1, None, None, 3, mlp, mlp[::-1],
+                             torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
 
 
 @needs_native

@@ -7,8 +7,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from seqzoo import State, native
 from seqzoo.learner import TTTLayer
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,94 @@ def kernel(name: str, device: torch.device, *, required: bool):
     return fn
 
 
+_NATIVE_STEP_CLASSES: dict[type, bool] = {}  # per class: no override of a method the native step stands in for
+
+
 class InnerNormTTT(TTTLayer):
     """Base of the hand-derived TTT layers (TTT-Linear, TTT-MLP), whose inner model ends in a per-head
-    LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``."""
+    LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``.
+
+    On CPU float32 without autograd (``backend="auto"``), ``step`` runs everything between the
+    projections and ``o_proj`` in one native call (seqzoo.native): the η gate, RoPE, the inner gradient,
+    G, the output, W̄ at a mini-batch's end and ``post_norm`` while it is a bare LayerNorm. A layer
+    provides it as ``_native_token``; equal to the torch path to float32 rounding.
+    """
+
+    # the methods of the step's torch path that the native step stands in for: a subclass that overrides
+    # one of them gets the torch path
+    _NATIVE_STEP_REPLACES = ("_qkv_step", "_rope_step", "_gate_eta_step", "_token_eta_at", "_token_step", "_output",
+                             "_gate", "_checked")
+
+    def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
+        """One native call: (Z (B, H, d), W̄ by name when ``commit`` else None, G' by name)."""
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        if (self.config.backend == "auto" and x.is_cpu and not torch.is_grad_enabled() and self.config.inner_norm
+                and self.head_dim <= native.MAX_DIM and self._native_step_allowed()):
+            out = self._step_native(x, state)
+            if out is not None:
+                return out
+        return super().step(x, state)
+
+    @classmethod
+    def _native_step_allowed(cls) -> bool:
+        """Whether ``cls`` has a native step and overrides none of the methods it stands in for (compared
+        with the class that defines ``_native_token``), once per class."""
+        allowed = _NATIVE_STEP_CLASSES.get(cls)
+        if allowed is None:
+            owner = next(c for c in cls.__mro__ if "_native_token" in c.__dict__)
+            allowed = owner is not InnerNormTTT and all(
+                getattr(cls, n) is getattr(owner, n) for n in cls._NATIVE_STEP_REPLACES)
+            _NATIVE_STEP_CLASSES[cls] = allowed
+        return allowed
+
+    def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
+        """``step`` through ``_native_token``; None where the native path does not apply."""
+        state, p = self._checked(x, state, step=True)  # the input and state validated first, as on every path
+        lr_w = getattr(self, "learnable_ttt_lr_weight", None)
+        lr_b = getattr(self, "learnable_ttt_lr_bias", None)
+        token_idx = getattr(self, "learnable_token_idx", None)
+        ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
+        # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
+        # path); weights of another dtype than x make F.linear raise, as they do on the torch path
+        projections = (self.q_proj, self.v_proj) if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
+        if not (native.plain(*projections) and native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx)):
+            return None
+        B, H, d = x.shape[0], self.num_heads, self.head_dim
+        if self.share_qk:  # q_proj, then the conv_q / conv_k pair
+            q, k, v, new = self._qkv_step(x, state)
+        else:  # what the modules' forward computes, without the module calls
+            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
+            new = {}
+        rope = self._rope_pairs(q.dtype, q.device) if self.config.rope else None
+        commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
+        norm = self.post_norm
+        fuse_norm = norm is not None and native.plain(norm, kind=nn.LayerNorm) and norm.weight is not None and (
+            norm.bias is not None and norm.weight.dtype is torch.float32 and norm.bias.dtype is torch.float32)
+        gate = (lr_w, lr_b, self.config.ttt_base_lr / self.head_dim)
+        Z, W_bar, G = self._native_token(q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit,
+                                         (norm.weight, norm.bias, norm.eps) if fuse_norm else None)
+        for name in self.inner_names:
+            new[name] = W_bar[name] if commit else state[name]
+            new[f"{name}_grad"] = torch.zeros_like(G[name]) if commit else G[name]
+        new["pos"] = torch.full((B,), (p + 1) % self.mini_batch_size, dtype=torch.int64, device=x.device)
+        new["mini_batch_size"] = state["mini_batch_size"]
+        z = Z.view(B, H * d)
+        if not fuse_norm:
+            return self._output(x, z), new
+        o_proj = self.o_proj
+        if not self.use_gate and native.plain(o_proj):
+            return F.linear(z, o_proj.weight, o_proj.bias), new
+        return o_proj(self._gate(x, z)), new
+
+    def _rope_pairs(self, dtype, device) -> Tensor:
+        """``_rope_table`` as (cos, sin) pairs, (b, d/2, 2): a view, kept with the table."""
+        table = self._rope_table(dtype, device)
+        pairs = self.__dict__.get("_rope_pairs_view")
+        if pairs is None or pairs[0] is not table:
+            pairs = self.__dict__["_rope_pairs_view"] = (table, torch.view_as_real(table))
+        return pairs[1]
 
     def _ln(self, outer: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
         """The inner LayerNorm's weight and bias as (B·H, 1, d), or (None, None) without it."""

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from seqzoo import State, native
+from seqzoo import native
 from seqzoo.learner import GradientLearner, TTTConfig
 
 from .common import LN_EPS, InnerNormTTT, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
@@ -224,9 +224,6 @@ def ttt_linear_dual(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, mini_batc
     return unflat(Z), unflat(W), unflat(bias) if norm else None
 
 
-_NATIVE_STEP_CLASSES: dict[type, bool] = {}  # per class: no override of a method the native step stands in for
-
-
 class TTTLinear(InnerNormTTT):
     """TTT-Linear (Sun et al. 2024): hidden state W1, b1 of f(x) = x + LN(x·W1 + b1), per head.
 
@@ -244,77 +241,11 @@ class TTTLinear(InnerNormTTT):
             W_bar["b1"], G_new["b1"] = b1, Gb1
         return Z, W_bar, G_new
 
-    # the methods of the step's torch path that the native step stands in for: a subclass that overrides
-    # one of them gets the torch path
-    _NATIVE_STEP_REPLACES = ("_qkv_step", "_rope_step", "_gate_eta_step", "_token_eta_at", "_token_step", "_output",
-                             "_gate", "_checked")
-
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        if (self.config.backend == "auto" and x.is_cpu and not torch.is_grad_enabled() and self.config.inner_norm
-                and self.head_dim <= native.MAX_DIM and self._native_step_allowed()):
-            out = self._step_native(x, state)
-            if out is not None:
-                return out
-        return super().step(x, state)
-
-    @classmethod
-    def _native_step_allowed(cls) -> bool:
-        allowed = _NATIVE_STEP_CLASSES.get(cls)
-        if allowed is None:
-            allowed = _NATIVE_STEP_CLASSES[cls] = all(
-                getattr(cls, n) is getattr(TTTLinear, n) for n in cls._NATIVE_STEP_REPLACES)
-        return allowed
-
-    def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
-        """``step`` with everything between the projections and post_norm in one native call
-        (seqzoo.native): RoPE, the η gate, the inner gradient, G, the output and, at the end of a
-        mini-batch, W̄. Equal to the torch path to float32 rounding; None where it does not apply."""
-        state, p = self._checked(x, state, step=True)  # the input and state validated first, as on every path
-        lr_w = getattr(self, "learnable_ttt_lr_weight", None)
-        lr_b = getattr(self, "learnable_ttt_lr_bias", None)
-        token_idx = getattr(self, "learnable_token_idx", None)
-        ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
-        W, b, GW, Gb = state["W1"], state["b1"], state["W1_grad"], state["b1_grad"]  # validated with x
-        # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
-        # path)
-        projections = (self.q_proj, self.v_proj) if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
-        if not (native.plain(*projections) and native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx)):
-            return None
-        # (weights of another dtype than x make F.linear raise, as they do on the torch path)
-        B, H, d = x.shape[0], self.num_heads, self.head_dim
-        if self.share_qk:  # q_proj, then the conv_q / conv_k pair
-            q, k, v, new = self._qkv_step(x, state)
-        else:  # what the modules' forward computes, without the module calls
-            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
-            new = {}
-        rope = self._rope_pairs(q.dtype, q.device) if self.config.rope else None
-        commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
-        norm = self.post_norm
-        fuse_norm = norm is not None and native.plain(norm, kind=nn.LayerNorm) and norm.weight is not None and (
-            norm.bias is not None and norm.weight.dtype is torch.float32 and norm.bias.dtype is torch.float32)
-        Z, GW, Gb, W_bar, b_bar = native.ttt_linear_token(
-            q, k, v, x, lr_w, lr_b, self.config.ttt_base_lr / self.head_dim, rope, token_idx, p, W, b, GW, Gb,
-            ln_w, ln_b, LN_EPS, commit, (norm.weight, norm.bias, norm.eps) if fuse_norm else None)
-        if commit:
-            W, b, GW, Gb = W_bar, b_bar, torch.zeros_like(GW), torch.zeros_like(Gb)
-        new.update(W1=W, b1=b, W1_grad=GW, b1_grad=Gb)
-        new["pos"] = torch.full((B,), (p + 1) % self.mini_batch_size, dtype=torch.int64, device=x.device)
-        new["mini_batch_size"] = state["mini_batch_size"]
-        z = Z.view(B, H * d)
-        if not fuse_norm:
-            return self._output(x, z), new
-        o_proj = self.o_proj
-        if not self.use_gate and native.plain(o_proj):
-            return F.linear(z, o_proj.weight, o_proj.bias), new
-        return o_proj(self._gate(x, z)), new
-
-    def _rope_pairs(self, dtype, device) -> Tensor:
-        """``_rope_table`` as (cos, sin) pairs, (b, d/2, 2): a view, kept with the table."""
-        table = self._rope_table(dtype, device)
-        pairs = self.__dict__.get("_rope_pairs_view")
-        if pairs is None or pairs[0] is not table:
-            pairs = self.__dict__["_rope_pairs_view"] = (table, torch.view_as_real(table))
-        return pairs[1]
+    def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
+        Z, GW, Gb, W, b = native.ttt_linear_token(
+            q, k, v, x, *gate, rope, token_idx, p, state["W1"], state["b1"], state["W1_grad"], state["b1_grad"],
+            ln_w, ln_b, LN_EPS, commit, post)
+        return Z, ({"W1": W, "b1": b} if commit else None), {"W1": GW, "b1": Gb}
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         ln_w, ln_b = self._ln(outer)

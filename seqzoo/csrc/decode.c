@@ -241,6 +241,91 @@ static inline void ln_l2_grad_row(const float *z, const float *k, const float *v
  *   z = q + LN(qW + b − tok·(q G'_W + G'_b));  and when W_out is given, W̄ = W − tok·G'_W, b̄ = b − tok·G'_b;
  *   when post_w is given, each batch element's z (its H heads, C = H·d values) ← LayerNorm(z)·post_w + post_b.
  * Returns 0, or 1 when d exceeds MAX_DIM (nothing written). */
+/* The pieces every TTT decode kernel shares: the row scale tok, the η gate of row n, RoPE of q and k, the
+ * fused "G' = G + a ⊗ g, and x·W, x·G'" pass over a K × N weight, the committed weights, the post norm. */
+static inline float token_scale(const float *token_idx, int64_t p) {
+    if (!token_idx) return 1.0f;
+    const float tok = token_idx[p] + (float)(1.0 / (double)(p + 1));
+    return tok < 0.0f ? 0.0f : tok;
+}
+
+static inline float token_gate(const float *x, const float *lr_w, const float *lr_b, float lr_base, int64_t n,
+                               int64_t H, int64_t C) {
+    if (!lr_w) return lr_base;
+    const int64_t h = n % H;
+    const float *xb = x + (n / H) * C, *wh = lr_w + h * C;
+    float logit = 0.0f;
+#pragma omp simd reduction(+ : logit)
+    for (int64_t c = 0; c < C; c++) logit += xb[c] * wh[c];
+    logit += lr_b[h];
+    return lr_base * (1.0f / (1.0f + exp_poly(-logit)));
+}
+
+static inline void token_rope(const float *q, const float *k, const float *rope, int64_t p, int64_t d, float *qr,
+                              float *kr) {
+    if (rope) {
+        rotate(q, rope + p * d, qr, d);
+        rotate(k, rope + p * d, kr, d);
+    } else {
+        memcpy(qr, q, d * sizeof(float));
+        memcpy(kr, k, d * sizeof(float));
+    }
+}
+
+/* out (N) = init + v (K) · M (K × N) */
+static inline void vec_times_matrix(int64_t K, int64_t N, const float *v, const float *M, const float *init,
+                                    float *out) {
+    for (int64_t j = 0; j < N; j++) out[j] = init ? init[j] : 0.0f;
+    for (int64_t i = 0; i < K; i++) {
+        const float vi = v[i], *row = M + i * N;
+        for (int64_t j = 0; j < N; j++) out[j] += vi * row[j];
+    }
+}
+
+/* G_out = G + a ⊗ g (K × N) and, in the same pass over the rows, xW = x·W and xG = x·G_out (N each). */
+static inline void update_and_read(int64_t K, int64_t N, const float *a, const float *g, const float *x,
+                                   const float *W, const float *G, float *G_out, float *xW, float *xG) {
+    for (int64_t j = 0; j < N; j++) xW[j] = 0.0f, xG[j] = 0.0f;
+    for (int64_t i = 0; i < K; i++) {
+        const float xi = x[i], ai = a[i], *row = W + i * N, *grow = G + i * N;
+        float *orow = G_out + i * N;
+        for (int64_t j = 0; j < N; j++) {
+            const float gw = grow[j] + ai * g[j];
+            orow[j] = gw;
+            xW[j] += xi * row[j];
+            xG[j] += xi * gw;
+        }
+    }
+}
+
+/* W_out = W − tok·G (n values) */
+static inline void commit_weights(int64_t n, float tok, const float *W, const float *G, float *W_out) {
+    for (int64_t i = 0; i < n; i++) W_out[i] = W[i] - tok * G[i];
+}
+
+/* z (C values) ← LayerNorm(z)·w + b */
+static inline void post_layer_norm(float *z, int64_t C, const float *w, const float *b, float eps) {
+    float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t j = 0; j < C; j++) mean += z[j];
+    mean /= (float)C;
+#pragma omp simd reduction(+ : var)
+    for (int64_t j = 0; j < C; j++) var += (z[j] - mean) * (z[j] - mean);
+    var /= (float)C;
+    const float rstd = 1.0f / sqrtf(var + eps);
+    for (int64_t j = 0; j < C; j++) z[j] = (z[j] - mean) * rstd * w[j] + b[j];
+}
+
+/* One token of TTT-Linear with the inner LayerNorm (f(x) = x + LN(xW + b)), per row n = 0..N−1 of
+ * (batch element n / H, head h = n mod H), in the primal form of seqzoo.learner.TTTLayer.step:
+ *   gate = lr_base · σ(lr_b_h + lr_w_h · x)  (lr_base alone when lr_w is NULL);
+ *   tok = max(token_idx[p] + 1/(p + 1), 0)  (1 when token_idx is NULL);
+ *   q, k ← RoPE(q), RoPE(k)  (rope: the (cos, sin) pairs of positions 0..b−1, (b, d/2, 2), or NULL);
+ *   g = ∂/∂(kW + b) ½‖LN(kW + b) − (v − k)‖²  (the LayerNorm backward fused with the L2 loss);
+ *   G'_W = G_W + kᵀ(gate·g),  G'_b = G_b + gate·g;
+ *   z = q + LN(qW + b − tok·(q G'_W + G'_b));  and when W_out is given, W̄ = W − tok·G'_W, b̄ = b − tok·G'_b;
+ *   when post_w is given, each batch element's z (its H heads, C = H·d values) ← LayerNorm(z)·post_w + post_b.
+ * Returns 0, or 1 when d exceeds MAX_DIM (nothing written). */
 int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const float *q, const float *k,
                             const float *v, const float *x, const float *lr_w, const float *lr_b, float lr_base,
                             const float *rope, const float *token_idx, int64_t p, const float *W,
@@ -249,55 +334,19 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
                             float post_eps, float *Z, float *GW_out, float *Gb_out, float *W_out, float *b_out) {
     if (d > MAX_DIM) return 1;
     float qr[MAX_DIM], kr[MAX_DIM], acc[MAX_DIM], acc2[MAX_DIM], x_hat[MAX_DIM], g[MAX_DIM];
-    float tok = 1.0f;
-    if (token_idx) {
-        tok = token_idx[p] + (float)(1.0 / (double)(p + 1));
-        tok = tok < 0.0f ? 0.0f : tok;
-    }
+    const float tok = token_scale(token_idx, p);
     for (int64_t n = 0; n < N; n++) {
         const int64_t h = n % H;
         const float *gamma = ln_w + h * d, *beta = ln_b + h * d;
-        const float *Wn = W + n * d * d, *GWn = GW + n * d * d, *bn = bias + n * d, *Gbn = Gb + n * d;
-        const float *vn = v + n * d;
-        float rate = lr_base;
-        if (lr_w) {
-            const float *xb = x + (n / H) * C, *wh = lr_w + h * C;
-            float logit = 0.0f;
-#pragma omp simd reduction(+ : logit)
-            for (int64_t c = 0; c < C; c++) logit += xb[c] * wh[c];
-            logit += lr_b[h];
-            rate = lr_base * (1.0f / (1.0f + exp_poly(-logit)));
-        }
-        if (rope) {
-            rotate(q + n * d, rope + p * d, qr, d);
-            rotate(k + n * d, rope + p * d, kr, d);
-        } else {
-            memcpy(qr, q + n * d, d * sizeof(float));
-            memcpy(kr, k + n * d, d * sizeof(float));
-        }
+        const float *Wn = W + n * d * d, *bn = bias + n * d, *Gbn = Gb + n * d;
+        const float rate = token_gate(x, lr_w, lr_b, lr_base, n, H, C);
+        token_rope(q + n * d, k + n * d, rope, p, d, qr, kr);
         /* the gradient at the mini-batch-start weights */
-        for (int64_t j = 0; j < d; j++) acc[j] = bn[j];
-        for (int64_t i = 0; i < d; i++) {
-            const float ki = kr[i], *row = Wn + i * d;
-            for (int64_t j = 0; j < d; j++) acc[j] += ki * row[j];
-        }
-        ln_l2_grad_row(acc, kr, vn, gamma, beta, rate, eps, d, x_hat, g);
+        vec_times_matrix(d, d, kr, Wn, bn, acc);
+        ln_l2_grad_row(acc, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g);
         /* G' and the output's two products in one pass over the rows */
         float *GWo = GW_out + n * d * d, *Gbo = Gb_out + n * d;
-        for (int64_t j = 0; j < d; j++) {
-            acc[j] = 0.0f;
-            acc2[j] = 0.0f;
-        }
-        for (int64_t i = 0; i < d; i++) {
-            const float qi = qr[i], ki = kr[i], *row = Wn + i * d, *grow = GWn + i * d;
-            float *orow = GWo + i * d;
-            for (int64_t j = 0; j < d; j++) {
-                float gw = grow[j] + ki * g[j];
-                orow[j] = gw;
-                acc[j] += qi * row[j];
-                acc2[j] += qi * gw;
-            }
-        }
+        update_and_read(d, d, kr, g, qr, Wn, GW + n * d * d, GWo, acc, acc2);
         for (int64_t j = 0; j < d; j++) {
             Gbo[j] = Gbn[j] + g[j];
             acc[j] = acc[j] + bn[j] - tok * (acc2[j] + Gbo[j]);
@@ -306,22 +355,10 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
         float *Zn = Z + n * d;
         for (int64_t j = 0; j < d; j++) Zn[j] = qr[j] + (beta[j] + gamma[j] * x_hat[j]);
         if (W_out) {
-            float *Wo = W_out + n * d * d, *bo = b_out + n * d;
-            for (int64_t i = 0; i < d * d; i++) Wo[i] = Wn[i] - tok * GWo[i];
-            for (int64_t j = 0; j < d; j++) bo[j] = bn[j] - tok * Gbo[j];
+            commit_weights(d * d, tok, Wn, GWo, W_out + n * d * d);
+            commit_weights(d, tok, bn, Gbo, b_out + n * d);
         }
-        if (post_w && h == H - 1) { /* the batch element's last head: its whole z is done */
-            float *zb = Z + (n - h) * d;
-            float mean = 0.0f, var = 0.0f;
-#pragma omp simd reduction(+ : mean)
-            for (int64_t j = 0; j < H * d; j++) mean += zb[j];
-            mean /= (float)(H * d);
-#pragma omp simd reduction(+ : var)
-            for (int64_t j = 0; j < H * d; j++) var += (zb[j] - mean) * (zb[j] - mean);
-            var /= (float)(H * d);
-            const float rstd = 1.0f / sqrtf(var + post_eps);
-            for (int64_t j = 0; j < H * d; j++) zb[j] = (zb[j] - mean) * rstd * post_w[j] + post_b[j];
-        }
+        if (post_w && h == H - 1) post_layer_norm(Z + (n - h) * d, H * d, post_w, post_b, post_eps);
     }
     return 0;
 }
@@ -657,4 +694,68 @@ int32_t sz_ttt_mlp_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, c
     const int64_t sizes[4] = {d * F, F, F * d, d};
     return dual_scan(B, H, T, d, b, XQ, XK, XV, sB, sH, sT, lr, tok, ln_w, ln_b, eps, 4, weights, sizes, Z,
                      (size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d), mlp_head);
+}
+
+/* One token of TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden F = 4d),
+ * per row as sz_ttt_linear_token (gate, tok, RoPE, post norm alike):
+ *   Z1 = k·W1 + b1, X2 = gelu(Z1), Z2 = X2·W2 + b2, g2 = ∂/∂Z2 ½‖LN(Z2) − (v − k)‖², g1 = (g2·W2ᵀ) ⊙ gelu'(Z1);
+ *   G'_W1 = G_W1 + kᵀ(gate·g1), G'_W2 = G_W2 + X2ᵀ(gate·g2), G'_b1 = G_b1 + gate·g1, G'_b2 = G_b2 + gate·g2;
+ *   X̄2 = gelu(q·W1 + b1 − tok·(q·G'_W1 + G'_b1)),  z = q + LN(X̄2·W2 + b2 − tok·(X̄2·G'_W2 + G'_b2));
+ *   when W1_out is given, W̄ = W − tok·G' for the four weights.
+ * Returns 0, 1 when d exceeds MAX_DIM, 2 when the workspace can't be allocated. */
+int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float *q, const float *k, const float *v,
+                         const float *x, const float *lr_w, const float *lr_b, float lr_base, const float *rope,
+                         const float *token_idx, int64_t p, const float *W1, const float *b1, const float *W2,
+                         const float *b2, const float *GW1, const float *Gb1, const float *GW2, const float *Gb2,
+                         const float *ln_w, const float *ln_b, float eps, const float *post_w, const float *post_b,
+                         float post_eps, float *Z, float *GW1_out, float *Gb1_out, float *GW2_out, float *Gb2_out,
+                         float *W1_out, float *b1_out, float *W2_out, float *b2_out) {
+    if (d > MAX_DIM) return 1;
+    const int64_t F = 4 * d;
+    float *work = malloc((size_t)(6 * F + 6 * d) * sizeof(float));
+    if (!work) return 2;
+    float *Z1 = work, *X2 = Z1 + F, *gp = X2 + F, *g1 = gp + F, *a1 = g1 + F, *a2 = a1 + F;
+    float *qr = a2 + F, *kr = qr + d, *g2 = kr + d, *c1 = g2 + d, *c2 = c1 + d, *x_hat = c2 + d;
+    const float tok = token_scale(token_idx, p);
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t h = n % H;
+        const float *gamma = ln_w + h * d, *beta = ln_b + h * d;
+        const float *W1n = W1 + n * d * F, *b1n = b1 + n * F, *W2n = W2 + n * F * d, *b2n = b2 + n * d;
+        const float rate = token_gate(x, lr_w, lr_b, lr_base, n, H, C);
+        token_rope(q + n * d, k + n * d, rope, p, d, qr, kr);
+        /* the inner model's forward and backward on k at the mini-batch-start weights, scaled by the gate */
+        vec_times_matrix(d, F, kr, W1n, b1n, Z1);
+        gelu_rows(F, Z1, X2, gp);
+        vec_times_matrix(F, d, X2, W2n, b2n, c1);
+        ln_l2_grad_row(c1, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g2);
+        gemv(F, d, W2n, g2, g1);
+        for (int64_t f = 0; f < F; f++) g1[f] *= gp[f];
+        /* layer 1: G'_W1, q·W1, q·G'_W1 in one pass; X̄2 */
+        float *GW1o = GW1_out + n * d * F, *Gb1o = Gb1_out + n * F;
+        update_and_read(d, F, kr, g1, qr, W1n, GW1 + n * d * F, GW1o, a1, a2);
+        for (int64_t f = 0; f < F; f++) {
+            Gb1o[f] = Gb1[n * F + f] + g1[f];
+            a1[f] = a1[f] + b1n[f] - tok * (a2[f] + Gb1o[f]);
+        }
+        gelu_rows(F, a1, Z1, NULL); /* X̄2, in Z1's place */
+        /* layer 2: G'_W2, X̄2·W2, X̄2·G'_W2 in one pass; z */
+        float *GW2o = GW2_out + n * F * d, *Gb2o = Gb2_out + n * d;
+        update_and_read(F, d, X2, g2, Z1, W2n, GW2 + n * F * d, GW2o, c1, c2);
+        for (int64_t j = 0; j < d; j++) {
+            Gb2o[j] = Gb2[n * d + j] + g2[j];
+            c1[j] = c1[j] + b2n[j] - tok * (c2[j] + Gb2o[j]);
+        }
+        normalize(c1, x_hat, d, eps);
+        float *Zn = Z + n * d;
+        for (int64_t j = 0; j < d; j++) Zn[j] = qr[j] + (beta[j] + gamma[j] * x_hat[j]);
+        if (W1_out) {
+            commit_weights(d * F, tok, W1n, GW1o, W1_out + n * d * F);
+            commit_weights(F, tok, b1n, Gb1o, b1_out + n * F);
+            commit_weights(F * d, tok, W2n, GW2o, W2_out + n * F * d);
+            commit_weights(d, tok, b2n, Gb2o, b2_out + n * d);
+        }
+        if (post_w && h == H - 1) post_layer_norm(Z + (n - h) * d, H * d, post_w, post_b, post_eps);
+    }
+    free(work);
+    return 0;
 }
