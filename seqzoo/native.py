@@ -210,6 +210,37 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
     return y, conv_out, h_out
 
 
+def _token_inputs(name: str, q: Tensor, x: Tensor, p: int, named: list[tuple[str, Tensor, tuple]], ln_w: Tensor,
+                  ln_b: Tensor, lr_w, lr_b, rope, token_idx, post_w, post_b) -> list[Tensor | None]:
+    """Validate a TTT decode kernel's inputs: q (B, H, d), x (B, C), the named (tensor, shape) pairs (k
+    and v first, then the weights), and the per-head / optional ones. Returns, contiguous (None stays
+    None): q, k, v, x, the weights, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b. One
+    comparison on the hot path; the messages are built only when it fails."""
+    Bsz, H, d = q.shape
+    C = x.shape[-1]
+    n_rope = rope.shape[0] if rope is not None else 0
+    n_tok = token_idx.shape[0] if token_idx is not None else 0
+    labels = ("x", *(n for n, _, _ in named), "ln_w", "ln_b", "lr_w", "lr_b", "rope", "token_idx", "post_w", "post_b")
+    tensors = (x, *(t for _, t, _ in named), ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
+    want = ((Bsz, H * d), *(s for _, _, s in named), (H, d), (H, d), (H, 1, C), (H, 1), (n_rope, d // 2, 2),
+            (n_tok,), (C,), (C,))
+    got = tuple(None if t is None else t.shape for t in tensors)
+    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or (lr_w is None) != (lr_b is None) or (
+            rope is not None and not 0 <= p < n_rope) or (token_idx is not None and not 0 <= p < n_tok):
+        wrong = {n: tuple(g) for n, g, w, t in zip(labels, got, want, tensors) if t is not None and g != w}
+        expected = {n: tuple(w) for n, w, t in zip(labels, want, tensors) if t is not None}
+        raise ValueError(f"{name}: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
+                         f"(expected {expected}), position {p}")
+    if d > MAX_DIM or (rope is not None and d % 2):
+        raise ValueError(f"{name}: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
+    if not (q.dtype is torch.float32 and q.is_cpu) or not all(
+            t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
+        _require_float32_cpu(name, {"q": q, **dict(zip(labels, tensors))})
+    # the callers bind every returned tensor to a name, alive until their kernel call returns
+    q, x, k, v, *rest = (None if t is None else t.contiguous() for t in (q, *tensors))
+    return [q, k, v, x, *rest]
+
+
 def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | None, lr_b: Tensor | None,
                      lr_base: float, rope: Tensor | None, token_idx: Tensor | None, p: int, W: Tensor, b: Tensor,
                      GW: Tensor, Gb: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, commit: bool,
@@ -225,27 +256,11 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
     Bsz, H, d = q.shape
     C = x.shape[-1]
     post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
-    tensors = (q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    n_rope = rope.shape[0] if rope is not None else 0
-    n_tok = token_idx.shape[0] if token_idx is not None else 0
-    want = (q.shape, q.shape, q.shape, (Bsz, H * d), (Bsz, H, d, d), (Bsz, H, 1, d), (Bsz, H, d, d), (Bsz, H, 1, d),
-            (H, d), (H, d), (H, 1, C), (H, 1), (n_rope, d // 2, 2), (n_tok,), (C,), (C,))
-    got = tuple(None if t is None else t.shape for t in tensors)
-    # one comparison on the hot path; the message is built only when it fails
-    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or (lr_w is None) != (lr_b is None) or (
-            rope is not None and not 0 <= p < n_rope) or (token_idx is not None and not 0 <= p < n_tok):
-        wrong = [tuple(g) for g, w, t in zip(got, want, tensors) if t is not None and g != w]
-        raise ValueError(f"ttt_linear_token: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
-                         f"(expected {[tuple(w) for w, t in zip(want, tensors) if t is not None]}), position {p}")
-    if d > MAX_DIM or (rope is not None and d % 2):
-        raise ValueError(f"ttt_linear_token: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
-    if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
-        names = ("q", "k", "v", "x", "W", "b", "GW", "Gb", "ln_w", "ln_b", "lr_w", "lr_b", "rope", "token_idx",
-                 "post_w", "post_b")
-        _require_float32_cpu("ttt_linear_token", dict(zip(names, tensors)))
-    # every pointer below is of a tensor bound to a name here, alive until the call returns
-    q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = (
-        None if t is None else t.contiguous() for t in tensors)
+    q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = _token_inputs(
+        "ttt_linear_token", q, x, p,
+        [("k", k, q.shape), ("v", v, q.shape), ("W", W, (Bsz, H, d, d)), ("b", b, (Bsz, H, 1, d)),
+         ("GW", GW, (Bsz, H, d, d)), ("Gb", Gb, (Bsz, H, 1, d))],
+        ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
     ptr = lambda t: None if t is None else t.data_ptr()
     Z = torch.empty_like(q)
     GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)
@@ -275,29 +290,15 @@ def ttt_mlp_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | Non
     post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
     if len(W) != 4 or len(G) != 4:
         raise ValueError(f"ttt_mlp_token: expected W = [W1, b1, W2, b2] and G likewise, got {len(W)} and {len(G)}")
-    weight_shapes = [(Bsz, H, d, F), (Bsz, H, 1, F), (Bsz, H, F, d), (Bsz, H, 1, d)]
-    tensors = (q, k, v, x, *W, *G, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    n_rope = rope.shape[0] if rope is not None else 0
-    n_tok = token_idx.shape[0] if token_idx is not None else 0
-    want = (q.shape, q.shape, q.shape, (Bsz, H * d), *weight_shapes, *weight_shapes, (H, d), (H, d), (H, 1, C),
-            (H, 1), (n_rope, d // 2, 2), (n_tok,), (C,), (C,))
-    got = tuple(None if t is None else t.shape for t in tensors)
-    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or (lr_w is None) != (lr_b is None) or (
-            rope is not None and not 0 <= p < n_rope) or (token_idx is not None and not 0 <= p < n_tok):
-        wrong = [tuple(g) for g, w, t in zip(got, want, tensors) if t is not None and g != w]
-        raise ValueError(f"ttt_mlp_token: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
-                         f"(expected {[tuple(w) for w, t in zip(want, tensors) if t is not None]}), position {p}")
-    if d > MAX_DIM or (rope is not None and d % 2):
-        raise ValueError(f"ttt_mlp_token: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
-    if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
-        names = ("q", "k", "v", "x", "W1", "b1", "W2", "b2", "GW1", "Gb1", "GW2", "Gb2", "ln_w", "ln_b", "lr_w",
-                 "lr_b", "rope", "token_idx", "post_w", "post_b")
-        _require_float32_cpu("ttt_mlp_token", dict(zip(names, tensors)))
-    # every pointer below is of a tensor bound to a name here, alive until the call returns
-    tensors = tuple(None if t is None else t.contiguous() for t in tensors)
-    q, k, v, x = tensors[:4]
-    W, G = list(tensors[4:8]), list(tensors[8:12])
-    ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = tensors[12:]
+    shapes = [(Bsz, H, d, F), (Bsz, H, 1, F), (Bsz, H, F, d), (Bsz, H, 1, d)]
+    names = ("W1", "b1", "W2", "b2")
+    checked = _token_inputs(
+        "ttt_mlp_token", q, x, p,
+        [("k", k, q.shape), ("v", v, q.shape), *zip(names, W, shapes), *zip(("G" + n for n in names), G, shapes)],
+        ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
+    q, k, v, x = checked[:4]
+    W, G = checked[4:8], checked[8:12]
+    ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = checked[12:]
     ptr = lambda t: None if t is None else t.data_ptr()
     Z = torch.empty_like(q)
     G_out = [torch.empty_like(t) for t in G]

@@ -231,6 +231,23 @@ static inline void ln_l2_grad_row(const float *z, const float *k, const float *v
     for (int64_t j = 0; j < d; j++) g[j] = scale * ((g[j] - mean_g - x_hat[j] * mean_gx) * rstd);
 }
 
+/* One layer's output after update_and_read: Gb_out = Gb + g and acc ← acc + b − tok·(accG + Gb_out), which is
+ * x·(W − tok·G'_W) + (b − tok·G'_b) (N values) */
+static inline void token_layer_out(int64_t N, const float *b, const float *Gb, const float *g, float tok,
+                                   const float *accG, float *Gb_out, float *acc) {
+    for (int64_t j = 0; j < N; j++) {
+        Gb_out[j] = Gb[j] + g[j];
+        acc[j] = acc[j] + b[j] - tok * (accG[j] + Gb_out[j]);
+    }
+}
+
+/* z = q + LN(zbar)·γ + β (d values; x_hat is a workspace) */
+static inline void token_z(int64_t d, const float *zbar, const float *q, const float *gamma, const float *beta,
+                           float eps, float *x_hat, float *z) {
+    normalize(zbar, x_hat, d, eps);
+    for (int64_t j = 0; j < d; j++) z[j] = q[j] + (beta[j] + gamma[j] * x_hat[j]);
+}
+
 /* One token of TTT-Linear with the inner LayerNorm (f(x) = x + LN(xW + b)), per row n = 0..N−1 of
  * (batch element n / H, head h = n mod H), in the primal form of seqzoo.learner.TTTLayer.step:
  *   gate = lr_base · σ(lr_b_h + lr_w_h · x)  (lr_base alone when lr_w is NULL);
@@ -347,13 +364,8 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
         /* G' and the output's two products in one pass over the rows */
         float *GWo = GW_out + n * d * d, *Gbo = Gb_out + n * d;
         update_and_read(d, d, kr, g, qr, Wn, GW + n * d * d, GWo, acc, acc2);
-        for (int64_t j = 0; j < d; j++) {
-            Gbo[j] = Gbn[j] + g[j];
-            acc[j] = acc[j] + bn[j] - tok * (acc2[j] + Gbo[j]);
-        }
-        normalize(acc, x_hat, d, eps);
-        float *Zn = Z + n * d;
-        for (int64_t j = 0; j < d; j++) Zn[j] = qr[j] + (beta[j] + gamma[j] * x_hat[j]);
+        token_layer_out(d, bn, Gbn, g, tok, acc2, Gbo, acc);
+        token_z(d, acc, qr, gamma, beta, eps, x_hat, Z + n * d);
         if (W_out) {
             commit_weights(d * d, tok, Wn, GWo, W_out + n * d * d);
             commit_weights(d, tok, bn, Gbo, b_out + n * d);
@@ -733,21 +745,13 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
         /* layer 1: G'_W1, q·W1, q·G'_W1 in one pass; X̄2 */
         float *GW1o = GW1_out + n * d * F, *Gb1o = Gb1_out + n * F;
         update_and_read(d, F, kr, g1, qr, W1n, GW1 + n * d * F, GW1o, a1, a2);
-        for (int64_t f = 0; f < F; f++) {
-            Gb1o[f] = Gb1[n * F + f] + g1[f];
-            a1[f] = a1[f] + b1n[f] - tok * (a2[f] + Gb1o[f]);
-        }
+        token_layer_out(F, b1n, Gb1 + n * F, g1, tok, a2, Gb1o, a1);
         gelu_rows(F, a1, Z1, NULL); /* X̄2, in Z1's place */
         /* layer 2: G'_W2, X̄2·W2, X̄2·G'_W2 in one pass; z */
         float *GW2o = GW2_out + n * F * d, *Gb2o = Gb2_out + n * d;
         update_and_read(F, d, X2, g2, Z1, W2n, GW2 + n * F * d, GW2o, c1, c2);
-        for (int64_t j = 0; j < d; j++) {
-            Gb2o[j] = Gb2[n * d + j] + g2[j];
-            c1[j] = c1[j] + b2n[j] - tok * (c2[j] + Gb2o[j]);
-        }
-        normalize(c1, x_hat, d, eps);
-        float *Zn = Z + n * d;
-        for (int64_t j = 0; j < d; j++) Zn[j] = qr[j] + (beta[j] + gamma[j] * x_hat[j]);
+        token_layer_out(d, b2n, Gb2 + n * d, g2, tok, c2, Gb2o, c1);
+        token_z(d, c1, qr, gamma, beta, eps, x_hat, Z + n * d);
         if (W1_out) {
             commit_weights(d * F, tok, W1n, GW1o, W1_out + n * d * F);
             commit_weights(F, tok, b1n, Gb1o, b1_out + n * F);
