@@ -332,7 +332,7 @@ class Mamba(SequenceLayer):
     @classmethod
     def _native_step_allowed(cls) -> bool:
         """A subclass that overrides a method of the torch step gets the torch step."""
-        return all(getattr(cls, n) is getattr(Mamba, n) for n in ("_A", "_output", "_output_gate_only"))
+        return native.keeps_methods(cls, Mamba, ("_A", "_output", "_output_gate_only"))
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` with everything between in_proj and out_proj in one native call (seqzoo.native),

@@ -43,10 +43,10 @@ from torch.nn.modules import module as module_globals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "usable", "plain", "mamba_step", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
+__all__ = ["available", "usable", "plain", "keeps_methods", "mamba_step", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode.c"
-MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head the TTT decode kernel takes (ttt_linear_token_fits)
+MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head the TTT decode kernels take
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 
 _lib: ctypes.CDLL | None = None
@@ -161,6 +161,18 @@ def _require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:
            if t is not None and (t.dtype is not torch.float32 or not t.is_cpu)}
     if bad:
         raise TypeError(f"{name}: expected float32 CPU tensors, got {bad}")
+
+
+_KEEPS: dict[tuple[type, type], bool] = {}
+
+
+def keeps_methods(cls: type, reference: type, names: tuple[str, ...]) -> bool:
+    """Whether ``cls`` overrides none of ``reference``'s methods ``names`` (the ones a native path stands
+    in for: a subclass that changes one of them gets the torch path). Once per class."""
+    key = (cls, reference)
+    if key not in _KEEPS:
+        _KEEPS[key] = all(getattr(cls, n) is getattr(reference, n) for n in names)
+    return _KEEPS[key]
 
 
 def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:

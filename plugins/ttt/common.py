@@ -104,9 +104,6 @@ def kernel(name: str, device: torch.device, *, required: bool):
     return fn
 
 
-_NATIVE_STEP_CLASSES: dict[type, bool] = {}  # per class: no override of a method the native step stands in for
-
-
 class InnerNormTTT(TTTLayer):
     """Base of the hand-derived TTT layers (TTT-Linear, TTT-MLP), whose inner model ends in a per-head
     LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``.
@@ -137,14 +134,14 @@ class InnerNormTTT(TTTLayer):
     @classmethod
     def _native_step_allowed(cls) -> bool:
         """Whether ``cls`` has a native step and overrides none of the methods it stands in for (compared
-        with the class that defines ``_native_token``), once per class."""
-        allowed = _NATIVE_STEP_CLASSES.get(cls)
-        if allowed is None:
-            owner = next(c for c in cls.__mro__ if "_native_token" in c.__dict__)
-            allowed = owner is not InnerNormTTT and all(
-                getattr(cls, n) is getattr(owner, n) for n in cls._NATIVE_STEP_REPLACES)
-            _NATIVE_STEP_CLASSES[cls] = allowed
-        return allowed
+        with the class that defines ``_native_token``)."""
+        owner = next(c for c in cls.__mro__ if "_native_token" in c.__dict__)
+        return owner is not InnerNormTTT and native.keeps_methods(cls, owner, cls._NATIVE_STEP_REPLACES)
+
+    def _native_prefill(self, *tensors: Tensor) -> bool:
+        """Whether ``_full`` may run the native dual form on these tensors (``backend="auto"``, the inner
+        norm, plain float32 CPU tensors without autograd)."""
+        return self.config.backend == "auto" and self.config.inner_norm and native.usable(*tensors)
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` through ``_native_token``; None where the native path does not apply."""
@@ -164,7 +161,7 @@ class InnerNormTTT(TTTLayer):
         else:  # what the modules' forward computes, without the module calls
             q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
             new = {}
-        rope = self._rope_pairs(q.dtype, q.device) if self.config.rope else None
+        rope = torch.view_as_real(self._rope_table(q.dtype, q.device)) if self.config.rope else None  # (b, d/2, 2)
         commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
         norm = self.post_norm
         fuse_norm = norm is not None and native.plain(norm, kind=nn.LayerNorm) and norm.weight is not None and (
@@ -185,13 +182,6 @@ class InnerNormTTT(TTTLayer):
             return F.linear(z, o_proj.weight, o_proj.bias), new
         return o_proj(self._gate(x, z)), new
 
-    def _rope_pairs(self, dtype, device) -> Tensor:
-        """``_rope_table`` as (cos, sin) pairs, (b, d/2, 2): a view, kept with the table."""
-        table = self._rope_table(dtype, device)
-        pairs = self.__dict__.get("_rope_pairs_view")
-        if pairs is None or pairs[0] is not table:
-            pairs = self.__dict__["_rope_pairs_view"] = (table, torch.view_as_real(table))
-        return pairs[1]
 
     def _ln(self, outer: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
         """The inner LayerNorm's weight and bias as (B·H, 1, d), or (None, None) without it."""

@@ -271,7 +271,7 @@ class TTTLinear(InnerNormTTT):
         group = self.config.scan_checkpoint_group_size if self.training else 0
         if fn is not None:
             Z, W1, b1 = fn(*args, **({"checkpoint_group": group} if group else {}))
-        elif self.config.backend == "auto" and norm and native.usable(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
+        elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1 = native.ttt_linear_dual(*args[:9], self.mini_batch_size, LN_EPS)
         else:
             Z, W1, b1 = ttt_linear_dual(*args, checkpoint_group=group)

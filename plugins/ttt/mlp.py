@@ -302,7 +302,7 @@ class TTTMLP(InnerNormTTT):
         group = self.config.scan_checkpoint_group_size if self.training else 0
         if fn is not None:
             Z, W1, b1, W2, b2 = fn(*args, **({"checkpoint_group": group} if group else {}))
-        elif self.config.backend == "auto" and norm and native.usable(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
+        elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1, W2, b2 = native.ttt_mlp_dual(*args[:11], self.mini_batch_size, LN_EPS)
         else:
             Z, W1, b1, W2, b2 = ttt_mlp_dual(*args, checkpoint_group=group)

@@ -258,8 +258,72 @@ static inline void token_z(int64_t d, const float *zbar, const float *q, const f
  *   z = q + LN(qW + b − tok·(q G'_W + G'_b));  and when W_out is given, W̄ = W − tok·G'_W, b̄ = b − tok·G'_b;
  *   when post_w is given, each batch element's z (its H heads, C = H·d values) ← LayerNorm(z)·post_w + post_b.
  * Returns 0, or 1 when d exceeds MAX_DIM (nothing written). */
+/* ---- products shared by the TTT kernels ------------------------------------------------------------
+ *
+ * Written with the compilers' generic vectors (16 floats; lowered to whatever the CPU has): for output
+ * widths that are multiples of 64, a 64-column panel of four rows is 16 accumulators
+ * held in registers, and each row of the right-hand matrix is loaded once for 16 multiply-adds. */
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 v_load(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void v_store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* out (rows × N, row stride N) = init (a row of N, or 0) + A (rows × K, row stride lda) · M (K × N). */
+static inline void matmul_rows(int64_t rows, int64_t K, int64_t N, const float *A, int64_t lda, const float *M,
+                        const float *init, float *out) {
+    int64_t i = 0;
+    if (N % 64 == 0) {
+        for (; i + 4 <= rows; i += 4) {
+            for (int64_t p = 0; p < N; p += 64) {
+                v16 acc[4][4];
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 4; c++) acc[r][c] = init ? v_load(init + p + 16 * c) : (v16){0};
+                for (int64_t k = 0; k < K; k++) {
+                    const float *row = M + k * N + p;
+                    const v16 m0 = v_load(row), m1 = v_load(row + 16), m2 = v_load(row + 32), m3 = v_load(row + 48);
+                    for (int r = 0; r < 4; r++) {
+                        const float x = A[(i + r) * lda + k];
+                        acc[r][0] += x * m0, acc[r][1] += x * m1, acc[r][2] += x * m2, acc[r][3] += x * m3;
+                    }
+                }
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 4; c++) v_store(out + (i + r) * N + p + 16 * c, acc[r][c]);
+            }
+        }
+    }
+    if (N == 16) { /* one vector per row (a mini-batch-wide product), eight rows at a time: eight chains */
+        const v16 start = init ? v_load(init) : (v16){0};
+        for (; i + 8 <= rows; i += 8) {
+            v16 acc[8];
+            for (int r = 0; r < 8; r++) acc[r] = start;
+            for (int64_t k = 0; k < K; k++) {
+                const v16 m = v_load(M + k * 16);
+                for (int r = 0; r < 8; r++) acc[r] += A[(i + r) * lda + k] * m;
+            }
+            for (int r = 0; r < 8; r++) v_store(out + (i + r) * 16, acc[r]);
+        }
+        for (; i < rows; i++) {
+            const float *x = A + i * lda;
+            v16 acc = start;
+            for (int64_t k = 0; k < K; k++) acc += x[k] * v_load(M + k * 16);
+            v_store(out + i * 16, acc);
+        }
+    }
+    for (; i < rows; i++) {
+        float *o = out + i * N;
+        const float *x = A + i * lda;
+        for (int64_t j = 0; j < N; j++) o[j] = init ? init[j] : 0.0f;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < N; j++) o[j] += x[k] * M[k * N + j];
+    }
+}
+
 /* The pieces every TTT decode kernel shares: the row scale tok, the η gate of row n, RoPE of q and k, the
- * fused "G' = G + a ⊗ g, and x·W, x·G'" pass over a K × N weight, the committed weights, the post norm. */
+ * fused "G' = G + a ⊗ g, and x·W, x·G'" pass over a K × N weight, the committed weights, the post norm
+ * (a row times a weight is matmul_rows with one row). */
 static inline float token_scale(const float *token_idx, int64_t p) {
     if (!token_idx) return 1.0f;
     const float tok = token_idx[p] + (float)(1.0 / (double)(p + 1));
@@ -286,16 +350,6 @@ static inline void token_rope(const float *q, const float *k, const float *rope,
     } else {
         memcpy(qr, q, d * sizeof(float));
         memcpy(kr, k, d * sizeof(float));
-    }
-}
-
-/* out (N) = init + v (K) · M (K × N) */
-static inline void vec_times_matrix(int64_t K, int64_t N, const float *v, const float *M, const float *init,
-                                    float *out) {
-    for (int64_t j = 0; j < N; j++) out[j] = init ? init[j] : 0.0f;
-    for (int64_t i = 0; i < K; i++) {
-        const float vi = v[i], *row = M + i * N;
-        for (int64_t j = 0; j < N; j++) out[j] += vi * row[j];
     }
 }
 
@@ -359,7 +413,7 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
         const float rate = token_gate(x, lr_w, lr_b, lr_base, n, H, C);
         token_rope(q + n * d, k + n * d, rope, p, d, qr, kr);
         /* the gradient at the mini-batch-start weights */
-        vec_times_matrix(d, d, kr, Wn, bn, acc);
+        matmul_rows(1, d, d, kr, d, Wn, bn, acc);
         ln_l2_grad_row(acc, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g);
         /* G' and the output's two products in one pass over the rows */
         float *GWo = GW_out + n * d * d, *Gbo = Gb_out + n * d;
@@ -376,67 +430,6 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
 }
 
 /* ---- prefill: the TTT layers' dual form over whole mini-batches (inference: no autograd) ---------- */
-
-/* The products are written with the compilers' generic vectors (16 floats; lowered to whatever the CPU
- * has): for output widths that are multiples of 64, a 64-column panel of four rows is 16 accumulators
- * held in registers, and each row of the right-hand matrix is loaded once for 16 multiply-adds. */
-typedef float v16 __attribute__((vector_size(64)));
-static inline v16 v_load(const float *p) {
-    v16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void v_store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
-
-/* out (rows × N, row stride N) = init (a row of N, or 0) + A (rows × K, row stride lda) · M (K × N). */
-static inline void matmul_rows(int64_t rows, int64_t K, int64_t N, const float *A, int64_t lda, const float *M,
-                        const float *init, float *out) {
-    int64_t i = 0;
-    if (N % 64 == 0) {
-        for (; i + 4 <= rows; i += 4) {
-            for (int64_t p = 0; p < N; p += 64) {
-                v16 acc[4][4];
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 4; c++) acc[r][c] = init ? v_load(init + p + 16 * c) : (v16){0};
-                for (int64_t k = 0; k < K; k++) {
-                    const float *row = M + k * N + p;
-                    const v16 m0 = v_load(row), m1 = v_load(row + 16), m2 = v_load(row + 32), m3 = v_load(row + 48);
-                    for (int r = 0; r < 4; r++) {
-                        const float x = A[(i + r) * lda + k];
-                        acc[r][0] += x * m0, acc[r][1] += x * m1, acc[r][2] += x * m2, acc[r][3] += x * m3;
-                    }
-                }
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 4; c++) v_store(out + (i + r) * N + p + 16 * c, acc[r][c]);
-            }
-        }
-    }
-    if (N == 16) { /* one vector per row (a mini-batch-wide product), eight rows at a time: eight chains */
-        const v16 start = init ? v_load(init) : (v16){0};
-        for (; i + 8 <= rows; i += 8) {
-            v16 acc[8];
-            for (int r = 0; r < 8; r++) acc[r] = start;
-            for (int64_t k = 0; k < K; k++) {
-                const v16 m = v_load(M + k * 16);
-                for (int r = 0; r < 8; r++) acc[r] += A[(i + r) * lda + k] * m;
-            }
-            for (int r = 0; r < 8; r++) v_store(out + (i + r) * 16, acc[r]);
-        }
-        for (; i < rows; i++) {
-            const float *x = A + i * lda;
-            v16 acc = start;
-            for (int64_t k = 0; k < K; k++) acc += x[k] * v_load(M + k * 16);
-            v_store(out + i * 16, acc);
-        }
-    }
-    for (; i < rows; i++) {
-        float *o = out + i * N;
-        const float *x = A + i * lda;
-        for (int64_t j = 0; j < N; j++) o[j] = init ? init[j] : 0.0f;
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t j = 0; j < N; j++) o[j] += x[k] * M[k * N + j];
-    }
-}
 
 /* W (rows × N) −= U (rows × b) · G (b × N): a sum of b rank-one updates, rows of W in registers (two rows
  * of a 64-column panel at a time: eight independent chains). */
@@ -530,12 +523,7 @@ static inline void subtract_weighted_rows(int64_t b, int64_t N, const float *w, 
 /* z = q + LN(Z̄)·γ + β for b rows, written at out with row stride ld_out. */
 static inline void output_rows(int64_t b, int64_t d, const float *Zbar, const float *q, int64_t ldq, const float *gamma,
                         const float *beta, float eps, float *x_hat, float *out, int64_t ld_out) {
-    for (int64_t i = 0; i < b; i++) {
-        normalize(Zbar + i * d, x_hat, d, eps);
-        const float *qi = q + i * ldq;
-        float *o = out + i * ld_out;
-        for (int64_t c = 0; c < d; c++) o[c] = qi[c] + (beta[c] + gamma[c] * x_hat[c]);
-    }
+    for (int64_t i = 0; i < b; i++) token_z(d, Zbar + i * d, q + i * ldq, gamma, beta, eps, x_hat, out + i * ld_out);
 }
 
 /* TTT-Linear with the inner LayerNorm over T = n·b tokens that start at a mini-batch boundary with zero
@@ -736,9 +724,9 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
         const float rate = token_gate(x, lr_w, lr_b, lr_base, n, H, C);
         token_rope(q + n * d, k + n * d, rope, p, d, qr, kr);
         /* the inner model's forward and backward on k at the mini-batch-start weights, scaled by the gate */
-        vec_times_matrix(d, F, kr, W1n, b1n, Z1);
+        matmul_rows(1, d, F, kr, d, W1n, b1n, Z1);
         gelu_rows(F, Z1, X2, gp);
-        vec_times_matrix(F, d, X2, W2n, b2n, c1);
+        matmul_rows(1, F, d, X2, F, W2n, b2n, c1);
         ln_l2_grad_row(c1, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g2);
         gemv(F, d, W2n, g2, g1);
         for (int64_t f = 0; f < F; f++) g1[f] *= gp[f];
