@@ -182,6 +182,25 @@ def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:
     return not hooks and all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
 
+def state_fits(layer: nn.Module, state, batch_size: int) -> bool:
+    """Whether ``state`` is one that ``layer.check_state`` accepts for float32 CPU tensors of batch
+    ``batch_size``, each a plain tensor of exactly its template's shape: the hot path's check, which
+    raises nothing (a state that fails it goes to the layer's torch path, whose validation names what
+    is wrong). The template's (key, shape, dtype) triples are kept per batch size."""
+    specs = layer.__dict__.setdefault("_seqzoo_native_state_specs", {})
+    spec = specs.get(batch_size)
+    if spec is None:
+        template = layer._state_template(batch_size, torch.float32)
+        spec = specs[batch_size] = tuple((key, t.shape, t.dtype) for key, t in template.items())
+    if type(state) is not dict or len(state) != len(spec):
+        return False
+    for key, shape, dtype in spec:
+        t = state.get(key)
+        if type(t) is not Tensor or t.shape != shape or t.dtype is not dtype or not t.is_cpu:
+            return False
+    return True
+
+
 def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None,
                x_proj_w: Tensor, dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Mamba's decode step between ``in_proj`` and ``out_proj`` (as ``Mamba.step``'s torch path):
@@ -220,6 +239,11 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
     if status:
         raise MemoryError("mamba_step: the kernel could not allocate its workspace")
     return y, conv_out, h_out
+
+
+def _address(t: Tensor | None) -> int | None:
+    """A tensor's data pointer for ctypes, None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
 
 
 def _token_inputs(name: str, q: Tensor, x: Tensor, p: int, named: list[tuple[str, Tensor, tuple]], ln_w: Tensor,
@@ -266,22 +290,30 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
     ``post_norm`` = (weight (C,), bias (C,), eps): the layer's output LayerNorm, applied to each
     batch element's z. Returns Z (B, H, d), G'_W, G'_b and, when ``commit``, W̄ and b̄ (else None)."""
     Bsz, H, d = q.shape
-    C = x.shape[-1]
     post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
     q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = _token_inputs(
         "ttt_linear_token", q, x, p,
         [("k", k, q.shape), ("v", v, q.shape), ("W", W, (Bsz, H, d, d)), ("b", b, (Bsz, H, 1, d)),
          ("GW", GW, (Bsz, H, d, d)), ("Gb", Gb, (Bsz, H, 1, d))],
         ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    ptr = lambda t: None if t is None else t.data_ptr()
+    return _ttt_linear_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps,
+                             commit, post_w, post_b, post_eps)
+
+
+def _ttt_linear_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps, commit,
+                      post_w, post_b, post_eps):
+    """The kernel call of ``ttt_linear_token`` on inputs its caller has checked as ``_token_inputs`` does
+    (shapes, float32 CPU, contiguous, the position inside the tables)."""
+    Bsz, H, d = q.shape
+    ptr = _address
     Z = torch.empty_like(q)
     GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)
     W_out = torch.empty_like(W) if commit else None
     b_out = torch.empty_like(b) if commit else None
     status = _library().sz_ttt_linear_token(
-        Bsz * H, H, d, C, q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b), lr_base,
-        ptr(rope), ptr(token_idx), p, W.data_ptr(), b.data_ptr(), GW.data_ptr(), Gb.data_ptr(), ln_w.data_ptr(),
-        ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(), GW_out.data_ptr(),
+        Bsz * H, H, d, x.shape[-1], q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b),
+        lr_base, ptr(rope), ptr(token_idx), p, W.data_ptr(), b.data_ptr(), GW.data_ptr(), Gb.data_ptr(),
+        ln_w.data_ptr(), ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(), GW_out.data_ptr(),
         Gb_out.data_ptr(), ptr(W_out), ptr(b_out))
     if status:
         raise RuntimeError(f"ttt_linear_token: the kernel refused head_dim {d}")
@@ -298,7 +330,7 @@ def ttt_mlp_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | Non
     b2 (B, H, 1, d)] and G their accumulated gradients. Returns Z (B, H, d), G' (a list like G) and,
     when ``commit``, W̄ (a list like W, else None)."""
     Bsz, H, d = q.shape
-    C, F = x.shape[-1], 4 * d
+    F = 4 * d
     post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
     if len(W) != 4 or len(G) != 4:
         raise ValueError(f"ttt_mlp_token: expected W = [W1, b1, W2, b2] and G likewise, got {len(W)} and {len(G)}")
@@ -309,17 +341,24 @@ def ttt_mlp_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | Non
         [("k", k, q.shape), ("v", v, q.shape), *zip(names, W, shapes), *zip(("G" + n for n in names), G, shapes)],
         ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
     q, k, v, x = checked[:4]
-    W, G = checked[4:8], checked[8:12]
     ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = checked[12:]
-    ptr = lambda t: None if t is None else t.data_ptr()
+    return _ttt_mlp_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, checked[4:8], checked[8:12], ln_w, ln_b,
+                          eps, commit, post_w, post_b, post_eps)
+
+
+def _ttt_mlp_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, W, G, ln_w, ln_b, eps, commit, post_w, post_b,
+                   post_eps):
+    """The kernel call of ``ttt_mlp_token`` on inputs its caller has checked as ``_token_inputs`` does."""
+    Bsz, H, d = q.shape
+    ptr = _address
     Z = torch.empty_like(q)
     G_out = [torch.empty_like(t) for t in G]
     W_out = [torch.empty_like(t) for t in W] if commit else None
     status = _library().sz_ttt_mlp_token(
-        Bsz * H, H, d, C, q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b), lr_base,
-        ptr(rope), ptr(token_idx), p, *(t.data_ptr() for t in W), *(t.data_ptr() for t in G), ln_w.data_ptr(),
-        ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(), *(t.data_ptr() for t in G_out),
-        *(ptr(t) for t in (W_out or [None] * 4)))
+        Bsz * H, H, d, x.shape[-1], q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b),
+        lr_base, ptr(rope), ptr(token_idx), p, *(t.data_ptr() for t in W), *(t.data_ptr() for t in G),
+        ln_w.data_ptr(), ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(),
+        *(t.data_ptr() for t in G_out), *(ptr(t) for t in (W_out or [None] * 4)))
     if status:
         raise MemoryError("ttt_mlp_token: the kernel could not allocate its workspace")
     return Z, G_out, W_out

@@ -128,7 +128,7 @@ TTT_CONFIGS = [
 @pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
 def test_ttt_native_step_equals_torch_path(name, config, batch, monkeypatch):
     layer, twin = _twins(name, {"backend": "torch"}, d_model=64, num_heads=4, **config)
-    calls = _spy(monkeypatch, f"{name}_token")
+    calls = _spy(monkeypatch, f"_{name}_token")
     with torch.inference_mode():
         _assert_decode_matches(layer, twin, torch.randn(batch, 37, 64))  # crosses mini-batch ends (W ← W̄)
     assert len(calls) == 37
@@ -170,7 +170,7 @@ def test_ttt_linear_native_step_calls_a_hooked_post_norm(monkeypatch):
     layer, twin = _twins("ttt_linear", {"backend": "torch"}, d_model=64, num_heads=4)
     for m in (layer, twin):
         m.post_norm.register_forward_hook(lambda mod, args, out: out * 2 + 1)
-    calls = _spy(monkeypatch, "ttt_linear_token")
+    calls = _spy(monkeypatch, "_ttt_linear_token")
     x = torch.randn(2, 20, 64)
     with torch.no_grad():
         y, _ = _decode(layer, x)
@@ -181,7 +181,7 @@ def test_ttt_linear_native_step_calls_a_hooked_post_norm(monkeypatch):
 
 @needs_native
 def test_ttt_linear_native_step_only_where_it_applies(monkeypatch):
-    calls = _spy(monkeypatch, "ttt_linear_token")
+    calls = _spy(monkeypatch, "_ttt_linear_token")
     x = torch.randn(1, 64)
     for config in (dict(backend="torch"), dict(inner_norm=False)):
         layer = seqzoo.create_layer("ttt_linear", d_model=64, num_heads=4, **config).eval()
@@ -280,7 +280,7 @@ def test_native_paths_validate_like_the_torch_paths(name):
 def test_native_paths_step_aside(monkeypatch):
     """Where the kernels do not apply, the torch path runs and works: autocast, a missing dt bias, a
     subclass overriding a method of the torch step, a mini-batch longer than any kernel array."""
-    mamba_calls, token_calls = _spy(monkeypatch, "mamba_step"), _spy(monkeypatch, "ttt_linear_token")
+    mamba_calls, token_calls = _spy(monkeypatch, "mamba_step"), _spy(monkeypatch, "_ttt_linear_token")
     x = torch.randn(1, 32)
     mamba = seqzoo.create_layer("mamba", d_model=32).eval()
     with torch.no_grad():

@@ -104,6 +104,14 @@ def kernel(name: str, device: torch.device, *, required: bool):
     return fn
 
 
+# the InnerNormTTT classes whose step may run natively (see InnerNormTTT._native_step_allowed)
+_NATIVE_STEP_CLASSES: dict[type, bool] = {}
+# the parameters the native step reads besides the projections: (lr_w, lr_b, token_idx, ln_w, ln_b)
+_NATIVE_STEP_PARAMETERS = ("learnable_ttt_lr_weight", "learnable_ttt_lr_bias", "learnable_token_idx", "ttt_norm_weight",
+                           "ttt_norm_bias")
+_CPU = torch.device("cpu")
+
+
 class InnerNormTTT(TTTLayer):
     """Base of the hand-derived TTT layers (TTT-Linear, TTT-MLP), whose inner model ends in a per-head
     LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``.
@@ -120,11 +128,13 @@ class InnerNormTTT(TTTLayer):
                              "_gate", "_checked")
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
-        """One native call: (Z (B, H, d), W̄ by name when ``commit`` else None, G' by name)."""
+        """One native call on inputs ``_step_native`` has checked (contiguous, but for the state's tensors;
+        ``post`` = (weight, bias, eps) of the fused post_norm or (None, None, 0.0)): (Z (B, H, d), W̄ by
+        name when ``commit`` else None, G' by name)."""
         raise NotImplementedError
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        if (self.config.backend == "auto" and x.is_cpu and not torch.is_grad_enabled() and self.config.inner_norm
+        if (self.config.backend == "auto" and not torch.is_grad_enabled() and self.config.inner_norm
                 and self.head_dim <= native.MAX_DIM and self._native_step_allowed()):
             out = self._step_native(x, state)
             if out is not None:
@@ -134,9 +144,13 @@ class InnerNormTTT(TTTLayer):
     @classmethod
     def _native_step_allowed(cls) -> bool:
         """Whether ``cls`` has a native step and overrides none of the methods it stands in for (compared
-        with the class that defines ``_native_token``)."""
-        owner = next(c for c in cls.__mro__ if "_native_token" in c.__dict__)
-        return owner is not InnerNormTTT and native.keeps_methods(cls, owner, cls._NATIVE_STEP_REPLACES)
+        with the class that defines ``_native_token``); once per class."""
+        allowed = _NATIVE_STEP_CLASSES.get(cls)
+        if allowed is None:
+            owner = next(c for c in cls.__mro__ if "_native_token" in c.__dict__)
+            allowed = _NATIVE_STEP_CLASSES[cls] = owner is not InnerNormTTT and native.keeps_methods(
+                cls, owner, cls._NATIVE_STEP_REPLACES)
+        return allowed
 
     def _native_prefill(self, *tensors: Tensor) -> bool:
         """Whether ``_full`` may run the native dual form on these tensors (``backend="auto"``, the inner
@@ -144,43 +158,80 @@ class InnerNormTTT(TTTLayer):
         return self.config.backend == "auto" and self.config.inner_norm and native.usable(*tensors)
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
-        """``step`` through ``_native_token``; None where the native path does not apply."""
-        state, p = self._checked(x, state, step=True)  # the input and state validated first, as on every path
-        lr_w = getattr(self, "learnable_ttt_lr_weight", None)
-        lr_b = getattr(self, "learnable_ttt_lr_bias", None)
-        token_idx = getattr(self, "learnable_token_idx", None)
-        ln_w, ln_b = self.ttt_norm_weight, self.ttt_norm_bias
+        """``step`` through ``_native_token``; None where the native path does not apply, and then the
+        torch path validates (naming what is wrong) and runs. Everything the kernel reads is checked
+        here, once, without raising: x, the state (``native.state_fits``: what ``check_state`` accepts),
+        its position, the parameters' shapes, plain float32 CPU tensors and bare modules. (The registries
+        are read directly: nn.Module's attribute fallback costs microseconds per name, per token.)"""
+        if not (isinstance(x, Tensor) and native.usable(x) and x.ndim == 2 and x.shape[1] == self.d_model):
+            return None
+        B, H, d, b = x.shape[0], self.num_heads, self.head_dim, self.mini_batch_size
+        if not native.state_fits(self, state, B):
+            return None
+        pos, sizes = state["pos"].tolist(), state["mini_batch_size"].tolist()
+        p = pos[0] if pos else 0
+        if pos.count(p) != B or sizes.count(b) != B or not 0 <= p < b:
+            return None
+        modules, own = self._modules, self._parameters
+        params = tuple(own.get(n) for n in _NATIVE_STEP_PARAMETERS)  # (lr_w, lr_b, token_idx, ln_w, ln_b)
+        if any(t is None for t in params) and any(  # (`is`: `None in params` would compare tensors with ==)
+                getattr(self, n, None) is not None for n, t in zip(_NATIVE_STEP_PARAMETERS, params) if t is None):
+            return None  # not a parameter but something else set under its name: the torch path reads it
+        lr_w, lr_b, token_idx, ln_w, ln_b = params
+        shapes = ((H, 1, self.d_model) if lr_w is not None else None, (H, 1) if lr_b is not None else None,
+                  (b,) if token_idx is not None else None, (H, d), (H, d))
+        if ((lr_w is None) != (lr_b is None) or ln_w is None or ln_b is None or not native.usable(*params)
+                or tuple(None if t is None else t.shape for t in params) != shapes):
+            return None
+        lr_w, lr_b, token_idx, ln_w, ln_b = (None if t is None else t.contiguous() for t in params)
+        # everything that does not need the projections first, while the caches still hold what it reads
+        # (the projections' weights stream through them)
+        rope = self._native_rope() if self.config.rope else None
+        commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
+        norm = modules.get("post_norm")  # (None: the layer has none)
+        post_w, post_b = (norm._parameters.get("weight"), norm._parameters.get("bias")) if norm is not None else (None, None)
+        fuse_norm = (post_w is not None and post_b is not None and native.plain(norm, kind=nn.LayerNorm)
+                     and native.usable(post_w, post_b) and post_w.shape == x.shape[1:] and post_b.shape == x.shape[1:])
+        post = (post_w.contiguous(), post_b.contiguous(), norm.eps) if fuse_norm else (None, None, 0.0)
+        gate = (lr_w, lr_b, self.config.ttt_base_lr / d)
+        o_proj = modules["o_proj"]
+        bare_output = fuse_norm and not self.use_gate and native.plain(o_proj)
+        new_pos = torch.full((B,), (p + 1) % b, dtype=torch.int64, device=x.device)
+        q_proj, v_proj = modules["q_proj"], modules["v_proj"]
         # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
         # path); weights of another dtype than x make F.linear raise, as they do on the torch path
-        projections = (self.q_proj, self.v_proj) if self.share_qk else (self.q_proj, self.k_proj, self.v_proj)
-        if not (native.plain(*projections) and native.usable(x, ln_w, ln_b, lr_w, lr_b, token_idx)):
-            return None
-        B, H, d = x.shape[0], self.num_heads, self.head_dim
         if self.share_qk:  # q_proj, then the conv_q / conv_k pair
+            if not native.plain(q_proj, v_proj):
+                return None
             q, k, v, new = self._qkv_step(x, state)
         else:  # what the modules' forward computes, without the module calls
-            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
+            k_proj = modules["k_proj"]
+            if not native.plain(q_proj, k_proj, v_proj):
+                return None
+            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in (q_proj, k_proj, v_proj))
             new = {}
-        rope = torch.view_as_real(self._rope_table(q.dtype, q.device)) if self.config.rope else None  # (b, d/2, 2)
-        commit = p + 1 == self.mini_batch_size  # the mini-batch is complete: W ← W̄_b, G ← 0
-        norm = self.post_norm
-        fuse_norm = norm is not None and native.plain(norm, kind=nn.LayerNorm) and norm.weight is not None and (
-            norm.bias is not None and norm.weight.dtype is torch.float32 and norm.bias.dtype is torch.float32)
-        gate = (lr_w, lr_b, self.config.ttt_base_lr / self.head_dim)
-        Z, W_bar, G = self._native_token(q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit,
-                                         (norm.weight, norm.bias, norm.eps) if fuse_norm else None)
+        Z, W_bar, G = self._native_token(q.contiguous(), k.contiguous(), v.contiguous(), x.contiguous(), gate, rope,
+                                         token_idx, p, state, ln_w, ln_b, commit, post)
         for name in self.inner_names:
             new[name] = W_bar[name] if commit else state[name]
             new[f"{name}_grad"] = torch.zeros_like(G[name]) if commit else G[name]
-        new["pos"] = torch.full((B,), (p + 1) % self.mini_batch_size, dtype=torch.int64, device=x.device)
+        new["pos"] = new_pos
         new["mini_batch_size"] = state["mini_batch_size"]
         z = Z.view(B, H * d)
+        if bare_output:
+            return F.linear(z, o_proj.weight, o_proj.bias), new
         if not fuse_norm:
             return self._output(x, z), new
-        o_proj = self.o_proj
-        if not self.use_gate and native.plain(o_proj):
-            return F.linear(z, o_proj.weight, o_proj.bias), new
         return o_proj(self._gate(x, z)), new
+
+    def _native_rope(self) -> Tensor:
+        """The RoPE table as the kernels read it: (b, d/2, 2) float32 (cos, sin), a view of the cached
+        ``_rope_table``, itself kept while that table is the one in use."""
+        table = self._rope_table(torch.float32, _CPU)
+        cached = self.__dict__.get("_seqzoo_native_rope")
+        if cached is None or cached[0] is not table:
+            cached = self.__dict__["_seqzoo_native_rope"] = (table, torch.view_as_real(table))
+        return cached[1]
 
 
     def _ln(self, outer: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:

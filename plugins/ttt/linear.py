@@ -242,9 +242,9 @@ class TTTLinear(InnerNormTTT):
         return Z, W_bar, G_new
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
-        Z, GW, Gb, W, b = native.ttt_linear_token(
-            q, k, v, x, *gate, rope, token_idx, p, state["W1"], state["b1"], state["W1_grad"], state["b1_grad"],
-            ln_w, ln_b, LN_EPS, commit, post)
+        Z, GW, Gb, W, b = native._ttt_linear_token(
+            q, k, v, x, *gate, rope, token_idx, p, *(state[n].contiguous() for n in ("W1", "b1", "W1_grad", "b1_grad")),
+            ln_w, ln_b, LN_EPS, commit, *post)
         return Z, ({"W1": W, "b1": b} if commit else None), {"W1": GW, "b1": Gb}
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
