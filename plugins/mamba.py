@@ -305,11 +305,11 @@ class Mamba(SequenceLayer):
 
     # update rule + output rule, one token
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        state = self.check_input(x, state, step=True)
-        if self.config.use_kernels and x.is_cpu and not torch.is_grad_enabled() and self._native_step_allowed():
+        if self.config.use_kernels and not torch.is_grad_enabled() and self._native_step_allowed():
             out = self._step_native(x, state)
             if out is not None:
                 return out
+        state = self.check_input(x, state, step=True)
         dtype = x.dtype
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
         xc, conv_state = causal_conv_step(self.conv1d, xi, state["conv_state"])  # keeps the last d_conv inputs
@@ -336,18 +336,33 @@ class Mamba(SequenceLayer):
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` with everything between in_proj and out_proj in one native call (seqzoo.native),
-        equal to the torch path to float32 rounding; None where the kernel does not apply."""
-        # (the registries read directly: nn.Module's attribute fallback costs microseconds per name, per token)
+        equal to the torch path to float32 rounding; None where the kernel does not apply, and then the
+        torch path validates (naming what is wrong) and runs. What the kernel reads is checked here, once,
+        without raising: x, the state (``native.state_fits``: what ``check_state`` accepts), the
+        parameters' shapes, plain float32 CPU tensors and bare modules; all before in_proj, while the
+        caches still hold what the checks read. (The registries are read directly: nn.Module's attribute
+        fallback costs microseconds per name, per token.)"""
         modules, own = self._modules, self._parameters
         x_proj, dt_proj, conv, in_proj, out_proj = (
             modules[n] for n in ("x_proj", "dt_proj", "conv1d", "in_proj", "out_proj"))
-        params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, own["A_log"], own["D"])
-        if dt_proj.bias is None or not (native.plain(x_proj, dt_proj) and native.usable(x, *params)):
-            return None  # (the state was validated with x: float32 on the CPU when x is)
+        params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, own.get("A_log"), own.get("D"))
+        Dn, N, K, R = self.d_inner, self.d_state, self.d_conv, self.dt_rank
+        shapes = ((Dn, 1, K), (Dn,) if params[1] is not None else None, (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N), (Dn,))
+        if not (isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == self.d_model and native.plain(x_proj, dt_proj)
+                and native.usable(x, *params) and tuple(None if t is None else t.shape for t in params) == shapes
+                and native.state_fits(self, state, x.shape[0])):
+            return None  # (a missing dt bias, A_log or D fails the shapes)
+        conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D = (None if t is None else t.contiguous() for t in params)
+        conv_state, h = state["conv_state"].contiguous(), state["ssm_state"].contiguous()
         # bare nn.Linear modules: what their forward computes, without the module calls
         plain = native.plain(in_proj, out_proj) and modules.get("g_proj") is None
-        xz = F.linear(x, in_proj.weight, in_proj.bias) if plain else in_proj(x)
-        y, conv_state, h = native.mamba_step(xz, state["conv_state"], state["ssm_state"], *params)
+        xz = F.linear(x, in_proj.weight, in_proj.bias) if plain else in_proj(x)  # called once, hooks and all
+        if xz.shape != (x.shape[0], 2 * Dn):
+            raise ValueError(f"Mamba: expected in_proj to give (B, 2·d_inner) = {(x.shape[0], 2 * Dn)}, got "
+                             f"{tuple(xz.shape)}")
+        if xz.stride(-1) != 1:
+            xz = xz.contiguous()
+        y, conv_state, h = native._mamba_step(xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
         out = F.linear(y, out_proj.weight, out_proj.bias) if plain else self._output_gate_only(y, x)
         return out, {"conv_state": conv_state, "ssm_state": h}
 

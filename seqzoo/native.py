@@ -227,8 +227,16 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
     if xz.stride(-1) != 1:
         xz = xz.contiguous()
     # every pointer below is of a tensor bound to a name here, alive until the call returns
-    conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D = (
-        None if t is None else t.contiguous() for t in tensors[1:])
+    return _mamba_step(xz, *(None if t is None else t.contiguous() for t in tensors[1:]))
+
+
+def _mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor,
+                dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel call of ``mamba_step`` on inputs its caller has checked as ``mamba_step`` does (shapes,
+    float32 CPU, a dt bias; contiguous, but for xz's rows)."""
+    Bsz, two_d = xz.shape
+    Dn, N = A_log.shape
+    K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
     y = xz.new_empty((Bsz, Dn))
     conv_out, h_out = torch.empty_like(conv_state), torch.empty_like(h)
     status = _library().sz_mamba_step(

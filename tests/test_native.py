@@ -73,7 +73,7 @@ MAMBA_CONFIGS = [
 @pytest.mark.parametrize("batch", [1, 3])
 def test_mamba_native_step_equals_torch_path(config, batch, monkeypatch):
     layer, twin = _twins("mamba", {"use_kernels": False}, **config)
-    calls = _spy(monkeypatch, "mamba_step")
+    calls = _spy(monkeypatch, "_mamba_step")
     with torch.no_grad():
         _assert_decode_matches(layer, twin, torch.randn(batch, 21, config["d_model"]))
     assert len(calls) == 21
@@ -96,7 +96,7 @@ def test_mamba_native_step_takes_any_state_layout(monkeypatch):
 @needs_native
 def test_mamba_native_step_only_where_it_applies(monkeypatch):
     layer, _ = _twins("mamba", {"use_kernels": False}, d_model=32)
-    calls = _spy(monkeypatch, "mamba_step")
+    calls = _spy(monkeypatch, "_mamba_step")
     x = torch.randn(1, 32)
     state = layer.init_state(1)
     layer.step(x, state)  # autograd records: the torch path (the kernel has no backward)
@@ -276,11 +276,65 @@ def test_native_paths_validate_like_the_torch_paths(name):
             layer.step(torch.randn(3, 32), state)  # a state of batch 2 for a batch of 3
 
 
+@pytest.mark.parametrize("name", ["mamba", "ttt_linear", "ttt_mlp"])
+def test_state_fits_is_what_check_state_accepts_for_float32_cpu(name):
+    """native.state_fits: the hot path's non-raising state check, no looser than check_state."""
+    layer = seqzoo.create_layer(name, d_model=32, **({} if name == "mamba" else {"num_heads": 2}))
+    state = layer.init_state(2)
+    assert native.state_fits(layer, state, 2)
+    key = next(iter(state))
+    refused = [
+        [state],  # not a dict
+        {k: v for k, v in state.items() if k != key},  # a key missing
+        {**state, "extra": torch.zeros(1)},  # a key too many
+        {**state, key: state[key][:1]},  # another batch size
+        {**state, key: state[key].double()},  # another dtype
+        {**state, key: state[key].tolist()},  # not a tensor
+    ]
+    for bad in refused:
+        assert not native.state_fits(layer, bad, 2)
+        with pytest.raises((ValueError, TypeError)):
+            layer.check_state(bad, 2, device="cpu", dtype=torch.float32)
+    assert not native.state_fits(layer, state, 3)
+    # a tensor subclass is a valid state, for the torch path only (the kernels read raw memory)
+    assert not native.state_fits(layer, {**state, key: torch.nn.Parameter(state[key])}, 2)
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
+def test_ttt_native_step_checks_the_position_like_the_torch_path(name):
+    layer = seqzoo.create_layer(name, d_model=32, num_heads=2, mini_batch_size=4).eval()
+    state = layer.init_state(2)
+    with torch.no_grad():
+        for pos, match in (([4, 4], r"pos'\] in \[0, 4\)"), ([1, 2], "same position")):
+            with pytest.raises(ValueError, match=match):
+                layer.step(torch.randn(2, 32), {**state, "pos": torch.tensor(pos)})
+        with pytest.raises(ValueError, match="mini_batch_size=4"):
+            layer.step(torch.randn(2, 32), {**state, "mini_batch_size": torch.tensor([16, 16])})
+
+
+@needs_native
+def test_native_steps_step_aside_for_parameters_of_other_shapes(monkeypatch):
+    """A parameter replaced by one of another shape is never read by a kernel: the torch path runs (and
+    says what does not fit)."""
+    mamba_calls, token_calls = _spy(monkeypatch, "_mamba_step"), _spy(monkeypatch, "_ttt_linear_token")
+    x = torch.randn(1, 32)
+    ttt = seqzoo.create_layer("ttt_linear", d_model=32, num_heads=2).eval()
+    mamba = seqzoo.create_layer("mamba", d_model=32).eval()
+    with torch.no_grad():
+        ttt.ttt_norm_weight = torch.nn.Parameter(torch.ones(2, 8))
+        with pytest.raises(RuntimeError):
+            ttt.step(x, ttt.init_state(1))
+        mamba.D = torch.nn.Parameter(torch.ones(8))
+        with pytest.raises(RuntimeError):
+            mamba.step(x, mamba.init_state(1))
+    assert not mamba_calls and not token_calls
+
+
 @needs_native
 def test_native_paths_step_aside(monkeypatch):
     """Where the kernels do not apply, the torch path runs and works: autocast, a missing dt bias, a
     subclass overriding a method of the torch step, a mini-batch longer than any kernel array."""
-    mamba_calls, token_calls = _spy(monkeypatch, "mamba_step"), _spy(monkeypatch, "_ttt_linear_token")
+    mamba_calls, token_calls = _spy(monkeypatch, "_mamba_step"), _spy(monkeypatch, "_ttt_linear_token")
     x = torch.randn(1, 32)
     mamba = seqzoo.create_layer("mamba", d_model=32).eval()
     with torch.no_grad():
