@@ -332,13 +332,13 @@ class Mamba(SequenceLayer):
     @classmethod
     def _native_step_allowed(cls) -> bool:
         """A subclass that overrides a method of the torch step gets the torch step."""
-        return native.keeps_methods(cls, Mamba, ("_A", "_output", "_output_gate_only"))
+        return native.keeps_methods(cls, Mamba, ("_A", "_output", "_output_gate_only", "check_input", "check_state"))
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` with everything between in_proj and out_proj in one native call (seqzoo.native),
         equal to the torch path to float32 rounding; None where the kernel does not apply, and then the
         torch path validates (naming what is wrong) and runs. What the kernel reads is checked here, once,
-        without raising: x, the state (``native.state_fits``: what ``check_state`` accepts), the
+        without raising: x and the state (``native.step_fits``: what ``check_input`` accepts), the
         parameters' shapes, plain float32 CPU tensors and bare modules; all before in_proj, while the
         caches still hold what the checks read. (The registries are read directly: nn.Module's attribute
         fallback costs microseconds per name, per token.)"""
@@ -348,9 +348,8 @@ class Mamba(SequenceLayer):
         params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, own.get("A_log"), own.get("D"))
         Dn, N, K, R = self.d_inner, self.d_state, self.d_conv, self.dt_rank
         shapes = ((Dn, 1, K), (Dn,) if params[1] is not None else None, (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N), (Dn,))
-        if not (isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == self.d_model and native.plain(x_proj, dt_proj)
-                and native.usable(x, *params) and tuple(None if t is None else t.shape for t in params) == shapes
-                and native.state_fits(self, state, x.shape[0])):
+        if not (native.step_fits(self, x, state) and native.plain(x_proj, dt_proj) and native.usable(*params)
+                and tuple(None if t is None else t.shape for t in params) == shapes):
             return None  # (a missing dt bias, A_log or D fails the shapes)
         conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D = (None if t is None else t.contiguous() for t in params)
         conv_state, h = state["conv_state"].contiguous(), state["ssm_state"].contiguous()
@@ -360,8 +359,6 @@ class Mamba(SequenceLayer):
         if xz.shape != (x.shape[0], 2 * Dn):
             raise ValueError(f"Mamba: expected in_proj to give (B, 2·d_inner) = {(x.shape[0], 2 * Dn)}, got "
                              f"{tuple(xz.shape)}")
-        if xz.stride(-1) != 1:
-            xz = xz.contiguous()
         y, conv_state, h = native._mamba_step(xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
         out = F.linear(y, out_proj.weight, out_proj.bias) if plain else self._output_gate_only(y, x)
         return out, {"conv_state": conv_state, "ssm_state": h}

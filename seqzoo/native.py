@@ -182,11 +182,14 @@ def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:
     return not hooks and all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
 
-def state_fits(layer: nn.Module, state, batch_size: int) -> bool:
-    """Whether ``state`` is one that ``layer.check_state`` accepts for float32 CPU tensors of batch
-    ``batch_size``, each a plain tensor of exactly its template's shape: the hot path's check, which
-    raises nothing (a state that fails it goes to the layer's torch path, whose validation names what
-    is wrong). The template's (key, shape, dtype) triples are kept per batch size."""
+def step_fits(layer: nn.Module, x, state) -> bool:
+    """Whether ``x`` and ``state`` are what ``layer.check_input(x, state, step=True)`` accepts, as plain
+    float32 CPU tensors (``usable``), each state tensor of exactly its template's shape: the hot path's
+    check, which raises nothing (inputs that fail it go to the layer's torch path, whose validation
+    names what is wrong). The template's (key, shape, dtype) triples are kept per batch size."""
+    if not (isinstance(x, Tensor) and usable(x) and x.ndim == 2 and x.shape[1] == layer.d_model):
+        return False
+    batch_size = x.shape[0]
     specs = layer.__dict__.setdefault("_seqzoo_native_state_specs", {})
     spec = specs.get(batch_size)
     if spec is None:
@@ -224,8 +227,6 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
     if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
         _require_float32_cpu("mamba_step", dict(xz=xz, conv_state=conv_state, h=h, conv_w=conv_w, conv_b=conv_b,
                                                 x_proj_w=x_proj_w, dt_w=dt_w, dt_b=dt_b, A_log=A_log, D=D))
-    if xz.stride(-1) != 1:
-        xz = xz.contiguous()
     # every pointer below is of a tensor bound to a name here, alive until the call returns
     return _mamba_step(xz, *(None if t is None else t.contiguous() for t in tensors[1:]))
 
@@ -233,7 +234,9 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
 def _mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor,
                 dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel call of ``mamba_step`` on inputs its caller has checked as ``mamba_step`` does (shapes,
-    float32 CPU, a dt bias; contiguous, but for xz's rows)."""
+    float32 CPU, a dt bias; contiguous, but for xz, whose rows may be strided)."""
+    if xz.stride(-1) != 1:
+        xz = xz.contiguous()
     Bsz, two_d = xz.shape
     Dn, N = A_log.shape
     K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]

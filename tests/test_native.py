@@ -276,28 +276,58 @@ def test_native_paths_validate_like_the_torch_paths(name):
             layer.step(torch.randn(3, 32), state)  # a state of batch 2 for a batch of 3
 
 
+@needs_native
 @pytest.mark.parametrize("name", ["mamba", "ttt_linear", "ttt_mlp"])
-def test_state_fits_is_what_check_state_accepts_for_float32_cpu(name):
-    """native.state_fits: the hot path's non-raising state check, no looser than check_state."""
+def test_step_fits_is_what_check_input_accepts_for_float32_cpu(name):
+    """native.step_fits: the hot path's non-raising check of x and the state, no looser than check_input."""
     layer = seqzoo.create_layer(name, d_model=32, **({} if name == "mamba" else {"num_heads": 2}))
-    state = layer.init_state(2)
-    assert native.state_fits(layer, state, 2)
-    key = next(iter(state))
-    refused = [
-        [state],  # not a dict
-        {k: v for k, v in state.items() if k != key},  # a key missing
-        {**state, "extra": torch.zeros(1)},  # a key too many
-        {**state, key: state[key][:1]},  # another batch size
-        {**state, key: state[key].double()},  # another dtype
-        {**state, key: state[key].tolist()},  # not a tensor
-    ]
-    for bad in refused:
-        assert not native.state_fits(layer, bad, 2)
-        with pytest.raises((ValueError, TypeError)):
-            layer.check_state(bad, 2, device="cpu", dtype=torch.float32)
-    assert not native.state_fits(layer, state, 3)
-    # a tensor subclass is a valid state, for the torch path only (the kernels read raw memory)
-    assert not native.state_fits(layer, {**state, key: torch.nn.Parameter(state[key])}, 2)
+    state, x = layer.init_state(2), torch.randn(2, 32)
+    assert not native.step_fits(layer, x, state)  # autograd records: no kernel may run
+    with torch.no_grad():  # where the native paths run
+        assert native.step_fits(layer, x, state)
+        key = next(iter(state))
+        refused = [
+            (x, [state]),  # not a dict
+            (x, {k: v for k, v in state.items() if k != key}),  # a key missing
+            (x, {**state, "extra": torch.zeros(1)}),  # a key too many
+            (x, {**state, key: state[key][:1]}),  # another batch size
+            (x, {**state, key: state[key].double()}),  # another dtype
+            (x, {**state, key: state[key].tolist()}),  # not a tensor
+            (torch.randn(3, 32), state),  # a state of batch 2 for a batch of 3
+            (torch.randn(2, 31), state),  # another width
+            (torch.randn(2, 1, 32), state),  # a sequence, not a token
+            (x.tolist(), state),  # not a tensor
+        ]
+        for bad_x, bad_state in refused:
+            assert not native.step_fits(layer, bad_x, bad_state)
+            with pytest.raises((ValueError, TypeError)):
+                layer.check_input(bad_x, bad_state, step=True)
+        # valid for check_input, for the torch path only: float64 (the kernels are float32), a tensor subclass
+        # (they read raw memory)
+        assert not native.step_fits(layer, x.double(), layer.init_state(2, dtype=torch.float64))
+        assert not native.step_fits(layer, x, {**state, key: torch.nn.Parameter(state[key])})
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["mamba", "ttt_linear"])
+def test_native_step_honours_an_overridden_state_check(name, monkeypatch):
+    """The native step stands in for check_input / check_state: a subclass that overrides one gets the
+    torch path, which calls it."""
+    calls = _spy(monkeypatch, "_mamba_step" if name == "mamba" else "_ttt_linear_token")
+    base = type(seqzoo.create_layer(name, d_model=32, **({} if name == "mamba" else {"num_heads": 2})))
+    seen = []
+
+    class Strict(base):
+        def check_state(self, state, batch_size, *, device, dtype):
+            seen.append(batch_size)
+            super().check_state(state, batch_size, device=device, dtype=dtype)
+
+    kwargs = {} if name == "mamba" else {"learner": seqzoo.create_layer(name, d_model=32, num_heads=2).learner.__class__,
+                                         "num_heads": 2}
+    layer = Strict(32, **kwargs).eval()
+    with torch.no_grad():
+        layer.step(torch.randn(1, 32), layer.init_state(1))
+    assert seen == [1] and not calls
 
 
 @pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])

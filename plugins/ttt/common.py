@@ -125,7 +125,7 @@ class InnerNormTTT(TTTLayer):
     # the methods of the step's torch path that the native step stands in for: a subclass that overrides
     # one of them gets the torch path
     _NATIVE_STEP_REPLACES = ("_qkv_step", "_rope_step", "_gate_eta_step", "_token_eta_at", "_token_step", "_output",
-                             "_gate", "_checked")
+                             "_gate", "_checked", "check_input", "check_state")
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
         """One native call on inputs ``_step_native`` has checked (contiguous, but for the state's tensors;
@@ -160,14 +160,12 @@ class InnerNormTTT(TTTLayer):
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` through ``_native_token``; None where the native path does not apply, and then the
         torch path validates (naming what is wrong) and runs. Everything the kernel reads is checked
-        here, once, without raising: x, the state (``native.state_fits``: what ``check_state`` accepts),
-        its position, the parameters' shapes, plain float32 CPU tensors and bare modules. (The registries
+        here, once, without raising: x and the state (``native.step_fits``: what ``check_input``
+        accepts), the state's position, the parameters' shapes, plain float32 CPU tensors and bare modules. (The registries
         are read directly: nn.Module's attribute fallback costs microseconds per name, per token.)"""
-        if not (isinstance(x, Tensor) and native.usable(x) and x.ndim == 2 and x.shape[1] == self.d_model):
+        if not native.step_fits(self, x, state):
             return None
         B, H, d, b = x.shape[0], self.num_heads, self.head_dim, self.mini_batch_size
-        if not native.state_fits(self, state, B):
-            return None
         pos, sizes = state["pos"].tolist(), state["mini_batch_size"].tolist()
         p = pos[0] if pos else 0
         if pos.count(p) != B or sizes.count(b) != B or not 0 <= p < b:
@@ -179,14 +177,19 @@ class InnerNormTTT(TTTLayer):
             return None  # not a parameter but something else set under its name: the torch path reads it
         lr_w, lr_b, token_idx, ln_w, ln_b = params
         shapes = ((H, 1, self.d_model) if lr_w is not None else None, (H, 1) if lr_b is not None else None,
-                  (b,) if token_idx is not None else None, (H, d), (H, d))
-        if ((lr_w is None) != (lr_b is None) or ln_w is None or ln_b is None or not native.usable(*params)
+                  (b,) if token_idx is not None else None, (H, d), (H, d))  # (a missing inner norm fails these)
+        if ((lr_w is None) != (lr_b is None) or not native.usable(*params)
                 or tuple(None if t is None else t.shape for t in params) != shapes):
+            return None
+        # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
+        # path); weights of another dtype than x make F.linear raise, as they do on the torch path
+        projections = tuple(modules[n] for n in (("q_proj", "v_proj") if self.share_qk else ("q_proj", "k_proj", "v_proj")))
+        if not native.plain(*projections):
             return None
         lr_w, lr_b, token_idx, ln_w, ln_b = (None if t is None else t.contiguous() for t in params)
         # everything that does not need the projections first, while the caches still hold what it reads
         # (the projections' weights stream through them)
-        rope = self._native_rope() if self.config.rope else None
+        rope = torch.view_as_real(self._rope_table(torch.float32, _CPU)) if self.config.rope else None  # (b, d/2, 2)
         commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
         norm = modules.get("post_norm")  # (None: the layer has none)
         post_w, post_b = (norm._parameters.get("weight"), norm._parameters.get("bias")) if norm is not None else (None, None)
@@ -197,18 +200,10 @@ class InnerNormTTT(TTTLayer):
         o_proj = modules["o_proj"]
         bare_output = fuse_norm and not self.use_gate and native.plain(o_proj)
         new_pos = torch.full((B,), (p + 1) % b, dtype=torch.int64, device=x.device)
-        q_proj, v_proj = modules["q_proj"], modules["v_proj"]
-        # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
-        # path); weights of another dtype than x make F.linear raise, as they do on the torch path
         if self.share_qk:  # q_proj, then the conv_q / conv_k pair
-            if not native.plain(q_proj, v_proj):
-                return None
             q, k, v, new = self._qkv_step(x, state)
         else:  # what the modules' forward computes, without the module calls
-            k_proj = modules["k_proj"]
-            if not native.plain(q_proj, k_proj, v_proj):
-                return None
-            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in (q_proj, k_proj, v_proj))
+            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
             new = {}
         Z, W_bar, G = self._native_token(q.contiguous(), k.contiguous(), v.contiguous(), x.contiguous(), gate, rope,
                                          token_idx, p, state, ln_w, ln_b, commit, post)
@@ -223,15 +218,6 @@ class InnerNormTTT(TTTLayer):
         if not fuse_norm:
             return self._output(x, z), new
         return o_proj(self._gate(x, z)), new
-
-    def _native_rope(self) -> Tensor:
-        """The RoPE table as the kernels read it: (b, d/2, 2) float32 (cos, sin), a view of the cached
-        ``_rope_table``, itself kept while that table is the one in use."""
-        table = self._rope_table(torch.float32, _CPU)
-        cached = self.__dict__.get("_seqzoo_native_rope")
-        if cached is None or cached[0] is not table:
-            cached = self.__dict__["_seqzoo_native_rope"] = (table, torch.view_as_real(table))
-        return cached[1]
 
 
     def _ln(self, outer: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
