@@ -7,7 +7,8 @@ At 125M widths (d_model 768, 12 heads, mini-batch 16, batch 1, fp32) it measures
 - prefill: seqzoo ``ttt_linear`` / ``ttt_mlp`` ``forward`` vs ``official_ttt`` (a port of ttt-lm-pytorch's
   algorithm: Python loop over mini-batches, dual form inside) for T in {1024, 4096, 16384}; µs/token,
   the ratio seqzoo / official, and the per-token time at the longest T over the shortest;
-- decode: seqzoo ``step`` per token at positions 64 and 8192 (over one whole mini-batch of steps);
+- decode: seqzoo ``step`` per token at positions 64 and 8192 (over one whole mini-batch of steps, the two
+  positions in turn, 21 repeats);
 - achieved GFLOP/s of the TTT-Linear forward from ``ttt_linear_flops`` (analytic, stated below) as a
   fraction of the fp32 matmul peak measured in the same run (2048² @ 2048², median of repeats);
 - peak memory of prefill (RSS high-water mark above the after-setup baseline, one fresh subprocess per
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from official_ttt import make_official  # noqa: E402
 
-from seqzoo.bench.speed import summarize  # noqa: E402
+from seqzoo.bench import speed  # noqa: E402
 
 HERE = Path(__file__).resolve()
 
@@ -49,6 +50,7 @@ FULL = dict(
     lengths=[1024, 4096, 16384],
     ratio_T=4096,
     decode_positions=[64, 8192],
+    decode_repeats=21,
     train_T=8192,
     train_group=4,
     repeats=3,
@@ -62,6 +64,7 @@ QUICK = dict(
     lengths=[128, 512],
     ratio_T=512,
     decode_positions=[16, 256],
+    decode_repeats=3,
     train_T=512,
     train_group=4,
     repeats=3,
@@ -95,17 +98,9 @@ def set_clock(name: str) -> None:
 
 
 def time_in_turn(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1) -> dict[str, dict]:
-    """Time each function ``repeats`` times after ``warmup`` calls, calling them in turn every round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[name].append(clock() - t0)
-    return {name: summarize(ts) for name, ts in times.items()}
+    """Time each function ``repeats`` times after ``warmup`` calls, calling them in turn every round, on
+    this run's clock."""
+    return speed.time_in_turn(fns, repeats=repeats, warmup=warmup, clock=clock)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
@@ -244,30 +239,49 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
 
 
 def bench_decode(kind: str, cfg: dict, ours) -> list[dict]:
-    """seqzoo ``step`` per token from the state after P tokens, over one whole mini-batch of steps."""
-    rows = []
+    """seqzoo ``step`` per token from the state after P tokens, over one whole mini-batch of steps (one
+    commit of W̄ each); the positions are timed in turn within each repeat, so a slow phase of the
+    machine hits them alike and their ratio holds."""
     steps = cfg["mini_batch_size"]
+    runs = {}
     for P in cfg["decode_positions"]:
-        progress(f"decode ttt_{kind} position {P}")
+        progress(f"decode ttt_{kind} position {P}: prefill")
         x = torch.randn(1, P + steps, cfg["d_model"], generator=torch.Generator().manual_seed(P))
         with torch.no_grad():
             _, state0 = ours(x[:, :P])
 
-            def run(state=state0, tokens=x[:, P:]):
+        def run(state=state0, tokens=x[:, P:]):
+            with torch.no_grad():
                 for t in range(steps):
                     _, state = ours.step(tokens[:, t], state)
 
-            t = time_in_turn({"step": run}, repeats=cfg["repeats"], warmup=1)["step"]
-        rows.append(
-            {
-                "layer": f"ttt_{kind}",
-                "position": P,
-                "steps": steps,
-                "seconds": t,
-                "ms_per_token": 1e3 * t["median"] / steps,
-            }
-        )
-    return rows
+        runs[P] = run
+    # the floor beside them: the step's weight mat-vecs alone (q, k, v, o of one token), which stream
+    # 4·C² floats from memory per token whatever the layer does between them
+    weights = [ours.get_submodule(n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    row = torch.randn(1, cfg["d_model"])
+
+    def matvecs():
+        with torch.no_grad():
+            for _ in range(steps):
+                for w in weights:
+                    torch.nn.functional.linear(row, w)
+
+    runs["matvecs"] = matvecs
+    progress(f"decode ttt_{kind}: {cfg['decode_repeats']} repeats of {steps} steps at each position, in turn")
+    times = time_in_turn(runs, repeats=cfg["decode_repeats"], warmup=2)
+    floor = 1e3 * times.pop("matvecs")["median"] / steps
+    return [
+        {
+            "layer": f"ttt_{kind}",
+            "position": P,
+            "steps": steps,
+            "seconds": t,
+            "ms_per_token": 1e3 * t["median"] / steps,
+            "matvecs_ms_per_token": floor,
+        }
+        for P, t in times.items()
+    ]
 
 
 def memory_probe(spec: dict) -> dict:
@@ -501,9 +515,10 @@ def report(result: dict) -> str:
         )
     if result["decode"]:
         lines.append("")
-        lines.append(f"{'decode':<12}{'position':>9}  {'ms/token':>9}")
+        lines.append(f"{'decode':<12}{'position':>9}  {'ms/token':>9}  {'q/k/v/o mat-vecs alone':>23}")
         for r in result["decode"]:
-            lines.append(f"{r['layer']:<12}{r['position']:>9}  {r['ms_per_token']:>9.3f}")
+            floor = f"{r['matvecs_ms_per_token']:.3f}" if "matvecs_ms_per_token" in r else ""
+            lines.append(f"{r['layer']:<12}{r['position']:>9}  {r['ms_per_token']:>9.3f}  {floor:>23}")
     if result["memory"]:
         lines.append("")
         lines.append(
@@ -580,7 +595,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     parser.add_argument("--json", type=Path, help="write the results as JSON to this path")
-    parser.add_argument("--repeats", type=int, help="timed repeats per measurement (default 3)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per prefill measurement (default 3)")
+    parser.add_argument(
+        "--decode-repeats", type=int, help="timed runs of one mini-batch of steps per decode position (default 21)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths (default 1024 4096 16384)")
     parser.add_argument(
         "--threads", type=int, help="torch.set_num_threads (default: torch's choice; 1 with --quick)"
@@ -610,6 +628,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg["clock"] = args.clock
     if args.repeats:
         cfg["repeats"] = args.repeats
+    if args.decode_repeats:
+        cfg["decode_repeats"] = args.decode_repeats
     if args.lengths:
         cfg["lengths"] = sorted(args.lengths)
         cfg["ratio_T"] = (

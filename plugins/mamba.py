@@ -348,7 +348,7 @@ class Mamba(SequenceLayer):
         params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, own.get("A_log"), own.get("D"))
         Dn, N, K, R = self.d_inner, self.d_state, self.d_conv, self.dt_rank
         shapes = ((Dn, 1, K), (Dn,) if params[1] is not None else None, (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N), (Dn,))
-        if not (native.step_fits(self, x, state) and native.plain(x_proj, dt_proj) and native.usable(*params)
+        if not (native.step_fits(self, x, state) and native.plain(x_proj, dt_proj) and native.plain_float32(*params)
                 and tuple(None if t is None else t.shape for t in params) == shapes):
             return None  # (a missing dt bias, A_log or D fails the shapes)
         conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D = (None if t is None else t.contiguous() for t in params)

@@ -566,17 +566,19 @@ class TTTLayer(HeadProjections):
         rope = lambda t: torch.view_as_real(pairs(t) * rotation).flatten(-2)
         return rope(q), rope(k)
 
-    def _rope_table(self, dtype: torch.dtype, device) -> Tensor:
-        """The b rotations e^{i·p·θ_k} of the positions p inside a mini-batch, (b, d/2) complex, made once
-        per dtype and device by ``apply_rope`` itself (so the numbers are its own)."""
+    def _rope_table(self, dtype: torch.dtype, device, *, pairs: bool = False) -> Tensor:
+        """The b rotations e^{i·p·θ_k} of the positions p inside a mini-batch, (b, d/2) complex, or with
+        ``pairs`` the same memory as (cos, sin) pairs (b, d/2, 2) real; made once per dtype and device by
+        ``apply_rope`` itself (so the numbers are its own)."""
         cache = self.__dict__.setdefault("_rope_tables", {})
         key = (dtype, device, apply_rope, torch.is_inference_mode_enabled())  # an inference tensor serves only there
         if key not in cache:  # apply_rope of the pairs (1, 0) at positions 0..b-1 is (cos, sin)
             basis = torch.zeros(self.mini_batch_size, self.head_dim, dtype=dtype, device=device)
             basis[:, 0::2] = 1.0
             table = apply_rope(basis, torch.arange(self.mini_batch_size, device=device), self.config.rope_theta)
-            cache[key] = torch.view_as_complex(table.unflatten(-1, (-1, 2)).contiguous())
-        return cache[key]
+            real = table.unflatten(-1, (-1, 2)).contiguous()
+            cache[key] = (torch.view_as_complex(real), real)
+        return cache[key][pairs]
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"

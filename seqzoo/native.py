@@ -151,8 +151,17 @@ def usable(*tensors: Tensor | None) -> bool:
     if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None):
         return False
-    f32, plain_types = torch.float32, (Tensor, nn.Parameter)  # no subclass (FakeTensor, DTensor, ...): no memory
-    return all(t is None or (type(t) in plain_types and t.dtype is f32 and t.is_cpu) for t in tensors)
+    return plain_float32(*tensors)
+
+
+_PLAIN_TYPES = (Tensor, nn.Parameter)  # no subclass (FakeTensor, DTensor, ...): those may have no memory
+
+
+def plain_float32(*tensors: Tensor | None) -> bool:
+    """Whether every tensor is None or a plain float32 CPU tensor: ``usable`` without its checks of the
+    context, for a hot path's further tensors once ``usable`` has passed in the same call."""
+    f32 = torch.float32
+    return all(t is None or (type(t) in _PLAIN_TYPES and t.dtype is f32 and t.is_cpu) for t in tensors)
 
 
 def _require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:

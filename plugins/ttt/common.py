@@ -178,7 +178,7 @@ class InnerNormTTT(TTTLayer):
         lr_w, lr_b, token_idx, ln_w, ln_b = params
         shapes = ((H, 1, self.d_model) if lr_w is not None else None, (H, 1) if lr_b is not None else None,
                   (b,) if token_idx is not None else None, (H, d), (H, d))  # (a missing inner norm fails these)
-        if ((lr_w is None) != (lr_b is None) or not native.usable(*params)
+        if ((lr_w is None) != (lr_b is None) or not native.plain_float32(*params)
                 or tuple(None if t is None else t.shape for t in params) != shapes):
             return None
         # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
@@ -189,12 +189,12 @@ class InnerNormTTT(TTTLayer):
         lr_w, lr_b, token_idx, ln_w, ln_b = (None if t is None else t.contiguous() for t in params)
         # everything that does not need the projections first, while the caches still hold what it reads
         # (the projections' weights stream through them)
-        rope = torch.view_as_real(self._rope_table(torch.float32, _CPU)) if self.config.rope else None  # (b, d/2, 2)
+        rope = self._rope_table(torch.float32, _CPU, pairs=True) if self.config.rope else None  # (b, d/2, 2)
         commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
         norm = modules.get("post_norm")  # (None: the layer has none)
         post_w, post_b = (norm._parameters.get("weight"), norm._parameters.get("bias")) if norm is not None else (None, None)
         fuse_norm = (post_w is not None and post_b is not None and native.plain(norm, kind=nn.LayerNorm)
-                     and native.usable(post_w, post_b) and post_w.shape == x.shape[1:] and post_b.shape == x.shape[1:])
+                     and native.plain_float32(post_w, post_b) and post_w.shape == x.shape[1:] and post_b.shape == x.shape[1:])
         post = (post_w.contiguous(), post_b.contiguous(), norm.eps) if fuse_norm else (None, None, 0.0)
         gate = (lr_w, lr_b, self.config.ttt_base_lr / d)
         o_proj = modules["o_proj"]

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "timeit",
+    "time_in_turn",
     "matmul_peak",
     "layer_flops",
     "FLOPS",
@@ -68,6 +69,30 @@ def timeit(
         if max_seconds is not None and spent > max_seconds:
             break
     return summarize(times)
+
+
+def time_in_turn(
+    fns: dict[Any, Callable[[], Any]],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    device="cpu",
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[Any, dict[str, float]]:
+    """``timeit`` for several functions called in turn within each repeat (after ``warmup`` rounds), so
+    a slow phase of a shared machine hits them alike and their ratios hold: {key: summary}."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[Any, list[float]] = {key: [] for key in fns}
+    for _ in range(max(repeats, 1)):
+        for key, fn in fns.items():
+            t0 = clock()
+            fn()
+            _sync(device)
+            times[key].append(clock() - t0)
+    return {key: summarize(ts) for key, ts in times.items()}
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -251,16 +276,25 @@ def bench_model(
         except Exception as exc:  # noqa: BLE001 - one failing length is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         out["prefill"].append(row)
+    # decode: the positions timed in turn within each repeat, so their ratio holds on a busy machine
+    rows, runs = {}, {}
     for P in decode_positions:
-        row = {"position": P}
+        rows[P] = {"position": P}
         try:
             x = make_input(P + 1)
-            run = _decode_timer(module, x[:, :P], x[:, P], decode_steps)
-            t = timeit(run, repeats=repeats, warmup=warmup, device=device, max_seconds=max_seconds)
-            row.update(seconds=t, ms_per_token=1e3 * t["median"] / decode_steps, steps=decode_steps)
+            runs[P] = _decode_timer(module, x[:, :P], x[:, P], decode_steps)
         except Exception as exc:  # noqa: BLE001
-            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-        out["decode"].append(row)
+            rows[P]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if runs:
+        try:
+            times = time_in_turn(runs, repeats=repeats, warmup=warmup, device=device)
+        except Exception as exc:  # noqa: BLE001 - a step that raises is reported for every position
+            for P in runs:
+                rows[P]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            for P, t in times.items():
+                rows[P].update(seconds=t, ms_per_token=1e3 * t["median"] / decode_steps, steps=decode_steps)
+    out["decode"] = list(rows.values())
     return out
 
 

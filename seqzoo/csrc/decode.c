@@ -232,12 +232,12 @@ static inline void ln_l2_grad_row(const float *z, const float *k, const float *v
 }
 
 /* One layer's output after update_and_read: Gb_out = Gb + g and acc ← acc + b − tok·(accG + Gb_out), which is
- * x·(W − tok·G'_W) + (b − tok·G'_b) (N values) */
+ * x·(W − tok·G'_W) + (b − tok·G'_b) (N values); b NULL when acc holds x·W + b already. */
 static inline void token_layer_out(int64_t N, const float *b, const float *Gb, const float *g, float tok,
                                    const float *accG, float *Gb_out, float *acc) {
     for (int64_t j = 0; j < N; j++) {
         Gb_out[j] = Gb[j] + g[j];
-        acc[j] = acc[j] + b[j] - tok * (accG[j] + Gb_out[j]);
+        acc[j] = acc[j] + (b ? b[j] : 0.0f) - tok * (accG[j] + Gb_out[j]);
     }
 }
 
@@ -271,27 +271,40 @@ static inline v16 v_load(const float *p) {
 }
 static inline void v_store(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+/* One 64-column panel (columns p..p+63) of R ≤ 4 rows of out = init + A · M: 4R accumulators held in
+ * registers; each row of M's panel loaded once for 4R multiply-adds. Inlined with R a constant. */
+static inline __attribute__((always_inline)) void matmul_panel(const int R, int64_t K, int64_t N, int64_t p,
+                                                               const float *A, int64_t lda, const float *M,
+                                                               const float *init, float *out) {
+    v16 acc[4][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = init ? v_load(init + p + 16 * c) : (v16){0};
+    for (int64_t k = 0; k < K; k++) {
+        const float *row = M + k * N + p;
+        const v16 m0 = v_load(row), m1 = v_load(row + 16), m2 = v_load(row + 32), m3 = v_load(row + 48);
+        for (int r = 0; r < R; r++) {
+            const float x = A[r * lda + k];
+            acc[r][0] += x * m0, acc[r][1] += x * m1, acc[r][2] += x * m2, acc[r][3] += x * m3;
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) v_store(out + r * N + p + 16 * c, acc[r][c]);
+}
+
 /* out (rows × N, row stride N) = init (a row of N, or 0) + A (rows × K, row stride lda) · M (K × N). */
 static inline void matmul_rows(int64_t rows, int64_t K, int64_t N, const float *A, int64_t lda, const float *M,
                         const float *init, float *out) {
     int64_t i = 0;
     if (N % 64 == 0) {
-        for (; i + 4 <= rows; i += 4) {
-            for (int64_t p = 0; p < N; p += 64) {
-                v16 acc[4][4];
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 4; c++) acc[r][c] = init ? v_load(init + p + 16 * c) : (v16){0};
-                for (int64_t k = 0; k < K; k++) {
-                    const float *row = M + k * N + p;
-                    const v16 m0 = v_load(row), m1 = v_load(row + 16), m2 = v_load(row + 32), m3 = v_load(row + 48);
-                    for (int r = 0; r < 4; r++) {
-                        const float x = A[(i + r) * lda + k];
-                        acc[r][0] += x * m0, acc[r][1] += x * m1, acc[r][2] += x * m2, acc[r][3] += x * m3;
-                    }
-                }
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 4; c++) v_store(out + (i + r) * N + p + 16 * c, acc[r][c]);
-            }
+        for (; i + 4 <= rows; i += 4)
+            for (int64_t p = 0; p < N; p += 64) matmul_panel(4, K, N, p, A + i * lda, lda, M, init, out + i * N);
+        if (i + 2 <= rows) { /* a decode step's (k, q) pair, or the rest of a block */
+            for (int64_t p = 0; p < N; p += 64) matmul_panel(2, K, N, p, A + i * lda, lda, M, init, out + i * N);
+            i += 2;
+        }
+        if (i < rows) {
+            for (int64_t p = 0; p < N; p += 64) matmul_panel(1, K, N, p, A + i * lda, lda, M, init, out + i * N);
+            i++;
         }
     }
     if (N == 16) { /* one vector per row (a mini-batch-wide product), eight rows at a time: eight chains */
@@ -353,19 +366,45 @@ static inline void token_rope(const float *q, const float *k, const float *rope,
     }
 }
 
-/* G_out = G + a ⊗ g (K × N) and, in the same pass over the rows, xW = x·W and xG = x·G_out (N each). */
+/* G_out = G + a ⊗ g (K × N) and, in the same pass over the rows, xG = x·G_out and (unless W is NULL)
+ * xW = x·W (N each). Widths that are multiples of 64 go by 64-column panels whose sums stay in registers. */
 static inline void update_and_read(int64_t K, int64_t N, const float *a, const float *g, const float *x,
                                    const float *W, const float *G, float *G_out, float *xW, float *xG) {
-    for (int64_t j = 0; j < N; j++) xW[j] = 0.0f, xG[j] = 0.0f;
+    int64_t p = 0;
+    for (; p + 64 <= N; p += 64) {
+        const v16 g0 = v_load(g + p), g1 = v_load(g + p + 16), g2 = v_load(g + p + 32), g3 = v_load(g + p + 48);
+        v16 w0 = {0}, w1 = {0}, w2 = {0}, w3 = {0}, c0 = {0}, c1 = {0}, c2 = {0}, c3 = {0};
+        for (int64_t i = 0; i < K; i++) {
+            const float xi = x[i], ai = a[i], *grow = G + i * N + p;
+            float *orow = G_out + i * N + p;
+            const v16 n0 = v_load(grow) + ai * g0, n1 = v_load(grow + 16) + ai * g1;
+            const v16 n2 = v_load(grow + 32) + ai * g2, n3 = v_load(grow + 48) + ai * g3;
+            v_store(orow, n0), v_store(orow + 16, n1), v_store(orow + 32, n2), v_store(orow + 48, n3);
+            c0 += xi * n0, c1 += xi * n1, c2 += xi * n2, c3 += xi * n3;
+            if (W) {
+                const float *row = W + i * N + p;
+                w0 += xi * v_load(row), w1 += xi * v_load(row + 16), w2 += xi * v_load(row + 32);
+                w3 += xi * v_load(row + 48);
+            }
+        }
+        v_store(xG + p, c0), v_store(xG + p + 16, c1), v_store(xG + p + 32, c2), v_store(xG + p + 48, c3);
+        if (W) v_store(xW + p, w0), v_store(xW + p + 16, w1), v_store(xW + p + 32, w2), v_store(xW + p + 48, w3);
+    }
+    if (p == N) return;
+    for (int64_t j = p; j < N; j++) {
+        xG[j] = 0.0f;
+        if (W) xW[j] = 0.0f;
+    }
     for (int64_t i = 0; i < K; i++) {
-        const float xi = x[i], ai = a[i], *row = W + i * N, *grow = G + i * N;
+        const float xi = x[i], ai = a[i], *grow = G + i * N;
         float *orow = G_out + i * N;
-        for (int64_t j = 0; j < N; j++) {
+        for (int64_t j = p; j < N; j++) {
             const float gw = grow[j] + ai * g[j];
             orow[j] = gw;
-            xW[j] += xi * row[j];
             xG[j] += xi * gw;
         }
+        if (W)
+            for (int64_t j = p; j < N; j++) xW[j] += xi * W[i * N + j];
     }
 }
 
@@ -404,7 +443,9 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
                             const float *ln_b, float eps, const float *post_w, const float *post_b,
                             float post_eps, float *Z, float *GW_out, float *Gb_out, float *W_out, float *b_out) {
     if (d > MAX_DIM) return 1;
-    float qr[MAX_DIM], kr[MAX_DIM], acc[MAX_DIM], acc2[MAX_DIM], x_hat[MAX_DIM], g[MAX_DIM];
+    /* k and q as the two rows of kq; kW + b and qW + b as the two rows of out */
+    float kq[2 * MAX_DIM], out[2 * MAX_DIM], accG[MAX_DIM], x_hat[MAX_DIM], g[MAX_DIM];
+    float *kr = kq, *qr = kq + d, *kW = out, *qW = out + d;
     const float tok = token_scale(token_idx, p);
     for (int64_t n = 0; n < N; n++) {
         const int64_t h = n % H;
@@ -412,14 +453,14 @@ int32_t sz_ttt_linear_token(int64_t N, int64_t H, int64_t d, int64_t C, const fl
         const float *Wn = W + n * d * d, *bn = bias + n * d, *Gbn = Gb + n * d;
         const float rate = token_gate(x, lr_w, lr_b, lr_base, n, H, C);
         token_rope(q + n * d, k + n * d, rope, p, d, qr, kr);
-        /* the gradient at the mini-batch-start weights */
-        matmul_rows(1, d, d, kr, d, Wn, bn, acc);
-        ln_l2_grad_row(acc, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g);
-        /* G' and the output's two products in one pass over the rows */
+        /* one pass over W for both products; the gradient at the mini-batch-start weights */
+        matmul_rows(2, d, d, kq, d, Wn, bn, out);
+        ln_l2_grad_row(kW, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g);
+        /* G' and q·G' in one pass over the rows */
         float *GWo = GW_out + n * d * d, *Gbo = Gb_out + n * d;
-        update_and_read(d, d, kr, g, qr, Wn, GW + n * d * d, GWo, acc, acc2);
-        token_layer_out(d, bn, Gbn, g, tok, acc2, Gbo, acc);
-        token_z(d, acc, qr, gamma, beta, eps, x_hat, Z + n * d);
+        update_and_read(d, d, kr, g, qr, NULL, GW + n * d * d, GWo, NULL, accG);
+        token_layer_out(d, NULL, Gbn, g, tok, accG, Gbo, qW);
+        token_z(d, qW, qr, gamma, beta, eps, x_hat, Z + n * d);
         if (W_out) {
             commit_weights(d * d, tok, Wn, GWo, W_out + n * d * d);
             commit_weights(d, tok, bn, Gbo, b_out + n * d);
@@ -714,8 +755,9 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
     const int64_t F = 4 * d;
     float *work = malloc((size_t)(6 * F + 6 * d) * sizeof(float));
     if (!work) return 2;
-    float *Z1 = work, *X2 = Z1 + F, *gp = X2 + F, *g1 = gp + F, *a1 = g1 + F, *a2 = a1 + F;
-    float *qr = a2 + F, *kr = qr + d, *g2 = kr + d, *c1 = g2 + d, *c2 = c1 + d, *x_hat = c2 + d;
+    /* (k, q) and their layer-1 products (kW1 + b1, qW1 + b1) as pairs of rows */
+    float *Z1 = work, *a1 = Z1 + F, *X2 = a1 + F, *gp = X2 + F, *g1 = gp + F, *a2 = g1 + F;
+    float *kr = a2 + F, *qr = kr + d, *g2 = qr + d, *c1 = g2 + d, *c2 = c1 + d, *x_hat = c2 + d;
     const float tok = token_scale(token_idx, p);
     for (int64_t n = 0; n < N; n++) {
         const int64_t h = n % H;
@@ -724,16 +766,16 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
         const float rate = token_gate(x, lr_w, lr_b, lr_base, n, H, C);
         token_rope(q + n * d, k + n * d, rope, p, d, qr, kr);
         /* the inner model's forward and backward on k at the mini-batch-start weights, scaled by the gate */
-        matmul_rows(1, d, F, kr, d, W1n, b1n, Z1);
+        matmul_rows(2, d, F, kr, d, W1n, b1n, Z1);
         gelu_rows(F, Z1, X2, gp);
         matmul_rows(1, F, d, X2, F, W2n, b2n, c1);
         ln_l2_grad_row(c1, kr, v + n * d, gamma, beta, rate, eps, d, x_hat, g2);
         gemv(F, d, W2n, g2, g1);
         for (int64_t f = 0; f < F; f++) g1[f] *= gp[f];
-        /* layer 1: G'_W1, q·W1, q·G'_W1 in one pass; X̄2 */
+        /* layer 1: G'_W1 and q·G'_W1 in one pass (q·W1 + b1 is a1); X̄2 */
         float *GW1o = GW1_out + n * d * F, *Gb1o = Gb1_out + n * F;
-        update_and_read(d, F, kr, g1, qr, W1n, GW1 + n * d * F, GW1o, a1, a2);
-        token_layer_out(F, b1n, Gb1 + n * F, g1, tok, a2, Gb1o, a1);
+        update_and_read(d, F, kr, g1, qr, NULL, GW1 + n * d * F, GW1o, NULL, a2);
+        token_layer_out(F, NULL, Gb1 + n * F, g1, tok, a2, Gb1o, a1);
         gelu_rows(F, a1, Z1, NULL); /* X̄2, in Z1's place */
         /* layer 2: G'_W2, X̄2·W2, X̄2·G'_W2 in one pass; z */
         float *GW2o = GW2_out + n * F * d, *Gb2o = Gb2_out + n * d;
