@@ -136,6 +136,25 @@ def test_ttt_native_step_equals_torch_path(name, config, batch, monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize(
+    "d_model,num_heads",
+    [
+        (128, 2),  # head_dim 64: 64-column panels only
+        (160, 2),  # head_dim 80: a panel and a 16-column rest
+        (96, 2),  # head_dim 48: no whole panel for TTT-Linear (TTT-MLP's 192 hidden: three)
+    ],
+)
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
+def test_ttt_native_step_equals_torch_path_across_head_widths(name, d_model, num_heads, monkeypatch):
+    """The decode kernels' register panels (64 columns, a (k, q) pair of rows) and their scalar rests."""
+    layer, twin = _twins(name, {"backend": "torch"}, d_model=d_model, num_heads=num_heads, mini_batch_size=8)
+    calls = _spy(monkeypatch, f"_{name}_token")
+    with torch.inference_mode():
+        _assert_decode_matches(layer, twin, torch.randn(2, 19, d_model))  # two commits and a partial mini-batch
+    assert len(calls) == 19
+
+
+@needs_native
+@pytest.mark.parametrize(
     "config,batch,length,prefix",
     [
         (dict(d_model=128, num_heads=2), 1, 64, 0),  # head_dim 64: the register-blocked products
