@@ -15,8 +15,9 @@ At 125M widths (d_model 768, 12 heads, mini-batch 16, batch 1, fp32) it measures
   measurement) for each T, and of training (forward + backward) at T = 8192 with and without
   ``scan_checkpoint_group_size``.
 
-Timings are medians of repeats after warm-up, with quartiles; the implementations compared are called
-in turn within each repeat, so load from other processes hits both alike. ``--quick`` runs tiny sizes
+Timings are medians of repeats after warm-up, with quartiles; everything a ratio compares is called in
+turn within each repeat (both implementations at every length; the decode positions), so load from
+other processes and the machine's drift hit both sides alike. ``--quick`` runs tiny sizes
 in seconds (a smoke run; its ratios mean little).
 """
 
@@ -203,23 +204,31 @@ def progress(message: str) -> None:
 
 
 def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> list[dict]:
-    """Prefill time per T for both implementations, called in turn."""
+    """Prefill time per T for both implementations: every (T, implementation) called in turn within each
+    repeat, so that both ratios — seqzoo / official and the per-token time at the longest T / the
+    shortest — hold when the machine's speed drifts during the run."""
     rows = []
     flops_per_token = (ttt_linear_flops if kind == "linear" else ttt_mlp_flops)(
         cfg["d_model"], cfg["num_heads"], cfg["mini_batch_size"]
     )
+    impls = {"official": official} if ours is None else {"official": official, "seqzoo": ours}
+    fns = {}
     for T in cfg["lengths"]:
-        progress(f"prefill ttt_{kind} T={T}")
         x = torch.randn(1, T, cfg["d_model"], generator=torch.Generator().manual_seed(T))
-        fns = {"official": lambda x=x: _forward(official)(x)}
-        if ours is not None:
-            fns["seqzoo"] = lambda x=x: _forward(ours)(x)
-        with torch.no_grad():
-            if ours is not None and T == cfg["lengths"][0]:  # same weights, same function: check once
-                want = _forward(official)(x)
-                err = ((_forward(ours)(x) - want).abs().max() / want.abs().max()).item()
-            res = time_in_turn(fns, repeats=cfg["repeats"], warmup=1)
-        for impl, t in res.items():
+        for impl, module in impls.items():
+            fns[(T, impl)] = lambda x=x, module=module: _forward(module)(x)
+    err = None
+    with torch.no_grad():
+        if ours is not None:  # same weights, same function: checked once, at the shortest T
+            T0 = cfg["lengths"][0]
+            x = torch.randn(1, T0, cfg["d_model"], generator=torch.Generator().manual_seed(T0))
+            want = _forward(official)(x)
+            err = ((_forward(ours)(x) - want).abs().max() / want.abs().max()).item()
+        progress(f"prefill ttt_{kind} T={cfg['lengths']}: {cfg['repeats']} rounds after a warm-up, in turn")
+        res = time_in_turn(fns, repeats=cfg["repeats"], warmup=1)
+    for T in cfg["lengths"]:
+        for impl in impls:
+            t = res[(T, impl)]
             row = {
                 "layer": f"ttt_{kind}",
                 "impl": impl,
@@ -231,8 +240,8 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
             if peak:
                 row["fraction_of_peak"] = row["gflops"] / peak
             rows.append(row)
-        if "seqzoo" in res:
-            rows[-1]["ratio_vs_official"] = res["seqzoo"]["median"] / res["official"]["median"]
+        if ours is not None:
+            rows[-1]["ratio_vs_official"] = res[(T, "seqzoo")]["median"] / res[(T, "official")]["median"]
             if T == cfg["lengths"][0]:
                 rows[-1]["rel_err_vs_official"] = err
     return rows

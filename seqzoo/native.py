@@ -316,15 +316,19 @@ def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | 
         [("k", k, q.shape), ("v", v, q.shape), ("W", W, (Bsz, H, d, d)), ("b", b, (Bsz, H, 1, d)),
          ("GW", GW, (Bsz, H, d, d)), ("Gb", Gb, (Bsz, H, 1, d))],
         ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    return _ttt_linear_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps,
-                             commit, post_w, post_b, post_eps)
+    rows = (Bsz, H * d)
+    Z, GW, Gb, W, b = _ttt_linear_token(q.view(rows), k.view(rows), v.view(rows), x, H, lr_w, lr_b, lr_base, rope,
+                                        token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps, commit, post_w, post_b, post_eps)
+    return Z.view(Bsz, H, d), GW, Gb, W, b
 
 
-def _ttt_linear_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps, commit,
+def _ttt_linear_token(q, k, v, x, H, lr_w, lr_b, lr_base, rope, token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps, commit,
                       post_w, post_b, post_eps):
     """The kernel call of ``ttt_linear_token`` on inputs its caller has checked as ``_token_inputs`` does
-    (shapes, float32 CPU, contiguous, the position inside the tables)."""
-    Bsz, H, d = q.shape
+    (shapes, float32 CPU, contiguous, the position inside the tables), with q, k, v as rows (B, H·d) of
+    H heads; Z comes back as such rows."""
+    Bsz, C = q.shape
+    d = C // H
     ptr = _address
     Z = torch.empty_like(q)
     GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)
@@ -360,16 +364,20 @@ def ttt_mlp_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | Non
         "ttt_mlp_token", q, x, p,
         [("k", k, q.shape), ("v", v, q.shape), *zip(names, W, shapes), *zip(("G" + n for n in names), G, shapes)],
         ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    q, k, v, x = checked[:4]
+    q, k, v = (t.view(Bsz, H * d) for t in checked[:3])
+    x = checked[3]
     ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = checked[12:]
-    return _ttt_mlp_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, checked[4:8], checked[8:12], ln_w, ln_b,
-                          eps, commit, post_w, post_b, post_eps)
+    Z, G_out, W_out = _ttt_mlp_token(q, k, v, x, H, lr_w, lr_b, lr_base, rope, token_idx, p, checked[4:8], checked[8:12],
+                                     ln_w, ln_b, eps, commit, post_w, post_b, post_eps)
+    return Z.view(Bsz, H, d), G_out, W_out
 
 
-def _ttt_mlp_token(q, k, v, x, lr_w, lr_b, lr_base, rope, token_idx, p, W, G, ln_w, ln_b, eps, commit, post_w, post_b,
-                   post_eps):
-    """The kernel call of ``ttt_mlp_token`` on inputs its caller has checked as ``_token_inputs`` does."""
-    Bsz, H, d = q.shape
+def _ttt_mlp_token(q, k, v, x, H, lr_w, lr_b, lr_base, rope, token_idx, p, W, G, ln_w, ln_b, eps, commit, post_w,
+                   post_b, post_eps):
+    """The kernel call of ``ttt_mlp_token`` on inputs its caller has checked as ``_token_inputs`` does, with
+    q, k, v as rows (B, H·d) of H heads; Z comes back as such rows."""
+    Bsz, C = q.shape
+    d = C // H
     ptr = _address
     Z = torch.empty_like(q)
     G_out = [torch.empty_like(t) for t in G]

@@ -129,8 +129,8 @@ class InnerNormTTT(TTTLayer):
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
         """One native call on inputs ``_step_native`` has checked (contiguous, but for the state's tensors;
-        ``post`` = (weight, bias, eps) of the fused post_norm or (None, None, 0.0)): (Z (B, H, d), W̄ by
-        name when ``commit`` else None, G' by name)."""
+        q, k, v rows (B, H·d); ``post`` = (weight, bias, eps) of the fused post_norm or (None, None, 0.0)):
+        (Z (B, H·d), W̄ by name when ``commit`` else None, G' by name)."""
         raise NotImplementedError
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
@@ -161,64 +161,77 @@ class InnerNormTTT(TTTLayer):
         """``step`` through ``_native_token``; None where the native path does not apply, and then the
         torch path validates (naming what is wrong) and runs. Everything the kernel reads is checked
         here, once, without raising: x and the state (``native.step_fits``: what ``check_input``
-        accepts), the state's position, the parameters' shapes, plain float32 CPU tensors and bare modules. (The registries
-        are read directly: nn.Module's attribute fallback costs microseconds per name, per token.)"""
+        accepts), the state's position, the parameters' shapes, plain float32 CPU tensors and bare
+        modules. Written for the hot path: the registries are read directly (nn.Module's attribute
+        fallback costs microseconds per name, per token), no views or generators (after the projections
+        every Python object is a cache miss)."""
         if not native.step_fits(self, x, state):
             return None
-        B, H, d, b = x.shape[0], self.num_heads, self.head_dim, self.mini_batch_size
+        B, C = x.shape
+        H, d, b = self.num_heads, self.head_dim, self.mini_batch_size
         pos, sizes = state["pos"].tolist(), state["mini_batch_size"].tolist()
         p = pos[0] if pos else 0
         if pos.count(p) != B or sizes.count(b) != B or not 0 <= p < b:
             return None
         modules, own = self._modules, self._parameters
-        params = tuple(own.get(n) for n in _NATIVE_STEP_PARAMETERS)  # (lr_w, lr_b, token_idx, ln_w, ln_b)
-        if any(t is None for t in params) and any(  # (`is`: `None in params` would compare tensors with ==)
-                getattr(self, n, None) is not None for n, t in zip(_NATIVE_STEP_PARAMETERS, params) if t is None):
+        lr_w, lr_b, token_idx, ln_w, ln_b = params = (
+            own.get("learnable_ttt_lr_weight"), own.get("learnable_ttt_lr_bias"), own.get("learnable_token_idx"),
+            own.get("ttt_norm_weight"), own.get("ttt_norm_bias"))
+        if (lr_w is None or lr_b is None or token_idx is None) and any(  # (`is`: `None in params` would compare
+                t is None and getattr(self, n, None) is not None for n, t in zip(_NATIVE_STEP_PARAMETERS, params)):
             return None  # not a parameter but something else set under its name: the torch path reads it
-        lr_w, lr_b, token_idx, ln_w, ln_b = params
-        shapes = ((H, 1, self.d_model) if lr_w is not None else None, (H, 1) if lr_b is not None else None,
-                  (b,) if token_idx is not None else None, (H, d), (H, d))  # (a missing inner norm fails these)
-        if ((lr_w is None) != (lr_b is None) or not native.plain_float32(*params)
-                or tuple(None if t is None else t.shape for t in params) != shapes):
+        # the shapes (a missing inner norm fails them), then plain float32 CPU tensors
+        if ((lr_w is None) != (lr_b is None) or ln_w is None or ln_b is None or ln_w.shape != (H, d)
+                or ln_b.shape != (H, d) or (lr_w is not None and (lr_w.shape != (H, 1, C) or lr_b.shape != (H, 1)))
+                or (token_idx is not None and token_idx.shape != (b,)) or not native.plain_float32(*params)):
             return None
         # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
         # path); weights of another dtype than x make F.linear raise, as they do on the torch path
-        projections = tuple(modules[n] for n in (("q_proj", "v_proj") if self.share_qk else ("q_proj", "k_proj", "v_proj")))
-        if not native.plain(*projections):
+        q_proj, v_proj = modules["q_proj"], modules["v_proj"]
+        k_proj = q_proj if self.share_qk else modules["k_proj"]
+        if not native.plain(q_proj, k_proj, v_proj):
             return None
-        lr_w, lr_b, token_idx, ln_w, ln_b = (None if t is None else t.contiguous() for t in params)
         # everything that does not need the projections first, while the caches still hold what it reads
         # (the projections' weights stream through them)
+        ln_w, ln_b = ln_w.contiguous(), ln_b.contiguous()
+        gate = (None, None, self.config.ttt_base_lr / d) if lr_w is None else (
+            lr_w.contiguous(), lr_b.contiguous(), self.config.ttt_base_lr / d)
+        if token_idx is not None:
+            token_idx = token_idx.contiguous()
         rope = self._rope_table(torch.float32, _CPU, pairs=True) if self.config.rope else None  # (b, d/2, 2)
         commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
         norm = modules.get("post_norm")  # (None: the layer has none)
-        post_w, post_b = (norm._parameters.get("weight"), norm._parameters.get("bias")) if norm is not None else (None, None)
-        fuse_norm = (post_w is not None and post_b is not None and native.plain(norm, kind=nn.LayerNorm)
-                     and native.plain_float32(post_w, post_b) and post_w.shape == x.shape[1:] and post_b.shape == x.shape[1:])
+        post_w = post_b = None
+        if norm is not None and native.plain(norm, kind=nn.LayerNorm):
+            post_w, post_b = norm._parameters.get("weight"), norm._parameters.get("bias")
+        fuse_norm = (post_w is not None and post_b is not None and post_w.shape == (C,) and post_b.shape == (C,)
+                     and native.plain_float32(post_w, post_b))
         post = (post_w.contiguous(), post_b.contiguous(), norm.eps) if fuse_norm else (None, None, 0.0)
-        gate = (lr_w, lr_b, self.config.ttt_base_lr / d)
         o_proj = modules["o_proj"]
         bare_output = fuse_norm and not self.use_gate and native.plain(o_proj)
         new_pos = torch.full((B,), (p + 1) % b, dtype=torch.int64, device=x.device)
         if self.share_qk:  # q_proj, then the conv_q / conv_k pair
             q, k, v, new = self._qkv_step(x, state)
-        else:  # what the modules' forward computes, without the module calls
-            q, k, v = (F.linear(x, m.weight, m.bias).view(B, H, d) for m in projections)
+            q, k, v = q.reshape(B, C).contiguous(), k.reshape(B, C).contiguous(), v.reshape(B, C).contiguous()
+        else:  # what the modules' forward computes, without the module calls: rows (B, C), contiguous
+            q = F.linear(x, q_proj.weight, q_proj.bias)
+            k = F.linear(x, k_proj.weight, k_proj.bias)
+            v = F.linear(x, v_proj.weight, v_proj.bias)
             new = {}
-        Z, W_bar, G = self._native_token(q.contiguous(), k.contiguous(), v.contiguous(), x.contiguous(), gate, rope,
-                                         token_idx, p, state, ln_w, ln_b, commit, post)
+        z, W_bar, G = self._native_token(q, k, v, x.contiguous(), gate, rope, token_idx, p, state, ln_w, ln_b, commit,
+                                         post)
         for name in self.inner_names:
-            new[name] = W_bar[name] if commit else state[name]
-            new[f"{name}_grad"] = torch.zeros_like(G[name]) if commit else G[name]
+            if commit:
+                new[name], new[f"{name}_grad"] = W_bar[name], torch.zeros_like(G[name])
+            else:
+                new[name], new[f"{name}_grad"] = state[name], G[name]
         new["pos"] = new_pos
         new["mini_batch_size"] = state["mini_batch_size"]
-        z = Z.view(B, H * d)
         if bare_output:
             return F.linear(z, o_proj.weight, o_proj.bias), new
         if not fuse_norm:
             return self._output(x, z), new
         return o_proj(self._gate(x, z)), new
-
 
     def _ln(self, outer: dict[str, Tensor]) -> tuple[Tensor | None, Tensor | None]:
         """The inner LayerNorm's weight and bias as (B·H, 1, d), or (None, None) without it."""

@@ -243,8 +243,8 @@ class TTTLinear(InnerNormTTT):
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
         Z, GW, Gb, W, b = native._ttt_linear_token(
-            q, k, v, x, *gate, rope, token_idx, p, *(state[n].contiguous() for n in ("W1", "b1", "W1_grad", "b1_grad")),
-            ln_w, ln_b, LN_EPS, commit, *post)
+            q, k, v, x, self.num_heads, *gate, rope, token_idx, p, state["W1"].contiguous(), state["b1"].contiguous(),
+            state["W1_grad"].contiguous(), state["b1_grad"].contiguous(), ln_w, ln_b, LN_EPS, commit, *post)
         return Z, ({"W1": W, "b1": b} if commit else None), {"W1": GW, "b1": Gb}
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):

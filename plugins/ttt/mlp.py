@@ -284,7 +284,7 @@ class TTTMLP(InnerNormTTT):
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
         names = ("W1", "b1", "W2", "b2")
         Z, G, W_bar = native._ttt_mlp_token(
-            q, k, v, x, *gate, rope, token_idx, p, [state[n].contiguous() for n in names],
+            q, k, v, x, self.num_heads, *gate, rope, token_idx, p, [state[n].contiguous() for n in names],
             [state[f"{n}_grad"].contiguous() for n in names], ln_w, ln_b, LN_EPS, commit, *post)
         return Z, (dict(zip(names, W_bar)) if commit else None), dict(zip(names, G))
 
