@@ -62,6 +62,9 @@ class LinearAttentionConfig:
     )
     eps: float = field(default=1e-6, metadata={"help": "added to the denominator when normalize=True"})
     chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the chunked forward"})
+    scan_blocks: int | None = field(default=None, metadata={
+        "help": "chunks per group of the chunked forward, whose per-chunk states are formed together (default: "
+                "GROUP_STATE_ELEMENTS // (batch·heads·d·d), at least 1)"})
     use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
     share_qk: bool = field(
         default=False,
@@ -70,15 +73,42 @@ class LinearAttentionConfig:
     conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
 
 
+#: Elements of one group's per-chunk states (B, H, chunks, d, e) in the chunked forward (4 MiB in float32):
+#: the groups go in order, each starting from the state the previous one ends in, so the buffers stay
+#: the same size (and in cache) however long the sequence; e.g. 21 chunks of 64 tokens at 12 heads of 64.
+GROUP_STATE_ELEMENTS = 2**20
+
+
 def linear_attention_chunked(
-    q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor | None, chunk_size: int, eps: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor | None, chunk_size: int, eps: float = 0.0,
+    blocks: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Causal linear attention on features q, k (B, H, T, d) and values v (B, H, T, e), chunked.
 
     Starting from S0 (B, H, d, e) (and z0 (B, H, d) when normalized, else None), returns y (B, H, T, e),
     S_T and z_T. Inside a chunk: a masked (L × L) matmul; across chunks: the state at each chunk start,
-    an exclusive cumulative sum of the chunks' Σ k vᵀ. Every chunk is computed at once (no loop).
+    an exclusive cumulative sum of the chunks' Σ k vᵀ. The chunks go in groups of ``blocks`` (default:
+    ``GROUP_STATE_ELEMENTS // (B·H·d·e)``, at least 1), every chunk of a group at once, each group from
+    the state the previous one ends in: memory and time per token do not grow with T.
     """
+    B, H, T, d = q.shape
+    e = v.shape[-1]
+    blocks = blocks or max(1, GROUP_STATE_ELEMENTS // max(1, B * H * d * e))
+    group = chunk_size * blocks
+    if T <= group:
+        return _linear_attention_group(q, k, v, S0, z0, chunk_size, eps)
+    ys, S, z = [], S0, z0
+    for start in range(0, T, group):
+        part = slice(start, start + group)
+        y, S, z = _linear_attention_group(q[:, :, part], k[:, :, part], v[:, :, part], S, z, chunk_size, eps)
+        ys.append(y)
+    return torch.cat(ys, dim=2), S, z
+
+
+def _linear_attention_group(
+    q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor | None, chunk_size: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``linear_attention_chunked`` on one group: all its chunks at once."""
     T, L = q.shape[2], chunk_size
     n = -(-T // L)
     pad = n * L - T  # zero features add nothing to S or z; the padded rows are cut off
@@ -124,6 +154,9 @@ class LinearAttention(HeadProjections):
             raise ValueError(f"expected feature_map in {sorted(FEATURE_MAPS)}, got {cfg.feature_map!r}")
         if not isinstance(cfg.chunk_size, int) or isinstance(cfg.chunk_size, bool) or cfg.chunk_size < 1:
             raise ValueError(f"expected chunk_size to be a positive int, got {cfg.chunk_size!r}")
+        if cfg.scan_blocks is not None and (
+                not isinstance(cfg.scan_blocks, int) or isinstance(cfg.scan_blocks, bool) or cfg.scan_blocks < 1):
+            raise ValueError(f"expected scan_blocks to be None or a positive int, got {cfg.scan_blocks!r}")
         if cfg.normalize and not cfg.eps >= 0:
             raise ValueError(f"expected eps >= 0, got {cfg.eps!r}")
         self.phi = FEATURE_MAPS[cfg.feature_map]
@@ -162,7 +195,8 @@ class LinearAttention(HeadProjections):
         q, k, v, new = self._qkv(x, state)
         z0 = state["z"] if self.config.normalize else None
         y, S, z = linear_attention_chunked(
-            self.phi(q), self.phi(k), v, state["S"], z0, self.config.chunk_size, self.config.eps
+            self.phi(q), self.phi(k), v, state["S"], z0, self.config.chunk_size, self.config.eps,
+            self.config.scan_blocks,
         )
         # copies: S and z are slices of the per-chunk buffers, which the state must not keep alive
         new["S"] = S.clone(memory_format=torch.contiguous_format)

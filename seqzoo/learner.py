@@ -578,7 +578,8 @@ class TTTLayer(HeadProjections):
             table = apply_rope(basis, torch.arange(self.mini_batch_size, device=device), self.config.rope_theta)
             real = table.unflatten(-1, (-1, 2)).contiguous()
             cache[key] = (torch.view_as_complex(real), real)
-        return cache[key][pairs]
+        rotations, cos_sin = cache[key]
+        return cos_sin if pairs else rotations
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"

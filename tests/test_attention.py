@@ -137,6 +137,46 @@ def test_linear_attention_chunked_equals_quadratic(config, T):
         assert_close(y, ref_linear_attention(layer, x), 1e-10, f"chunked vs quadratic, T={T}")
 
 
+@pytest.mark.parametrize("config", [LA_VARIANTS[0], LA_VARIANTS[1]], ids=str)
+@pytest.mark.parametrize(("chunk_size", "scan_blocks", "T"), [(4, 1, 37), (4, 2, 37), (8, 3, 200), (16, 2, 64)])
+def test_linear_attention_chunk_groups_equal_quadratic(config, chunk_size, scan_blocks, T):
+    """The chunks in groups of scan_blocks, each group from the state the previous one ends in (whole and
+    partial groups, a partial last chunk), continuing from a given state: the same outputs and state."""
+    layer = make_layer("linear_attention", chunk_size=chunk_size, scan_blocks=scan_blocks, **config)
+    whole = make_layer("linear_attention", chunk_size=chunk_size, **config)
+    whole.load_state_dict(layer.state_dict())
+    x = torch.randn(2, T, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        assert_close(y, ref_linear_attention(layer, x), 1e-10, f"groups of {scan_blocks} chunks vs quadratic")
+        _, prefix = layer(x[:, :5])
+        y_rest, state_rest = layer(x[:, 5:], prefix)
+        y_whole, state_whole = whole(x[:, 5:], prefix)
+    assert_close(y_rest, y[:, 5:], 1e-10, "continued from a state")
+    for key in state:
+        assert_close(state_rest[key], state[key], 1e-10, f"state {key}")
+        assert_close(state_whole[key], state[key], 1e-10, f"state {key}, one group")
+    assert_close(y_whole, y_rest, 1e-10, "one group vs groups")
+
+
+def test_linear_attention_groups_bound_the_chunk_states(monkeypatch):
+    """The per-chunk states are formed one group at a time: (B, H, scan_blocks (+1), d, e), never for all of T."""
+    from seqzoo_plugins import attention
+
+    seen = []
+    inner = attention._linear_attention_group
+
+    def spy(q, *args):
+        seen.append(q.shape[2])
+        return inner(q, *args)
+
+    monkeypatch.setattr(attention, "_linear_attention_group", spy)
+    layer = make_layer("linear_attention", chunk_size=8, scan_blocks=4)
+    with torch.no_grad():
+        layer(torch.randn(1, 100, 32, dtype=torch.float64))
+    assert seen == [32, 32, 32, 4]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 500])
 def test_linear_attention_chunk_size_does_not_matter(chunk_size):
     layer = make_layer("linear_attention", chunk_size=chunk_size)
@@ -222,6 +262,7 @@ def test_state_sizes():
         ("linear_attention", {"feature_map": "relu"}, ("feature_map", "relu", "elu+1")),
         ("self_attention", {"num_heads": 32}, ("even head_dim", "1")),
         ("linear_attention", {"chunk_size": 0}, ("chunk_size",)),
+        ("linear_attention", {"scan_blocks": 0}, ("scan_blocks", "positive")),
         ("self_attention", {"num_heads": 0}, ("num_heads",)),
     ],
 )
