@@ -344,23 +344,29 @@ class Mamba(SequenceLayer):
         fallback costs microseconds per name, per token.)"""
         modules, own = self._modules, self._parameters
         x_proj, dt_proj, conv, in_proj, out_proj = (
-            modules[n] for n in ("x_proj", "dt_proj", "conv1d", "in_proj", "out_proj"))
-        params = (conv.weight, conv.bias, x_proj.weight, dt_proj.weight, dt_proj.bias, own.get("A_log"), own.get("D"))
+            modules["x_proj"], modules["dt_proj"], modules["conv1d"], modules["in_proj"], modules["out_proj"])
+        if not (native.step_fits(self, x, state) and native.plain(x_proj, dt_proj)):
+            return None
+        xp, dp = x_proj._parameters, dt_proj._parameters  # (plain: weight and bias registered)
+        params = (conv.weight, conv.bias, xp["weight"], dp["weight"], dp["bias"], own.get("A_log"), own.get("D"))
         Dn, N, K, R = self.d_inner, self.d_state, self.d_conv, self.dt_rank
         shapes = ((Dn, 1, K), (Dn,) if params[1] is not None else None, (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N), (Dn,))
-        if not (native.step_fits(self, x, state) and native.plain(x_proj, dt_proj) and native.plain_float32(*params)
-                and tuple(None if t is None else t.shape for t in params) == shapes):
+        if not native.plain_float32(*params) or tuple(None if t is None else t.shape for t in params) != shapes:
             return None  # (a missing dt bias, A_log or D fails the shapes)
         conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D = (None if t is None else t.contiguous() for t in params)
         conv_state, h = state["conv_state"].contiguous(), state["ssm_state"].contiguous()
         # bare nn.Linear modules: what their forward computes, without the module calls
         plain = native.plain(in_proj, out_proj) and modules.get("g_proj") is None
-        xz = F.linear(x, in_proj.weight, in_proj.bias) if plain else in_proj(x)  # called once, hooks and all
+        if plain:
+            xz = F.linear(x, in_proj._parameters["weight"], in_proj._parameters["bias"])
+        else:
+            xz = in_proj(x)  # called once, hooks and all
         if xz.shape != (x.shape[0], 2 * Dn):
             raise ValueError(f"Mamba: expected in_proj to give (B, 2·d_inner) = {(x.shape[0], 2 * Dn)}, got "
                              f"{tuple(xz.shape)}")
         y, conv_state, h = native._mamba_step(xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
-        out = F.linear(y, out_proj.weight, out_proj.bias) if plain else self._output_gate_only(y, x)
+        out = F.linear(y, out_proj._parameters["weight"], out_proj._parameters["bias"]) if plain else (
+            self._output_gate_only(y, x))
         return out, {"conv_state": conv_state, "ssm_state": h}
 
     def _A(self, ctype: torch.dtype) -> Tensor:

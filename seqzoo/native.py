@@ -161,7 +161,10 @@ def plain_float32(*tensors: Tensor | None) -> bool:
     """Whether every tensor is None or a plain float32 CPU tensor: ``usable`` without its checks of the
     context, for a hot path's further tensors once ``usable`` has passed in the same call."""
     f32 = torch.float32
-    return all(t is None or (type(t) in _PLAIN_TYPES and t.dtype is f32 and t.is_cpu) for t in tensors)
+    for t in tensors:  # (a loop, not all() over a generator: this runs per token)
+        if t is not None and (type(t) not in _PLAIN_TYPES or t.dtype is not f32 or not t.is_cpu):
+            return False
+    return True
 
 
 def _require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:
@@ -185,10 +188,17 @@ def keeps_methods(cls: type, reference: type, names: tuple[str, ...]) -> bool:
 
 
 def plain(*modules: nn.Module, kind: type = nn.Linear) -> bool:
-    """Whether these are bare ``kind`` modules (``nn.Linear``, ``nn.LayerNorm``) no hook watches, so a
-    kernel may read their parameters instead of calling them (a hooked or wrapped module must be called)."""
-    hooks = module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-    return not hooks and all(type(m) is kind and not m._forward_hooks and not m._forward_pre_hooks for m in modules)
+    """Whether these are bare ``kind`` modules (``nn.Linear``, ``nn.LayerNorm``) no hook watches, with their
+    ``weight`` and ``bias`` registered (either may be None), so a kernel may read ``_parameters`` instead
+    of calling them (a hooked or wrapped module must be called, and a deleted parameter raise there)."""
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    for m in modules:
+        params = m._parameters
+        if (type(m) is not kind or m._forward_hooks or m._forward_pre_hooks or "weight" not in params
+                or "bias" not in params):
+            return False
+    return True
 
 
 def step_fits(layer: nn.Module, x, state) -> bool:

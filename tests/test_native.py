@@ -328,6 +328,26 @@ def test_step_fits_is_what_check_input_accepts_for_float32_cpu(name):
 
 
 @needs_native
+@pytest.mark.parametrize(("name", "proj", "kernel_calls"), [
+    ("mamba", "x_proj", 0), ("mamba", "in_proj", 0), ("ttt_linear", "q_proj", 0),
+    ("ttt_linear", "o_proj", 1),  # (o_proj is called after the kernel)
+])
+def test_a_projection_without_its_bias_gets_the_torch_path(name, proj, kernel_calls, monkeypatch):
+    """The native step reads the projections' registered weight and bias; with one deleted it steps aside
+    and the torch path raises what calling the module raises."""
+    layer = seqzoo.create_layer(name, d_model=32, **({} if name == "mamba" else {"num_heads": 2})).eval()
+    calls = _spy(monkeypatch, "_mamba_step" if name == "mamba" else "_ttt_linear_token")
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        layer.step(x, layer.init_state(2))
+        assert len(calls) == 1
+        del getattr(layer, proj).bias
+        with pytest.raises(AttributeError, match="bias"):
+            layer.step(x, layer.init_state(2))
+    assert len(calls) == 1 + kernel_calls
+
+
+@needs_native
 @pytest.mark.parametrize("name", ["mamba", "ttt_linear"])
 def test_native_step_honours_an_overridden_state_check(name, monkeypatch):
     """The native step stands in for check_input / check_state: a subclass that overrides one gets the

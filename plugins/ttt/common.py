@@ -214,9 +214,9 @@ class InnerNormTTT(TTTLayer):
             q, k, v, new = self._qkv_step(x, state)
             q, k, v = q.reshape(B, C).contiguous(), k.reshape(B, C).contiguous(), v.reshape(B, C).contiguous()
         else:  # what the modules' forward computes, without the module calls: rows (B, C), contiguous
-            q = F.linear(x, q_proj.weight, q_proj.bias)
-            k = F.linear(x, k_proj.weight, k_proj.bias)
-            v = F.linear(x, v_proj.weight, v_proj.bias)
+            q = F.linear(x, q_proj._parameters["weight"], q_proj._parameters["bias"])
+            k = F.linear(x, k_proj._parameters["weight"], k_proj._parameters["bias"])
+            v = F.linear(x, v_proj._parameters["weight"], v_proj._parameters["bias"])
             new = {}
         z, W_bar, G = self._native_token(q, k, v, x.contiguous(), gate, rope, token_idx, p, state, ln_w, ln_b, commit,
                                          post)
@@ -228,7 +228,7 @@ class InnerNormTTT(TTTLayer):
         new["pos"] = new_pos
         new["mini_batch_size"] = state["mini_batch_size"]
         if bare_output:
-            return F.linear(z, o_proj.weight, o_proj.bias), new
+            return F.linear(z, o_proj._parameters["weight"], o_proj._parameters["bias"]), new
         if not fuse_norm:
             return self._output(x, z), new
         return o_proj(self._gate(x, z)), new
