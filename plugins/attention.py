@@ -63,8 +63,8 @@ class LinearAttentionConfig:
     eps: float = field(default=1e-6, metadata={"help": "added to the denominator when normalize=True"})
     chunk_size: int = field(default=64, metadata={"help": "tokens per chunk of the chunked forward"})
     scan_blocks: int | None = field(default=None, metadata={
-        "help": "chunks per group of the chunked forward, whose per-chunk states are formed together (default: "
-                "GROUP_STATE_ELEMENTS // (batch·heads·d·d), at least 1)"})
+        "help": "chunks per group (and segment) of the chunked forward, whose per-chunk states are formed "
+                "together (default: GROUP_STATE_ELEMENTS // (batch·heads·d·d), at least 1)"})
     use_gate: bool = field(default=False, metadata={"help": "output o_proj(gelu_tanh(g_proj(x)) * y)"})
     share_qk: bool = field(
         default=False,
@@ -191,17 +191,35 @@ class LinearAttention(HeadProjections):
         return self.o_proj(self._gate(x, y)), new
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """The chunked form, segment by segment: each segment one group of chunks (see
+        ``linear_attention_chunked``) through the projections, φ, the chunks and ``o_proj``, from the
+        state the previous segment ends in, so every activation of a segment stays in cache and the time
+        per token does not grow with T."""
         state = self.check_input(x, state)
+        B, T = x.shape[:2]
+        H, d = self.num_heads, self.head_dim
+        blocks = self.config.scan_blocks or max(1, GROUP_STATE_ELEMENTS // (B * H * d * d))
+        segment = self.config.chunk_size * blocks
+        ys = []
+        for start in range(0, max(T, 1), segment):
+            y, state = self._forward_segment(x[:, start:start + segment], state)
+            ys.append(y)
+        # copies: S and z are slices of the per-chunk buffers, which the state must not keep alive
+        state["S"] = state["S"].clone(memory_format=torch.contiguous_format)
+        if "z" in state:
+            state["z"] = state["z"].clone(memory_format=torch.contiguous_format)
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
+
+    def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """forward over x (B, T, C) from ``state`` (checked); the new state's S and z may be views."""
         q, k, v, new = self._qkv(x, state)
         z0 = state["z"] if self.config.normalize else None
-        y, S, z = linear_attention_chunked(
+        y, new["S"], z = linear_attention_chunked(
             self.phi(q), self.phi(k), v, state["S"], z0, self.config.chunk_size, self.config.eps,
             self.config.scan_blocks,
         )
-        # copies: S and z are slices of the per-chunk buffers, which the state must not keep alive
-        new["S"] = S.clone(memory_format=torch.contiguous_format)
         if z is not None:
-            new["z"] = z.clone(memory_format=torch.contiguous_format)
+            new["z"] = z
         return self.o_proj(self._gate(x, rearrange(y, "b h t e -> b t (h e)"))), new
 
 

@@ -137,8 +137,10 @@ def test_linear_attention_chunked_equals_quadratic(config, T):
         assert_close(y, ref_linear_attention(layer, x), 1e-10, f"chunked vs quadratic, T={T}")
 
 
-@pytest.mark.parametrize("config", [LA_VARIANTS[0], LA_VARIANTS[1]], ids=str)
-@pytest.mark.parametrize(("chunk_size", "scan_blocks", "T"), [(4, 1, 37), (4, 2, 37), (8, 3, 200), (16, 2, 64)])
+@pytest.mark.parametrize("config", [LA_VARIANTS[0], LA_VARIANTS[1], LA_VARIANTS[3]], ids=str)
+@pytest.mark.parametrize(
+    ("chunk_size", "scan_blocks", "T"), [(4, 1, 37), (4, 2, 37), (8, 3, 200), (16, 2, 64)]
+)
 def test_linear_attention_chunk_groups_equal_quadratic(config, chunk_size, scan_blocks, T):
     """The chunks in groups of scan_blocks, each group from the state the previous one ends in (whole and
     partial groups, a partial last chunk), continuing from a given state: the same outputs and state."""
@@ -160,7 +162,8 @@ def test_linear_attention_chunk_groups_equal_quadratic(config, chunk_size, scan_
 
 
 def test_linear_attention_groups_bound_the_chunk_states(monkeypatch):
-    """The per-chunk states are formed one group at a time: (B, H, scan_blocks (+1), d, e), never for all of T."""
+    """The per-chunk states are formed one group at a time, (B, H, scan_blocks (+1), d, e), never for all
+    of T; forward goes segment by segment, a group each."""
     from seqzoo_plugins import attention
 
     seen = []
