@@ -87,13 +87,19 @@ def linear_attention_chunked(
 
     Starting from S0 (B, H, d, e) (and z0 (B, H, d) when normalized, else None), returns y (B, H, T, e),
     S_T and z_T. Inside a chunk: a masked (L × L) matmul; across chunks: the state at each chunk start,
-    an exclusive cumulative sum of the chunks' Σ k vᵀ. The chunks go in groups of ``blocks`` (default:
-    ``GROUP_STATE_ELEMENTS // (B·H·d·e)``, at least 1), every chunk of a group at once, each group from
-    the state the previous one ends in: memory and time per token do not grow with T.
+    an exclusive cumulative sum of the chunks' Σ k vᵀ. The chunks go in groups of ``blocks`` (default: on
+    the CPU ``GROUP_STATE_ELEMENTS // (B·H·d·e)``, at least 1; elsewhere all of them), every chunk of a
+    group at once, each group from the state the previous one ends in: memory and time per token do not
+    grow with T.
     """
     B, H, T, d = q.shape
     e = v.shape[-1]
-    blocks = blocks or max(1, GROUP_STATE_ELEMENTS // max(1, B * H * d * e))
+    if blocks is not None and blocks < 1:
+        raise ValueError(f"linear_attention_chunked: expected blocks to be None or at least 1, got {blocks}")
+    if blocks is None and q.device.type == "cpu":
+        blocks = max(1, GROUP_STATE_ELEMENTS // max(1, B * H * d * e))
+    elif blocks is None:
+        blocks = max(1, -(-T // chunk_size))
     group = chunk_size * blocks
     if T <= group:
         return _linear_attention_group(q, k, v, S0, z0, chunk_size, eps)
@@ -192,14 +198,19 @@ class LinearAttention(HeadProjections):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """The chunked form, segment by segment: each segment one group of chunks (see
-        ``linear_attention_chunked``) through the projections, φ, the chunks and ``o_proj``, from the
-        state the previous segment ends in, so every activation of a segment stays in cache and the time
-        per token does not grow with T."""
+        ``linear_attention_chunked``; on the CPU by default, or ``scan_blocks`` chunks anywhere) through the
+        projections, φ, the chunks and ``o_proj``, from the state the previous segment ends in, so every
+        activation of a segment stays in cache and the time per token does not grow with T. (Forward
+        hooks on the projections therefore run once per segment.)"""
         state = self.check_input(x, state)
         B, T = x.shape[:2]
         H, d = self.num_heads, self.head_dim
-        blocks = self.config.scan_blocks or max(1, GROUP_STATE_ELEMENTS // (B * H * d * d))
-        segment = self.config.chunk_size * blocks
+        if self.config.scan_blocks is not None:
+            segment = self.config.chunk_size * self.config.scan_blocks
+        elif x.device.type == "cpu":  # cache-sized segments; elsewhere (GPU) one launch sequence for all of T
+            segment = self.config.chunk_size * max(1, GROUP_STATE_ELEMENTS // max(1, B * H * d * d))
+        else:
+            segment = max(T, 1)
         ys = []
         for start in range(0, max(T, 1), segment):
             y, state = self._forward_segment(x[:, start:start + segment], state)

@@ -161,6 +161,20 @@ def test_linear_attention_chunk_groups_equal_quadratic(config, chunk_size, scan_
     assert_close(y_whole, y_rest, 1e-10, "one group vs groups")
 
 
+def test_linear_attention_chunked_refuses_empty_groups():
+    from seqzoo_plugins.attention import linear_attention_chunked
+
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="blocks"):
+        linear_attention_chunked(q, q, q, torch.zeros(1, 2, 4, 4), None, 4, blocks=0)
+
+
+def test_linear_attention_empty_batch():
+    layer = make_layer("linear_attention")
+    y, state = layer(torch.randn(0, 70, 32, dtype=torch.float64))
+    assert y.shape == (0, 70, 32) and state["S"].shape[0] == 0
+
+
 def test_linear_attention_groups_bound_the_chunk_states(monkeypatch):
     """The per-chunk states are formed one group at a time, (B, H, scan_blocks (+1), d, e), never for all
     of T; forward goes segment by segment, a group each."""

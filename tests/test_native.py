@@ -328,6 +328,20 @@ def test_step_fits_is_what_check_input_accepts_for_float32_cpu(name):
 
 
 @needs_native
+@pytest.mark.parametrize(("name", "proj", "width"), [("ttt_linear", "q_proj", 64), ("ttt_linear", "k_proj", 16),
+                                                     ("ttt_linear", "k_proj", 64), ("ttt_mlp", "v_proj", 16)])
+def test_a_projection_of_another_width_never_reaches_a_kernel(name, proj, width, monkeypatch):
+    """The kernel reads H·d values per row of q, k and v: a projection with another number of outputs gets
+    the torch path, which raises (instead of a kernel reading or writing past the state's memory)."""
+    layer = seqzoo.create_layer(name, d_model=32, num_heads=2).eval()
+    setattr(layer, proj, torch.nn.Linear(32, width, bias=False))
+    calls = _spy(monkeypatch, f"_{name}_token")
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer.step(torch.randn(2, 32), layer.init_state(2))
+    assert not calls
+
+
+@needs_native
 @pytest.mark.parametrize(("name", "proj", "kernel_calls"), [
     ("mamba", "x_proj", 0), ("mamba", "in_proj", 0), ("ttt_linear", "q_proj", 0),
     ("ttt_linear", "o_proj", 1),  # (o_proj is called after the kernel)

@@ -186,11 +186,16 @@ class InnerNormTTT(TTTLayer):
                 or (token_idx is not None and token_idx.shape != (b,)) or not native.plain_float32(*params)):
             return None
         # bare nn.Linear projections without hooks (a hooked one must be called, and only once: the torch
-        # path); weights of another dtype than x make F.linear raise, as they do on the torch path
+        # path), of C outputs each: the kernel reads H·d values per row of q, k and v (weights of another
+        # dtype than x make F.linear raise, as they do on the torch path)
         q_proj, v_proj = modules["q_proj"], modules["v_proj"]
         k_proj = q_proj if self.share_qk else modules["k_proj"]
         if not native.plain(q_proj, k_proj, v_proj):
             return None
+        for proj in (q_proj, k_proj, v_proj):
+            weight = proj._parameters["weight"]
+            if weight is None or weight.shape != (C, C):
+                return None
         # everything that does not need the projections first, while the caches still hold what it reads
         # (the projections' weights stream through them)
         ln_w, ln_b = ln_w.contiguous(), ln_b.contiguous()

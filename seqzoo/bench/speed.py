@@ -78,20 +78,26 @@ def time_in_turn(
     warmup: int = 1,
     device="cpu",
     clock: Callable[[], float] = time.perf_counter,
+    max_seconds: float | None = None,
 ) -> dict[Any, dict[str, float]]:
     """``timeit`` for several functions called in turn within each repeat (after ``warmup`` rounds), so
-    a slow phase of a shared machine hits them alike and their ratios hold: {key: summary}."""
+    a slow phase of a shared machine hits them alike and their ratios hold: {key: summary}. With
+    ``max_seconds``, stops after the round in which that much time was spent (at least one round)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: dict[Any, list[float]] = {key: [] for key in fns}
+    spent = 0.0
     for _ in range(max(repeats, 1)):
         for key, fn in fns.items():
             t0 = clock()
             fn()
             _sync(device)
             times[key].append(clock() - t0)
+            spent += times[key][-1]
+        if max_seconds is not None and spent > max_seconds:
+            break
     return {key: summarize(ts) for key, ts in times.items()}
 
 
@@ -277,24 +283,24 @@ def bench_model(
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         out["prefill"].append(row)
     # decode: the positions timed in turn within each repeat, so their ratio holds on a busy machine
-    rows, runs = {}, {}
-    for P in decode_positions:
-        rows[P] = {"position": P}
+    rows = [{"position": P} for P in decode_positions]
+    runs = {}
+    for i, P in enumerate(decode_positions):
         try:
             x = make_input(P + 1)
-            runs[P] = _decode_timer(module, x[:, :P], x[:, P], decode_steps)
+            runs[i] = _decode_timer(module, x[:, :P], x[:, P], decode_steps)
         except Exception as exc:  # noqa: BLE001
-            rows[P]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            rows[i]["error"] = f"{type(exc).__name__}: {exc}"[:300]
     if runs:
         try:
-            times = time_in_turn(runs, repeats=repeats, warmup=warmup, device=device)
-        except Exception as exc:  # noqa: BLE001 - a step that raises is reported for every position
-            for P in runs:
-                rows[P]["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            times = time_in_turn(runs, repeats=repeats, warmup=warmup, device=device, max_seconds=max_seconds)
+        except Exception as exc:  # noqa: BLE001 - a step that raises is reported for every position timed
+            for i in runs:
+                rows[i]["error"] = f"{type(exc).__name__}: {exc}"[:300]
         else:
-            for P, t in times.items():
-                rows[P].update(seconds=t, ms_per_token=1e3 * t["median"] / decode_steps, steps=decode_steps)
-    out["decode"] = list(rows.values())
+            for i, t in times.items():
+                rows[i].update(seconds=t, ms_per_token=1e3 * t["median"] / decode_steps, steps=decode_steps)
+    out["decode"] = rows
     return out
 
 
