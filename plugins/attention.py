@@ -79,6 +79,17 @@ class LinearAttentionConfig:
 GROUP_STATE_ELEMENTS = 2**20
 
 
+def _chunks_per_group(per_chunk: int, T: int, chunk_size: int, device, blocks: int | None) -> int:
+    """Chunks per group of the chunked form for per-chunk states of ``per_chunk`` elements (B·H·d·e):
+    ``blocks``, else on the CPU as many as keep a group's states at ``GROUP_STATE_ELEMENTS`` (at least
+    1), elsewhere all of T's (one group)."""
+    if blocks is not None:
+        return blocks
+    if torch.device(device).type == "cpu":
+        return max(1, GROUP_STATE_ELEMENTS // max(1, per_chunk))
+    return max(1, -(-T // chunk_size))
+
+
 def linear_attention_chunked(
     q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor | None, chunk_size: int, eps: float = 0.0,
     blocks: int | None = None,
@@ -96,11 +107,7 @@ def linear_attention_chunked(
     e = v.shape[-1]
     if blocks is not None and blocks < 1:
         raise ValueError(f"linear_attention_chunked: expected blocks to be None or at least 1, got {blocks}")
-    if blocks is None and q.device.type == "cpu":
-        blocks = max(1, GROUP_STATE_ELEMENTS // max(1, B * H * d * e))
-    elif blocks is None:
-        blocks = max(1, -(-T // chunk_size))
-    group = chunk_size * blocks
+    group = chunk_size * _chunks_per_group(B * H * d * e, T, chunk_size, q.device, blocks)
     if T <= group:
         return _linear_attention_group(q, k, v, S0, z0, chunk_size, eps)
     ys, S, z = [], S0, z0
@@ -204,13 +211,9 @@ class LinearAttention(HeadProjections):
         hooks on the projections therefore run once per segment.)"""
         state = self.check_input(x, state)
         B, T = x.shape[:2]
-        H, d = self.num_heads, self.head_dim
-        if self.config.scan_blocks is not None:
-            segment = self.config.chunk_size * self.config.scan_blocks
-        elif x.device.type == "cpu":  # cache-sized segments; elsewhere (GPU) one launch sequence for all of T
-            segment = self.config.chunk_size * max(1, GROUP_STATE_ELEMENTS // max(1, B * H * d * d))
-        else:
-            segment = max(T, 1)
+        H, d, L = self.num_heads, self.head_dim, self.config.chunk_size
+        # cache-sized segments on the CPU; elsewhere (GPU) one launch sequence for all of T
+        segment = L * _chunks_per_group(B * H * d * d, T, L, x.device, self.config.scan_blocks)
         ys = []
         for start in range(0, max(T, 1), segment):
             y, state = self._forward_segment(x[:, start:start + segment], state)
