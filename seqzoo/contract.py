@@ -105,7 +105,7 @@ class SequenceLayer(nn.Module):
                     f"{name}: expected state[{key!r}] of dtype {want.dtype} to go with x of dtype "
                     f"{dtype}, got {got.dtype}"
                 )
-            if not got.is_cpu if on_cpu else got.device != device:
+            if (not got.is_cpu) if on_cpu else (got.device != device):
                 raise ValueError(
                     f"{name}: state[{key!r}] is on {got.device} but x is on {device}; move both to one device"
                 )

@@ -236,16 +236,13 @@ def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b
     want = ((Bsz, 2 * Dn), (Bsz, Dn, W), (Bsz, Dn, N), (Dn, 1, K), (Dn,), (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N),
             (Dn,))
     got = tuple(None if t is None else t.shape for t in tensors)
-    # one comparison on the hot path; the message is built only when it fails
+    names = ("xz", "conv_state", "h", "conv_w", "conv_b", "x_proj_w", "dt_w", "dt_b", "A_log", "D")
     if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or K < 1 or W < max(K - 1, 1) or (
             dt_b is None):
-        names = ("xz", "conv_state", "h", "conv_w", "conv_b", "x_proj_w", "dt_w", "dt_b", "A_log", "D")
         raise ValueError("mamba_step: inconsistent shapes " + ", ".join(
             f"{n} {tuple(g)}" for n, g in zip(names, got) if g is not None)
             + f" (a conv of K >= 1 taps, a conv state of W >= {max(K - 1, 1)}, a dt bias)")
-    if not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
-        _require_float32_cpu("mamba_step", dict(xz=xz, conv_state=conv_state, h=h, conv_w=conv_w, conv_b=conv_b,
-                                                x_proj_w=x_proj_w, dt_w=dt_w, dt_b=dt_b, A_log=A_log, D=D))
+    _require_float32_cpu("mamba_step", dict(zip(names, tensors)))
     # every pointer below is of a tensor bound to a name here, alive until the call returns
     return _mamba_step(xz, *(None if t is None else t.contiguous() for t in tensors[1:]))
 
@@ -280,8 +277,7 @@ def _token_inputs(name: str, q: Tensor, x: Tensor, p: int, named: list[tuple[str
                   ln_b: Tensor, lr_w, lr_b, rope, token_idx, post_w, post_b) -> list[Tensor | None]:
     """Validate a TTT decode kernel's inputs: q (B, H, d), x (B, C), the named (tensor, shape) pairs (k
     and v first, then the weights), and the per-head / optional ones. Returns, contiguous (None stays
-    None): q, k, v, x, the weights, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b. One
-    comparison on the hot path; the messages are built only when it fails."""
+    None): q, k, v, x, the weights, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b."""
     Bsz, H, d = q.shape
     C = x.shape[-1]
     n_rope = rope.shape[0] if rope is not None else 0
@@ -299,9 +295,7 @@ def _token_inputs(name: str, q: Tensor, x: Tensor, p: int, named: list[tuple[str
                          f"(expected {expected}), position {p}")
     if d > MAX_DIM or (rope is not None and d % 2):
         raise ValueError(f"{name}: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
-    if not (q.dtype is torch.float32 and q.is_cpu) or not all(
-            t is None or (t.dtype is torch.float32 and t.is_cpu) for t in tensors):
-        _require_float32_cpu(name, {"q": q, **dict(zip(labels, tensors))})
+    _require_float32_cpu(name, {"q": q, **dict(zip(labels, tensors))})
     # the callers bind every returned tensor to a name, alive until their kernel call returns
     q, x, k, v, *rest = (None if t is None else t.contiguous() for t in (q, *tensors))
     return [q, k, v, x, *rest]
