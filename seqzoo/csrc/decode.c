@@ -248,16 +248,6 @@ static inline void token_z(int64_t d, const float *zbar, const float *q, const f
     for (int64_t j = 0; j < d; j++) z[j] = q[j] + (beta[j] + gamma[j] * x_hat[j]);
 }
 
-/* One token of TTT-Linear with the inner LayerNorm (f(x) = x + LN(xW + b)), per row n = 0..N−1 of
- * (batch element n / H, head h = n mod H), in the primal form of seqzoo.learner.TTTLayer.step:
- *   gate = lr_base · σ(lr_b_h + lr_w_h · x)  (lr_base alone when lr_w is NULL);
- *   tok = max(token_idx[p] + 1/(p + 1), 0)  (1 when token_idx is NULL);
- *   q, k ← RoPE(q), RoPE(k)  (rope: the (cos, sin) pairs of positions 0..b−1, (b, d/2, 2), or NULL);
- *   g = ∂/∂(kW + b) ½‖LN(kW + b) − (v − k)‖²  (the LayerNorm backward fused with the L2 loss);
- *   G'_W = G_W + kᵀ(gate·g),  G'_b = G_b + gate·g;
- *   z = q + LN(qW + b − tok·(q G'_W + G'_b));  and when W_out is given, W̄ = W − tok·G'_W, b̄ = b − tok·G'_b;
- *   when post_w is given, each batch element's z (its H heads, C = H·d values) ← LayerNorm(z)·post_w + post_b.
- * Returns 0, or 1 when d exceeds MAX_DIM (nothing written). */
 /* ---- products shared by the TTT kernels ------------------------------------------------------------
  *
  * Written with the compilers' generic vectors (16 floats; lowered to whatever the CPU has): for output
@@ -567,16 +557,6 @@ static inline void output_rows(int64_t b, int64_t d, const float *Zbar, const fl
     for (int64_t i = 0; i < b; i++) token_z(d, Zbar + i * d, q + i * ldq, gamma, beta, eps, x_hat, out + i * ld_out);
 }
 
-/* TTT-Linear with the inner LayerNorm over T = n·b tokens that start at a mini-batch boundary with zero
- * accumulated gradient (seqzoo_plugins.ttt.linear.ttt_linear_dual), per (batch element, head), one
- * mini-batch after another, the head's W and b staying in cache:
- *   Z1 = XK·W + b,  g = ∂/∂Z1 ½‖LN(Z1) − (XV − XK)‖²  (row by row),
- *   η[i, j] = tok[i]·lr[j] (j ≤ i),  Z̄ = XQ·W + b − (η ⊙ (XQ·XKᵀ + 1))·g,  z = XQ + LN(Z̄),
- *   W ← W − (η[b−1, :] ⊙ XK)ᵀ·g,  b ← b − η[b−1, :]·g.
- * XQ, XK, XV (after RoPE) share the strides (sB, sH, sT) (elements; unit stride within a head); lr (B, H, T)
- * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
- * (B, T, H, d), the layout of the output projection's input. Returns 0, or 1 when the workspace can't be
- * allocated. */
 /* One layer of the dual form, the output: Z̄ = X·W + b − A·G with A = η ⊙ (X·Yᵀ + 1) (lower triangular),
  * for X (b × K, row stride ldx), Y (b × K, row stride ldy), W (K × N), G (b × N). Fills eta (η) too;
  * Yt (K × b), S and A (b × b) are workspaces. */
@@ -654,6 +634,16 @@ static void linear_head(int64_t d, int64_t b, const float *q, const float *k, co
         linear_dual_head(d, b, q, k, v, sT, lr, tok, gamma, beta, eps, w[0], w[1], out, ld_out, work);
 }
 
+/* TTT-Linear with the inner LayerNorm over T = n·b tokens that start at a mini-batch boundary with zero
+ * accumulated gradient (seqzoo_plugins.ttt.linear.ttt_linear_dual), per (batch element, head), one
+ * mini-batch after another, the head's W and b staying in cache:
+ *   Z1 = XK·W + b,  g = ∂/∂Z1 ½‖LN(Z1) − (XV − XK)‖²  (row by row),
+ *   η[i, j] = tok[i]·lr[j] (j ≤ i),  Z̄ = XQ·W + b − (η ⊙ (XQ·XKᵀ + 1))·g,  z = XQ + LN(Z̄),
+ *   W ← W − (η[b−1, :] ⊙ XK)ᵀ·g,  b ← b − η[b−1, :]·g.
+ * XQ, XK, XV (after RoPE) share the strides (sB, sH, sT) (elements; unit stride within a head); lr (B, H, T)
+ * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
+ * (B, T, H, d), the layout of the output projection's input. Returns 0, or 1 when the workspace can't be
+ * allocated. */
 int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ,
                            const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
                            const float *tok, const float *ln_w, const float *ln_b, float eps, float *W,
@@ -712,10 +702,6 @@ static inline void mlp_dual_head(int64_t d, int64_t b, const float *q, const flo
     dual_update(b, F, d, X2, F, last, G2, W2, b2, X2T);
 }
 
-/* TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden 4d) over T = n·b
- * tokens from a mini-batch boundary (seqzoo_plugins.ttt.mlp.ttt_mlp_dual), in the layout and order of
- * sz_ttt_linear_dual: W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d), b2 (B, H, 1, d) updated in
- * place, Z written as (B, T, H, d). Returns 0, or 1 when the workspace can't be allocated. */
 /* mlp_dual_head through the dual_head_fn shape, specialised for d = 64 */
 static void mlp_head(int64_t d, int64_t b, const float *q, const float *k, const float *v, int64_t sT,
                      const float *lr, const float *tok, const float *gamma, const float *beta, float eps,
@@ -726,6 +712,10 @@ static void mlp_head(int64_t d, int64_t b, const float *q, const float *k, const
         mlp_dual_head(d, b, q, k, v, sT, lr, tok, gamma, beta, eps, w[0], w[1], w[2], w[3], out, ld_out, work);
 }
 
+/* TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden 4d) over T = n·b
+ * tokens from a mini-batch boundary (seqzoo_plugins.ttt.mlp.ttt_mlp_dual), in the layout and order of
+ * sz_ttt_linear_dual: W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d), b2 (B, H, 1, d) updated in
+ * place, Z written as (B, T, H, d). Returns 0, or 1 when the workspace can't be allocated. */
 int32_t sz_ttt_mlp_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
                         const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
                         const float *ln_w, const float *ln_b, float eps, float *W1, float *b1, float *W2, float *b2,
