@@ -55,20 +55,7 @@ def timeit(
 
     With ``max_seconds``, stops repeating once that much time was spent (at least one timed call).
     """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    spent = 0.0
-    for _ in range(max(repeats, 1)):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        spent += times[-1]
-        if max_seconds is not None and spent > max_seconds:
-            break
-    return summarize(times)
+    return time_in_turn({None: fn}, repeats=repeats, warmup=warmup, device=device, max_seconds=max_seconds)[None]
 
 
 def time_in_turn(
