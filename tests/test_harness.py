@@ -63,9 +63,10 @@ def test_compare_quick_end_to_end(tmp_path, capsys):
         assert cell["status"] == "ok", (key, cell.get("errors"))
         mq = cell["tasks"]["mqar"]["d32"]
         assert abs(mq["param_ratio"] - 1) < 0.05
-        run = mq["runs"][f"{3e-3:.3g}"]
+        run = mq["runs"]["lr 0.003 seed 0"]
+        assert run["seed"] == 0 and run["lr"] == 3e-3 and mq["best"]["seeds"] == [0]
         assert 0.0 <= run["metrics"]["accuracy"] <= 1.0 and run["state_size"] > 0
-        lm = cell["tasks"]["lm"]["d32"]["runs"][f"{3e-3:.3g}"]["metrics"]
+        lm = cell["tasks"]["lm"]["d32"]["runs"]["lr 0.003 seed 0"]["metrics"]
         assert lm["bits_per_byte"] == pytest.approx(lm["loss"] / torch.log(torch.tensor(2.0)).item())
         assert len(lm["loss_by_position"]) == 32
         assert [r["T"] for r in cell["speed"]["prefill"]] == [8, 16]
@@ -94,7 +95,8 @@ def test_compare_quick_end_to_end(tmp_path, capsys):
         ]
     )
     assert rc == 0
-    assert "skipping" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "keeping 8 finished training run(s)" in text and "4 speed sweep(s) already finished" in text
     again = json.loads((out / "results.json").read_text())
     assert again["cells"] == res["cells"] and again["resumed"] == 1
 
@@ -201,7 +203,7 @@ def test_interrupt_leaves_complete_results(tmp_path, monkeypatch):
             overrides=TINY,
         )
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["cells"]["rnn/transformer"]["tasks"]["mqar"]["d32"]["runs"]["0.003"]["status"] == "ok"
+    assert res["cells"]["rnn/transformer"]["tasks"]["mqar"]["d32"]["runs"]["lr 0.003 seed 0"]["status"] == "ok"
     assert not list(tmp_path.glob(".*.tmp"))
     monkeypatch.setattr(cmp, "train", real)
     res = compare(

@@ -81,7 +81,10 @@ def _cmd_compare(args) -> int:
     out = Path(args.out)
     overrides = json.loads(args.override) if args.override else None
     t0 = time.perf_counter()
-    progress = _progress(not args.no_progress)
+    # bars on a terminal; elsewhere (CI, nohup, a pipe) one plain line per finished unit
+    bars = not args.no_progress and sys.stdout.isatty()
+    progress = _progress(bars)
+    log_line = None if bars else (lambda line: print(line, flush=True))
     try:
         with progress:
             results = compare(
@@ -96,9 +99,10 @@ def _cmd_compare(args) -> int:
                 data=args.data,
                 speed=not args.no_speed,
                 overrides=overrides,
-                progress=progress,
+                progress=progress if bars else None,
                 console=console,
                 jobs=_jobs(args),
+                log_line=log_line,
             )
     except (KeyboardInterrupt, Interrupted):
         console.print(
@@ -112,9 +116,17 @@ def _cmd_compare(args) -> int:
     plots = write_plots(results, out)
     report = write_report(results, out, plots)
     console.print(compare_table(results))
+    if results.get("claims"):
+        console.print("[bold]What this run reproduces[/bold] (computed from the numbers above):")
+        for c in results["claims"]:
+            color = {"reproduced": "green", "not reproduced": "red"}.get(c["verdict"], "yellow")
+            console.print(f"- {c['claim']}: [{color}]{c['verdict']}[/{color}]")
+            for e in c["evidence"]:
+                console.print(f"    {e}", highlight=False)
+    elapsed = time.perf_counter() - t0
     console.print(
         f"results: {out / 'results.json'}; report: {report}; plots: {', '.join(plots.values()) or 'none'}"
-        f" ({time.perf_counter() - t0:.0f} s)"
+        f"; wall time {elapsed // 60:.0f} min {elapsed % 60:.0f} s"
     )
     failed = [k for k, c in results["cells"].items() if c.get("status") != "ok"]
     if failed:
@@ -286,11 +298,15 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--preset",
         default="default",
-        choices=["quick", "default", "paper"],
-        help="quick: seconds (tests); default: minutes on a CPU; paper: the published recipes (GPU)",
+        choices=["quick", "default", "ladder", "paper"],
+        help="quick: seconds (tests); default: the comparison on a CPU (under 30 min on 2 cores); ladder: the "
+        "TTT paper's ablation ladder (Table 1) on the byte LM; paper: the published recipes (GPU)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of data and initialisation (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0,
+        help="first seed (default 0): it sets the data; runs use seeds seed, seed+1, … (initialisation, data order)",
+    )
     p.add_argument("--out", default="seqzoo-results", help="output folder (default seqzoo-results)")
     p.add_argument("--resume", action="store_true", help="keep finished units of an earlier run in --out")
     p.add_argument(

@@ -1,9 +1,18 @@
 """``seqzoo compare``: every layer in every backbone, parameter-matched, one recipe, one table.
 
-A run is a grid of units — (layer, backbone, task, d_model, learning rate) trainings and one speed
-sweep per (layer, backbone) — each written into ``results.json`` (atomically) as soon as it ends, so
-an interrupted run keeps everything finished and ``resume=True`` skips it. A unit that raises or
-produces a non-finite loss is recorded with the reason and the rest of the grid still runs.
+A comparison is a grid of cells (layer, backbone; or a preset's named variants). For each cell, task and
+width a :class:`Series` of training runs is spent as the preset says (``seqzoo.bench.presets``): a
+learning-rate sweep with the first seed, ended early by a run that reaches the task's ``stop_at``, then
+further seeds at the winning rate. Then one speed sweep per cell. Every run is written into
+``results.json`` (atomically) as soon as it ends, so an interrupted comparison keeps everything finished
+and ``resume=True`` continues it. A run that raises or produces a non-finite loss is recorded with the
+reason and the rest of the grid still runs. At the end the known claims the run can check are
+evaluated from its numbers (``seqzoo.bench.claims``).
+
+``results.json``: ``cells[name]["tasks"][task]["d{width}"]`` holds ``runs`` (keyed ``"lr {lr} seed
+{seed}"``, each recording its ``lr``, ``seed``, ``metrics``, ``steps``, ``stopped_at`` and ``evals``) and
+``best`` (the winning ``lr``, the ``seeds`` run at it and, per scalar metric, mean/min/max/std over them);
+``claims`` at the top level lists the verdicts.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,6 +31,7 @@ import torch
 
 from ..backbones import BACKBONES, create_model, default_intermediate_size
 from ..registry import layer_spec, list_layers, task_spec
+from .presets import PRESETS, RECIPE, preset, widths
 from .speed import bench_model
 from .store import machine_info, read_json, versions, write_json
 from .tasks import make_task
@@ -35,168 +46,14 @@ __all__ = [
     "match_intermediate_size",
     "non_embedding_params",
     "cell_key",
+    "cell_name",
+    "run_key",
     "RECIPE",
+    "Series",
+    "spread",
+    "best_run",
+    "task_entry",
 ]
-
-RECIPE = {
-    "optimizer": "AdamW",
-    "betas": [0.9, 0.95],
-    "weight_decay": 0.1,
-    "grad_clip": 1.0,
-    "schedule": "linear warmup then cosine decay to 0.1·lr",
-}
-
-
-def _mqar_paper() -> dict:
-    """The zoology / Based MQAR recipe (arXiv 2402.18668 figure 2; zoology's configs)."""
-    vocab = 8192
-    train_segments = [
-        [64, 4, 100_000],
-        [128, 8, 20_000],
-        [256, 16, 20_000],
-        [256, 32, 20_000],
-        [256, 64, 20_000],
-    ]
-    test_segments = [
-        [64, 4, 1000],
-        [64, 8, 1000],
-        [64, 16, 1000],
-        [128, 32, 1000],
-        [256, 64, 1000],
-        [512, 128, 1000],
-        [1024, 256, 1000],
-    ]
-    batch, epochs = 256, 32
-    n_train = sum(s[2] for s in train_segments)
-    return {
-        "task_config": {"vocab_size": vocab, "train": train_segments, "test": test_segments},
-        "d_models": [64, 128, 256, 512],
-        "n_layers": 2,
-        "batch_size": batch,
-        "steps": epochs * n_train // batch,
-        "warmup_frac": 0.1,
-        "lrs": [float(f"{10**e:.3g}") for e in (-4.0, -10 / 3, -8 / 3, -2.0)],
-        "eval_batch_size": 32,
-    }
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "description": "seconds-long smoke run (tests): tiny widths, a few steps; numbers are not meaningful",
-        "tasks": {
-            "mqar": {
-                "task_config": {"vocab_size": 64, "train": [[32, 4, 256]], "test": [[32, 4, 64]]},
-                "d_models": [32],
-                "n_layers": 1,
-                "batch_size": 16,
-                "steps": 6,
-                "warmup_frac": 0.2,
-                "lrs": [3e-3],
-                "eval_batch_size": 64,
-            },
-            "lm": {
-                "task_config": {"seq_len": 32, "max_train_bytes": 100_000, "num_eval": 8},
-                "d_models": [32],
-                "n_layers": 1,
-                "batch_size": 8,
-                "steps": 4,
-                "warmup_frac": 0.2,
-                "lrs": [3e-3],
-                "eval_batch_size": 8,
-            },
-        },
-        "speed": {
-            "d_model": 32,
-            "n_layers": 1,
-            "lengths": [16, 32],
-            "decode_positions": [8],
-            "repeats": 1,
-            "warmup": 0,
-            "decode_steps": 2,
-        },
-        "reference_layer": "self_attention",
-    },
-    "default": {
-        "description": "CPU-sized recipe: minutes on 2 cores for 7 layers × 2 backbones; one learning rate for "
-        "every cell (no sweep)",
-        "tasks": {
-            "mqar": {
-                "task_config": {
-                    "vocab_size": 64,
-                    "train": [[32, 4, 16384]],
-                    "test": [[32, 4, 512]],
-                    "random_non_queries": False,
-                },
-                "d_models": [64],
-                "n_layers": 2,
-                # many small steps rather than few large ones: for the same tokens and about the same
-                # time, 1000 × 16 lets the recurrent layers learn recall that 250 × 64 does not (Mamba
-                # backbone: linear attention 0.28 -> 0.99, TTT-MLP 0.28 -> 1.0)
-                "batch_size": 16,
-                "steps": 1000,
-                "warmup_frac": 0.1,
-                "lrs": [1e-2],
-                "eval_batch_size": 256,
-            },
-            "lm": {
-                "task_config": {"seq_len": 64, "num_eval": 64},
-                "d_models": [64],
-                "n_layers": 2,
-                "batch_size": 16,
-                "steps": 60,
-                "warmup_frac": 0.1,
-                "lrs": [1e-2],
-                "eval_batch_size": 64,
-            },
-        },
-        "speed": {
-            "d_model": 64,
-            "n_layers": 2,
-            "lengths": [256, 1024, 4096],
-            "decode_positions": [64, 1024],
-            "repeats": 2,
-            "warmup": 1,
-            "decode_steps": 4,
-        },
-        "reference_layer": "self_attention",
-    },
-    "paper": {
-        "description": "the zoology/Based MQAR sweep and the TTT paper's 125M LM (d 768, 12 layers, 12 heads); "
-        "needs a GPU",
-        "tasks": {
-            "mqar": _mqar_paper(),
-            "lm": {
-                "task_config": {"seq_len": 2048, "num_eval": 256, "max_train_bytes": 10**12},
-                "d_models": [768],
-                "n_layers": 12,
-                "layer_config": {"num_heads": 12},
-                "batch_size": 256,
-                "steps": 4800,
-                "warmup_frac": 0.1,
-                "lrs": [3e-3],
-                "eval_batch_size": 8,
-            },
-        },
-        "speed": {
-            "d_model": 768,
-            "n_layers": 12,
-            "layer_config": {"num_heads": 12},
-            "lengths": [1024, 4096, 16384],
-            "decode_positions": [1024, 16384],
-            "repeats": 5,
-            "warmup": 2,
-            "decode_steps": 16,
-        },
-        "reference_layer": "self_attention",
-    },
-}
-
-
-def preset(name: str) -> dict[str, Any]:
-    """A deep copy of a preset (``quick``, ``default``, ``paper``)."""
-    if name not in PRESETS:
-        raise ValueError(f"expected --preset in {sorted(PRESETS)}, got {name!r}")
-    return copy.deepcopy(PRESETS[name])
 
 
 def cell_key(layer: str, backbone: str) -> str:
@@ -301,6 +158,103 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".strip()[:300]
 
 
+def run_key(lr: float, seed: int) -> str:
+    """A run's key in its entry's ``runs``: the learning rate and the seed."""
+    return f"lr {_lr_key(lr)} seed {seed}"
+
+
+@dataclass
+class Series:
+    """The training runs of one (cell, task, width): the learning-rate sweep with the first seed, then
+    the further seeds at the winning rate. What to run next is a function of the runs recorded so far,
+    so a resumed comparison continues where the interrupted one stopped."""
+
+    cell: dict
+    task: str
+    width: int
+    tcfg: dict
+    seeds: list[int]
+    #: whether this width is the backbone's largest (``seeds_when: unsolved_at_largest``)
+    largest: bool
+    score_key: str = "loss"
+    score_sign: float = -1.0
+
+    @property
+    def label(self) -> str:
+        return f"{cell_name(self.cell)} {self.task} d{self.width}"
+
+    def entry(self) -> dict:
+        return self.cell["tasks"].setdefault(self.task, {}).setdefault(f"d{self.width}", {"runs": {}})
+
+    def _reached(self, rec: dict) -> bool:
+        stop_at = self.tcfg.get("stop_at")
+        if stop_at is None or rec.get("status") != "ok":
+            return False
+        return self.score_sign * (rec["metrics"][self.score_key] - stop_at) >= 0
+
+    def wanted(self) -> list[tuple[float, int]]:
+        """The runs (lr, seed) to start now: the next rate of the sweep, or the further seeds."""
+        runs = self.entry()["runs"]
+        first = self.seeds[0]
+        for lr in self.tcfg["lrs"]:
+            rec = runs.get(run_key(lr, first))
+            if rec is None:
+                return [(lr, first)]
+            if self._reached(rec):
+                break
+        best = self.best_lr()
+        if best is None:
+            return []
+        when = self.tcfg.get("seeds_when", "always")
+        if when not in ("always", "unsolved_at_largest"):
+            raise ValueError(f"expected seeds_when 'always' or 'unsolved_at_largest', got {when!r}")
+        if when == "unsolved_at_largest" and (not self.largest or self._reached(runs[run_key(best, first)])):
+            return []
+        return [(best, s) for s in self.seeds[1:] if run_key(best, s) not in runs]
+
+    def best_lr(self) -> float | None:
+        """The rate whose first-seed run scored best (None while none has finished well)."""
+        runs, first = self.entry()["runs"], self.seeds[0]
+        ok = [(lr, runs[run_key(lr, first)]) for lr in self.tcfg["lrs"] if run_key(lr, first) in runs]
+        ok = [(lr, r) for lr, r in ok if r.get("status") == "ok"]
+        if not ok:
+            return None
+        return max(ok, key=lambda item: self.score_sign * item[1]["metrics"][self.score_key])[0]
+
+    def summarise(self) -> None:
+        """``entry["best"]``: the winning rate and, over the seeds run at it, every scalar metric's mean,
+        min, max and standard deviation."""
+        entry = self.entry()
+        lr = self.best_lr()
+        if lr is None:
+            entry["best"] = None
+            return
+        recs = [(s, entry["runs"][run_key(lr, s)]) for s in self.seeds if run_key(lr, s) in entry["runs"]]
+        recs = [(s, r) for s, r in recs if r.get("status") == "ok"]
+        names = [k for k, v in recs[0][1]["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        entry["best"] = {
+            "lr": lr,
+            "selected_by": self.score_key,
+            "seeds": [s for s, _ in recs],
+            "n": len(recs),
+            "metrics": {k: spread([r["metrics"][k] for _, r in recs if k in r["metrics"]]) for k in names},
+            "stop_at": self.tcfg.get("stop_at"),
+        }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, min, max and (population) standard deviation of a list of numbers."""
+    n = len(values)
+    mean = sum(values) / n
+    return {
+        "mean": mean,
+        "min": min(values),
+        "max": max(values),
+        "std": (sum((v - mean) ** 2 for v in values) / n) ** 0.5,
+        "n": n,
+    }
+
+
 def compare(
     *,
     layers: list[str] | None = None,
@@ -317,34 +271,58 @@ def compare(
     progress: Any = None,
     console: Any = None,
     jobs: int = 1,
+    log_line: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the comparison and write ``out/results.json``; returns the results dict.
 
-    ``jobs`` > 1 trains that many cells at once in worker processes (each with this process's torch
+    ``jobs`` > 1 trains that many runs at once in worker processes (each with this process's torch
     thread count; the layers must come from installed plugins, which the workers load), then runs the
-    speed sweep alone. Every cell's numbers are the same as with ``jobs=1``.
+    speed sweep alone. Every run's numbers are the same as with ``jobs=1``.
 
-    ``progress`` is an optional ``rich.progress.Progress``; ``console`` an optional rich console for notes.
+    ``progress`` is an optional ``rich.progress.Progress``; ``console`` an optional rich console for notes;
+    ``log_line`` is called with one plain line per finished unit (for logs and pipes).
     ``overrides`` replaces preset entries (``{"tasks": {"mqar": {"steps": 10}}}``), for tests and sweeps.
     """
     cfg = preset(preset_name)
     if overrides:
         _deep_update(cfg, overrides)
-    layers = list(layers or list_layers())
+    variants = cfg.get("variants")
+    if variants is not None and (layers or backbones):
+        raise ValueError(f"preset {preset_name!r} lists its own rows; drop --layers / --backbones")
+    if variants is None:
+        layers = list(layers or list_layers())
+        backbones = list(backbones or BACKBONES)
+        for b in backbones:
+            if b not in BACKBONES:
+                raise ValueError(f"expected backbones from {BACKBONES}, got {b!r}")
+        rows = [{"layer": la, "backbone": b, "layer_config": {}} for la in layers for b in backbones]
+    else:
+        rows = [dict(v) for v in variants]
+        layers = sorted({v["layer"] for v in rows})
+        backbones = sorted({v["backbone"] for v in rows})
+        for v in rows:
+            if v["backbone"] not in BACKBONES:
+                raise ValueError(f"expected backbones from {BACKBONES}, got {v['backbone']!r}")
     for name in layers:
         layer_spec(name)  # unknown names fail here, with close matches
-    backbones = list(backbones or BACKBONES)
-    for b in backbones:
-        if b not in BACKBONES:
-            raise ValueError(f"expected backbones from {BACKBONES}, got {b!r}")
     tasks = list(tasks or cfg["tasks"])
     for t in tasks:
         task_spec(t)  # unknown names fail here, with close matches
         if t not in cfg["tasks"]:
             cfg["tasks"][t] = copy.deepcopy(cfg["tasks"].get("lm", {}))
             cfg["tasks"][t]["task_config"] = {}
+    for t in tasks:
+        tcfg = cfg["tasks"][t]
+        for b in backbones:
+            widths(tcfg, b)
+        if not tcfg.get("lrs"):
+            raise ValueError(f"expected at least one learning rate for task {t!r}")
+        if int(tcfg.get("seeds", 1)) < 1:
+            raise ValueError(f"expected seeds >= 1 for task {t!r}, got {tcfg.get('seeds')}")
     if data is not None and "lm" in cfg["tasks"]:
         cfg["tasks"]["lm"]["task_config"]["data"] = str(Path(data).expanduser().resolve())
+    if not cfg.get("speed"):
+        speed = False
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     path = outp / "results.json"
@@ -367,8 +345,6 @@ def compare(
         results["elapsed_s"] = round(time.perf_counter() - t_start, 2)
         write_json(path, results)
 
-    # the units of work
-    units: list[tuple[str, Callable[[], None], int]] = []
     cache_dir = outp / "cache"
     task_objs: dict[str, Any] = {}
 
@@ -379,107 +355,184 @@ def compare(
             )
         return task_objs[name]
 
-    for layer in layers:
-        for backbone in backbones:
-            cell = results["cells"].setdefault(
-                cell_key(layer, backbone), {"layer": layer, "backbone": backbone, "tasks": {}}
-            )
-            for task in tasks:
-                tcfg = cfg["tasks"][task]
-                for d in tcfg["d_models"]:
-                    for lr in tcfg["lrs"]:
-                        units.append(
-                            (
-                                f"{layer}/{backbone} {task} d{d} lr {_lr_key(lr)}",
-                                _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save,
-                                            cache_dir),
-                                tcfg["steps"],
-                            )
-                        )
-            if speed:
-                units.append(
-                    (f"{layer}/{backbone} speed", _speed_unit(cell, cfg["speed"], seed, device, save), 0)
-                )
+    series: list[Series] = []
+    speed_cells: list[dict] = []
+    for row in rows:
+        key = row.get("name") or cell_key(row["layer"], row["backbone"])
+        cell = results["cells"].setdefault(key, {"layer": row["layer"], "backbone": row["backbone"], "tasks": {}})
+        if "name" in row:
+            cell["variant"] = row["name"]
+            cell["layer_config"] = row.get("layer_config", {})
+        for task in tasks:
+            tcfg = cfg["tasks"][task]
+            ws = widths(tcfg, row["backbone"])
+            t = get_task(task)
+            n_seeds = int(tcfg.get("seeds", 1))
+            for d in ws:
+                s = Series(cell, task, d, tcfg, [seed + k for k in range(n_seeds)], d == max(ws),
+                           score_key=t.score_key, score_sign=t.score_sign)
+                entry = s.entry()
+                # a resumed run retries what failed; what finished stays
+                entry["runs"] = {k: r for k, r in entry["runs"].items() if r.get("status") == "ok"}
+                series.append(s)
+        if speed:
+            speed_cells.append(cell)
 
-    pending = [(label, fn, steps) for label, fn, steps in units if not getattr(fn, "done", lambda: False)()]
-    skipped = len(units) - len(pending)
-    if skipped:
-        notes(f"resume: skipping {skipped} finished unit(s) of {len(units)} from {path}")
-    overall = progress.add_task("seqzoo compare", total=len(pending)) if progress is not None else None
+    done_units = [0]
+    clock = time.perf_counter()
+
+    def finished(label: str, text: str) -> None:
+        done_units[0] += 1
+        if log_line is not None:
+            log_line(f"[{done_units[0]} done, {time.perf_counter() - clock:.0f} s] {label}: {text}")
+
     with _TermAsInterrupt():
-        training = [u for u in pending if hasattr(u[1], "prepare")]
-        if jobs > 1 and len(training) > 1:  # training units in worker processes; the speed sweep alone after
-            _run_parallel(training, jobs, torch.get_num_threads(), progress, overall)
-            pending = [u for u in pending if not hasattr(u[1], "prepare")]
-        for label, fn, steps in pending:
-            sub = None
-            if progress is not None:
-                progress.update(overall, description=f"compare: {label}")
-                sub = progress.add_task(f"  {label}", total=steps or 1)
-
-            def on_step(step: int, loss: float, sub=sub, label=label) -> None:
-                if progress is not None:
-                    progress.update(sub, completed=step, description=f"  {label} loss {loss:.3f}")
-
-            fn.on_step = on_step
-            fn()
+        _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jobs, progress, notes, finished)
+        speed_todo = [c for c in speed_cells if c.get("speed", {}).get("status") != "ok"]
+        if speed_cells and len(speed_todo) < len(speed_cells):
+            notes(f"resume: {len(speed_cells) - len(speed_todo)} speed sweep(s) already finished")
+        for cell in speed_todo:
+            label = f"{cell_name(cell)} speed"
+            sub = progress.add_task(f"  {label}", total=1) if progress is not None else None
+            _run_speed(cell, cfg["speed"], seed, device, save)
             if progress is not None:
                 progress.remove_task(sub)
-                progress.advance(overall)
+            sp = cell["speed"]
+            finished(label, f"{sp['status']} ({sp['seconds']:.0f} s)")
     results["finished"] = _now()
-    _summarise(results, cfg, tasks)
+    _summarise(results)
+    from .claims import evaluate_claims
+
+    results["claims"] = evaluate_claims(results)
     save()
     return results
 
 
-def _run_parallel(units: list, jobs: int, threads: int, progress, overall) -> None:
-    """Train ``units`` (label, run, steps) in ``jobs`` spawned worker processes; each finished run is
-    merged and saved here as it arrives. However this ends (Ctrl-C, SIGTERM, an error), every worker
-    started is stopped before it returns; the runs that finished are kept."""
-    import multiprocessing as mp
-    import queue
-
-    ctx = mp.get_context("spawn")
-    todo, done = ctx.Queue(), ctx.Queue()
-    specs = {}
-    for n, (label, fn, _) in enumerate(units):
-        specs[n] = (label, fn)
-        todo.put((n, fn.prepare()))
-    workers = []
+def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jobs, progress, notes, finished):
+    """Run every series to its end: ``jobs`` runs at once (worker processes when > 1), each series one
+    run at a time through its sweep, its further seeds side by side."""
+    in_flight: dict[tuple[int, float, int], Series] = {}
+    already = sum(len(s.entry()["runs"]) for s in series)
+    if already:
+        notes(f"resume: keeping {already} finished training run(s)")
+    pool = _Pool(jobs, torch.get_num_threads()) if jobs > 1 else None
+    overall = progress.add_task("seqzoo compare: training", total=None) if progress is not None else None
     try:
-        for _ in range(min(jobs, len(units))):
-            todo.put(None)  # one stop mark per worker
-            workers.append(ctx.Process(target=_worker, args=(todo, done, threads), daemon=True))
-            workers[-1].start()
-        left = set(specs)
-        while left:
-            if progress is not None:
-                shown = ", ".join(specs[n][0] for n in sorted(left)[:jobs])
-                progress.update(overall, description=f"compare ({jobs} at once): {shown}")
-            try:
-                n, rec = done.get(timeout=0.5)
-            except queue.Empty:
-                if any(w.is_alive() for w in workers):
-                    continue
-                try:  # a last result may have arrived as the last worker exited
-                    n, rec = done.get(timeout=1.0)
-                except queue.Empty:
-                    for n in sorted(left):  # the workers died without a word: each run says so
-                        specs[n][1].finish({"status": "failed", "error": "training worker process died"})
-                    return
-            left.discard(n)
-            specs[n][1].finish(rec)
+        while True:
+            ready = [
+                (n, lr, s_)
+                for n, s in enumerate(series)
+                for lr, s_ in s.wanted()
+                if (n, lr, s_) not in in_flight
+            ]
+            if not ready and not in_flight:
+                break
+            if pool is None:
+                n, lr, sd = ready[0]
+                s = series[n]
+                label = f"{s.label} lr {_lr_key(lr)} seed {sd}"
+                sub = progress.add_task(f"  {label}", total=s.tcfg["steps"]) if progress is not None else None
+
+                def on_step(step: int, loss: float, sub=sub, label=label) -> None:
+                    if progress is not None:
+                        progress.update(sub, completed=step, description=f"  {label} loss {loss:.3f}")
+
+                spec = _prepare(results, s, lr, sd, seed, device, get_task, cache_dir)
+                rec = _train_cell(spec, task=get_task(s.task), on_step=on_step)
+                if progress is not None:
+                    progress.remove_task(sub)
+                _finish(s, lr, sd, rec, save, finished)
+            else:
+                while ready and len(in_flight) < jobs:
+                    n, lr, sd = ready.pop(0)
+                    in_flight[(n, lr, sd)] = series[n]
+                    pool.submit((n, lr, sd), _prepare(results, series[n], lr, sd, seed, device, get_task, cache_dir))
+                if progress is not None:
+                    shown = ", ".join(f"{series[n].label} lr {_lr_key(lr)} seed {sd}" for n, lr, sd in in_flight)
+                    progress.update(overall, description=f"compare ({jobs} at once): {shown}")
+                key, rec = pool.get()
+                n, lr, sd = key
+                del in_flight[key]
+                _finish(series[n], lr, sd, rec, save, finished)
             if progress is not None:
                 progress.advance(overall)
     finally:
-        started = [w for w in workers if w.pid is not None]  # an interrupt may land inside start()
+        if pool is not None:
+            pool.close()
+
+
+def _finish(s: Series, lr: float, sd: int, rec: dict, save, finished) -> None:
+    if rec["status"] != "ok":
+        log.warning("%s lr %s seed %s failed: %s", s.label, _lr_key(lr), sd, rec.get("error"))
+    s.entry()["runs"][run_key(lr, sd)] = rec
+    s.summarise()
+    save()
+    if rec["status"] == "ok":
+        val = rec["metrics"].get(s.score_key)
+        stop = f", stopped at step {rec['stopped_at']}" if rec.get("stopped_at") else ""
+        text = f"{s.score_key} {val:.4g}{stop} ({rec['seconds']:.0f} s)"
+    else:
+        text = f"failed: {rec.get('error')}"
+    finished(f"{s.label} lr {_lr_key(lr)} seed {sd}", text)
+
+
+class _Pool:
+    """``jobs`` spawned worker processes that train prepared runs; ``submit`` one, ``get`` the next result.
+    However the comparison ends (Ctrl-C, SIGTERM, an error), ``close`` stops every worker started."""
+
+    def __init__(self, jobs: int, threads: int):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.todo, self.done = ctx.Queue(), ctx.Queue()
+        self.workers = []
+        self.waiting: set = set()
+        self.dead = False
+        try:
+            for _ in range(jobs):
+                self.workers.append(ctx.Process(target=_worker, args=(self.todo, self.done, threads), daemon=True))
+                self.workers[-1].start()
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, key, spec: dict) -> None:
+        self.waiting.add(key)
+        if self.dead:  # the workers died: what is left fails with the reason, the comparison ends cleanly
+            self.done.put((key, {"status": "failed", "error": "training worker process died", "lr": spec["lr"]}))
+        else:
+            self.todo.put((key, spec))
+
+    def get(self):
+        import queue
+
+        while True:
+            try:
+                key, rec = self.done.get(timeout=0.5)
+            except queue.Empty:
+                if any(w.is_alive() for w in self.workers):
+                    continue
+                try:  # a last result may have arrived as the last worker exited
+                    key, rec = self.done.get(timeout=1.0)
+                except queue.Empty:
+                    self.dead = True
+                    key = next(iter(self.waiting))
+                    rec = {"status": "failed", "error": "training worker process died"}
+            self.waiting.discard(key)
+            return key, rec
+
+    def close(self) -> None:
+        for _ in self.workers:
+            self.todo.put(None)
+        started = [w for w in self.workers if w.pid is not None]  # an interrupt may land inside start()
         for w in started:
+            w.join(timeout=0.2)
             if w.is_alive():
                 w.terminate()
         for w in started:
             w.join()
-        todo.cancel_join_thread()
-        done.cancel_join_thread()
+        self.todo.cancel_join_thread()
+        self.done.cancel_join_thread()
 
 
 def _worker(todo, done, threads: int) -> None:
@@ -490,8 +543,8 @@ def _worker(todo, done, threads: int) -> None:
     torch.set_num_threads(threads)
     try:
         while (item := todo.get()) is not None:
-            n, spec = item
-            done.put((n, _train_cell(spec)))
+            key, spec = item
+            done.put((key, _train_cell(spec)))
     except (KeyboardInterrupt, Interrupted):  # a Ctrl-C during a run (training handles it): stop quietly
         return
 
@@ -519,11 +572,12 @@ def _load_or_new(path: Path, run_config: dict, resume: bool, console) -> dict:
             merged = old["run_config"][key] + [x for x in run_config[key] if x not in old["run_config"][key]]
             old["run_config"][key] = merged
         old["resumed"] = old.get("resumed", 0) + 1
+        old.pop("finished", None)
         return old
     import seqzoo
 
     return {
-        "schema": 1,
+        "schema": 2,
         "tool": f"seqzoo {seqzoo.__version__}",
         "started": _now(),
         "run_config": run_config,
@@ -562,86 +616,67 @@ def _param_target(results: dict, task: str, d: int, tcfg: dict, vocab: int, laye
     return results["param_targets"][key]["params_non_embedding"]
 
 
-def _train_unit(results, cell, task, d, lr, tcfg, seed, device, get_task, save, cache_dir):
-    """One (cell, task, width, lr) training run: ``run()`` in this process, or ``prepare()`` (parameter
-    matching, here), ``_train_cell(spec)`` (anywhere: a worker process) and ``finish(rec)`` (here)."""
-    entry_path = (task, f"d{d}")
-
-    def runs() -> dict:
-        return cell["tasks"].setdefault(entry_path[0], {}).setdefault(entry_path[1], {"runs": {}})
-
-    def done() -> bool:
-        r = cell["tasks"].get(task, {}).get(f"d{d}", {}).get("runs", {}).get(_lr_key(lr))
-        return r is not None and r.get("status") == "ok"
-
-    def prepare() -> dict:
-        """The run's spec; a failure here (a layer that cannot be built) is the run's recorded error."""
-        spec: dict[str, Any] = {"task": task, "seed": seed, "cache_dir": str(cache_dir),
-                                "task_kwargs": tcfg["task_config"], "lr": lr}
-        try:
-            t = get_task(task)
-            layer_config = _layer_config(cell["layer"], tcfg.get("layer_config", {}))
-            target = _param_target(results, task, d, tcfg, t.vocab_size, tcfg.get("layer_config", {}))
-            width, n_params = match_intermediate_size(
-                cell["layer"],
-                cell["backbone"],
-                target,
-                d_model=d,
-                n_layers=tcfg["n_layers"],
-                vocab_size=t.vocab_size,
-                layer_config=layer_config,
-            )
-            runs().update(
-                intermediate_size=width,
-                params_non_embedding=n_params,
-                param_ratio=n_params / target,
-                layer_config=layer_config,
-            )
-            steps = tcfg["steps"]
-            spec["train_config"] = dict(
-                layer=cell["layer"],
-                backbone=cell["backbone"],
-                task=task,
-                task_config=tcfg["task_config"],
-                d_model=d,
-                n_layers=tcfg["n_layers"],
-                intermediate_size=width,
-                layer_config=layer_config,
-                steps=steps,
-                batch_size=tcfg["batch_size"],
-                lr=lr,
-                warmup_steps=int(tcfg["warmup_frac"] * steps),
-                seed=seed,
-                eval_batch_size=tcfg["eval_batch_size"],
-                device=device,
-            )
-        except (KeyboardInterrupt, Interrupted):
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
-            spec["error"] = _error_text(exc)
-        return spec
-
-    def finish(rec: dict) -> None:
-        if rec["status"] != "ok":
-            log.warning("%s/%s %s failed: %s", cell["layer"], cell["backbone"], task, rec.get("error"))
-        entry = runs()
-        entry["runs"][_lr_key(lr)] = rec
-        _pick_best(entry, get_task(task) if rec["status"] == "ok" else None)
-        save()
-
-    def run() -> None:
-        finish(_train_cell(prepare(), task=get_task(task), on_step=run.on_step))
-
-    run.done, run.prepare, run.finish = done, prepare, finish
-    run.on_step = lambda s, loss: None
-    return run
+def _prepare(results, s: Series, lr: float, run_seed: int, base_seed: int, device, get_task, cache_dir) -> dict:
+    """One run's spec (parameter matching, here); a failure (a layer that cannot be built) is the run's
+    recorded error. The spec trains anywhere: in this process or a worker."""
+    task, d, tcfg, cell = s.task, s.width, s.tcfg, s.cell
+    spec: dict[str, Any] = {"task": task, "seed": base_seed, "cache_dir": str(cache_dir),
+                            "task_kwargs": tcfg["task_config"], "lr": lr, "run_seed": run_seed}
+    try:
+        t = get_task(task)
+        layer_config = {
+            **_layer_config(cell["layer"], tcfg.get("layer_config", {})),
+            **cell.get("layer_config", {}),
+        }
+        target = _param_target(results, task, d, tcfg, t.vocab_size, tcfg.get("layer_config", {}))
+        width, n_params = match_intermediate_size(
+            cell["layer"],
+            cell["backbone"],
+            target,
+            d_model=d,
+            n_layers=tcfg["n_layers"],
+            vocab_size=t.vocab_size,
+            layer_config=layer_config,
+        )
+        s.entry().update(
+            intermediate_size=width,
+            params_non_embedding=n_params,
+            param_ratio=n_params / target,
+            layer_config=layer_config,
+        )
+        steps = tcfg["steps"]
+        spec["train_config"] = dict(
+            layer=cell["layer"],
+            backbone=cell["backbone"],
+            task=task,
+            task_config=tcfg["task_config"],
+            d_model=d,
+            n_layers=tcfg["n_layers"],
+            intermediate_size=width,
+            layer_config=layer_config,
+            steps=steps,
+            batch_size=tcfg["batch_size"],
+            lr=lr,
+            warmup_steps=int(tcfg["warmup_frac"] * steps),
+            seed=run_seed,
+            data_order=run_seed - base_seed,
+            eval_batch_size=tcfg["eval_batch_size"],
+            eval_every=int(tcfg.get("eval_every", 0)),
+            stop_at=tcfg.get("stop_at"),
+            device=device,
+        )
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
+        spec["error"] = _error_text(exc)
+    return spec
 
 
 def _train_cell(spec: dict, task=None, on_step=None) -> dict:
-    """Train and evaluate one prepared run (``spec`` from ``_train_unit``); returns its record. Runs in a
+    """Train and evaluate one prepared run (``spec`` from ``_prepare``); returns its record. Runs in a
     worker process as well as in the caller's: ``task`` (built from the spec when None) and ``on_step``
     are the caller's conveniences. A layer that fails (raises, produces NaN) gives a failed record."""
-    rec: dict[str, Any] = {"lr": spec["lr"], "status": "running"}
+    rec: dict[str, Any] = {"lr": spec["lr"], "seed": spec["run_seed"], "status": "running"}
     if "error" in spec:  # the layer could not even be built
         return {**rec, "status": "failed", "error": spec["error"], "seconds": 0.0}
     t0 = time.perf_counter()
@@ -658,6 +693,9 @@ def _train_cell(spec: dict, task=None, on_step=None) -> dict:
             state_size=res.state_size,
             loss_curve={"stride": stride, "loss": res.losses[::stride]},
             final_train_loss=res.losses[-1],
+            steps=res.steps,
+            stopped_at=res.stopped_at,
+            evals=[list(e) for e in res.evals],
         )
     except (KeyboardInterrupt, Interrupted):
         raise
@@ -667,84 +705,64 @@ def _train_cell(spec: dict, task=None, on_step=None) -> dict:
     return _json_roundtrip(rec)
 
 
-def _pick_best(entry: dict, task) -> None:
-    """The reported run of a (cell, task, width): the best score over the learning rates tried."""
-    ok = [r for r in entry["runs"].values() if r.get("status") == "ok"]
-    if not ok:
-        entry["best"] = None
-        return
-    key = "accuracy" if any("accuracy" in r["metrics"] for r in ok) else "loss"
-    sign = 1.0 if key == "accuracy" else -1.0
-    best = max(ok, key=lambda r: sign * r["metrics"][key])
-    entry["best"] = {"lr": best["lr"], "selected_by": key}
+def _run_speed(cell, scfg, seed, device, save) -> None:
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        layer_config = {**_layer_config(cell["layer"], scfg.get("layer_config", {})), **cell.get("layer_config", {})}
+        model = create_model(
+            cell["layer"],
+            cell["backbone"],
+            vocab_size=256,
+            d_model=scfg["d_model"],
+            n_layers=scfg["n_layers"],
+            **layer_config,
+        ).to(device)
+        gen = torch.Generator().manual_seed(seed)
+
+        def make_input(T: int) -> torch.Tensor:
+            return torch.randint(0, 256, (1, T), generator=gen).to(device)
+
+        res = bench_model(
+            model,
+            make_input,
+            lengths=scfg["lengths"],
+            decode_positions=scfg["decode_positions"],
+            decode_steps=scfg["decode_steps"],
+            repeats=scfg["repeats"],
+            warmup=scfg["warmup"],
+            device=device,
+            max_seconds=scfg.get("max_seconds", 10.0),
+        )
+        errors = [r["error"] for r in res["prefill"] + res["decode"] if "error" in r]
+        state = {str(T): model_state_size(model, T) for T in scfg["lengths"]}
+        cell["speed"] = {
+            "status": "ok" if not errors else "failed",
+            **res,
+            "state_size": state,
+            "d_model": scfg["d_model"],
+            "n_layers": scfg["n_layers"],
+            "batch": 1,
+        }
+        if errors:
+            cell["speed"]["error"] = errors[0]
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        cell["speed"] = {"status": "failed", "error": _error_text(exc)}
+    cell["speed"]["seconds"] = round(time.perf_counter() - t0, 2)
+    save()
 
 
-def _speed_unit(cell, scfg, seed, device, save):
-    def done() -> bool:
-        return cell.get("speed", {}).get("status") == "ok"
-
-    def run() -> None:
-        t0 = time.perf_counter()
-        try:
-            torch.manual_seed(seed)
-            layer_config = _layer_config(cell["layer"], scfg.get("layer_config", {}))
-            model = create_model(
-                cell["layer"],
-                cell["backbone"],
-                vocab_size=256,
-                d_model=scfg["d_model"],
-                n_layers=scfg["n_layers"],
-                **layer_config,
-            ).to(device)
-            gen = torch.Generator().manual_seed(seed)
-
-            def make_input(T: int) -> torch.Tensor:
-                return torch.randint(0, 256, (1, T), generator=gen).to(device)
-
-            res = bench_model(
-                model,
-                make_input,
-                lengths=scfg["lengths"],
-                decode_positions=scfg["decode_positions"],
-                decode_steps=scfg["decode_steps"],
-                repeats=scfg["repeats"],
-                warmup=scfg["warmup"],
-                device=device,
-                max_seconds=scfg.get("max_seconds", 10.0),
-            )
-            errors = [r["error"] for r in res["prefill"] + res["decode"] if "error" in r]
-            state = {str(T): model_state_size(model, T) for T in scfg["lengths"]}
-            cell["speed"] = {
-                "status": "ok" if not errors else "failed",
-                **res,
-                "state_size": state,
-                "d_model": scfg["d_model"],
-                "n_layers": scfg["n_layers"],
-                "batch": 1,
-            }
-            if errors:
-                cell["speed"]["error"] = errors[0]
-        except (KeyboardInterrupt, Interrupted):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            cell["speed"] = {"status": "failed", "error": _error_text(exc)}
-        cell["speed"]["seconds"] = round(time.perf_counter() - t0, 2)
-        save()
-
-    run.done = done
-    run.on_step = lambda s, loss: None
-    return run
-
-
-def _summarise(results: dict, cfg: dict, tasks: list[str]) -> None:
+def _summarise(results: dict) -> None:
     """Per cell: status and the errors of its failed units."""
     for cell in results["cells"].values():
         errors = {}
         for task, by_width in cell.get("tasks", {}).items():
             for width, entry in by_width.items():
-                for lr, r in entry.get("runs", {}).items():
+                for key, r in entry.get("runs", {}).items():
                     if r.get("status") != "ok":
-                        errors[f"{task} {width} lr {lr}"] = r.get("error", r.get("status"))
+                        errors[f"{task} {width} {key}"] = r.get("error", r.get("status"))
         if cell.get("speed", {}).get("status") == "failed":
             errors["speed"] = cell["speed"].get("error", "failed")
         cell["errors"] = errors
@@ -752,28 +770,53 @@ def _summarise(results: dict, cfg: dict, tasks: list[str]) -> None:
 
 
 # --- reading results -----------------------------------------------------------------------------------
-def best_run(cell: dict, task: str, width: str | None = None) -> tuple[str | None, dict | None]:
-    """The reported run of a cell's task at ``width`` (default: the first width): (width, run)."""
+def cell_name(cell: dict) -> str:
+    """A cell's name: its variant's (a ``variants`` preset) or ``layer/backbone``."""
+    return cell.get("variant") or cell_key(cell["layer"], cell["backbone"])
+
+
+def task_entry(cell: dict, task: str, width: str | None = None) -> tuple[str | None, dict | None]:
+    """A cell's (width, entry) for ``task`` at ``width`` (default: the largest width)."""
     by_width = cell.get("tasks", {}).get(task, {})
     if not by_width:
         return None, None
-    width = width or sorted(by_width, key=lambda w: int(w[1:]))[0]
-    entry = by_width.get(width, {})
+    width = width or max(by_width, key=lambda w: int(w[1:]))
+    return width, by_width.get(width)
+
+
+def best_run(cell: dict, task: str, width: str | None = None) -> tuple[str | None, dict | None]:
+    """The reported run of a cell's task at ``width`` (default: the largest): the first seed's run at the
+    winning learning rate, else the first recorded run (a failure, with its error): (width, run)."""
+    width, entry = task_entry(cell, task, width)
+    if entry is None:
+        return width, None
     best = entry.get("best")
     if best:
-        return width, entry["runs"][_lr_key(best["lr"])]
+        return width, entry["runs"][run_key(best["lr"], best["seeds"][0])]
     runs = list(entry.get("runs", {}).values())
     return width, (runs[0] if runs else None)
 
 
 def lr_policy(cfg: dict) -> str:
-    """How the learning rate was chosen, in words (for the table caption and the report)."""
+    """How learning rates and seeds were spent, in words (for the table caption and the report)."""
     parts = []
     for task, t in cfg["tasks"].items():
         lrs = t["lrs"]
-        parts.append(
-            f"{task}: single lr {lrs[0]:g} (no sweep)"
+        text = (
+            f"{task}: single lr {lrs[0]:g}"
             if len(lrs) == 1
-            else f"{task}: best of lr sweep {', '.join(f'{x:g}' for x in lrs)}"
+            else f"{task}: lr sweep {', '.join(f'{x:g}' for x in lrs)} in this order, the best kept"
         )
+        if t.get("stop_at") is not None:
+            text += f", early stop at {t['stop_at']:g} (checked every {t.get('eval_every')} steps"
+            text += ", which also ends the sweep)" if len(lrs) > 1 else ")"
+        n = int(t.get("seeds", 1))
+        if n > 1:
+            when = (
+                "at the largest width when unsolved"
+                if t.get("seeds_when") == "unsolved_at_largest"
+                else "for every cell"
+            )
+            text += f"; {n} seeds at the winning rate {when}"
+        parts.append(text)
     return "; ".join(parts)

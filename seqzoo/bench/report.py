@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .compare import best_run, lr_policy
+from .compare import best_run, cell_name, lr_policy, run_key, task_entry
 from .store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,80 +41,172 @@ def _short_error(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _spread_text(s: dict | None, digits: int = 3) -> str:
+    """``mean [min–max]`` over seeds, or the value alone for one seed."""
+    if s is None:
+        return "—"
+    if s.get("n", 1) > 1:
+        return f"{_fmt(s['mean'], digits)} [{_fmt(s['min'], digits)}–{_fmt(s['max'], digits)}]"
+    return _fmt(s["mean"], digits)
+
+
+def _task_cells(r: dict | None, entry: dict | None, metrics: list[str]) -> list[str]:
+    """A task's columns for one cell: each metric's mean [min–max] over seeds, or the failure."""
+    if r is None:
+        return ["—"] * len(metrics)
+    if r.get("status") != "ok" or not entry or not entry.get("best"):
+        return [f"failed: {_short_error(r.get('error', ''))}"] + ["—"] * (len(metrics) - 1)
+    return [_spread_text(entry["best"]["metrics"].get(m)) for m in metrics]
+
+
 def compare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """The comparison table as plain strings: (header, rows), one row per (layer, backbone)."""
+    """The comparison table as plain strings: (header, rows), one row per cell. Task columns are at each
+    backbone's largest width: mean [min–max] over the seeds at the winning learning rate."""
     cfg = results["run_config"]["preset_config"]
     tasks = results["run_config"]["tasks"]
-    speed = cfg.get("speed", {})
+    speed = cfg.get("speed") or {}
     lengths = speed.get("lengths", [])
     positions = speed.get("decode_positions", [])
-    header = ["layer", "backbone", "params (non-emb)", "state size"]
-    if "mqar" in tasks:
-        header.append("MQAR acc")
-    if "lm" in tasks:
-        header += ["LM loss", "bits/byte"]
+    variants = bool(cfg.get("variants"))
+    header = (["variant"] if variants else ["layer"]) + ["backbone", "params (non-emb)", "state size"]
+    cols: dict[str, list[str]] = {}
     for t in tasks:
-        if t not in ("mqar", "lm"):
+        if t == "mqar":
+            cols[t] = ["accuracy"]
+            header += ["MQAR acc", "MQAR lr"]
+        elif t == "lm":
+            cols[t] = ["bits_per_byte", "context_gain"]
+            header += ["bits/byte", "context gain (nats)"]
+        else:
+            cols[t] = ["loss"]
             header.append(f"{t} loss")
-    header += [f"prefill ms/tok @{T}" for T in lengths]
-    header += [f"decode ms/tok @{P}" for P in positions]
+    has_speed = any(c.get("speed") for c in results["cells"].values())
+    if has_speed:
+        header += [f"prefill ms/tok @{T}" for T in lengths]
+        header += [f"decode ms/tok @{P}" for P in positions]
     rows = []
     for cell in results["cells"].values():
-        if (
+        if not variants and (
             cell["layer"] not in results["run_config"]["layers"]
             or cell["backbone"] not in results["run_config"]["backbones"]
         ):
             continue
-        row = [cell["layer"], cell["backbone"]]
+        row = [cell_name(cell) if variants else cell["layer"], cell["backbone"]]
         first_task = next((t for t in tasks if best_run(cell, t)[1]), None)
         run = best_run(cell, first_task)[1] if first_task else None
         if run and run.get("status") == "ok":
-            ratio = run.get("params_non_embedding", 0)
-            row += [_fmt(ratio), _fmt(run.get("state_size"))]
+            row += [_fmt(run.get("params_non_embedding", 0)), _fmt(run.get("state_size"))]
         else:
             row += ["—", "—"]
         for t in tasks:
-            _, r = best_run(cell, t)
-            cols = 2 if t == "lm" else 1
-            if r is None:
-                row += ["—"] * cols
-            elif r.get("status") != "ok":
-                row += [f"failed: {_short_error(r.get('error', ''))}"] + ["—"] * (cols - 1)
-            elif t == "mqar":
-                row.append(_fmt(r["metrics"].get("accuracy")))
-            elif t == "lm":
-                row += [_fmt(r["metrics"].get("loss")), _fmt(r["metrics"].get("bits_per_byte"))]
-            else:
-                row.append(_fmt(r["metrics"].get("loss")))
-        sp = cell.get("speed") or {}
-        pre = {r["T"]: r for r in sp.get("prefill", [])}
-        dec = {r["position"]: r for r in sp.get("decode", [])}
-        for T in lengths:
-            r = pre.get(T, {})
+            width, r = best_run(cell, t)
+            entry = task_entry(cell, t, width)[1]
+            row += _task_cells(r, entry, cols[t])
+            if t == "mqar":
+                best = (entry or {}).get("best")
+                row.append(_fmt(best["lr"]) if best else "—")
+        if has_speed:
+            row += _speed_cells(cell, lengths, positions)
+        rows.append(row)
+    return header, rows
+
+
+def _speed_cells(cell: dict, lengths: list[int], positions: list[int]) -> list[str]:
+    sp = cell.get("speed") or {}
+    pre = {r["T"]: r for r in sp.get("prefill", [])}
+    dec = {r["position"]: r for r in sp.get("decode", [])}
+    out = []
+    for T in lengths:
+        r = pre.get(T, {})
+        if "ms_per_token" in r:
+            out.append(_fmt(r["ms_per_token"]))
+        elif "skipped" in r:
+            out.append("skipped")
+        elif "error" in r:
+            out.append(f"failed: {_short_error(r['error'])}")
+        elif sp.get("status") == "failed":
+            out.append("failed: " + _short_error(sp.get("error", "")))
+        else:
+            out.append("—")
+    for P in positions:
+        r = dec.get(P, {})
+        out.append(
+            _fmt(r["ms_per_token"]) if "ms_per_token" in r else (f"failed: {_short_error(r['error'])}" if "error" in r else "—")
+        )
+    return out
+
+
+def width_rows(results: dict, task: str, metric: str) -> tuple[list[str], list[list[str]]]:
+    """A task at every width: per cell and width, the metric over seeds, the winning rate, the steps run
+    (early stopping) and the state size."""
+    all_widths = sorted(
+        {w for c in results["cells"].values() for w in c.get("tasks", {}).get(task, {})}, key=lambda w: int(w[1:])
+    )
+    header = ["cell"] + [f"{w}: {metric} (lr, steps; state)" for w in all_widths]
+    rows = []
+    for cell in results["cells"].values():
+        by_width = cell.get("tasks", {}).get(task)
+        if not by_width:
+            continue
+        row = [cell_name(cell)]
+        for w in all_widths:
+            entry = by_width.get(w)
+            best = (entry or {}).get("best")
+            if not best:
+                row.append("failed" if entry else "")
+                continue
+            first = entry["runs"][run_key(best["lr"], best["seeds"][0])]
+            tried = sum(1 for r in entry["runs"].values() if r.get("seed") == best["seeds"][0])
             row.append(
-                _fmt(r.get("ms_per_token"))
-                if "ms_per_token" in r
-                else (
-                    "skipped"
-                    if "skipped" in r
-                    else (
-                        f"failed: {_short_error(r['error'])}"
-                        if "error" in r
-                        else ("failed: " + _short_error(sp.get("error", "")))
-                        if sp.get("status") == "failed"
-                        else "—"
-                    )
-                )
-            )
-        for P in positions:
-            r = dec.get(P, {})
-            row.append(
-                _fmt(r.get("ms_per_token"))
-                if "ms_per_token" in r
-                else (f"failed: {_short_error(r['error'])}" if "error" in r else "—")
+                f"{_spread_text(best['metrics'].get(metric))} (lr {best['lr']:g} of {tried}, "
+                f"{first.get('steps', '?')} steps; {_fmt(first.get('state_size'))})"
             )
         rows.append(row)
     return header, rows
+
+
+def noise_lines(results: dict) -> list[str]:
+    """Every pair of cells per backbone and task (largest width): better, worse, within noise, both solved."""
+    from .claims import pairwise
+
+    lines = []
+    specs = [("mqar", "accuracy", 1.0), ("lm", "bits_per_byte", -1.0)]
+    for task, metric, sign in specs:
+        if task not in results["run_config"]["tasks"]:
+            continue
+        for backbone, pairs in pairwise(results, task, metric, sign).items():
+            if not pairs:
+                continue
+            words = {"better": ">", "worse": "<"}
+            lines.append(f"- **{task} {metric}, {backbone} backbone** (sorted best first): " + "; ".join(
+                f"{a} {words[v]} {b}" if v in words else f"{a} ≈ {b} ({v})" for a, b, v in pairs
+            ))
+    return lines
+
+
+def ladder_lines(results: dict) -> list[str]:
+    """The ablation ladder: bits/byte per row beside the paper's perplexity, and each step's direction."""
+    from .claims import ladder_steps
+
+    rows = []
+    for r in ladder_steps(results):
+        rows.append([
+            r["name"],
+            _spread_text(r["bits_per_byte"]),
+            r.get("change", "—"),
+            _fmt(r["paper_perplexity"]),
+            r.get("paper_change", "—"),
+        ])
+    header = ["row", "bits/byte", "vs the row before", "paper perplexity (Table 1)", "paper, vs the row before"]
+    return ["## The ablation ladder", "", markdown_table(header, rows), ""]
+
+
+def claim_lines(results: dict) -> list[str]:
+    lines = []
+    for c in results.get("claims", []):
+        lines.append(f"- **{c['claim']}** — **{c['verdict']}**")
+        lines += [f"    - {e}" for e in c["evidence"]]
+    return lines
 
 
 def caption(results: dict) -> str:
@@ -128,8 +220,11 @@ def caption(results: dict) -> str:
             for k, v in results.get("param_targets", {}).items()
         )
         + " by the SwiGLU width",
+        "task columns at each backbone's largest width, mean [min–max] over seeds where more than one ran",
         "learning rate: " + lr_policy(cfg),
-        "state size: scalars per sequence after the MQAR sequence length, all blocks (incl. the Mamba backbone's pre-conv)",
+        "state size: scalars per sequence after the first task's sequence length, all blocks (incl. the Mamba "
+        "backbone's pre-conv)",
+        "context gain: LM loss at positions 16–31 minus the mean over the window's second half",
     ]
     return "; ".join(parts)
 
@@ -192,18 +287,22 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
         pts = []
         for width in sorted(c["tasks"]["mqar"], key=lambda w: int(w[1:])):
             _, r = best_run(c, "mqar", width)
-            if r and r.get("status") == "ok":
-                pts.append((r["state_size"], r["metrics"]["accuracy"]))
+            best = (task_entry(c, "mqar", width)[1] or {}).get("best")
+            if r and r.get("status") == "ok" and best:
+                acc = best["metrics"]["accuracy"]
+                pts.append((r["state_size"], acc["mean"], acc["mean"] - acc["min"], acc["max"] - acc["mean"]))
         if not pts:
             continue
-        xs, ys = zip(*pts)
-        ax.plot(
+        xs, ys, lo, hi = zip(*pts)
+        ax.errorbar(
             xs,
             ys,
+            yerr=[lo, hi],
+            capsize=3,
             marker=_MARKERS.get(c["backbone"], "^"),
             color=colors[c["layer"]],
             linestyle="-" if c["backbone"] == "transformer" else "--",
-            label=f"{c['layer']} ({c['backbone']})",
+            label=f"{cell_name(c)}" + ("" if "variant" in c else f" ({c['backbone']})"),
         )
         plotted = True
     if not plotted:
@@ -229,25 +328,35 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
     colors = _colors([c["layer"] for c in cells])
     plotted = False
     for c in cells:
-        _, r = best_run(c, "lm")
-        if not r or r.get("status") != "ok" or "loss_by_position" not in r["metrics"]:
+        _, entry = task_entry(c, "lm")
+        best = (entry or {}).get("best")
+        if not best:
             continue
-        y = np.asarray(r["metrics"]["loss_by_position"], dtype=float)
-        k = max(1, len(y) // 16)
-        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        x = np.arange(len(smooth)) + (k + 1) / 2
+        curves = [
+            entry["runs"][run_key(best["lr"], sd)]["metrics"].get("loss_by_position") for sd in best["seeds"]
+        ]
+        curves = [cv for cv in curves if cv]
+        if not curves:
+            continue
+        y = np.mean(np.asarray(curves, dtype=float), axis=0)
+        # bins of equal width on the log scale: position t has t + 1 bytes of context
+        edges = np.unique(np.round(np.geomspace(1, len(y) + 1, 25)).astype(int))
+        x = np.sqrt(edges[:-1] * (edges[1:] - 1).clip(min=edges[:-1]))
+        smooth = np.array([y[lo - 1 : hi - 1].mean() for lo, hi in zip(edges[:-1], edges[1:])])
         ax.plot(
             x,
             smooth,
             color=colors[c["layer"]],
             linestyle="-" if c["backbone"] == "transformer" else "--",
-            label=f"{c['layer']} ({c['backbone']})",
+            label=f"{cell_name(c)}" + ("" if "variant" in c else f" ({c['backbone']})")
+            + (f", mean of {len(curves)} seeds" if len(curves) > 1 else ""),
         )
         plotted = True
     if not plotted:
         plt.close(fig)
         return None
-    ax.set_xlabel("token position (bytes of context)")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position (bytes of context, log scale)")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title("Byte-level LM: loss by token position")
     ax.grid(True, alpha=0.3)
@@ -344,8 +453,9 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
         f"- machine: {results['machine'].get('processor')} ({results['machine'].get('cpu_count')} cores, "
         f"{results['machine'].get('torch_threads')} torch threads), device `{rc['device']}`",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()),
-        f"- recipe (identical for every cell): AdamW β (0.9, 0.95), weight decay 0.1 on matrices, grad clip 1.0, "
-        f"linear warmup then cosine decay; same data, seed ({rc['seed']}), token budget and evaluation",
+        "- recipe (identical for every cell): AdamW β (0.9, 0.95), weight decay 0.1 on matrices, grad clip 1.0, "
+        f"linear warmup then cosine decay; same data, token budget and evaluation; seeds from {rc['seed']} "
+        "(a seed sets the initialisation and the order of the training data; the held-out sets are fixed)",
         f"- learning rate: {lr_policy(cfg)}",
         "- parameters matched (non-embedding) to "
         + ", ".join(
@@ -358,19 +468,52 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
     for task, t in cfg["tasks"].items():
         if task in rc["tasks"]:
             lines.append(
-                f"- `{task}`: {t['steps']} steps × batch {t['batch_size']}, d_model {t['d_models']}, "
+                f"- `{task}`: up to {t['steps']} steps × batch {t['batch_size']}, d_model {t['d_models']}, "
                 f"{t['n_layers']} blocks, data {t['task_config']}"
             )
-    sp = cfg.get("speed", {})
+    sp = cfg.get("speed") or {}
+    if sp and any(c.get("speed") for c in results["cells"].values()):
+        lines.append(
+            f"- speed: model d_model {sp.get('d_model')}, {sp.get('n_layers')} blocks, batch 1, median of "
+            f"{sp.get('repeats')} after {sp.get('warmup')} warm-up"
+        )
     lines += [
-        f"- speed: model d_model {sp.get('d_model')}, {sp.get('n_layers')} blocks, batch 1, median of "
-        f"{sp.get('repeats')} after {sp.get('warmup')} warm-up",
         "",
         "## Results",
+        "",
+        "Task columns at each backbone's largest width; mean [min–max] over the seeds run at the winning "
+        "learning rate (one value: one seed). Context gain: LM loss (nats) at positions 16–31 minus its mean "
+        "over the window's second half.",
         "",
         markdown_table(header, rows),
         "",
     ]
+    if cfg.get("variants"):
+        lines += ladder_lines(results)
+    for task, metric in (("mqar", "accuracy"),):
+        if task in rc["tasks"] and not cfg.get("variants"):
+            h, r = width_rows(results, task, metric)
+            lines += [
+                f"## {task} at every width",
+                "",
+                "The winning learning rate of those tried (a rate that reached the early-stopping threshold "
+                "ends the sweep), the steps its first seed ran, and the state size.",
+                "",
+                markdown_table(h, r),
+                "",
+            ]
+    noise = noise_lines(results)
+    if noise:
+        lines += [
+            "## Differences and noise",
+            "",
+            "Every pair of cells per backbone at the largest width: `>` when the seeds' [min, max] intervals do "
+            "not overlap, `≈` when they do (within noise) or when both reach the solve threshold. A cell with "
+            "one seed is a point: a difference against it rests on that seed.",
+            "",
+            *noise,
+            "",
+        ]
     titles = {
         "accuracy_vs_state": "MQAR accuracy vs state size",
         "loss_by_position": "LM loss by token position",
@@ -385,6 +528,15 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
             for unit, err in errs.items():
                 lines.append(f"- `{k}` {unit}: {err}")
         lines.append("")
+    if results.get("claims"):
+        lines += [
+            "## What this run reproduces",
+            "",
+            "Known claims, each checked against this run's numbers (computed, see `claims` in results.json):",
+            "",
+            *claim_lines(results),
+            "",
+        ]
     text = "\n".join(lines)
     path = out / "report.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,8 +1,10 @@
 """Harness tasks: multi-query associative recall (MQAR) and byte-level language modelling.
 
-A task gives the same data to every layer: ``train_batch(step, batch_size)`` is a pure function of
-``(seed, step)`` (so a resumed or multi-process run sees exactly the batches of an uninterrupted one),
-and ``evaluate(model)`` scores a model on a fixed held-out set. Labels are aligned with the inputs
+A task gives the same data to every layer: ``train_batch(step, batch_size, order=k)`` is a pure function of
+``(seed, k, step)`` (so a resumed or multi-process run sees exactly the batches of an uninterrupted one;
+``order`` picks one of independent data orders over the same training data, so the seeds of a comparison
+differ in data order while the held-out set stays fixed), and ``evaluate(model)`` scores a model on a
+fixed held-out set. Labels are aligned with the inputs
 (``labels[:, t]`` is the target of the logits at ``t``); ``-100`` marks positions without a target.
 Generated data is cached as safetensors (written atomically) keyed by a hash of its config and seed.
 """
@@ -76,11 +78,13 @@ class Task:
     name: str = "task"
     vocab_size: int = 0
     seq_len: int = 0
-    #: the metric a learning-rate sweep maximises, and its sign (+1: higher is better)
+    #: the headline metric (a learning-rate sweep optimises it, early stopping and the report read it),
+    #: and its sign (+1: higher is better)
     score_key: str = "loss"
     score_sign: float = -1.0
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    def train_batch(self, step: int, batch_size: int, *, order: int = 0) -> tuple[Tensor, Tensor]:
+        """Batch ``step`` of data order ``order`` (0: the task's own order)."""
         raise NotImplementedError
 
     def evaluate(
@@ -170,6 +174,12 @@ class MQARConfig:
     )
 
 
+def _check_order(order: int) -> int:
+    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
+        raise ValueError(f"expected a data order >= 0 (an int), got {order!r}")
+    return order
+
+
 def _checked_config(cls, config: dict) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(config) - set(names))
@@ -241,21 +251,22 @@ class MQARTask(Task):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "seed": self.seed, **dataclasses.asdict(self.cfg)}
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    def train_batch(self, step: int, batch_size: int, *, order: int = 0) -> tuple[Tensor, Tensor]:
         """Rows ``[step·B, (step+1)·B)`` of an endless stream of seeded per-epoch permutations."""
         n = self.train_inputs.shape[0]
         pos = np.arange(step * batch_size, (step + 1) * batch_size)
         idx = np.empty(batch_size, dtype=np.int64)
         for epoch in np.unique(pos // n):
             sel = pos // n == epoch
-            idx[sel] = self._permutation(int(epoch), n)[pos[sel] % n]
+            idx[sel] = self._permutation(int(epoch), n, _check_order(order))[pos[sel] % n]
         idx_t = torch.from_numpy(idx)
         return self.train_inputs[idx_t], self.train_labels[idx_t]
 
-    def _permutation(self, epoch: int, n: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, 7, epoch]).permutation(n)
-            self._perm_epoch = epoch
+    def _permutation(self, epoch: int, n: int, order: int) -> np.ndarray:
+        if (epoch, order) != self._perm_epoch:
+            key = [self.seed, 7, epoch] if order == 0 else [self.seed, 7, epoch, order]
+            self._perm = np.random.default_rng(key).permutation(n)
+            self._perm_epoch = (epoch, order)
         return self._perm
 
     @torch.no_grad()
@@ -327,8 +338,15 @@ class LMConfig:
     num_eval: int = field(default=64, metadata={"help": "validation windows"})
 
 
+#: the early positions (bytes of context − 1) whose mean loss ``context_gain`` compares with the window's
+#: second half: the small-scale form of the TTT paper's loss-by-token-index figure
+EARLY = (16, 32)
+
+
 class LMTask(Task):
-    """Byte-level language modelling (vocab 256): validation loss, bits per byte, loss by position."""
+    """Byte-level language modelling (vocab 256): validation loss, bits per byte, loss by position, and
+    (windows of ≥ 64 bytes) ``context_gain``: mean loss at positions 16–31 minus that over the second half
+    of the window (256–511 for 512-byte windows) — how much a layer gains from long context."""
 
     name = "lm"
     vocab_size = 256
@@ -404,9 +422,10 @@ class LMTask(Task):
             "val_windows": int(self.val_windows.shape[0]),
         }
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[Tensor, Tensor]:
-        """``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, step)``."""
-        rng = np.random.default_rng([self.seed, 11, step])
+    def train_batch(self, step: int, batch_size: int, *, order: int = 0) -> tuple[Tensor, Tensor]:
+        """``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, order, step)``."""
+        key = [self.seed, 11, step] if _check_order(order) == 0 else [self.seed, 11, step, order]
+        rng = np.random.default_rng(key)
         starts = torch.from_numpy(
             rng.integers(0, self.train_bytes.numel() - self.seq_len - 1, size=batch_size)
         )
@@ -427,12 +446,18 @@ class LMTask(Task):
             n += win.shape[0]
         per_pos /= n
         loss = per_pos.mean().item()
-        return {
+        out = {
             "loss": loss,
             "bits_per_byte": loss / math.log(2),
             "loss_by_position": per_pos.tolist(),
             "num_windows": n,
         }
+        T = self.seq_len
+        if T >= 64:  # how much the second half of the window gains over its early positions
+            out["loss_early"] = per_pos[EARLY[0] : EARLY[1]].mean().item()
+            out["loss_late"] = per_pos[T // 2 :].mean().item()
+            out["context_gain"] = out["loss_early"] - out["loss_late"]
+        return out
 
 
 TASKS: dict[str, type[Task]] = {"mqar": MQARTask, "lm": LMTask}

@@ -75,7 +75,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
+    #: which of the task's independent data orders to train on (0: the task's own); the held-out set is fixed
+    data_order: int = 0
     eval_batch_size: int = 64
+    #: evaluate on the held-out set every this many steps (0: only at the end)
+    eval_every: int = 0
+    #: stop once the task's headline metric reaches this value at one of those evaluations (None: never)
+    stop_at: float | None = None
     log_every: int = 10
     checkpoint_every: int = 0
     device: str = "cpu"
@@ -102,6 +108,10 @@ class TrainResult:
     seconds: float
     steps: int
     resumed_from: int | None = None
+    #: the headline metric at each evaluation during training: [(step, value)]
+    evals: list = field(default_factory=list)
+    #: the step at which ``stop_at`` was reached (None: trained for every step)
+    stopped_at: int | None = None
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> LanguageModel:
@@ -293,6 +303,10 @@ def train(
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    if cfg.eval_every < 0:
+        raise ValueError(f"expected eval_every >= 0, got {cfg.eval_every}")
+    if cfg.stop_at is not None and cfg.eval_every == 0:
+        raise ValueError("expected eval_every > 0 with stop_at (early stopping needs evaluations)")
     if cfg.batch_size % dist.world:
         raise ValueError(f"expected batch_size divisible by the {dist.world} processes, got {cfg.batch_size}")
     task = task or make_task(cfg.task, seed=cfg.seed, cache_dir=cache_dir, **cfg.task_config)
@@ -327,6 +341,9 @@ def train(
     per_rank = cfg.batch_size // dist.world
     t0 = time.perf_counter()
     step = start
+    evals: list[tuple[int, float]] = []
+    stopped_at: int | None = None
+    metrics: dict[str, Any] = {}
     try:
         with _Signals() as signals:
             model.train()
@@ -334,7 +351,11 @@ def train(
                 lr = lr_at(step, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                ids, labels = task.train_batch(step, cfg.batch_size)
+                ids, labels = (
+                    task.train_batch(step, cfg.batch_size, order=cfg.data_order)
+                    if cfg.data_order
+                    else task.train_batch(step, cfg.batch_size)  # tasks written before data orders
+                )
                 ids = ids[dist.rank * per_rank : (dist.rank + 1) * per_rank].to(device)
                 labels = labels[dist.rank * per_rank : (dist.rank + 1) * per_rank].to(device)
                 global_count = _all_reduce_sum([float((labels != IGNORE).sum())], dist, device)[0]
@@ -385,17 +406,24 @@ def train(
                     )
                 if stopping:
                     break
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and evaluate:
+                    metrics = _evaluate(model, task, cfg, device)
+                    model.train()
+                    evals.append((step, metrics[task.score_key]))
+                    if cfg.stop_at is not None and task.score_sign * (evals[-1][1] - cfg.stop_at) >= 0:
+                        stopped_at = step
+                        if outp is not None and dist.main:
+                            save_checkpoint(outp, step, cfg, model, opt, losses)
+                        break
     finally:
         if logf is not None:
             logf.close()
     seconds = time.perf_counter() - t0
-    metrics: dict[str, Any] = {}
-    if evaluate and step >= cfg.steps:
-        model.eval()
-        metrics = task.evaluate(model, batch_size=cfg.eval_batch_size, device=device)
-        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(f"evaluation gave non-finite {', '.join(bad)}")
+    if evaluate and (step >= cfg.steps or stopped_at is not None):
+        if stopped_at is None:
+            metrics = _evaluate(model, task, cfg, device)
+            if cfg.eval_every:
+                evals.append((step, metrics[task.score_key]))
         if outp is not None and dist.main:
             write_json(outp / "metrics.json", {"metrics": metrics, "config": cfg.to_dict(), "steps": step})
     return TrainResult(
@@ -407,7 +435,19 @@ def train(
         seconds=seconds,
         steps=step,
         resumed_from=resumed_from,
+        evals=evals,
+        stopped_at=stopped_at,
     )
+
+
+def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device) -> dict[str, Any]:
+    """The task's held-out metrics of ``model`` (left in eval mode); non-finite values raise."""
+    model.eval()
+    metrics = task.evaluate(model, batch_size=cfg.eval_batch_size, device=device)
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(f"evaluation gave non-finite {', '.join(bad)}")
+    return metrics
 
 
 def _has_unused_parameters(model: nn.Module, task: Task, device) -> bool:

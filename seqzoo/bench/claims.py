@@ -1,0 +1,285 @@
+"""What a comparison reproduces: known claims checked against the run's own numbers, and noise verdicts.
+
+Every verdict here is computed from ``results.json`` — nothing is written by hand. A claim whose layers,
+tasks or seeds are not in the run is "not tested" and says what it lacks.
+
+Noise: a cell's metric over its seeds is an interval [min, max]. Two cells differ only when their
+intervals do not overlap; on a task with a solve threshold (``stop_at``, MQAR's 0.99) two cells that both
+reach it are equal ("both solved"). One seed gives a point: such a difference is reported, marked as
+resting on one seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .compare import cell_name, task_entry
+
+__all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "CONTEXT_LAYERS"]
+
+#: the layers of the claim "attention and TTT layers use context" (those registered and run)
+CONTEXT_LAYERS = ("self_attention", "ttt_nw", "ttt_linear", "ttt_mlp")
+REPRODUCED, NOT_REPRODUCED, NOT_TESTED = "reproduced", "not reproduced", "not tested"
+
+
+def summary(cell: dict, task: str, metric: str, width: str | None = None) -> dict | None:
+    """Mean/min/max/std/n of ``metric`` over the seeds of a cell's task at ``width`` (default: largest)."""
+    _, entry = task_entry(cell, task, width)
+    if not entry or not entry.get("best"):
+        return None
+    return entry["best"]["metrics"].get(metric)
+
+
+def difference(a: dict, b: dict, *, sign: float = 1.0, solved_at: float | None = None) -> str:
+    """How ``a`` compares with ``b`` (two ``summary`` dicts): "better", "worse", "within noise" or
+    "both solved" (``sign`` +1: higher is better)."""
+    if solved_at is not None and sign * (a["min"] - solved_at) >= 0 and sign * (b["min"] - solved_at) >= 0:
+        return "both solved"
+    if a["max"] >= b["min"] and b["max"] >= a["min"]:
+        return "within noise"
+    return "better" if sign * (a["mean"] - b["mean"]) > 0 else "worse"
+
+
+def _fmt(s: dict | None, digits: int = 3) -> str:
+    if s is None:
+        return "—"
+    if s["n"] > 1:
+        return f"{s['mean']:.{digits}f} [{s['min']:.{digits}f}–{s['max']:.{digits}f}]"
+    return f"{s['mean']:.{digits}f} (1 seed)"
+
+
+def state_grows(layer: str) -> bool | None:
+    """Whether a registered layer's state grows with the sequence (None: the layer cannot tell)."""
+    import torch
+
+    import seqzoo
+
+    try:
+        with torch.device("meta"):
+            m = seqzoo.create_layer(layer, 16)
+        return m.state_size(4096) != m.state_size(64)
+    except Exception:  # noqa: BLE001 - a layer that cannot be built on meta tensors at width 16
+        return None
+
+
+def _cells(results: dict) -> dict[tuple[str, str], dict]:
+    return {(c["layer"], c["backbone"]): c for c in results["cells"].values() if "variant" not in c}
+
+
+def _task_cfg(results: dict, task: str) -> dict | None:
+    if task not in results["run_config"]["tasks"]:
+        return None
+    return results["run_config"]["preset_config"]["tasks"].get(task)
+
+
+def _claim(claim: str, verdict: str, evidence: list[str], **numbers: Any) -> dict:
+    return {"claim": claim, "verdict": verdict, "evidence": evidence, "numbers": numbers}
+
+
+def _attention_solves(results: dict) -> dict:
+    claim = "softmax attention solves MQAR (≥ the solve threshold in every backbone)"
+    mq = _task_cfg(results, "mqar")
+    cells = {b: c for (la, b), c in _cells(results).items() if la == "self_attention"}
+    if mq is None or not cells:
+        return _claim(claim, NOT_TESTED, ["needs the mqar task and the self_attention layer"])
+    thr = mq.get("stop_at") or 0.99
+    ev, nums, ok = [], {}, True
+    for b, c in sorted(cells.items()):
+        s = summary(c, "mqar", "accuracy")
+        nums[b] = s
+        ok = ok and s is not None and s["min"] >= thr
+        ev.append(f"self_attention/{b}: accuracy {_fmt(s)} (threshold {thr:g})")
+    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, threshold=thr, accuracy=nums)
+
+
+def _grows_with_state(results: dict) -> dict:
+    claim = "MQAR accuracy grows with state size for the fixed-state layers"
+    mq = _task_cfg(results, "mqar")
+    if mq is None:
+        return _claim(claim, NOT_TESTED, ["needs the mqar task"])
+    thr = mq.get("stop_at") or 0.99
+    ev, nums, grows, falls, open_ = [], {}, [], [], []
+    for (layer, b), c in sorted(_cells(results).items()):
+        by_width = c.get("tasks", {}).get("mqar", {})
+        if len(by_width) < 3 or state_grows(layer) is not False:
+            continue
+        pts = []
+        for w in sorted(by_width, key=lambda w: int(w[1:])):
+            s = summary(c, "mqar", "accuracy", w)
+            run = by_width[w].get("runs", {})
+            sizes = [r["state_size"] for r in run.values() if r.get("status") == "ok"]
+            if s is not None and sizes:
+                pts.append((sizes[0], s["mean"]))
+        if len(pts) < 3:
+            continue
+        key = f"{layer}/{b}"
+        nums[key] = pts
+        first, last = pts[0][1], pts[-1][1]
+        curve = ", ".join(f"{acc:.3f} @ {size:,}" for size, acc in pts)
+        if first >= thr:
+            ev.append(f"{key}: solved at every state size ({curve})")
+            continue
+        open_.append(key)
+        if last - first > 0.02:
+            grows.append(key)
+            ev.append(f"{key}: grows, {curve}")
+        elif first - last > 0.05:
+            falls.append(key)
+            ev.append(f"{key}: falls, {curve}")
+        else:
+            ev.append(f"{key}: flat, {curve}")
+    if not nums:
+        return _claim(claim, NOT_TESTED, ["needs fixed-state layers at ≥ 3 widths"])
+    ok = not falls and bool(open_) and 2 * len(grows) >= len(open_)
+    ev.append(
+        f"{len(grows)} of {len(open_)} unsolved fixed-state layer curves grow by > 0.02 from the smallest to the "
+        f"largest state; {len(falls)} fall by > 0.05 (reproduced: at least half grow and none falls)"
+    )
+    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, curves=nums)
+
+
+def _theorem2(results: dict) -> dict:
+    claim = "ttt_nw equals self_attention (Theorem 2): the same results within noise"
+    cells = _cells(results)
+    ev, nums, ok, tested = [], {}, True, False
+    for task, metric, sign in (("mqar", "accuracy", 1.0), ("lm", "bits_per_byte", -1.0)):
+        tcfg = _task_cfg(results, task)
+        if tcfg is None:
+            continue
+        for b in sorted({bb for _, bb in cells}):
+            nw, sa = cells.get(("ttt_nw", b)), cells.get(("self_attention", b))
+            if nw is None or sa is None:
+                continue
+            a, s = summary(nw, task, metric), summary(sa, task, metric)
+            if a is None or s is None:
+                continue
+            tested = True
+            verdict = difference(a, s, sign=sign, solved_at=tcfg.get("stop_at") if sign > 0 else None)
+            nums[f"{task}/{b}"] = {"ttt_nw": a, "self_attention": s, "verdict": verdict}
+            ok = ok and verdict in ("within noise", "both solved")
+            ev.append(f"{task} {metric}, {b}: ttt_nw {_fmt(a)} vs self_attention {_fmt(s)}: {verdict}")
+    if not tested:
+        return _claim(claim, NOT_TESTED, ["needs ttt_nw and self_attention in the same backbone"])
+    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, comparisons=nums)
+
+
+def _gains(cell: dict) -> tuple[list[float], list[float], float] | None:
+    """Per seed: context gain (loss 16–31 − second half) and late gain (third quarter − second half),
+    and the seed spread of the loss itself (the larger of its early and late ranges)."""
+    _, entry = task_entry(cell, "lm")
+    if not entry or not entry.get("best"):
+        return None
+    best = entry["best"]
+    runs = [entry["runs"][k] for k in entry["runs"] if entry["runs"][k].get("lr") == best["lr"]]
+    runs = [r for r in runs if r.get("status") == "ok" and "context_gain" in r["metrics"]]
+    if not runs:
+        return None
+    ctx, late = [], []
+    for r in runs:
+        pos = r["metrics"]["loss_by_position"]
+        T = len(pos)
+        q3 = sum(pos[T // 4 : T // 2]) / len(pos[T // 4 : T // 2])
+        ctx.append(r["metrics"]["context_gain"])
+        late.append(q3 - r["metrics"]["loss_late"])
+    spreads = [max(v) - min(v) for v in ([r["metrics"][k] for r in runs] for k in ("loss_early", "loss_late"))]
+    return ctx, late, max(spreads)
+
+
+def _uses_context(results: dict) -> dict:
+    claim = (
+        "attention and TTT layers use context (loss at positions 16–31 above that over the window's second "
+        "half by more than the seed spread), while the naive RNN's loss plateaus (no gain from the third "
+        "quarter of the window to the second half beyond the seed spread)"
+    )
+    if _task_cfg(results, "lm") is None:
+        return _claim(claim, NOT_TESTED, ["needs the lm task"])
+    ev, nums, ok, tested = [], {}, True, False
+    for (layer, b), c in sorted(_cells(results).items()):
+        if layer not in CONTEXT_LAYERS and layer != "rnn":
+            continue
+        g = _gains(c)
+        if g is None:
+            continue
+        ctx, late, noise = g
+        if len(ctx) < 2:
+            ev.append(f"{layer}/{b}: one seed, no spread to judge by")
+            ok = False
+            continue
+        tested = True
+        mean_ctx, mean_late = sum(ctx) / len(ctx), sum(late) / len(late)
+        nums[f"{layer}/{b}"] = {"context_gain": ctx, "late_gain": late, "seed_spread": noise}
+        if layer == "rnn":
+            flat = mean_late <= noise
+            ok = ok and flat
+            ev.append(
+                f"rnn/{b}: late gain {mean_late:.3f} nats vs seed spread {noise:.3f}: "
+                + ("plateaus" if flat else "still falling")
+            )
+        else:
+            uses = mean_ctx > noise
+            ok = ok and uses
+            ev.append(
+                f"{layer}/{b}: context gain {mean_ctx:.3f} nats vs seed spread {noise:.3f}: "
+                + ("uses context" if uses else "within noise")
+            )
+    if not tested:
+        return _claim(claim, NOT_TESTED, ev or ["needs attention/TTT layers and rnn with ≥ 2 LM seeds"])
+    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
+
+
+def ladder_steps(results: dict) -> list[dict]:
+    """For a ``variants`` preset (the ablation ladder): each row's bits/byte and its change from the row
+    before (improved / worse / within noise), beside the paper's perplexity and its direction."""
+    from .presets import LADDER_PAPER_PERPLEXITY
+
+    names = [v["name"] for v in results["run_config"]["preset_config"].get("variants") or []]
+    cells = {c.get("variant"): c for c in results["cells"].values()}
+    rows, prev = [], None
+    for i, name in enumerate(names):
+        c = cells.get(name)
+        s = summary(c, "lm", "bits_per_byte") if c else None
+        paper = LADDER_PAPER_PERPLEXITY[i] if i < len(LADDER_PAPER_PERPLEXITY) else None
+        row = {"name": name, "bits_per_byte": s, "paper_perplexity": paper}
+        if prev is not None and s is not None and prev[0] is not None:
+            row["change"] = {"better": "improved", "worse": "worse"}.get(
+                difference(s, prev[0], sign=-1.0), "within noise"
+            )
+            if paper is not None and prev[1] is not None:
+                row["paper_change"] = "improved" if paper < prev[1] else ("worse" if paper > prev[1] else "equal")
+        rows.append(row)
+        prev = (s, paper)
+    return rows
+
+
+def evaluate_claims(results: dict) -> list[dict]:
+    """The verdicts of every known claim this run can check (see the module docstring)."""
+    if results["run_config"]["preset_config"].get("variants"):
+        rows = ladder_steps(results)
+        agree = [r for r in rows if "change" in r and "paper_change" in r]
+        same = [r for r in agree if r["change"] == r["paper_change"]]
+        ev = [
+            f"{r['name']}: {_fmt(r['bits_per_byte'])} bits/byte, {r.get('change', '—')} "
+            f"(paper: {r.get('paper_change', '—')}, perplexity {r['paper_perplexity']})"
+            for r in rows
+        ]
+        verdict = NOT_TESTED if not agree else (REPRODUCED if len(same) == len(agree) else NOT_REPRODUCED)
+        ev.append(f"{len(same)} of {len(agree)} steps move as in the paper")
+        return [_claim("each step of the TTT paper's ablation ladder moves perplexity as in Table 1", verdict, ev,
+                       rows=rows)]
+    return [_attention_solves(results), _grows_with_state(results), _theorem2(results), _uses_context(results)]
+
+
+def pairwise(results: dict, task: str, metric: str, sign: float) -> dict[str, list[tuple[str, str, str]]]:
+    """By backbone: every pair of cells on ``task`` at their largest width and how they differ."""
+    tcfg = _task_cfg(results, task) or {}
+    solved = tcfg.get("stop_at") if sign > 0 else None
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for b in results["run_config"]["backbones"]:
+        cells = [(cell_name(c), summary(c, task, metric)) for c in results["cells"].values() if c["backbone"] == b]
+        cells = sorted([(n, s) for n, s in cells if s is not None], key=lambda x: -sign * x[1]["mean"])
+        pairs = []
+        for i, (na, a) in enumerate(cells):
+            for nb, bb in cells[i + 1 :]:
+                pairs.append((na, nb, difference(a, bb, sign=sign, solved_at=solved)))
+        out[b] = pairs
+    return out
