@@ -74,7 +74,7 @@ _LM_CPU = {
     "d_models": [64],
     "n_layers": 2,
     "batch_size": 8,
-    "steps": 500,
+    "steps": 600,
     "warmup_frac": 0.1,
     "lrs": [3e-3],
     "eval_batch_size": 16,
@@ -165,18 +165,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning-rate sweep and early stopping, a byte LM on 512-byte windows, two seeds where it matters",
         "tasks": {
             "mqar": {
+                # zoology's recipe scaled to a CPU: a curriculum of 4 pairs in 32 tokens and 6 pairs in 48
+                # (the easy examples let attention in the transformer backbone form its induction circuit:
+                # trained on 6-in-48 alone it reached 0.978 in the same steps, on 8 pairs in 64 tokens with
+                # vocabulary 128 it stayed at 0.15 after 3000 steps), scored on 6 pairs in 48 tokens
                 "task_config": {
-                    "vocab_size": 256,
-                    "train": [[128, 16, 20000]],
-                    "test": [[128, 16, 1000]],
+                    "vocab_size": 64,
+                    "train": [[32, 4, 10000], [48, 6, 10000]],
+                    "test": [[48, 6, 1000]],
                     "random_non_queries": False,
                 },
                 "d_models": {"mamba": [16, 32, 64], "transformer": [64]},
                 "n_layers": 2,
-                "batch_size": 32,
-                "steps": 2000,
+                "batch_size": 64,
+                "steps": 2500,
                 "warmup_frac": 0.1,
-                "lrs": [3e-3, 1e-3],
+                "lrs": [3e-3, 1e-2],
                 "eval_batch_size": 250,
                 "eval_every": 250,
                 "stop_at": 0.99,
