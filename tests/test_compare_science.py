@@ -301,3 +301,21 @@ def test_plain_progress_lines_off_a_terminal(tmp_path, capsys):
     assert "What this run reproduces" in text and "wall time" in text
     report = (tmp_path / "report.md").read_text()
     assert "## What this run reproduces" in report and "not tested" in report
+
+
+def test_a_task_without_data_orders_refuses_a_further_seed_clearly():
+    base = make_task("mqar", vocab_size=64, train=[[32, 2, 64]], test=[[32, 2, 16]])
+
+    class OldTask:  # a task written before data orders: train_batch(step, batch_size) only
+        name, vocab_size, seq_len, score_key, score_sign = "old", base.vocab_size, base.seq_len, "accuracy", 1.0
+
+        def train_batch(self, step, batch_size):
+            return base.train_batch(step, batch_size)
+
+        def evaluate(self, model, *, batch_size=64, device="cpu"):
+            return base.evaluate(model, batch_size=batch_size, device=device)
+
+    cfg = dict(layer="rnn", d_model=16, n_layers=1, steps=2, batch_size=4, warmup_steps=0)
+    assert train(TrainConfig(**cfg), task=OldTask()).steps == 2  # its own order: works as before
+    with pytest.raises(TypeError, match="order=k"):
+        train(TrainConfig(**cfg, data_order=1), task=OldTask())

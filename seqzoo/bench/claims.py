@@ -269,17 +269,19 @@ def evaluate_claims(results: dict) -> list[dict]:
     return [_attention_solves(results), _grows_with_state(results), _theorem2(results), _uses_context(results)]
 
 
-def pairwise(results: dict, task: str, metric: str, sign: float) -> dict[str, list[tuple[str, str, str]]]:
-    """By backbone: every pair of cells on ``task`` at their largest width and how they differ."""
+def pairwise(results: dict, task: str, metric: str, sign: float) -> dict[str, list[tuple[str, str, str, bool]]]:
+    """By backbone: every pair of cells on ``task`` at their largest width, how they differ, and whether
+    either rests on one seed."""
     tcfg = _task_cfg(results, task) or {}
     solved = tcfg.get("stop_at") if sign > 0 else None
-    out: dict[str, list[tuple[str, str, str]]] = {}
+    out: dict[str, list[tuple[str, str, str, bool]]] = {}
     for b in results["run_config"]["backbones"]:
         cells = [(cell_name(c), summary(c, task, metric)) for c in results["cells"].values() if c["backbone"] == b]
         cells = sorted([(n, s) for n, s in cells if s is not None], key=lambda x: -sign * x[1]["mean"])
         pairs = []
         for i, (na, a) in enumerate(cells):
             for nb, bb in cells[i + 1 :]:
-                pairs.append((na, nb, difference(a, bb, sign=sign, solved_at=solved)))
+                single = a["n"] < 2 or bb["n"] < 2
+                pairs.append((na, nb, difference(a, bb, sign=sign, solved_at=solved), single))
         out[b] = pairs
     return out

@@ -179,7 +179,8 @@ def noise_lines(results: dict) -> list[str]:
                 continue
             words = {"better": ">", "worse": "<"}
             lines.append(f"- **{task} {metric}, {backbone} backbone** (sorted best first): " + "; ".join(
-                f"{a} {words[v]} {b}" if v in words else f"{a} ≈ {b} ({v})" for a, b, v in pairs
+                (f"{a} {words[v]} {b}" + (" (one seed)" if single else "")) if v in words else f"{a} ≈ {b} ({v})"
+                for a, b, v, single in pairs
             ))
     return lines
 
@@ -231,14 +232,15 @@ def caption(results: dict) -> str:
 
 def compare_table(results: dict):
     """A rich Table of the comparison."""
+    from rich.markup import escape
     from rich.table import Table
 
     header, rows = compare_rows(results)
-    table = Table(title="seqzoo compare", caption=caption(results), show_lines=False)
+    table = Table(title="seqzoo compare", caption=escape(caption(results)), show_lines=False)
     for i, h in enumerate(header):
-        table.add_column(h, overflow="fold", no_wrap=i < 2)
-    for row in rows:
-        table.add_row(*[f"[red]{c}[/red]" if c.startswith("failed") else c for c in row])
+        table.add_column(escape(h), overflow="fold", no_wrap=i < 2)
+    for row in rows:  # "[min–max]" is text, not markup
+        table.add_row(*[f"[red]{escape(c)}[/red]" if c.startswith("failed") else escape(c) for c in row])
     return table
 
 

@@ -310,6 +310,11 @@ def train(
     if cfg.batch_size % dist.world:
         raise ValueError(f"expected batch_size divisible by the {dist.world} processes, got {cfg.batch_size}")
     task = task or make_task(cfg.task, seed=cfg.seed, cache_dir=cache_dir, **cfg.task_config)
+    if cfg.data_order and not _takes_order(task):
+        raise TypeError(
+            f"expected task {cfg.task!r} to take train_batch(step, batch_size, *, order=k) for data_order "
+            f"{cfg.data_order} (a further seed trains on another order of the same data)"
+        )
     model = build_model(cfg, task.vocab_size).to(device)
     params = model.num_parameters()
     params_ne = model.num_parameters(embeddings=False)
@@ -438,6 +443,16 @@ def train(
         evals=evals,
         stopped_at=stopped_at,
     )
+
+
+def _takes_order(task: Task) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(task.train_batch).parameters
+    except (TypeError, ValueError):
+        return False
+    return "order" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _evaluate(model: nn.Module, task: Task, cfg: TrainConfig, device) -> dict[str, Any]:
