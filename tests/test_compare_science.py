@@ -319,3 +319,28 @@ def test_a_task_without_data_orders_refuses_a_further_seed_clearly():
     assert train(TrainConfig(**cfg), task=OldTask()).steps == 2  # its own order: works as before
     with pytest.raises(TypeError, match="order=k"):
         train(TrainConfig(**cfg, data_order=1), task=OldTask())
+
+
+def test_ladder_verdicts_follow_the_paper_directions():
+    cfg = preset("ladder")
+    names = [v["name"] for v in cfg["variants"]]
+    # bits/byte per row (two seeds each): equal, equal, better, better, better, better — the paper's path
+    values = [[3.0, 3.02], [3.01, 3.03], [3.0, 3.04], [2.8, 2.82], [2.6, 2.62], [2.5, 2.52], [2.3, 2.32]]
+    cells = {}
+    for name, v in zip(names, values):
+        runs = {run_key(3e-3, s): {"status": "ok", "lr": 3e-3, "seed": s, "metrics": {"bits_per_byte": x}}
+                for s, x in enumerate(v)}
+        cells[name] = {"layer": "ttt_linear", "backbone": "transformer", "variant": name, "tasks": {"lm": {"d64": {
+            "runs": runs, "best": {"lr": 3e-3, "seeds": [0, 1], "n": 2, "metrics": {"bits_per_byte": spread(v)}}}}}}
+    res = {"run_config": {"preset_config": cfg, "tasks": ["lm"], "backbones": ["transformer", "mamba"]},
+           "cells": cells}
+    rows = cl.ladder_steps(res)
+    assert [r.get("change") for r in rows] == [None, "within noise", "within noise", "improved", "improved",
+                                                "improved", "improved"]
+    # the paper: 15.23 -> 15.23 -> 15.27 (< 1 %: within noise), then 14.05, 12.35, 11.99, 11.09 (improved)
+    assert [r.get("paper_change") for r in rows] == [None, "within noise", "within noise", "improved",
+                                                      "improved", "improved", "improved"]
+    (claim,) = cl.evaluate_claims(res)
+    assert claim["verdict"] == "reproduced" and claim["evidence"][-1] == "6 of 6 steps move as in the paper"
+    cells[names[4]]["tasks"]["lm"]["d64"]["best"]["metrics"]["bits_per_byte"] = spread([2.9, 2.95])
+    assert cl.evaluate_claims(res)[0]["verdict"] == "not reproduced"

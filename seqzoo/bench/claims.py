@@ -227,6 +227,17 @@ def _uses_context(results: dict) -> dict:
     return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
 
 
+#: a change of perplexity in the paper's table smaller than this fraction counts as within noise (the
+#: table reports one run per row: 15.23 -> 15.27 for a learnable W0 is not a finding)
+PAPER_NOISE = 0.01
+
+
+def _paper_change(before: float, after: float) -> str:
+    if abs(after - before) < PAPER_NOISE * before:
+        return "within noise"
+    return "improved" if after < before else "worse"
+
+
 def ladder_steps(results: dict) -> list[dict]:
     """For a ``variants`` preset (the ablation ladder): each row's bits/byte and its change from the row
     before (improved / worse / within noise), beside the paper's perplexity and its direction."""
@@ -245,7 +256,7 @@ def ladder_steps(results: dict) -> list[dict]:
                 difference(s, prev[0], sign=-1.0), "within noise"
             )
             if paper is not None and prev[1] is not None:
-                row["paper_change"] = "improved" if paper < prev[1] else ("worse" if paper > prev[1] else "equal")
+                row["paper_change"] = _paper_change(prev[1], paper)
         rows.append(row)
         prev = (s, paper)
     return rows
