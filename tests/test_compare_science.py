@@ -344,3 +344,20 @@ def test_ladder_verdicts_follow_the_paper_directions():
     assert claim["verdict"] == "reproduced" and claim["evidence"][-1] == "6 of 6 steps move as in the paper"
     cells[names[4]]["tasks"]["lm"]["d64"]["best"]["metrics"]["bits_per_byte"] = spread([2.9, 2.95])
     assert cl.evaluate_claims(res)[0]["verdict"] == "not reproduced"
+
+
+def test_report_only_renders_an_interrupted_run_again(tmp_path, capsys):
+    compare(layers=["rnn"], backbones=["mamba"], tasks=["mqar"], preset_name="quick", out=tmp_path, speed=False,
+            overrides={"tasks": {"mqar": {"steps": 2}}})
+    path = tmp_path / "results.json"
+    res = json.loads(path.read_text())
+    entry = res["cells"]["rnn/mamba"]["tasks"]["mqar"]["d32"]
+    del res["finished"], res["claims"], entry["best"]  # as an interrupted run leaves it
+    path.write_text(json.dumps(res))
+    assert main(["compare", "--out", str(tmp_path), "--report-only"]) == 0
+    again = json.loads(path.read_text())
+    got = again["cells"]["rnn/mamba"]["tasks"]["mqar"]["d32"]["best"]
+    assert got["lr"] == 3e-3 and got["seeds"] == [0] and again["claims"]
+    text = capsys.readouterr().out
+    assert "unfinished run" in text and "--resume" in text and (tmp_path / "report.md").exists()
+    assert main(["compare", "--out", str(tmp_path / "none"), "--report-only"]) == 2

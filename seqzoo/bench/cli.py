@@ -71,7 +71,6 @@ def _cmd_compare(args) -> int:
     from rich.console import Console
 
     from .compare import compare
-    from .report import compare_table, write_plots, write_report
     from .train import Interrupted
 
     if args.threads is None and args.device == "cpu":
@@ -81,6 +80,15 @@ def _cmd_compare(args) -> int:
     out = Path(args.out)
     overrides = json.loads(args.override) if args.override else None
     t0 = time.perf_counter()
+    if args.report_only:
+        from .compare import rerender
+
+        try:
+            results = rerender(out)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return _show_compare(console, results, out, t0)
     # bars on a terminal; elsewhere (CI, nohup, a pipe) one plain line per finished unit
     bars = not args.no_progress and sys.stdout.isatty()
     progress = _progress(bars)
@@ -113,9 +121,21 @@ def _cmd_compare(args) -> int:
     except (KeyError, ValueError, TypeError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
+    return _show_compare(console, results, out, t0)
+
+
+def _show_compare(console, results: dict, out: Path, t0: float) -> int:
+    """Plots, report.md, the table and the claims on the terminal."""
+    from .report import compare_table, write_plots, write_report
+
     plots = write_plots(results, out)
     report = write_report(results, out, plots)
     console.print(compare_table(results))
+    if "finished" not in results:
+        console.print(
+            f"[yellow]unfinished run ({results.get('elapsed_s', 0):.0f} s so far): continue it with "
+            "--resume[/yellow]"
+        )
     if results.get("claims"):
         console.print("[bold]What this run reproduces[/bold] (computed from the numbers above):")
         for c in results["claims"]:
@@ -313,6 +333,11 @@ def add_commands(sub) -> None:
         "--data", default=None, help="file or folder of text for the lm task (default: stdlib sources)"
     )
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="train nothing: read --out/results.json (finished or interrupted), recompute the seeds' "
+        "summaries and the claims, and write the table, plots and report.md again",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")

@@ -50,6 +50,7 @@ __all__ = [
     "run_key",
     "RECIPE",
     "Series",
+    "rerender",
     "spread",
     "best_run",
     "task_entry",
@@ -405,6 +406,36 @@ def compare(
 
     results["claims"] = evaluate_claims(results)
     save()
+    return results
+
+
+def rerender(out: str | Path) -> dict[str, Any]:
+    """The results in ``out/results.json`` with the seeds' summaries, the cells' status and the claims
+    computed again from the runs it holds (an interrupted comparison included); written back atomically."""
+    from .claims import evaluate_claims
+
+    outp = Path(out)
+    path = outp / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"expected a comparison's results at {path}, found none")
+    results = read_json(path)
+    rc = results["run_config"]
+    cfg = rc["preset_config"]
+    heads: dict[str, tuple[str, float]] = {}
+    for cell in results["cells"].values():
+        for task, by_width in cell.get("tasks", {}).items():
+            tcfg = cfg["tasks"][task]
+            if task not in heads:  # the task's headline metric (its data come from the run's cache)
+                t = make_task(task, seed=rc["seed"], cache_dir=outp / "cache", **tcfg["task_config"])
+                heads[task] = (t.score_key, t.score_sign)
+            ws = widths(tcfg, cell["backbone"])
+            seeds = [rc["seed"] + k for k in range(int(tcfg.get("seeds", 1)))]
+            for w in by_width:
+                d = int(w[1:])
+                Series(cell, task, d, tcfg, seeds, d == max(ws), *heads[task]).summarise()
+    _summarise(results)
+    results["claims"] = evaluate_claims(results)
+    write_json(path, results)
     return results
 
 
