@@ -344,7 +344,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--jobs", type=int, default=None,
         help="training runs at once, in worker processes (default on CPU: cores / threads; the speed sweep "
-        "always runs alone)",
+        "always runs alone, first)",
     )
     p.set_defaults(func=_cmd_compare)
 

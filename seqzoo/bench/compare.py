@@ -3,7 +3,7 @@
 A comparison is a grid of cells (layer, backbone; or a preset's named variants). For each cell, task and
 width a :class:`Series` of training runs is spent as the preset says (``seqzoo.bench.presets``): a
 learning-rate sweep with the first seed, ended early by a run that reaches the task's ``stop_at``, then
-further seeds at the winning rate. Then one speed sweep per cell. Every run is written into
+further seeds at the winning rate. Before the training, one speed sweep per cell. Every run is written into
 ``results.json`` (atomically) as soon as it ends, so an interrupted comparison keeps everything finished
 and ``resume=True`` continues it. A run that raises or produces a non-finite loss is recorded with the
 reason and the rest of the grid still runs. At the end the known claims the run can check are
@@ -276,9 +276,9 @@ def compare(
 ) -> dict[str, Any]:
     """Run the comparison and write ``out/results.json``; returns the results dict.
 
-    ``jobs`` > 1 trains that many runs at once in worker processes (each with this process's torch
-    thread count; the layers must come from installed plugins, which the workers load), then runs the
-    speed sweep alone. Every run's numbers are the same as with ``jobs=1``.
+    The speed sweep runs first, alone; then ``jobs`` > 1 trains that many runs at once in worker processes
+    (each with this process's torch thread count; the layers must come from installed plugins, which the
+    workers load). Every run's numbers are the same as with ``jobs=1``.
 
     ``progress`` is an optional ``rich.progress.Progress``; ``console`` an optional rich console for notes;
     ``log_line`` is called with one plain line per finished unit (for logs and pipes).
@@ -388,7 +388,8 @@ def compare(
             log_line(f"[{done_units[0]} done, {time.perf_counter() - clock:.0f} s] {label}: {text}")
 
     with _TermAsInterrupt():
-        _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jobs, progress, notes, finished)
+        # the speed sweep first: it is short, must run alone (no training beside it), and an interrupted
+        # comparison then has its timings
         speed_todo = [c for c in speed_cells if c.get("speed", {}).get("status") != "ok"]
         if speed_cells and len(speed_todo) < len(speed_cells):
             notes(f"resume: {len(speed_cells) - len(speed_todo)} speed sweep(s) already finished")
@@ -400,6 +401,7 @@ def compare(
                 progress.remove_task(sub)
             sp = cell["speed"]
             finished(label, f"{sp['status']} ({sp['seconds']:.0f} s)")
+        _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jobs, progress, notes, finished)
     results["finished"] = _now()
     _summarise(results)
     from .claims import evaluate_claims
