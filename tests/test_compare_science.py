@@ -361,3 +361,25 @@ def test_report_only_renders_an_interrupted_run_again(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "unfinished run" in text and "--resume" in text and (tmp_path / "report.md").exists()
     assert main(["compare", "--out", str(tmp_path / "none"), "--report-only"]) == 2
+
+
+def test_runs_go_breadth_first_across_cells(tmp_path, monkeypatch):
+    """Every cell's first run comes before any cell's second, so an interrupted comparison covers the grid."""
+    import seqzoo.bench.compare as cmp
+
+    order = []
+    real = cmp.train
+
+    def recording(cfg, **kw):
+        order.append((cfg.layer, cfg.backbone, cfg.lr, cfg.seed))
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(cmp, "train", recording)
+    over = {"tasks": {"mqar": {"steps": 2, "lrs": [3e-3, 1e-2], "seeds": 2, "eval_every": 1, "stop_at": 1.01}}}
+    res = compare(layers=["rnn", "self_attention"], tasks=["mqar"], preset_name="quick", out=tmp_path, speed=False,
+                  overrides=over)
+    assert len(order) == 4 * 3  # four cells, each: two rates (none solves), then a second seed
+    assert {o[2] for o in order[:4]} == {3e-3} and {o[2] for o in order[4:8]} == {1e-2}
+    assert all(o[3] == 1 for o in order[8:])
+    for cell in res["cells"].values():
+        assert cell["tasks"]["mqar"]["d32"]["best"]["n"] == 2

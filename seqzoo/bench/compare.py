@@ -443,7 +443,7 @@ def rerender(out: str | Path) -> dict[str, Any]:
 
 def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jobs, progress, notes, finished):
     """Run every series to its end: ``jobs`` runs at once (worker processes when > 1), each series one
-    run at a time through its sweep, its further seeds side by side."""
+    run at a time through its sweep, its further seeds side by side; breadth first across the series."""
     in_flight: dict[tuple[int, float, int], Series] = {}
     already = sum(len(s.entry()["runs"]) for s in series)
     if already:
@@ -452,12 +452,18 @@ def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jo
     overall = progress.add_task("seqzoo compare: training", total=None) if progress is not None else None
     try:
         while True:
-            ready = [
-                (n, lr, s_)
-                for n, s in enumerate(series)
-                for lr, s_ in s.wanted()
-                if (n, lr, s_) not in in_flight
-            ]
+            # breadth first: the runs of the series that have run least go first, so that every cell has
+            # its first result before any cell gets its second (an interrupted comparison covers the grid)
+            ready = sorted(
+                (
+                    (len(s.entry()["runs"]), n, lr, s_)
+                    for n, s in enumerate(series)
+                    for lr, s_ in s.wanted()
+                    if (n, lr, s_) not in in_flight
+                ),
+                key=lambda r: (r[0], r[1]),
+            )
+            ready = [(n, lr, s_) for _, n, lr, s_ in ready]
             if not ready and not in_flight:
                 break
             if pool is None:
