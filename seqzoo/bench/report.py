@@ -153,7 +153,7 @@ def width_rows(results: dict, task: str, metric: str) -> tuple[list[str], list[l
             entry = by_width.get(w)
             best = (entry or {}).get("best")
             if not best:
-                row.append("failed" if entry else "")
+                row.append("" if entry is None else ("failed" if entry.get("runs") else "not run"))
                 continue
             first = entry["runs"][run_key(best["lr"], best["seeds"][0])]
             tried = sum(1 for r in entry["runs"].values() if r.get("seed") == best["seeds"][0])
