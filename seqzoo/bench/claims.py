@@ -185,46 +185,66 @@ def _gains(cell: dict) -> tuple[list[float], list[float], float] | None:
     return ctx, late, max(spreads)
 
 
-def _uses_context(results: dict) -> dict:
-    claim = (
-        "attention and TTT layers use context (loss at positions 16–31 above that over the window's second "
-        "half by more than the seed spread), while the naive RNN's loss plateaus (no gain from the third "
-        "quarter of the window to the second half beyond the seed spread)"
-    )
+def _context_claim(results: dict, claim: str, layers: tuple[str, ...], judge) -> dict:
+    """A claim about the LM's loss by position for ``layers``: ``judge(layer, backbone, context_gains,
+    late_gains, seed_spread)`` gives (holds, evidence line) per cell with ≥ 2 seeds."""
     if _task_cfg(results, "lm") is None:
         return _claim(claim, NOT_TESTED, ["needs the lm task"])
     ev, nums, ok, tested = [], {}, True, False
     for (layer, b), c in sorted(_cells(results).items()):
-        if layer not in CONTEXT_LAYERS and layer != "rnn":
+        if layer not in layers:
             continue
         g = _gains(c)
         if g is None:
             continue
         ctx, late, noise = g
         if len(ctx) < 2:
-            ev.append(f"{layer}/{b}: one seed, no spread to judge by")
-            ok = False
+            ev.append(f"{layer}/{b}: one seed so far, no spread to judge by")
             continue
         tested = True
-        mean_ctx, mean_late = sum(ctx) / len(ctx), sum(late) / len(late)
         nums[f"{layer}/{b}"] = {"context_gain": ctx, "late_gain": late, "seed_spread": noise}
-        if layer == "rnn":
-            flat = mean_late <= noise
-            ok = ok and flat
-            ev.append(
-                f"rnn/{b}: late gain {mean_late:.3f} nats vs seed spread {noise:.3f}: "
-                + ("plateaus" if flat else "still falling")
-            )
-        else:
-            uses = mean_ctx > noise
-            ok = ok and uses
-            ev.append(
-                f"{layer}/{b}: context gain {mean_ctx:.3f} nats vs seed spread {noise:.3f}: "
-                + ("uses context" if uses else "within noise")
-            )
+        holds, line = judge(layer, b, ctx, late, noise)
+        ok = ok and holds
+        ev.append(line)
     if not tested:
-        return _claim(claim, NOT_TESTED, ev or ["needs attention/TTT layers and rnn with ≥ 2 LM seeds"])
+        return _claim(claim, NOT_TESTED, ev or [f"needs {', '.join(layers)} with ≥ 2 LM seeds"])
     return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
+
+
+def _uses_context(results: dict) -> dict:
+    def judge(layer, b, ctx, late, noise):
+        mean = sum(ctx) / len(ctx)
+        uses = mean > noise
+        return uses, (
+            f"{layer}/{b}: context gain {mean:.3f} nats vs seed spread {noise:.3f}: "
+            + ("uses context" if uses else "within noise")
+        )
+
+    return _context_claim(
+        results,
+        "attention and TTT layers use context: LM loss at positions 16–31 above that over the window's "
+        "second half by more than the seed spread",
+        CONTEXT_LAYERS,
+        judge,
+    )
+
+
+def _rnn_plateaus(results: dict) -> dict:
+    def judge(layer, b, ctx, late, noise):
+        mean = sum(late) / len(late)
+        flat = mean <= noise
+        return flat, (
+            f"rnn/{b}: late gain {mean:.3f} nats vs seed spread {noise:.3f}: "
+            + ("plateaus" if flat else "still falling")
+        )
+
+    return _context_claim(
+        results,
+        "the naive RNN's loss plateaus: no gain from the window's third quarter to its second half beyond "
+        "the seed spread",
+        ("rnn",),
+        judge,
+    )
 
 
 #: a change of perplexity in the paper's table smaller than this fraction counts as within noise (the
@@ -277,7 +297,13 @@ def evaluate_claims(results: dict) -> list[dict]:
         ev.append(f"{len(same)} of {len(agree)} steps move as in the paper")
         return [_claim("each step of the TTT paper's ablation ladder moves perplexity as in Table 1", verdict, ev,
                        rows=rows)]
-    return [_attention_solves(results), _grows_with_state(results), _theorem2(results), _uses_context(results)]
+    return [
+        _attention_solves(results),
+        _grows_with_state(results),
+        _theorem2(results),
+        _uses_context(results),
+        _rnn_plateaus(results),
+    ]
 
 
 def pairwise(results: dict, task: str, metric: str, sign: float) -> dict[str, list[tuple[str, str, str, bool]]]:
