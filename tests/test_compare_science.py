@@ -273,7 +273,7 @@ def test_ladder_rows_one_and_two_compute_the_same_function():
         torch.testing.assert_close(ttt(x)[0], lin(x)[0], rtol=1e-9, atol=1e-9)
 
 
-def test_ladder_preset_end_to_end(tmp_path):
+def test_ladder_preset_end_to_end(tmp_path, caplog):
     tiny = {"tasks": {"lm": {"steps": 2, "d_models": [32], "n_layers": 1, "batch_size": 2,
                              "task_config": {"seq_len": 64, "max_train_bytes": 30_000, "num_eval": 2},
                              "eval_batch_size": 2}}}
@@ -288,6 +288,15 @@ def test_ladder_preset_end_to_end(tmp_path):
     rows = cl.ladder_steps(res)
     assert [r["paper_perplexity"] for r in rows] == LADDER_PAPER_PERPLEXITY
     assert all(r["change"] in ("improved", "worse", "within noise") for r in rows[1:])
+    import logging
+
+    from seqzoo.bench.report import write_plots, write_report
+
+    with caplog.at_level(logging.WARNING):
+        plots = write_plots(res, tmp_path)
+    assert "failed" not in caplog.text and set(plots) == {"loss_by_position"}  # no speed sweep, no MQAR
+    text = write_report(res, tmp_path, plots).read_text()
+    assert "## The ablation ladder" in text and "15.23" in text and "## What this run reproduces" in text
     with pytest.raises(ValueError, match="lists its own rows"):
         compare(preset_name="ladder", layers=["rnn"], out=tmp_path / "x", overrides=tiny)
 

@@ -415,7 +415,7 @@ def plot_latency(results: dict, path: Path) -> Path | None:
             if "seconds" in r
         ]
         series[f"{c['layer']} ({c['backbone']})"] = pts
-    sp = results["run_config"]["preset_config"].get("speed", {})
+    sp = results["run_config"]["preset_config"].get("speed") or {}
     return latency_plot(
         series,
         path,
