@@ -270,6 +270,11 @@ def _savefig(fig, path: Path) -> Path:
 _MARKERS = {"transformer": "o", "mamba": "s"}
 
 
+def _hue(cell: dict) -> str:
+    """What a plot's colour tells apart: the layer (the backbone is the line style), or a variant's row."""
+    return cell.get("variant") or cell["layer"]
+
+
 def _colors(names: list[str]) -> dict[str, Any]:
     plt = _plt()
     cmap = plt.get_cmap("tab10")
@@ -282,7 +287,7 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
     cells = [c for c in results["cells"].values() if "mqar" in c.get("tasks", {})]
     if not cells:
         return None
-    colors = _colors([c["layer"] for c in cells])
+    colors = _colors([_hue(c) for c in cells])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     plotted = False
     for c in cells:
@@ -302,7 +307,7 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
             yerr=[lo, hi],
             capsize=3,
             marker=_MARKERS.get(c["backbone"], "^"),
-            color=colors[c["layer"]],
+            color=colors[_hue(c)],
             linestyle="-" if c["backbone"] == "transformer" else "--",
             label=f"{cell_name(c)}" + ("" if "variant" in c else f" ({c['backbone']})"),
         )
@@ -327,7 +332,7 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cells = list(results["cells"].values())
-    colors = _colors([c["layer"] for c in cells])
+    colors = _colors([_hue(c) for c in cells])
     plotted = False
     for c in cells:
         _, entry = task_entry(c, "lm")
@@ -348,7 +353,7 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
         ax.plot(
             x,
             smooth,
-            color=colors[c["layer"]],
+            color=colors[_hue(c)],
             linestyle="-" if c["backbone"] == "transformer" else "--",
             label=f"{cell_name(c)}" + ("" if "variant" in c else f" ({c['backbone']})")
             + (f", mean of {len(curves)} seeds" if len(curves) > 1 else ""),
