@@ -193,9 +193,9 @@ def ladder_lines(results: dict) -> list[str]:
     for r in ladder_steps(results):
         rows.append([
             r["name"],
-            _spread_text(r["bits_per_byte"]),
+            _spread_text(r["bits_per_byte"], 4),
             r.get("change", "—"),
-            _fmt(r["paper_perplexity"]),
+            "—" if r["paper_perplexity"] is None else f"{r['paper_perplexity']:g}",
             r.get("paper_change", "—"),
         ])
     header = ["row", "bits/byte", "vs the row before", "paper perplexity (Table 1)", "paper, vs the row before"]
