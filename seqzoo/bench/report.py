@@ -56,7 +56,7 @@ def _task_cells(r: dict | None, entry: dict | None, metrics: list[str]) -> list[
         return ["—"] * len(metrics)
     if r.get("status") != "ok" or not entry or not entry.get("best"):
         return [f"failed: {_short_error(r.get('error', ''))}"] + ["—"] * (len(metrics) - 1)
-    return [_spread_text(entry["best"]["metrics"].get(m)) for m in metrics]
+    return [_spread_text(entry["best"]["metrics"].get(m), 4) for m in metrics]
 
 
 def compare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
@@ -158,7 +158,7 @@ def width_rows(results: dict, task: str, metric: str) -> tuple[list[str], list[l
             first = entry["runs"][run_key(best["lr"], best["seeds"][0])]
             tried = sum(1 for r in entry["runs"].values() if r.get("seed") == best["seeds"][0])
             row.append(
-                f"{_spread_text(best['metrics'].get(metric))} (lr {best['lr']:g} of {tried}, "
+                f"{_spread_text(best['metrics'].get(metric), 4)} (lr {best['lr']:g} of {tried}, "
                 f"{first.get('steps', '?')} steps; {_fmt(first.get('state_size'))})"
             )
         rows.append(row)
