@@ -309,7 +309,7 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
             marker=_MARKERS.get(c["backbone"], "^"),
             color=colors[_hue(c)],
             linestyle="-" if c["backbone"] == "transformer" else "--",
-            label=f"{cell_name(c)}" + ("" if "variant" in c else f" ({c['backbone']})"),
+            label=c.get("variant") or f"{c['layer']} ({c['backbone']})",
         )
         plotted = True
     if not plotted:
@@ -355,7 +355,7 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
             smooth,
             color=colors[_hue(c)],
             linestyle="-" if c["backbone"] == "transformer" else "--",
-            label=f"{cell_name(c)}" + ("" if "variant" in c else f" ({c['backbone']})")
+            label=c.get("variant") or f"{c['layer']} ({c['backbone']})"
             + (f", mean of {len(curves)} seeds" if len(curves) > 1 else ""),
         )
         plotted = True
