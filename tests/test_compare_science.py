@@ -402,3 +402,35 @@ def test_rnn_still_falling_is_not_a_plateau():
     one_seed = _cell("rnn", "mamba", lm=_lm(falling[:1]))
     (claim,) = [c for c in cl.evaluate_claims(_results(one_seed, tasks=("lm",))) if "naive RNN" in c["claim"]]
     assert claim["verdict"] == "not tested" and "one seed" in claim["evidence"][0]
+
+
+def test_a_resumed_part_of_the_grid_is_not_called_finished(tmp_path):
+    over = {"tasks": {"mqar": {"steps": 2}}}
+    kw = dict(tasks=["mqar"], backbones=["mamba"], preset_name="quick", out=tmp_path, speed=False, overrides=over)
+    with pytest.raises(KeyboardInterrupt):  # a comparison of two layers, stopped before the second
+        import seqzoo.bench.compare as cmp
+
+        real, calls = cmp.train, []
+
+        def once(*a, **k):
+            calls.append(1)
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        cmp.train = once
+        try:
+            compare(layers=["rnn", "self_attention"], **kw)
+        finally:
+            cmp.train = real
+    part = compare(layers=["rnn"], resume=True, **kw)  # the first layer only: the grid is not complete
+    assert "finished" not in part
+    assert rerender_ok(tmp_path) is False
+    whole = compare(layers=["self_attention"], resume=True, **kw)
+    assert "finished" in whole and rerender_ok(tmp_path) is True
+
+
+def rerender_ok(out) -> bool:
+    from seqzoo.bench.compare import rerender
+
+    return "finished" in rerender(out)

@@ -402,7 +402,9 @@ def compare(
             sp = cell["speed"]
             finished(label, f"{sp['status']} ({sp['seconds']:.0f} s)")
         _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jobs, progress, notes, finished)
-    results["finished"] = _now()
+    # finished when every cell of the file (a resumed comparison may have run a part of the grid) has run
+    if not _not_run(results):
+        results["finished"] = _now()
     _summarise(results)
     from .claims import evaluate_claims
 
@@ -435,6 +437,8 @@ def rerender(out: str | Path) -> dict[str, Any]:
             for w in by_width:
                 d = int(w[1:])
                 Series(cell, task, d, tcfg, seeds, d == max(ws), *heads[task]).summarise()
+    if _not_run(results):
+        results.pop("finished", None)
     _summarise(results)
     results["claims"] = evaluate_claims(results)
     write_json(path, results)
@@ -791,6 +795,17 @@ def _run_speed(cell, scfg, seed, device, save) -> None:
         cell["speed"] = {"status": "failed", "error": _error_text(exc)}
     cell["speed"]["seconds"] = round(time.perf_counter() - t0, 2)
     save()
+
+
+def _not_run(results: dict) -> list[str]:
+    """The (cell, task, width) entries of a comparison without any run yet."""
+    return [
+        f"{name} {task} {width}"
+        for name, cell in results["cells"].items()
+        for task, by_width in cell.get("tasks", {}).items()
+        for width, entry in by_width.items()
+        if not entry.get("runs")
+    ]
 
 
 def _summarise(results: dict) -> None:

@@ -455,7 +455,7 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
         "",
         f"{cfg.get('description', '')}.",
         "",
-        f"- started {results.get('started')}, finished {results.get('finished', '(unfinished)')}, "
+        f"- started {results.get('started')}, finished {results.get('finished', '(unfinished: continue with --resume)')}, "
         f"elapsed {results.get('elapsed_s', 0):.0f} s",
         f"- machine: {results['machine'].get('processor')} ({results['machine'].get('cpu_count')} cores, "
         f"{results['machine'].get('torch_threads')} torch threads), device `{rc['device']}`",
