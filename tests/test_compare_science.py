@@ -214,7 +214,7 @@ def test_claims_not_reproduced_when_the_numbers_say_otherwise():
         cells |= _cell("ttt_linear", b, mqar=_mqar({16: [0.9], 32: [0.6], 64: [0.5, 0.55]}), lm=_lm(flat))
         cells |= _cell("rnn", b, mqar=_mqar({16: [0.1], 32: [0.1], 64: [0.1, 0.1]}), lm=_lm(flat))
     verdicts = [c["verdict"] for c in cl.evaluate_claims(_results(cells))]
-    assert verdicts == ["not reproduced"] * 4 + ["reproduced"]  # a flat RNN does plateau
+    assert verdicts == ["not reproduced"] * 5
 
 
 def test_claims_not_tested_without_their_layers():
@@ -394,14 +394,26 @@ def test_runs_go_breadth_first_across_cells(tmp_path, monkeypatch):
         assert cell["tasks"]["mqar"]["d32"]["best"]["n"] == 2
 
 
-def test_rnn_still_falling_is_not_a_plateau():
-    falling = [[3.0 - 1.5 * t / 512 + 0.01 * s for t in range(512)] for s in range(2)]
-    cells = _cell("rnn", "mamba", lm=_lm(falling))
-    (claim,) = [c for c in cl.evaluate_claims(_results(cells, tasks=("lm",))) if "naive RNN" in c["claim"]]
-    assert claim["verdict"] == "not reproduced" and "still falling" in claim["evidence"][0]
-    one_seed = _cell("rnn", "mamba", lm=_lm(falling[:1]))
-    (claim,) = [c for c in cl.evaluate_claims(_results(one_seed, tasks=("lm",))) if "naive RNN" in c["claim"]]
-    assert claim["verdict"] == "not tested" and "one seed" in claim["evidence"][0]
+def test_rnn_plateau_is_judged_against_attention():
+    # every curve shares the data's own fall with position; attention's keeps falling where the RNN's stops
+    data = [0.3 * t / 512 for t in range(512)]
+    att = [[3.0 - d - 1.0 * t / 512 + 0.01 * s for t, d in enumerate(data)] for s in range(2)]
+    rnn = [[3.0 - d - 1.0 * min(t, 64) / 512 + 0.01 * s for t, d in enumerate(data)] for s in range(2)]
+    cells = _cell("rnn", "mamba", lm=_lm(rnn)) | _cell("self_attention", "mamba", lm=_lm(att))
+
+    def verdict(cells):
+        (c,) = [c for c in cl.evaluate_claims(_results(cells, tasks=("lm",))) if "naive RNN" in c["claim"]]
+        return c
+
+    c = verdict(cells)
+    assert c["verdict"] == "reproduced" and "plateaus first" in c["evidence"][0]
+    same = _cell("rnn", "mamba", lm=_lm(att)) | _cell("self_attention", "mamba", lm=_lm(att))
+    c = verdict(same)
+    assert c["verdict"] == "not reproduced" and "no difference beyond noise" in c["evidence"][0]
+    alone = _cell("rnn", "mamba", lm=_lm(rnn))
+    assert verdict(alone)["verdict"] == "not tested"
+    one_seed = _cell("rnn", "mamba", lm=_lm(rnn[:1])) | _cell("self_attention", "mamba", lm=_lm(att))
+    assert verdict(one_seed)["verdict"] == "not tested"
 
 
 def test_a_resumed_part_of_the_grid_is_not_called_finished(tmp_path):
