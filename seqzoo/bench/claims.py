@@ -185,16 +185,16 @@ def _gains(cell: dict) -> tuple[list[float], list[float], float] | None:
     return ctx, late, max(spreads)
 
 
-def _context_claim(results: dict, claim: str, layers: tuple[str, ...], judge) -> dict:
-    """A claim about the LM's loss by position for ``layers``: ``judge(layer, backbone, context_gains,
-    late_gains, seed_spread)`` gives (holds, evidence line) per cell with ≥ 2 seeds."""
+def _uses_context(results: dict) -> dict:
+    claim = (
+        "attention and TTT layers use context: LM loss at positions 16–31 above that over the window's "
+        "second half by more than the seed spread"
+    )
     if _task_cfg(results, "lm") is None:
         return _claim(claim, NOT_TESTED, ["needs the lm task"])
     ev, nums, ok, tested = [], {}, True, False
     for (layer, b), c in sorted(_cells(results).items()):
-        if layer not in layers:
-            continue
-        g = _gains(c)
+        g = _gains(c) if layer in CONTEXT_LAYERS else None
         if g is None:
             continue
         ctx, late, noise = g
@@ -203,30 +203,16 @@ def _context_claim(results: dict, claim: str, layers: tuple[str, ...], judge) ->
             continue
         tested = True
         nums[f"{layer}/{b}"] = {"context_gain": ctx, "late_gain": late, "seed_spread": noise}
-        holds, line = judge(layer, b, ctx, late, noise)
-        ok = ok and holds
-        ev.append(line)
-    if not tested:
-        return _claim(claim, NOT_TESTED, ev or [f"needs {', '.join(layers)} with ≥ 2 LM seeds"])
-    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
-
-
-def _uses_context(results: dict) -> dict:
-    def judge(layer, b, ctx, late, noise):
         mean = sum(ctx) / len(ctx)
         uses = mean > noise
-        return uses, (
+        ok = ok and uses
+        ev.append(
             f"{layer}/{b}: context gain {mean:.3f} nats vs seed spread {noise:.3f}: "
             + ("uses context" if uses else "within noise")
         )
-
-    return _context_claim(
-        results,
-        "attention and TTT layers use context: LM loss at positions 16–31 above that over the window's "
-        "second half by more than the seed spread",
-        CONTEXT_LAYERS,
-        judge,
-    )
+    if not tested:
+        return _claim(claim, NOT_TESTED, ev or [f"needs {', '.join(CONTEXT_LAYERS)} with ≥ 2 LM seeds"])
+    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
 
 
 def _rnn_plateaus(results: dict) -> dict:
