@@ -50,6 +50,7 @@ __all__ = [
     "run_key",
     "RECIPE",
     "Series",
+    "cell_series",
     "rerender",
     "spread",
     "best_run",
@@ -243,6 +244,13 @@ class Series:
         }
 
 
+def cell_series(cell: dict, task: str, tcfg: dict, seed: int, score_key: str, score_sign: float) -> list[Series]:
+    """A cell's series for ``task``, one per width of its backbone, with the preset's seeds from ``seed``."""
+    ws = widths(tcfg, cell["backbone"])
+    seeds = [seed + k for k in range(int(tcfg.get("seeds", 1)))]
+    return [Series(cell, task, d, tcfg, seeds, d == max(ws), score_key, score_sign) for d in ws]
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Mean, min, max and (population) standard deviation of a list of numbers."""
     n = len(values)
@@ -293,17 +301,14 @@ def compare(
     if variants is None:
         layers = list(layers or list_layers())
         backbones = list(backbones or BACKBONES)
-        for b in backbones:
-            if b not in BACKBONES:
-                raise ValueError(f"expected backbones from {BACKBONES}, got {b!r}")
         rows = [{"layer": la, "backbone": b, "layer_config": {}} for la in layers for b in backbones]
     else:
         rows = [dict(v) for v in variants]
         layers = sorted({v["layer"] for v in rows})
         backbones = sorted({v["backbone"] for v in rows})
-        for v in rows:
-            if v["backbone"] not in BACKBONES:
-                raise ValueError(f"expected backbones from {BACKBONES}, got {v['backbone']!r}")
+    for b in backbones:
+        if b not in BACKBONES:
+            raise ValueError(f"expected backbones from {BACKBONES}, got {b!r}")
     for name in layers:
         layer_spec(name)  # unknown names fail here, with close matches
     tasks = list(tasks or cfg["tasks"])
@@ -365,13 +370,8 @@ def compare(
             cell["variant"] = row["name"]
             cell["layer_config"] = row.get("layer_config", {})
         for task in tasks:
-            tcfg = cfg["tasks"][task]
-            ws = widths(tcfg, row["backbone"])
             t = get_task(task)
-            n_seeds = int(tcfg.get("seeds", 1))
-            for d in ws:
-                s = Series(cell, task, d, tcfg, [seed + k for k in range(n_seeds)], d == max(ws),
-                           score_key=t.score_key, score_sign=t.score_sign)
+            for s in cell_series(cell, task, cfg["tasks"][task], seed, t.score_key, t.score_sign):
                 entry = s.entry()
                 # a resumed run retries what failed; what finished stays
                 entry["runs"] = {k: r for k, r in entry["runs"].items() if r.get("status") == "ok"}
@@ -432,11 +432,9 @@ def rerender(out: str | Path) -> dict[str, Any]:
             if task not in heads:  # the task's headline metric (its data come from the run's cache)
                 t = make_task(task, seed=rc["seed"], cache_dir=outp / "cache", **tcfg["task_config"])
                 heads[task] = (t.score_key, t.score_sign)
-            ws = widths(tcfg, cell["backbone"])
-            seeds = [rc["seed"] + k for k in range(int(tcfg.get("seeds", 1)))]
-            for w in by_width:
-                d = int(w[1:])
-                Series(cell, task, d, tcfg, seeds, d == max(ws), *heads[task]).summarise()
+            for s in cell_series(cell, task, tcfg, rc["seed"], *heads[task]):
+                if f"d{s.width}" in by_width:
+                    s.summarise()
     if _not_run(results):
         results.pop("finished", None)
     _summarise(results)
@@ -507,6 +505,8 @@ def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jo
 def _finish(s: Series, lr: float, sd: int, rec: dict, save, finished) -> None:
     if rec["status"] != "ok":
         log.warning("%s lr %s seed %s failed: %s", s.label, _lr_key(lr), sd, rec.get("error"))
+    rec.setdefault("lr", lr)  # a dead worker's record has neither
+    rec.setdefault("seed", sd)
     s.entry()["runs"][run_key(lr, sd)] = rec
     s.summarise()
     save()
@@ -542,7 +542,7 @@ class _Pool:
     def submit(self, key, spec: dict) -> None:
         self.waiting.add(key)
         if self.dead:  # the workers died: what is left fails with the reason, the comparison ends cleanly
-            self.done.put((key, {"status": "failed", "error": "training worker process died", "lr": spec["lr"]}))
+            self.done.put((key, {"status": "failed", "error": "training worker process died"}))
         else:
             self.todo.put((key, spec))
 
