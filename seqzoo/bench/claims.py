@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from .compare import cell_name, task_entry
+from .tasks import reaches
 
 __all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "CONTEXT_LAYERS"]
 
@@ -33,7 +34,7 @@ def summary(cell: dict, task: str, metric: str, width: str | None = None) -> dic
 def difference(a: dict, b: dict, *, sign: float = 1.0, solved_at: float | None = None) -> str:
     """How ``a`` compares with ``b`` (two ``summary`` dicts): "better", "worse", "within noise" or
     "both solved" (``sign`` +1: higher is better)."""
-    if solved_at is not None and sign * (a["min"] - solved_at) >= 0 and sign * (b["min"] - solved_at) >= 0:
+    if solved_at is not None and reaches(a["min"], solved_at, sign) and reaches(b["min"], solved_at, sign):
         return "both solved"
     if a["max"] >= b["min"] and b["max"] >= a["min"]:
         return "within noise"

@@ -319,7 +319,7 @@ def add_commands(sub) -> None:
         "--preset",
         default="default",
         choices=["quick", "default", "ladder", "paper"],
-        help="quick: seconds (tests); default: the comparison on a CPU (under 30 min on 2 cores); ladder: the "
+        help="quick: seconds (tests); default: the comparison on a CPU (about 3 h on 2 cores; --resume continues it); ladder: the "
         "TTT paper's ablation ladder (Table 1) on the byte LM; paper: the published recipes (GPU)",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")

@@ -34,7 +34,7 @@ from ..registry import layer_spec, list_layers, task_spec
 from .presets import PRESETS, RECIPE, preset, widths
 from .speed import bench_model
 from .store import machine_info, read_json, versions, write_json
-from .tasks import make_task
+from .tasks import make_task, reaches
 from .train import Interrupted, TrainConfig, model_state_size, train
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class Series:
         stop_at = self.tcfg.get("stop_at")
         if stop_at is None or rec.get("status") != "ok":
             return False
-        return self.score_sign * (rec["metrics"][self.score_key] - stop_at) >= 0
+        return reaches(rec["metrics"][self.score_key], stop_at, self.score_sign)
 
     def wanted(self) -> list[tuple[float, int]]:
         """The runs (lr, seed) to start now: the next rate of the sweep, or the further seeds."""

@@ -39,6 +39,7 @@ __all__ = [
     "LMConfig",
     "LMTask",
     "mqar_examples",
+    "reaches",
     "make_task",
     "default_cache_dir",
     "stdlib_files",
@@ -174,10 +175,22 @@ class MQARConfig:
     )
 
 
+def reaches(value: float, target: float, sign: float) -> bool:
+    """Whether a headline metric ``value`` reaches ``target`` (``sign`` +1: higher is better): the rule of
+    early stopping, of the sweep's end and of "both solved"."""
+    return sign * (value - target) >= 0
+
+
 def _check_order(order: int) -> int:
     if isinstance(order, bool) or not isinstance(order, int) or order < 0:
         raise ValueError(f"expected a data order >= 0 (an int), got {order!r}")
     return order
+
+
+def _order_key(key: list[int], order: int) -> list[int]:
+    """The seed of a stream of training batches: ``key`` for data order 0 (the task's own), ``key`` and
+    the order for the others."""
+    return key if _check_order(order) == 0 else [*key, order]
 
 
 def _checked_config(cls, config: dict) -> Any:
@@ -253,19 +266,19 @@ class MQARTask(Task):
 
     def train_batch(self, step: int, batch_size: int, *, order: int = 0) -> tuple[Tensor, Tensor]:
         """Rows ``[step·B, (step+1)·B)`` of an endless stream of seeded per-epoch permutations."""
+        _check_order(order)  # here, not only when a permutation is drawn
         n = self.train_inputs.shape[0]
         pos = np.arange(step * batch_size, (step + 1) * batch_size)
         idx = np.empty(batch_size, dtype=np.int64)
         for epoch in np.unique(pos // n):
             sel = pos // n == epoch
-            idx[sel] = self._permutation(int(epoch), n, _check_order(order))[pos[sel] % n]
+            idx[sel] = self._permutation(int(epoch), n, order)[pos[sel] % n]
         idx_t = torch.from_numpy(idx)
         return self.train_inputs[idx_t], self.train_labels[idx_t]
 
     def _permutation(self, epoch: int, n: int, order: int) -> np.ndarray:
         if (epoch, order) != self._perm_epoch:
-            key = [self.seed, 7, epoch] if order == 0 else [self.seed, 7, epoch, order]
-            self._perm = np.random.default_rng(key).permutation(n)
+            self._perm = np.random.default_rng(_order_key([self.seed, 7, epoch], order)).permutation(n)
             self._perm_epoch = (epoch, order)
         return self._perm
 
@@ -424,8 +437,7 @@ class LMTask(Task):
 
     def train_batch(self, step: int, batch_size: int, *, order: int = 0) -> tuple[Tensor, Tensor]:
         """``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, order, step)``."""
-        key = [self.seed, 11, step] if _check_order(order) == 0 else [self.seed, 11, step, order]
-        rng = np.random.default_rng(key)
+        rng = np.random.default_rng(_order_key([self.seed, 11, step], order))
         starts = torch.from_numpy(
             rng.integers(0, self.train_bytes.numel() - self.seq_len - 1, size=batch_size)
         )

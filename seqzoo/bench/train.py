@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones import LanguageModel, create_model, default_intermediate_size
 from .store import load_tensors, read_json, save_tensors, write_json
-from .tasks import IGNORE, Task, make_task
+from .tasks import IGNORE, Task, make_task, reaches
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def train(
                     metrics = _evaluate(model, task, cfg, device)
                     model.train()
                     evals.append((step, metrics[task.score_key]))
-                    if cfg.stop_at is not None and task.score_sign * (evals[-1][1] - cfg.stop_at) >= 0:
+                    if cfg.stop_at is not None and reaches(evals[-1][1], cfg.stop_at, task.score_sign):
                         stopped_at = step
                         if outp is not None and dist.main:
                             save_checkpoint(outp, step, cfg, model, opt, losses)
