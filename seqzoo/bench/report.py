@@ -167,11 +167,10 @@ def width_rows(results: dict, task: str, metric: str) -> tuple[list[str], list[l
 
 def noise_lines(results: dict) -> list[str]:
     """Every pair of cells per backbone and task (largest width): better, worse, within noise, both solved."""
-    from .claims import pairwise
+    from .claims import COMPARED, pairwise
 
     lines = []
-    specs = [("mqar", "accuracy", 1.0), ("lm", "bits_per_byte", -1.0)]
-    for task, metric, sign in specs:
+    for task, metric, sign in COMPARED:
         if task not in results["run_config"]["tasks"]:
             continue
         for backbone, pairs in pairwise(results, task, metric, sign).items():
@@ -497,18 +496,17 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
     ]
     if cfg.get("variants"):
         lines += ladder_lines(results)
-    for task, metric in (("mqar", "accuracy"),):
-        if task in rc["tasks"] and not cfg.get("variants"):
-            h, r = width_rows(results, task, metric)
-            lines += [
-                f"## {task} at every width",
-                "",
-                "The winning learning rate of those tried (a rate that reached the early-stopping threshold "
-                "ends the sweep), the steps its first seed ran, and the state size.",
-                "",
-                markdown_table(h, r),
-                "",
-            ]
+    if "mqar" in rc["tasks"] and not cfg.get("variants"):
+        h, r = width_rows(results, "mqar", "accuracy")
+        lines += [
+            "## mqar at every width",
+            "",
+            "The winning learning rate of those tried (a rate that reached the early-stopping threshold "
+            "ends the sweep), the steps its first seed ran, and the state size.",
+            "",
+            markdown_table(h, r),
+            "",
+        ]
     noise = noise_lines(results)
     if noise:
         lines += [
