@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Mamba", "MambaConfig", "selective_scan_ref", "selective_scan_chunked"]
+__all__ = ["Mamba", "MambaConfig", "selective_scan_ref", "selective_scan_chunked", "mamba_step", "NATIVE"]
 
 
 # --- the selective scan ----------------------------------------------------------------------------
@@ -150,6 +151,57 @@ def _cuda_kernels() -> dict | None:
         return None
     return {"causal_conv1d_fn": causal_conv1d_fn, "selective_scan_fn": selective_scan_fn,
             "selective_state_update": selective_state_update}
+
+
+# --- seqzoo's fused CPU decode step (csrc/mamba_step.c, built by seqzoo.native) -----------------------
+NATIVE = native.Library("mamba_step", [Path(__file__).parent / "csrc" / "mamba_step.c"], {
+    "sz_mamba_step": (native.I32, [native.I64] * 6 + [native.PTR, native.I64] + [native.PTR] * 12),
+})
+
+
+def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None,
+               x_proj_w: Tensor, dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Mamba's decode step between ``in_proj`` and ``out_proj`` (as ``Mamba.step``'s torch path):
+    xz (B, 2·d_inner) = in_proj(u), conv_state (B, d_inner, W ≥ max(K−1, 1)), h (B, d_inner, d_state), conv_w
+    (d_inner, 1, K), x_proj_w (R + 2·d_state, d_inner), dt_w (d_inner, R), dt_b, D (d_inner,), A_log
+    (d_inner, d_state) -> y = (C·h' + D·xc) ⊙ silu(z) (B, d_inner), the new conv_state and h'."""
+    Bsz, two_d = xz.shape
+    Dn, N = A_log.shape
+    K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
+    tensors = (xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
+    want = ((Bsz, 2 * Dn), (Bsz, Dn, W), (Bsz, Dn, N), (Dn, 1, K), (Dn,), (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N),
+            (Dn,))
+    got = tuple(None if t is None else t.shape for t in tensors)
+    names = ("xz", "conv_state", "h", "conv_w", "conv_b", "x_proj_w", "dt_w", "dt_b", "A_log", "D")
+    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or K < 1 or W < max(K - 1, 1) or (
+            dt_b is None):
+        raise ValueError("mamba_step: inconsistent shapes " + ", ".join(
+            f"{n} {tuple(g)}" for n, g in zip(names, got) if g is not None)
+            + f" (a conv of K >= 1 taps, a conv state of W >= {max(K - 1, 1)}, a dt bias)")
+    native.require_float32_cpu("mamba_step", dict(zip(names, tensors)))
+    # every pointer below is of a tensor bound to a name here, alive until the call returns
+    return _mamba_step(xz, *(None if t is None else t.contiguous() for t in tensors[1:]))
+
+
+def _mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor,
+                dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel call of ``mamba_step`` on inputs its caller has checked as ``mamba_step`` does (shapes,
+    float32 CPU, a dt bias; contiguous, but for xz, whose rows may be strided)."""
+    if xz.stride(-1) != 1:
+        xz = xz.contiguous()
+    Bsz, two_d = xz.shape
+    Dn, N = A_log.shape
+    K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
+    y = xz.new_empty((Bsz, Dn))
+    conv_out, h_out = torch.empty_like(conv_state), torch.empty_like(h)
+    status = NATIVE.sz_mamba_step(
+        Bsz, Dn, N, R, W, K, xz.data_ptr(), xz.stride(0) if Bsz > 1 else two_d, conv_state.data_ptr(),
+        conv_out.data_ptr(), conv_w.data_ptr(), None if conv_b is None else conv_b.data_ptr(), x_proj_w.data_ptr(),
+        dt_w.data_ptr(), dt_b.data_ptr(), A_log.data_ptr(), D.data_ptr(), h.data_ptr(), h_out.data_ptr(),
+        y.data_ptr())
+    if status:
+        raise MemoryError("mamba_step: the kernel could not allocate its workspace")
+    return y, conv_out, h_out
 
 
 # --- the layer -------------------------------------------------------------------------------------
@@ -328,7 +380,7 @@ class Mamba(SequenceLayer):
         y = torch.baddbmm((self.D.to(ctype) * xc).unsqueeze(-1), h, C.unsqueeze(-1)).squeeze(-1)  # C·h + D x
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
 
-    # --- CPU: seqzoo's fused decode step (seqzoo.native) -------------------------------------------
+    # --- CPU: seqzoo's fused decode step (NATIVE) -------------------------------------------
     @classmethod
     def _native_step_allowed(cls) -> bool:
         """A subclass that overrides a method of the torch step gets the torch step."""
@@ -345,7 +397,7 @@ class Mamba(SequenceLayer):
         modules, own = self._modules, self._parameters
         x_proj, dt_proj, conv, in_proj, out_proj = (
             modules["x_proj"], modules["dt_proj"], modules["conv1d"], modules["in_proj"], modules["out_proj"])
-        if not (native.step_fits(self, x, state) and native.plain(x_proj, dt_proj)):
+        if not (NATIVE.available() and native.step_fits(self, x, state) and native.plain(x_proj, dt_proj)):
             return None
         xp, dp = x_proj._parameters, dt_proj._parameters  # (plain: weight and bias registered)
         params = (conv.weight, conv.bias, xp["weight"], dp["weight"], dp["bias"], own.get("A_log"), own.get("D"))
@@ -364,7 +416,7 @@ class Mamba(SequenceLayer):
         if xz.shape != (x.shape[0], 2 * Dn):
             raise ValueError(f"Mamba: expected in_proj to give (B, 2·d_inner) = {(x.shape[0], 2 * Dn)}, got "
                              f"{tuple(xz.shape)}")
-        y, conv_state, h = native._mamba_step(xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
+        y, conv_state, h = _mamba_step(xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
         out = F.linear(y, out_proj._parameters["weight"], out_proj._parameters["bias"]) if plain else (
             self._output_gate_only(y, x))
         return out, {"conv_state": conv_state, "ssm_state": h}

@@ -94,7 +94,7 @@ class TTTConfig:
     backend: str = field(
         default="auto",
         metadata={"help": "inner scan: 'torch', 'triton' (CUDA kernels), 'auto' (triton on CUDA; on CPU, a native "
-                          "decode step where the layer has one: seqzoo.native)"},
+                          "decode step where the layer has one: the plugin's native CPU kernels)"},
     )
     scan_checkpoint_group_size: int = field(
         default=0, metadata={"help": "mini-batches per gradient-checkpointed group when training (0 = off)"}

@@ -1,27 +1,31 @@
-"""Native CPU kernels in C (``seqzoo/csrc/decode.c``): fused decode steps and the TTT layers' prefill,
-built once per machine with the system C compiler.
+"""Native CPU kernels in C for the plugins that ship them: build, cache, load, type, and the guard that
+says when a call may take the native path. This module names no layer; each plugin owns its C sources
+and their Python wrappers (the Mamba plugin its decode step, the TTT plugin its decode and prefill).
 
 A decode step on the CPU is a few large mat-vecs (the projections) and dozens of tiny ops between them,
-each costing PyTorch's per-op dispatch (3-10 µs, several times that with the caches cold after the
-mat-vecs) for a few microseconds of arithmetic. The kernels here do the tiny part in one call: Mamba's
-conv, x_proj, dt_proj and selective-state update, TTT-Linear's inner step. The projections are read
-directly only while they are bare ``nn.Linear``/``nn.LayerNorm`` modules without hooks (``plain``);
-otherwise the layers call them, or take their torch path. The TTT layers' prefill runs its whole
-mini-batches through one call (``ttt_linear_dual``, ``ttt_mlp_dual``).
+each costing PyTorch's per-op dispatch (3-10 µs) for a few microseconds of arithmetic; a C kernel does
+the tiny part in one call. A plugin declares its library once::
 
-- ``available()``: the library is built (or was built before) and loads. The build runs at the first
-  call, never at import: ``cc -O3 -march=native``, about a second, cached under ``$SEQZOO_CACHE_DIR``
-  (default ``$XDG_CACHE_HOME/seqzoo`` or ``~/.cache/seqzoo``) by a hash of the source, the compiler
-  and the CPU. ``SEQZOO_NATIVE=0`` turns the kernels off; with no compiler they are off and the torch
-  paths run (one log line says why).
+    LIB = native.Library("mamba_step", [Path(__file__).parent / "csrc" / "mamba_step.c"],
+                         {"sz_mamba_step": native.signature(native.I32, [native.I64] * 6 + [native.PTR] * 14)})
+
+and calls ``LIB.sz_mamba_step(...)`` after ``LIB.usable(*tensors)``. The signature types every argument,
+so a wrong one (a float for an integer, a tensor for a pointer) raises ``ctypes.ArgumentError`` instead
+of reaching the kernel.
+
+- Build: at the first ``available()`` (never at import), ``cc -O3 -march=native`` with ``-I`` at
+  ``seqzoo/csrc`` (``seqzoo_kernel.h``: a vectorisable exp, log, silu, softplus and mat-vec), about a
+  second, cached under ``$SEQZOO_CACHE_DIR/native`` (default ``$XDG_CACHE_HOME/seqzoo`` or
+  ``~/.cache/seqzoo``) by a hash of the sources, the header, the flags, the compiler and the CPU.
+  ``SEQZOO_NATIVE=0`` turns the kernels off; with no compiler they are off and the torch paths run (one
+  log line says why).
+- Trust: a cached library runs code in every process that loads it, so it is loaded only as ssh reads
+  its keys: the cache folder must be a real folder (no symlink) owned by this user that no one else can
+  write, and the file a regular file owned by this user that no one else can write. Otherwise the
+  library is built (and loaded) in a fresh private folder for this process, and a warning says why.
 - ``usable(*tensors)``: plain float32 CPU tensors, autograd off (``torch.no_grad``/``inference_mode``,
   as generation runs), no autocast, no ``torch.func`` transform, no tracing: the layers take the native
   path only then, and their torch path otherwise.
-
-The cached library is loaded from the cache folder: point ``SEQZOO_CACHE_DIR`` only at a folder that
-others cannot write.
-
-Every kernel is tested against the layer's torch path (tests/test_native.py).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,25 +49,23 @@ from torch.nn.modules import module as module_globals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["available", "usable", "plain", "keeps_methods", "mamba_step", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual", "cache_dir"]
+__all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "plain_float32", "require_float32_cpu",
+           "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted"]
 
-SOURCE = Path(__file__).parent / "csrc" / "decode.c"
-MAX_DIM = 1024  # MAX_DIM of decode.c: the longest head the TTT decode kernels take
+INCLUDE = Path(__file__).parent / "csrc"  # seqzoo_kernel.h
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+#: the C types a signature is written in
+I32, I64, F32, PTR = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 
-_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
-_SIGNATURES = {
-    "sz_mamba_step": (_i32, [_i64] * 6 + [_ptr, _i64] + [_ptr] * 12),
-    "sz_ttt_linear_dual": (_i32, [_i64] * 5 + [_ptr] * 3 + [_i64] * 3 + [_ptr] * 4 + [_f32] + [_ptr] * 3),
-    "sz_ttt_mlp_dual": (_i32, [_i64] * 5 + [_ptr] * 3 + [_i64] * 3 + [_ptr] * 4 + [_f32] + [_ptr] * 5),
-    "sz_ttt_mlp_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 10
-                         + [_f32, _ptr, _ptr, _f32] + [_ptr] * 9),
-    "sz_ttt_linear_token": (_i32, [_i64] * 4 + [_ptr] * 6 + [_f32, _ptr, _ptr, _i64] + [_ptr] * 6
-                            + [_f32, _ptr, _ptr, _f32] + [_ptr] * 5),
-}
+
+def signature(restype, argtypes: Sequence) -> tuple:
+    """A kernel's C signature: its return type and the type of every argument (``I32``, ``I64``, ``F32``,
+    ``PTR``; a ``PTR`` takes an address from ``address(tensor)`` or None for NULL)."""
+    allowed = (I32, I64, F32, PTR)
+    if restype not in allowed or any(t not in allowed for t in argtypes):
+        raise TypeError(f"expected a signature of I32, I64, F32 and PTR, got {restype}, {list(argtypes)}")
+    return restype, list(argtypes)
 
 
 def cache_dir() -> Path:
@@ -81,18 +85,46 @@ def _cpu_signature() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(compiler: list[str], target: Path) -> None:
-    """Compile to a temporary name and rename: concurrent builders (compare's workers) never see half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def trusted(path: Path, *, folder: bool) -> bool:
+    """Whether ``path`` may be trusted with code, as ssh trusts its keys: not a symlink, a folder (or a
+    regular file) owned by this user, and writable by no one else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _private_folder() -> Path:
+    """This process's private build folder (mode 0700, made fresh), for when the cache is not trusted."""
+    global _PRIVATE
+    if _PRIVATE is None:
+        _PRIVATE = Path(tempfile.mkdtemp(prefix="seqzoo-native-"))
+    return _PRIVATE
+
+
+_PRIVATE: Path | None = None
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC", "")) or [
+        c for c in (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),) if c]
+
+
+def _build(compiler: list[str], sources: list[Path], target: Path) -> None:
+    """Compile to a temporary name and rename: concurrent builders (compare's workers) never see half a
+    file. The file is made readable and writable by its owner only before it gets its name."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         errors = []
         # the widest vectors this CPU has; then what every compiler takes
         for arch in (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], []):
-            cmd = [*compiler, *FLAGS, *arch, "-o", tmp, str(SOURCE), "-lm"]
+            cmd = [*compiler, *FLAGS, *arch, f"-I{INCLUDE}", "-o", tmp, *map(str, sources), "-lm"]
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode == 0:
+                os.chmod(tmp, 0o700)
                 os.replace(tmp, target)
                 return
             errors.append(f"{' '.join(cmd)}: {run.stderr.strip()[-500:]}")
@@ -102,56 +134,99 @@ def _build(compiler: list[str], target: Path) -> None:
             os.unlink(tmp)
 
 
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("SEQZOO_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
-        log.debug("seqzoo native kernels off (SEQZOO_NATIVE=0)")
-        return None
-    compiler = shlex.split(os.environ.get("CC", "")) or [
-        c for c in (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),) if c]
-    if not compiler:
-        log.info("seqzoo native CPU kernels unavailable: no C compiler (cc, gcc, clang); using the torch paths")
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), " ".join(compiler).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"decode-{key}.so"
-    try:
-        if not target.exists():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError) as err:
-        log.warning("seqzoo native CPU kernels unavailable (%s); using the torch paths", err)
-        return None
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = restype, argtypes
-    return lib
+class Library:
+    """A plugin's C kernels: ``sources`` built into one shared library at the first ``available()``,
+    cached by content, loaded only from a trusted place, each function in ``signatures`` typed
+    (``signature(...)``) and reachable as an attribute. Nothing is built or loaded at construction."""
 
+    def __init__(self, name: str, sources: Sequence[Path], signatures: dict[str, tuple]):
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"expected a library name of letters, digits and _, got {name!r}")
+        self.name = name
+        self.sources = [Path(src) for src in sources]
+        self.signatures = {fn: signature(*sig) for fn, sig in signatures.items()}
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
 
-def available() -> bool:
-    """Whether the kernels are built and loaded (builds them at the first call)."""
-    global _lib, _tried
-    if not _tried:
-        _lib, _tried = _load(), True
-    return _lib is not None
+    def __repr__(self) -> str:
+        return f"native.Library({self.name!r}, {[s.name for s in self.sources]})"
 
+    def available(self) -> bool:
+        """Whether the library is built and loaded (builds it at the first call)."""
+        if not self._tried:
+            self._lib, self._tried = self._load(), True
+        return self._lib is not None
 
-def _library() -> ctypes.CDLL:
-    if _lib is None and not available():
-        raise RuntimeError("seqzoo native CPU kernels are unavailable (see the log); check native.available() first")
-    return _lib
+    def usable(self, *tensors: Tensor | None) -> bool:
+        """``usable(*tensors)`` and this library available."""
+        return usable(*tensors) and (self._lib is not None or self.available())
+
+    def __getattr__(self, fn: str):
+        if fn.startswith("_") or fn not in self.__dict__.get("signatures", {}):
+            raise AttributeError(f"{type(self).__name__} {self.__dict__.get('name')!r} declares no function {fn!r}")
+        if self._lib is None and not self.available():
+            raise RuntimeError(f"the native library {self.name!r} is unavailable (see the log); check "
+                               "available() first")
+        return getattr(self._lib, fn)
+
+    def _key(self, compiler: list[str]) -> str:
+        parts = [src.read_bytes() for src in self.sources]
+        parts += [h.read_bytes() for h in sorted(INCLUDE.glob("*.h"))]
+        parts += [" ".join(FLAGS).encode(), " ".join(compiler).encode(), _cpu_signature().encode()]
+        return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+    def _load(self) -> ctypes.CDLL | None:
+        if os.environ.get("SEQZOO_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
+            log.debug("seqzoo native kernels off (SEQZOO_NATIVE=0)")
+            return None
+        compiler = _compiler()
+        if not compiler:
+            log.info("seqzoo native CPU kernels unavailable: no C compiler (cc, gcc, clang); using the torch paths")
+            return None
+        try:
+            filename = f"{self.name}-{self._key(compiler)}.so"
+            folder = cache_dir()
+            try:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as err:
+                log.warning("seqzoo native cache %s cannot be made (%s); building in a private folder", folder, err)
+                folder = _private_folder()
+            if not trusted(folder, folder=True):
+                log.warning("seqzoo native cache %s is not a folder of this user that only it can write; "
+                            "building in a private folder instead", folder)
+                folder = _private_folder()
+            target = folder / filename
+            if os.path.lexists(target) and not trusted(target, folder=False):
+                log.warning("seqzoo native library %s is not a file of this user that only it can write; "
+                            "building in a private folder instead", target)
+                target = _private_folder() / filename
+            if not os.path.lexists(target):
+                _build(compiler, self.sources, target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, RuntimeError) as err:
+            log.warning("seqzoo native CPU kernels unavailable (%s); using the torch paths", err)
+            return None
+        for fn, (restype, argtypes) in self.signatures.items():
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = restype, argtypes
+        return lib
 
 
 def usable(*tensors: Tensor | None) -> bool:
-    """Whether the native path may run on these tensors: autograd not recording (the kernels have no
+    """Whether a native path may run on these tensors: autograd not recording (the kernels have no
     backward), no ``torch.func`` transform, no tracing, compiling or autocast, and every tensor a plain
     float32 CPU tensor."""
-    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or not (_lib is not None or available()):
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None):
         return False
     return plain_float32(*tensors)
+
+
+def address(t: Tensor | None) -> int | None:
+    """A tensor's data pointer for a ``PTR`` argument, None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
 
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)  # no subclass (FakeTensor, DTensor, ...): those may have no memory
@@ -167,7 +242,7 @@ def plain_float32(*tensors: Tensor | None) -> bool:
     return True
 
 
-def _require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:
+def require_float32_cpu(name: str, tensors: dict[str, Tensor | None]) -> None:
     """The kernels read raw float32 memory: anything else must be refused, not reinterpreted."""
     bad = {k: (t.dtype, t.device.type) for k, t in tensors.items()
            if t is not None and (t.dtype is not torch.float32 or not t.is_cpu)}
@@ -223,239 +298,3 @@ def step_fits(layer: nn.Module, x, state) -> bool:
     return True
 
 
-def mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None,
-               x_proj_w: Tensor, dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mamba's decode step between ``in_proj`` and ``out_proj`` (as ``Mamba.step``'s torch path):
-    xz (B, 2·d_inner) = in_proj(u), conv_state (B, d_inner, W ≥ max(K−1, 1)), h (B, d_inner, d_state), conv_w
-    (d_inner, 1, K), x_proj_w (R + 2·d_state, d_inner), dt_w (d_inner, R), dt_b, D (d_inner,), A_log
-    (d_inner, d_state) -> y = (C·h' + D·xc) ⊙ silu(z) (B, d_inner), the new conv_state and h'."""
-    Bsz, two_d = xz.shape
-    Dn, N = A_log.shape
-    K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
-    tensors = (xz, conv_state, h, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D)
-    want = ((Bsz, 2 * Dn), (Bsz, Dn, W), (Bsz, Dn, N), (Dn, 1, K), (Dn,), (R + 2 * N, Dn), (Dn, R), (Dn,), (Dn, N),
-            (Dn,))
-    got = tuple(None if t is None else t.shape for t in tensors)
-    names = ("xz", "conv_state", "h", "conv_w", "conv_b", "x_proj_w", "dt_w", "dt_b", "A_log", "D")
-    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or K < 1 or W < max(K - 1, 1) or (
-            dt_b is None):
-        raise ValueError("mamba_step: inconsistent shapes " + ", ".join(
-            f"{n} {tuple(g)}" for n, g in zip(names, got) if g is not None)
-            + f" (a conv of K >= 1 taps, a conv state of W >= {max(K - 1, 1)}, a dt bias)")
-    _require_float32_cpu("mamba_step", dict(zip(names, tensors)))
-    # every pointer below is of a tensor bound to a name here, alive until the call returns
-    return _mamba_step(xz, *(None if t is None else t.contiguous() for t in tensors[1:]))
-
-
-def _mamba_step(xz: Tensor, conv_state: Tensor, h: Tensor, conv_w: Tensor, conv_b: Tensor | None, x_proj_w: Tensor,
-                dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel call of ``mamba_step`` on inputs its caller has checked as ``mamba_step`` does (shapes,
-    float32 CPU, a dt bias; contiguous, but for xz, whose rows may be strided)."""
-    if xz.stride(-1) != 1:
-        xz = xz.contiguous()
-    Bsz, two_d = xz.shape
-    Dn, N = A_log.shape
-    K, W, R = conv_w.shape[-1], conv_state.shape[-1], dt_w.shape[-1]
-    y = xz.new_empty((Bsz, Dn))
-    conv_out, h_out = torch.empty_like(conv_state), torch.empty_like(h)
-    status = _library().sz_mamba_step(
-        Bsz, Dn, N, R, W, K, xz.data_ptr(), xz.stride(0) if Bsz > 1 else two_d, conv_state.data_ptr(),
-        conv_out.data_ptr(), conv_w.data_ptr(), None if conv_b is None else conv_b.data_ptr(), x_proj_w.data_ptr(),
-        dt_w.data_ptr(), dt_b.data_ptr(), A_log.data_ptr(), D.data_ptr(), h.data_ptr(), h_out.data_ptr(),
-        y.data_ptr())
-    if status:
-        raise MemoryError("mamba_step: the kernel could not allocate its workspace")
-    return y, conv_out, h_out
-
-
-def _address(t: Tensor | None) -> int | None:
-    """A tensor's data pointer for ctypes, None (NULL) for no tensor."""
-    return None if t is None else t.data_ptr()
-
-
-def _token_inputs(name: str, q: Tensor, x: Tensor, p: int, named: list[tuple[str, Tensor, tuple]], ln_w: Tensor,
-                  ln_b: Tensor, lr_w, lr_b, rope, token_idx, post_w, post_b) -> list[Tensor | None]:
-    """Validate a TTT decode kernel's inputs: q (B, H, d), x (B, C), the named (tensor, shape) pairs (k
-    and v first, then the weights), and the per-head / optional ones. Returns, contiguous (None stays
-    None): q, k, v, x, the weights, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b."""
-    Bsz, H, d = q.shape
-    C = x.shape[-1]
-    n_rope = rope.shape[0] if rope is not None else 0
-    n_tok = token_idx.shape[0] if token_idx is not None else 0
-    labels = ("x", *(n for n, _, _ in named), "ln_w", "ln_b", "lr_w", "lr_b", "rope", "token_idx", "post_w", "post_b")
-    tensors = (x, *(t for _, t, _ in named), ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    want = ((Bsz, H * d), *(s for _, _, s in named), (H, d), (H, d), (H, 1, C), (H, 1), (n_rope, d // 2, 2),
-            (n_tok,), (C,), (C,))
-    got = tuple(None if t is None else t.shape for t in tensors)
-    if got != tuple(None if t is None else w for t, w in zip(tensors, want)) or (lr_w is None) != (lr_b is None) or (
-            rope is not None and not 0 <= p < n_rope) or (token_idx is not None and not 0 <= p < n_tok):
-        wrong = {n: tuple(g) for n, g, w, t in zip(labels, got, want, tensors) if t is not None and g != w}
-        expected = {n: tuple(w) for n, w, t in zip(labels, want, tensors) if t is not None}
-        raise ValueError(f"{name}: for q {tuple(q.shape)} and x {tuple(x.shape)}, got shapes {wrong} "
-                         f"(expected {expected}), position {p}")
-    if d > MAX_DIM or (rope is not None and d % 2):
-        raise ValueError(f"{name}: head_dim {d} must be at most {MAX_DIM} (and even with RoPE)")
-    _require_float32_cpu(name, {"q": q, **dict(zip(labels, tensors))})
-    # the callers bind every returned tensor to a name, alive until their kernel call returns
-    q, x, k, v, *rest = (None if t is None else t.contiguous() for t in (q, *tensors))
-    return [q, k, v, x, *rest]
-
-
-def ttt_linear_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | None, lr_b: Tensor | None,
-                     lr_base: float, rope: Tensor | None, token_idx: Tensor | None, p: int, W: Tensor, b: Tensor,
-                     GW: Tensor, Gb: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float, commit: bool,
-                     post_norm: tuple[Tensor, Tensor, float] | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """One TTT-Linear token with the inner LayerNorm (as ``TTTLayer.step`` with ``ttt_linear_step``):
-    q, k, v (B, H, d) before RoPE; x (B, C) the layer input, lr_w (H, 1, C) / lr_b (H, 1) the η gate
-    (None: the gate is ``lr_base``), ``lr_base`` = ttt_base_lr / d; rope (b, d/2, 2) the (cos, sin)
-    of the positions in a mini-batch, or None; token_idx (b,) the learnable offsets or None, p the
-    position in the mini-batch; W/GW (B, H, d, d), b/Gb (B, H, 1, d), ln_w/ln_b (H, d);
-    ``post_norm`` = (weight (C,), bias (C,), eps): the layer's output LayerNorm, applied to each
-    batch element's z. Returns Z (B, H, d), G'_W, G'_b and, when ``commit``, W̄ and b̄ (else None)."""
-    Bsz, H, d = q.shape
-    post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
-    q, k, v, x, W, b, GW, Gb, ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = _token_inputs(
-        "ttt_linear_token", q, x, p,
-        [("k", k, q.shape), ("v", v, q.shape), ("W", W, (Bsz, H, d, d)), ("b", b, (Bsz, H, 1, d)),
-         ("GW", GW, (Bsz, H, d, d)), ("Gb", Gb, (Bsz, H, 1, d))],
-        ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    rows = (Bsz, H * d)
-    Z, GW, Gb, W, b = _ttt_linear_token(q.view(rows), k.view(rows), v.view(rows), x, H, lr_w, lr_b, lr_base, rope,
-                                        token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps, commit, post_w, post_b, post_eps)
-    return Z.view(Bsz, H, d), GW, Gb, W, b
-
-
-def _ttt_linear_token(q, k, v, x, H, lr_w, lr_b, lr_base, rope, token_idx, p, W, b, GW, Gb, ln_w, ln_b, eps, commit,
-                      post_w, post_b, post_eps):
-    """The kernel call of ``ttt_linear_token`` on inputs its caller has checked as ``_token_inputs`` does
-    (shapes, float32 CPU, contiguous, the position inside the tables), with q, k, v as rows (B, H·d) of
-    H heads; Z comes back as such rows."""
-    Bsz, C = q.shape
-    d = C // H
-    ptr = _address
-    Z = torch.empty_like(q)
-    GW_out, Gb_out = torch.empty_like(GW), torch.empty_like(Gb)
-    W_out = torch.empty_like(W) if commit else None
-    b_out = torch.empty_like(b) if commit else None
-    status = _library().sz_ttt_linear_token(
-        Bsz * H, H, d, x.shape[-1], q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b),
-        lr_base, ptr(rope), ptr(token_idx), p, W.data_ptr(), b.data_ptr(), GW.data_ptr(), Gb.data_ptr(),
-        ln_w.data_ptr(), ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(), GW_out.data_ptr(),
-        Gb_out.data_ptr(), ptr(W_out), ptr(b_out))
-    if status:
-        raise RuntimeError(f"ttt_linear_token: the kernel refused head_dim {d}")
-    return Z, GW_out, Gb_out, W_out, b_out
-
-
-def ttt_mlp_token(q: Tensor, k: Tensor, v: Tensor, x: Tensor, lr_w: Tensor | None, lr_b: Tensor | None,
-                  lr_base: float, rope: Tensor | None, token_idx: Tensor | None, p: int, W: list[Tensor],
-                  G: list[Tensor], ln_w: Tensor, ln_b: Tensor, eps: float, commit: bool,
-                  post_norm: tuple[Tensor, Tensor, float] | None = None,
-                  ) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
-    """One TTT-MLP token with the inner LayerNorm (as ``TTTLayer.step`` with ``ttt_mlp_step``), the other
-    arguments as ``ttt_linear_token``: W = [W1 (B, H, d, 4d), b1 (B, H, 1, 4d), W2 (B, H, 4d, d),
-    b2 (B, H, 1, d)] and G their accumulated gradients. Returns Z (B, H, d), G' (a list like G) and,
-    when ``commit``, W̄ (a list like W, else None)."""
-    Bsz, H, d = q.shape
-    F = 4 * d
-    post_w, post_b, post_eps = post_norm if post_norm is not None else (None, None, 0.0)
-    if len(W) != 4 or len(G) != 4:
-        raise ValueError(f"ttt_mlp_token: expected W = [W1, b1, W2, b2] and G likewise, got {len(W)} and {len(G)}")
-    shapes = [(Bsz, H, d, F), (Bsz, H, 1, F), (Bsz, H, F, d), (Bsz, H, 1, d)]
-    names = ("W1", "b1", "W2", "b2")
-    checked = _token_inputs(
-        "ttt_mlp_token", q, x, p,
-        [("k", k, q.shape), ("v", v, q.shape), *zip(names, W, shapes), *zip(("G" + n for n in names), G, shapes)],
-        ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b)
-    q, k, v = (t.view(Bsz, H * d) for t in checked[:3])
-    x = checked[3]
-    ln_w, ln_b, lr_w, lr_b, rope, token_idx, post_w, post_b = checked[12:]
-    Z, G_out, W_out = _ttt_mlp_token(q, k, v, x, H, lr_w, lr_b, lr_base, rope, token_idx, p, checked[4:8], checked[8:12],
-                                     ln_w, ln_b, eps, commit, post_w, post_b, post_eps)
-    return Z.view(Bsz, H, d), G_out, W_out
-
-
-def _ttt_mlp_token(q, k, v, x, H, lr_w, lr_b, lr_base, rope, token_idx, p, W, G, ln_w, ln_b, eps, commit, post_w,
-                   post_b, post_eps):
-    """The kernel call of ``ttt_mlp_token`` on inputs its caller has checked as ``_token_inputs`` does, with
-    q, k, v as rows (B, H·d) of H heads; Z comes back as such rows."""
-    Bsz, C = q.shape
-    d = C // H
-    ptr = _address
-    Z = torch.empty_like(q)
-    G_out = [torch.empty_like(t) for t in G]
-    W_out = [torch.empty_like(t) for t in W] if commit else None
-    status = _library().sz_ttt_mlp_token(
-        Bsz * H, H, d, x.shape[-1], q.data_ptr(), k.data_ptr(), v.data_ptr(), x.data_ptr(), ptr(lr_w), ptr(lr_b),
-        lr_base, ptr(rope), ptr(token_idx), p, *(t.data_ptr() for t in W), *(t.data_ptr() for t in G),
-        ln_w.data_ptr(), ln_b.data_ptr(), eps, ptr(post_w), ptr(post_b), post_eps, Z.data_ptr(),
-        *(t.data_ptr() for t in G_out), *(ptr(t) for t in (W_out or [None] * 4)))
-    if status:
-        raise MemoryError("ttt_mlp_token: the kernel could not allocate its workspace")
-    return Z, G_out, W_out
-
-
-def _dual_inputs(name: str, XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, weights: dict,
-                 ln_w: Tensor, ln_b: Tensor, mini_batch_size: int) -> tuple:
-    """Validate the dual-form kernels' inputs (weights: name -> (tensor, expected shape)); returns XQ, XK,
-    XV with shared strides and unit stride within a head, and the other inputs contiguous."""
-    Bsz, H, T, d = XQ.shape
-    bs = mini_batch_size
-    expected = [(XK, XQ.shape), (XV, XQ.shape), (lr, (Bsz, H, T)), (tok, (bs,)), (ln_w, (H, d)), (ln_b, (H, d)),
-                *weights.values()]
-    wrong = [tuple(t.shape) for t, shape in expected if t.shape != shape]
-    if wrong or bs < 1 or T % bs:
-        raise ValueError(f"{name}: for XQ {tuple(XQ.shape)} and mini-batches of {bs}, got shapes {wrong} "
-                         f"(expected {[tuple(s) for _, s in expected]}; T a multiple of b)")
-    _require_float32_cpu(name, dict(XQ=XQ, XK=XK, XV=XV, lr=lr, tok=tok, ln_w=ln_w, ln_b=ln_b,
-                                    **{k: t for k, (t, _) in weights.items()}))
-    if XQ.stride(-1) != 1 or XK.stride() != XQ.stride() or XV.stride() != XQ.stride():
-        XQ, XK, XV = XQ.contiguous(), XK.contiguous(), XV.contiguous()
-    return XQ, XK, XV, lr.contiguous(), tok.contiguous(), ln_w.contiguous(), ln_b.contiguous()
-
-
-def ttt_linear_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W: Tensor, b: Tensor,
-                    ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """TTT-Linear with the inner LayerNorm over whole mini-batches, dual form, without autograd (as
-    ``seqzoo_plugins.ttt.linear.ttt_linear_dual`` for T a multiple of b): XQ, XK, XV (B, H, T, d) after
-    RoPE, lr (B, H, T), tok (b,), W (B, H, d, d), b (B, H, 1, d), ln_w/ln_b (H, d). Returns Z (B, H, T, d)
-    (a view of a (B, T, H, d) tensor, the layout the output projection reads) and the new W and b."""
-    Bsz, H, T, d = XQ.shape
-    XQ, XK, XV, lr, tok, ln_w, ln_b = _dual_inputs(
-        "ttt_linear_dual", XQ, XK, XV, lr, tok, {"W": (W, (Bsz, H, d, d)), "b": (b, (Bsz, H, 1, d))}, ln_w, ln_b,
-        mini_batch_size)
-    W_out, b_out = (t.clone(memory_format=torch.contiguous_format) for t in (W, b))
-    Z = XQ.new_empty((Bsz, T, H, d))
-    sB, sH, sT, _ = XQ.stride()
-    status = _library().sz_ttt_linear_dual(
-        Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
-        tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W_out.data_ptr(), b_out.data_ptr(), Z.data_ptr())
-    if status:
-        raise MemoryError("ttt_linear_dual: the kernel could not allocate its workspace")
-    return Z.transpose(1, 2), W_out, b_out
-
-
-def ttt_mlp_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W1: Tensor, b1: Tensor, W2: Tensor,
-                 b2: Tensor, ln_w: Tensor, ln_b: Tensor, mini_batch_size: int,
-                 eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """TTT-MLP with the inner LayerNorm over whole mini-batches, dual form, without autograd (as
-    ``seqzoo_plugins.ttt.mlp.ttt_mlp_dual`` for T a multiple of b): W1 (B, H, d, 4d), b1 (B, H, 1, 4d),
-    W2 (B, H, 4d, d), b2 (B, H, 1, d), the rest as ``ttt_linear_dual``. Returns Z (B, H, T, d) (a view
-    of a (B, T, H, d) tensor) and the new W1, b1, W2, b2."""
-    Bsz, H, T, d = XQ.shape
-    F = 4 * d
-    XQ, XK, XV, lr, tok, ln_w, ln_b = _dual_inputs(
-        "ttt_mlp_dual", XQ, XK, XV, lr, tok,
-        {"W1": (W1, (Bsz, H, d, F)), "b1": (b1, (Bsz, H, 1, F)), "W2": (W2, (Bsz, H, F, d)), "b2": (b2, (Bsz, H, 1, d))},
-        ln_w, ln_b, mini_batch_size)
-    W1_out, b1_out, W2_out, b2_out = (t.clone(memory_format=torch.contiguous_format) for t in (W1, b1, W2, b2))
-    Z = XQ.new_empty((Bsz, T, H, d))
-    sB, sH, sT, _ = XQ.stride()
-    status = _library().sz_ttt_mlp_dual(
-        Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
-        tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W1_out.data_ptr(), b1_out.data_ptr(),
-        W2_out.data_ptr(), b2_out.data_ptr(), Z.data_ptr())
-    if status:
-        raise MemoryError("ttt_mlp_dual: the kernel could not allocate its workspace")
-    return Z.transpose(1, 2), W1_out, b1_out, W2_out, b2_out

@@ -1,4 +1,5 @@
-"""The native CPU decode steps (seqzoo.native) against the layers' torch paths, and when they apply."""
+"""The native CPU kernels (the plugins' C sources, built by seqzoo.native) against the layers' torch paths, when
+they apply, and when a built library may be loaded."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import sys
 
 import pytest
 import torch
+from seqzoo_plugins import mamba as mamba_plugin
+from seqzoo_plugins.ttt import native_kernels as ttt_native
 
 import seqzoo
 from seqzoo import native
 
-needs_native = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels are off")
+needs_native = pytest.mark.skipif(
+    not (mamba_plugin.NATIVE.available() and ttt_native.LIB.available()),
+    reason="no C compiler: the native kernels are off")
 
 
 def _twins(name: str, torch_option: dict, **config):
@@ -50,14 +55,16 @@ def _assert_decode_matches(layer, twin, x: torch.Tensor) -> None:
 
 
 def _spy(monkeypatch, name: str) -> list:
+    """Count the calls of a kernel wrapper: the Mamba plugin's ``_mamba_step`` or the TTT plugin's."""
     calls = []
-    original = getattr(native, name)
+    module = mamba_plugin if name == "_mamba_step" else ttt_native
+    original = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(native, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -216,35 +223,110 @@ def test_ttt_linear_native_step_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
 
 
+_LIBRARIES = ("from seqzoo_plugins.mamba import NATIVE; from seqzoo_plugins.ttt.native_kernels import LIB; "
+              "print(NATIVE.available(), LIB.available())")
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          check=True)
+
+
 def test_native_off_by_environment(tmp_path):
-    code = "from seqzoo import native; print(native.available())"
-    env = {**os.environ, "SEQZOO_NATIVE": "0", "SEQZOO_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    out = _python(_LIBRARIES, SEQZOO_NATIVE="0", SEQZOO_CACHE_DIR=str(tmp_path))
+    assert out.stdout.split() == ["False", "False"]
     assert not any(tmp_path.iterdir())  # nothing was built
 
 
 def test_native_without_a_compiler_uses_the_torch_paths(tmp_path):
     code = (
-        "import torch, seqzoo; from seqzoo import native; print(native.available());"
+        "import torch, seqzoo; from seqzoo_plugins.mamba import NATIVE; print(NATIVE.available());"
         "m = seqzoo.create_layer('mamba', d_model=16).eval();"
         "torch.no_grad().__enter__(); y, s = m.step(torch.randn(1, 16), m.init_state(1)); print(tuple(y.shape))"
     )
-    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "SEQZOO_CACHE_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = _python(code, CC=str(tmp_path / "no-such-compiler"), SEQZOO_CACHE_DIR=str(tmp_path))
     assert out.stdout.split() == ["False", "(1,", "16)"]
     assert "native CPU kernels unavailable" in out.stderr
 
 
 @needs_native
-def test_native_build_is_cached_per_source(tmp_path):
-    code = "from seqzoo import native; print(native.available(), native.cache_dir())"
-    env = {**os.environ, "SEQZOO_CACHE_DIR": str(tmp_path)}
+def test_native_build_is_cached_per_library(tmp_path):
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.split()[0] == "True"
-    built = list((tmp_path / "native").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # one library, no temporary left behind
+        assert _python(_LIBRARIES, SEQZOO_CACHE_DIR=str(tmp_path)).stdout.split() == ["True", "True"]
+        built = sorted((tmp_path / "native").iterdir())
+        # one library per plugin, no temporary left behind, readable and writable by this user only
+        assert [p.name.split("-")[0] for p in built] == ["mamba_step", "ttt"]
+        assert all(p.suffix == ".so" and native.trusted(p, folder=False) for p in built)
+    assert (tmp_path / "native").stat().st_mode & 0o777 == 0o700
+
+
+@needs_native
+def test_native_refuses_a_cache_that_others_can_write(tmp_path):
+    """A cache folder others can write (or a symlink to one) is not loaded from: the library is built in a
+    private folder of the process instead, and a warning says why."""
+    shared = tmp_path / "cache" / "native"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    out = _python(_LIBRARIES, SEQZOO_CACHE_DIR=str(tmp_path / "cache"))
+    assert out.stdout.split() == ["True", "True"]
+    assert "not a folder of this user that only it can write" in out.stderr
+    assert not any(shared.iterdir())  # nothing built where others could swap it
+    shared.chmod(0o700)
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "native").symlink_to(shared)
+    out = _python(_LIBRARIES, SEQZOO_CACHE_DIR=str(tmp_path / "link"))
+    assert out.stdout.split() == ["True", "True"] and "building in a private folder" in out.stderr
+    assert not any(shared.iterdir())
+
+
+@needs_native
+def test_native_never_loads_a_library_it_cannot_trust(tmp_path):
+    """A library file that others can write is not loaded (here a planted file of garbage: loading it
+    would fail); the kernels are built and loaded from a private folder instead."""
+    assert _python(_LIBRARIES, SEQZOO_CACHE_DIR=str(tmp_path)).stdout.split() == ["True", "True"]
+    for lib in (tmp_path / "native").iterdir():
+        lib.write_bytes(b"not a library")
+        lib.chmod(0o666)
+    out = _python(_LIBRARIES, SEQZOO_CACHE_DIR=str(tmp_path))
+    assert out.stdout.split() == ["True", "True"]
+    assert out.stderr.count("not a file of this user that only it can write") == 2
+
+
+def test_trusted_is_sshs_rule(tmp_path, monkeypatch):
+    mine = tmp_path / "lib.so"
+    mine.write_bytes(b"")
+    mine.chmod(0o700)
+    assert native.trusted(mine, folder=False) and not native.trusted(mine, folder=True)
+    for mode in (0o720, 0o702, 0o777):
+        mine.chmod(mode)
+        assert not native.trusted(mine, folder=False), oct(mode)
+    mine.chmod(0o700)
+    (tmp_path / "link.so").symlink_to(mine)
+    assert not native.trusted(tmp_path / "link.so", folder=False)
+    assert not native.trusted(tmp_path / "missing.so", folder=False)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(mine).st_uid + 1)  # another user's file
+    assert not native.trusted(mine, folder=False)
+
+
+def test_library_signatures_are_typed():
+    """A kernel's arguments are typed: a wrong one raises in Python instead of reaching C."""
+    with pytest.raises(TypeError, match="I32, I64, F32 and PTR"):
+        native.signature(native.I32, [int])
+    lib = native.Library("probe", [], {"f": (native.I32, [native.I64, native.PTR])})
+    with pytest.raises(AttributeError, match="declares no function 'g'"):
+        lib.g  # noqa: B018
+    with pytest.raises(ValueError, match="letters, digits"):
+        native.Library("../evil", [], {})
+
+
+@needs_native
+def test_kernel_arguments_are_checked_by_ctypes():
+    import ctypes
+
+    with pytest.raises(ctypes.ArgumentError):
+        mamba_plugin.NATIVE.sz_mamba_step(1.5, *([0] * 19))  # a float where the batch size (int64) goes
+    with pytest.raises(ctypes.ArgumentError):
+        mamba_plugin.NATIVE.sz_mamba_step(*([1] * 6), torch.zeros(1), *([0] * 13))  # a tensor for a pointer
 
 
 @needs_native
@@ -256,13 +338,13 @@ def test_native_functions_refuse_what_they_cannot_read():
               layer.dt_proj.bias, layer.A_log, layer.D)
     xz = torch.randn(1, 2 * layer.d_inner)
     with torch.no_grad():
-        native.mamba_step(xz, state["conv_state"], state["ssm_state"], *params)  # the right call works
+        mamba_plugin.mamba_step(xz, state["conv_state"], state["ssm_state"], *params)  # the right call works
         with pytest.raises(TypeError, match="float32 CPU"):
-            native.mamba_step(xz.double(), state["conv_state"], state["ssm_state"], *params)
+            mamba_plugin.mamba_step(xz.double(), state["conv_state"], state["ssm_state"], *params)
         with pytest.raises(ValueError, match="inconsistent shapes"):
-            native.mamba_step(xz[:, :-1], state["conv_state"], state["ssm_state"], *params)
+            mamba_plugin.mamba_step(xz[:, :-1], state["conv_state"], state["ssm_state"], *params)
         with pytest.raises(ValueError, match="inconsistent shapes"):
-            native.mamba_step(xz, state["conv_state"][..., :0], state["ssm_state"], *params)
+            mamba_plugin.mamba_step(xz, state["conv_state"][..., :0], state["ssm_state"], *params)
     ttt = seqzoo.create_layer("ttt_linear", d_model=16, num_heads=2).eval()
     st = ttt.init_state(1)
     q = torch.randn(1, 2, 8)
@@ -270,13 +352,13 @@ def test_native_functions_refuse_what_they_cannot_read():
                 rope=None, token_idx=ttt.learnable_token_idx, p=3, W=st["W1"], b=st["b1"], GW=st["W1_grad"],
                 Gb=st["b1_grad"], ln_w=ttt.ttt_norm_weight, ln_b=ttt.ttt_norm_bias, eps=1e-6, commit=False)
     with torch.no_grad():
-        native.ttt_linear_token(q, q, q, **args)
+        ttt_native.ttt_linear_token(q, q, q, **args)
         with pytest.raises(ValueError, match="position 16"):
-            native.ttt_linear_token(q, q, q, **{**args, "p": 16})
+            ttt_native.ttt_linear_token(q, q, q, **{**args, "p": 16})
         with pytest.raises(ValueError, match="got shapes"):
-            native.ttt_linear_token(q, q[..., :4], q, **args)
+            ttt_native.ttt_linear_token(q, q[..., :4], q, **args)
         with pytest.raises(TypeError, match="float32 CPU"):
-            native.ttt_linear_token(q, q, q, **{**args, "W": st["W1"].double()})
+            ttt_native.ttt_linear_token(q, q, q, **{**args, "W": st["W1"].double()})
 
 
 @pytest.mark.parametrize("name", ["mamba", "ttt_linear"])
@@ -445,20 +527,20 @@ def test_native_refuses_shapes_its_arrays_cannot_hold():
     state = layer.init_state(1)
     conv_w = layer.conv1d.weight[..., :0]  # a conv of no taps
     with torch.no_grad(), pytest.raises(ValueError, match="K >= 1"):
-        native.mamba_step(torch.randn(1, 2 * layer.d_inner), state["conv_state"], state["ssm_state"], conv_w,
+        mamba_plugin.mamba_step(torch.randn(1, 2 * layer.d_inner), state["conv_state"], state["ssm_state"], conv_w,
                           layer.conv1d.bias, layer.x_proj.weight, layer.dt_proj.weight, layer.dt_proj.bias,
                           layer.A_log, layer.D)
     q = torch.randn(1, 1, 3)  # an odd head with RoPE
     W, b = torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 1, 3)
     with pytest.raises(ValueError, match="even with RoPE"):
-        native.ttt_linear_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, W, b, W, b,
+        ttt_native.ttt_linear_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, W, b, W, b,
                                 torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
     mlp = [torch.zeros(1, 1, 3, 12), torch.zeros(1, 1, 1, 12), torch.zeros(1, 1, 12, 3), torch.zeros(1, 1, 1, 3)]
     with pytest.raises(ValueError, match="even with RoPE"):
-        native.ttt_mlp_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, mlp, mlp,
+        ttt_native.ttt_mlp_token(q, q, q, torch.randn(1, 3), None, None, 0.1, torch.zeros(4, 1, 2), None, 3, mlp, mlp,
                              torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
     with pytest.raises(ValueError, match="got shapes"):
-        native.ttt_mlp_token(q, q, q, torch.randn(1, 3), None, None, 0.1, None, None, 3, mlp, mlp[::-1],
+        ttt_native.ttt_mlp_token(q, q, q, torch.randn(1, 3), None, None, 0.1, None, None, 3, mlp, mlp[::-1],
                              torch.ones(1, 3), torch.zeros(1, 3), 1e-6, False)
 
 

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from seqzoo import State, native
 from seqzoo.learner import TTTLayer
 
+from . import native_kernels
+
 log = logging.getLogger(__name__)
 
 LN_EPS = 1e-6
@@ -135,7 +137,7 @@ class InnerNormTTT(TTTLayer):
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         if (self.config.backend == "auto" and not torch.is_grad_enabled() and self.config.inner_norm
-                and self.head_dim <= native.MAX_DIM and self._native_step_allowed()):
+                and self.head_dim <= native_kernels.MAX_DIM and self._native_step_allowed()):
             out = self._step_native(x, state)
             if out is not None:
                 return out
@@ -155,7 +157,7 @@ class InnerNormTTT(TTTLayer):
     def _native_prefill(self, *tensors: Tensor) -> bool:
         """Whether ``_full`` may run the native dual form on these tensors (``backend="auto"``, the inner
         norm, plain float32 CPU tensors without autograd)."""
-        return self.config.backend == "auto" and self.config.inner_norm and native.usable(*tensors)
+        return self.config.backend == "auto" and self.config.inner_norm and native_kernels.LIB.usable(*tensors)
 
     def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` through ``_native_token``; None where the native path does not apply, and then the
@@ -165,7 +167,7 @@ class InnerNormTTT(TTTLayer):
         modules. Written for the hot path: the registries are read directly (nn.Module's attribute
         fallback costs microseconds per name, per token), no views or generators (after the projections
         every Python object is a cache miss)."""
-        if not native.step_fits(self, x, state):
+        if not (native_kernels.LIB.available() and native.step_fits(self, x, state)):
             return None
         B, C = x.shape
         H, d, b = self.num_heads, self.head_dim, self.mini_batch_size

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seqzoo import native
 from seqzoo.learner import GradientLearner, TTTConfig
 
+from . import native_kernels
 from .common import LN_EPS, InnerNormTTT, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
 
 __all__ = ["LinearLearner", "TTTLinear", "ttt_linear_dual", "ttt_linear_chunk"]
@@ -242,7 +242,7 @@ class TTTLinear(InnerNormTTT):
         return Z, W_bar, G_new
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
-        Z, GW, Gb, W, b = native._ttt_linear_token(
+        Z, GW, Gb, W, b = native_kernels._ttt_linear_token(
             q, k, v, x, self.num_heads, *gate, rope, token_idx, p, state["W1"].contiguous(), state["b1"].contiguous(),
             state["W1_grad"].contiguous(), state["b1_grad"].contiguous(), ln_w, ln_b, LN_EPS, commit, *post)
         return Z, ({"W1": W, "b1": b} if commit else None), {"W1": GW, "b1": Gb}
@@ -272,7 +272,7 @@ class TTTLinear(InnerNormTTT):
         if fn is not None:
             Z, W1, b1 = fn(*args, **({"checkpoint_group": group} if group else {}))
         elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
-            Z, W1, b1 = native.ttt_linear_dual(*args[:9], self.mini_batch_size, LN_EPS)
+            Z, W1, b1 = native_kernels.ttt_linear_dual(*args[:9], self.mini_batch_size, LN_EPS)
         else:
             Z, W1, b1 = ttt_linear_dual(*args, checkpoint_group=group)
         flat = lambda t: t.reshape(B * H, *t.shape[2:])

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from seqzoo import native
 from seqzoo.learner import GradientLearner, TTTConfig
 from seqzoo.nn import gelu_tanh
 
+from . import native_kernels
 from .common import (
     LN_EPS,
     InnerNormTTT,
@@ -283,7 +283,7 @@ class TTTMLP(InnerNormTTT):
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
         names = ("W1", "b1", "W2", "b2")
-        Z, G, W_bar = native._ttt_mlp_token(
+        Z, G, W_bar = native_kernels._ttt_mlp_token(
             q, k, v, x, self.num_heads, *gate, rope, token_idx, p, [state[n].contiguous() for n in names],
             [state[f"{n}_grad"].contiguous() for n in names], ln_w, ln_b, LN_EPS, commit, *post)
         return Z, (dict(zip(names, W_bar)) if commit else None), dict(zip(names, G))
@@ -303,7 +303,7 @@ class TTTMLP(InnerNormTTT):
         if fn is not None:
             Z, W1, b1, W2, b2 = fn(*args, **({"checkpoint_group": group} if group else {}))
         elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
-            Z, W1, b1, W2, b2 = native.ttt_mlp_dual(*args[:11], self.mini_batch_size, LN_EPS)
+            Z, W1, b1, W2, b2 = native_kernels.ttt_mlp_dual(*args[:11], self.mini_batch_size, LN_EPS)
         else:
             Z, W1, b1, W2, b2 = ttt_mlp_dual(*args, checkpoint_group=group)
         flat = lambda t: t.reshape(B * H, *t.shape[2:])
