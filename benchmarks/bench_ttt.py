@@ -9,7 +9,7 @@ At 125M widths (d_model 768, 12 heads, mini-batch 16, batch 1, fp32) it measures
   the ratio seqzoo / official, and the per-token time at the longest T over the shortest;
 - decode: seqzoo ``step`` per token at positions 64 and 8192 (over one whole mini-batch of steps, the two
   positions in turn, 21 repeats);
-- achieved GFLOP/s of the TTT-Linear forward from ``ttt_linear_flops`` (analytic, stated below) as a
+- achieved GFLOP/s of the TTT-Linear forward from the layer's ``flops(T)`` (analytic, the official algorithm's) as a
   fraction of the fp32 matmul peak measured in the same run (2048² @ 2048², median of repeats);
 - peak memory of prefill (RSS high-water mark above the after-setup baseline, one fresh subprocess per
   measurement) for each T, and of training (forward + backward) at T = 8192 with and without
@@ -112,32 +112,19 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
     return {"n": n, "gflops_median": flops / t["median"] / 1e9, "gflops_best": flops / t["min"] / 1e9}
 
 
-def ttt_linear_flops(d_model: int, num_heads: int, mini_batch_size: int) -> float:
-    """FLOPs per token of the TTT-Linear layer (one multiply-add = 2 FLOPs; elementwise ops not counted).
+def flops_per_token(kind: str, cfg: dict) -> tuple[float, str]:
+    """FLOPs per token of ``ttt_<kind>``'s forward at the benchmark's widths, and the formula: the layer's
+    own count (``flops(T)``: the official algorithm's matmuls, checked against torch's FLOP counter in
+    test_bench_speed_smoke.py), from a whole number of mini-batches."""
+    import seqzoo
+    from seqzoo.bench.speed import layer_flops
 
-    projections q, k, v, o:                    4 · 2·C²                      = 8C²
-    per head and mini-batch of b tokens (head width d), dual form:
-        Z = XK W, XQ W                         2 · 2·b·d²
-        W update  (η_last XK)ᵀ ∇               2·b·d²
-        XQ XKᵀ, tril(η) ∇, (η ⊙ A) ∇           3 · 2·b²·d
-    per token: 8C² + H · (6d² + 6b·d) = 8C² + 6C·d + 6b·C
-    (768 wide, 12 heads, b = 16: 4.72 + 0.29 + 0.07 ≈ 5.09 MFLOP per token)
-    """
-    C, H, b = d_model, num_heads, mini_batch_size
-    d = C // H
-    return 8 * C * C + H * (6 * d * d + 6 * b * d)
-
-
-def ttt_mlp_flops(d_model: int, num_heads: int, mini_batch_size: int) -> float:
-    """FLOPs per token of TTT-MLP (hidden 4d): 8C² + H·(56d² + 30b·d), counted as in ``ttt_linear_flops``.
-
-    per head and mini-batch: seven b×d×4d matmuls (two forward on the keys, one backward through W2,
-    two for the output with W̄, two weight updates) = 7 · 8·b·d², and the dual-form b×b terms
-    XQ XKᵀ (2b²d), tril(η)∇₁ and (η⊙A₁)∇₁ (2 · 8b²d), X̄₂ X₂ᵀ (8b²d), tril(η)∇₂ and (η⊙A₂)∇₂ (2 · 2b²d).
-    """
-    C, H, b = d_model, num_heads, mini_batch_size
-    d = C // H
-    return 8 * C * C + H * (56 * d * d + 30 * b * d)
+    with torch.device("meta"):
+        layer = seqzoo.create_layer(f"ttt_{kind}", cfg["d_model"], num_heads=cfg["num_heads"],
+                                    mini_batch_size=cfg["mini_batch_size"])
+    T = cfg["mini_batch_size"]
+    flops, formula = layer_flops(layer, T)
+    return flops / T, formula
 
 
 #: the inner learning rate of each layer (seqzoo's defaults), passed explicitly to both implementations
@@ -208,9 +195,7 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
     repeat, so that both ratios — seqzoo / official and the per-token time at the longest T / the
     shortest — hold when the machine's speed drifts during the run."""
     rows = []
-    flops_per_token = (ttt_linear_flops if kind == "linear" else ttt_mlp_flops)(
-        cfg["d_model"], cfg["num_heads"], cfg["mini_batch_size"]
-    )
+    per_token = flops_per_token(kind, cfg)[0]
     impls = {"official": official} if ours is None else {"official": official, "seqzoo": ours}
     fns = {}
     for T in cfg["lengths"]:
@@ -235,7 +220,7 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
                 "T": T,
                 "seconds": t,
                 "us_per_token": 1e6 * t["median"] / T,
-                "gflops": flops_per_token * T / t["median"] / 1e9,
+                "gflops": per_token * T / t["median"] / 1e9,
             }
             if peak:
                 row["fraction_of_peak"] = row["gflops"] / peak
@@ -568,10 +553,7 @@ def run(cfg: dict, *, sections: set[str]) -> dict:
         "decode": [],
         "memory": [],
         "unavailable": {},
-        "flops_formula": {
-            "ttt_linear": "8C² + H(6d² + 6bd) per token",
-            "ttt_mlp": "8C² + H(56d² + 30bd) per token",
-        },
+        "flops_formula": {f"ttt_{kind}": flops_per_token(kind, cfg)[1] for kind in ("linear", "mlp")},
     }
     result["matmul_peak"] = matmul_peak(cfg["peak_n"])
     pairs = {}

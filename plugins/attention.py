@@ -188,6 +188,12 @@ class LinearAttention(HeadProjections):
         H, d = self.num_heads, self.head_dim
         return H * d * d + (H * d if self.config.normalize else 0) + self._conv_state_size()
 
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 4T·C·d: per token and head, S += φ(k)vᵀ and φ(q)ᵀS (2d² each).
+
+        (The normaliser's O(T·C) is not counted.)"""
+        return super().flops(seq_len) + 4.0 * seq_len * self.d_model * self.head_dim
+
     # update rule, output rule
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         state = self.check_input(x, state, step=True)
@@ -251,6 +257,12 @@ class SelfAttentionConfig:
     conv_kernel: int = field(default=4, metadata={"help": "width of conv_q / conv_k (with share_qk)"})
 
 
+def causal_attention_flops(seq_len: int, width: int) -> float:
+    """FLOPs of causal attention over ``seq_len`` tokens of ``width`` = heads × head width: token t
+    scores t+1 keys (2 FLOPs per multiply-add of q·k) and sums t+1 values (2 per multiply-add)."""
+    return 2.0 * seq_len * (seq_len + 1) * width
+
+
 class SelfAttention(HeadProjections):
     """Multi-head causal softmax attention with a KV cache.
 
@@ -290,6 +302,12 @@ class SelfAttention(HeadProjections):
     def state_size(self, seq_len: int) -> int:
         """2·H·d·seq_len (keys and values: grows linearly with the sequence), plus the conv window."""
         return 2 * self.num_heads * self.head_dim * seq_len + self._conv_state_size()
+
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T(T+1)·C: token t reads t+1 keys (q·k and the sum of values).
+
+        Causal: the masked half of QKᵀ is not counted."""
+        return super().flops(seq_len) + causal_attention_flops(seq_len, self.d_model)
 
     def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
         state = super().check_input(x, state, step=step)

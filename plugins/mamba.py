@@ -297,6 +297,12 @@ class Mamba(SequenceLayer):
     def state_size(self, seq_len: int) -> int:
         return self.d_inner * (self.d_conv + self.d_state)
 
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T·E·K + 9T·E·N: the depthwise conv, and the scan per channel and
+        state (exp(ΔA), the update exp(ΔA)h + Δx·B, the read-out C·h)."""
+        E, N, K = self.d_inner, self.d_state, self.d_conv
+        return super().flops(seq_len) + 2.0 * seq_len * E * K + 9.0 * seq_len * E * N
+
     # pieces shared by forward and step
     def _output(self, y: Tensor, z: Tensor, u: Tensor) -> Tensor:
         """out_proj(y ⊙ silu(z) [⊙ gelu_tanh(g_proj(u))]). Unless autograd tracks z, z (a slice of

@@ -15,7 +15,12 @@ from torch import Tensor, nn
 
 State = dict[str, Tensor]
 
-__all__ = ["State", "SequenceLayer"]
+__all__ = ["State", "SequenceLayer", "linear_weights"]
+
+
+def linear_weights(module: nn.Module) -> int:
+    """Scalars in the weights of the ``nn.Linear`` modules under ``module`` (a shared module once)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
 class SequenceLayer(nn.Module):
@@ -51,6 +56,15 @@ class SequenceLayer(nn.Module):
     def state_size(self, seq_len: int) -> int:
         """Scalars held in the state per batch element after ``seq_len`` tokens."""
         raise NotImplementedError
+
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(weights of nn.Linear): forward FLOPs of one sequence of T tokens in the projections.
+
+        (The speed harness reads this method: a multiply-add counts 2; the first line of its
+        docstring is the formula it prints.) This default counts only the layer's ``nn.Linear``
+        weights; a layer whose update or output rule multiplies more (attention over the past, a
+        matrix state, an inner model) overrides it and adds that, as the built-in layers do."""
+        return 2.0 * seq_len * linear_weights(self)
 
     # --- validation shared by every layer ------------------------------------------------------
     def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:

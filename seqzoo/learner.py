@@ -274,6 +274,12 @@ class TTTLayer(HeadProjections):
     ``conv`` (B, C, K-1) with share_qk.
     """
 
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T·C·H (the η gate): what every TTT layer computes outside its
+        inner model; a learner's layer adds the inner model's training and prediction."""
+        gate = 2.0 * seq_len * self.d_model * self.num_heads if self.config.learnable_lr else 0.0
+        return super().flops(seq_len) + gate
+
     def __init__(self, d_model: int, *, learner: type[GradientLearner], **config: Any):
         super().__init__(d_model)
         self.config = cfg = learner.layer_config()(**config)

@@ -231,6 +231,15 @@ class TTTLinear(InnerNormTTT):
     ``step`` the primal form. Equal to ttt-lm-pytorch's ``TTTLinear`` with the same state_dict.
     """
 
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T·C·H (the η gate) + T·H(6d² + 6b·d): the dual form per head.
+
+        Per mini-batch of b tokens (head width d): XK·W and XQ·W, the update (η XK)ᵀ∇ (3 × 2b·d²), and
+        XQ·XKᵀ, tril(η)∇ and (η ⊙ A)∇ (3 × 2b²·d); the official implementation's matmuls, verified
+        against torch's FLOP counter on it (benchmarks/test_bench_speed_smoke.py)."""
+        H, d, b = self.num_heads, self.head_dim, self.mini_batch_size
+        return super().flops(seq_len) + seq_len * H * (6.0 * d * d + 6.0 * b * d)
+
     def _chunk(self, XQ, XK, XV, lr, tok, W, G, outer):
         ln_w, ln_b = self._ln(outer)
         Z, (W1, b1), (GW1, Gb1) = ttt_linear_chunk(

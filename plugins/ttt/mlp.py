@@ -273,6 +273,17 @@ class TTTMLP(InnerNormTTT):
     ``forward`` runs the dual form, ``step`` the primal form. Equal to ttt-lm-pytorch's ``TTTMLP``.
     """
 
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T·C·H (the η gate) + T·H(56d² + 30b·d): the dual form per head.
+
+        Per mini-batch of b tokens (head width d, hidden 4d): seven b×d×4d products (two forward on the
+        keys, one backward through W2, two for the output with W̄, two updates: 7 × 8b·d²), and the
+        b×b terms XQ·XKᵀ (2b²d), tril(η)∇₁ and (η ⊙ A₁)∇₁ (2 × 8b²d), X̄₂·X₂ᵀ (8b²d), tril(η)∇₂ and
+        (η ⊙ A₂)∇₂ (2 × 2b²d); the official implementation's matmuls, verified against torch's FLOP
+        counter on it (benchmarks/test_bench_speed_smoke.py)."""
+        H, d, b = self.num_heads, self.head_dim, self.mini_batch_size
+        return super().flops(seq_len) + seq_len * H * (56.0 * d * d + 30.0 * b * d)
+
     def _chunk(self, XQ, XK, XV, lr, tok, W, G, outer):
         ln_w, ln_b = self._ln(outer)
         return ttt_mlp_chunk(XQ, XK, XV, lr, tok, W, G, ln_w, ln_b)

@@ -59,6 +59,12 @@ class NWLayer(LearnerLayer):
     """The Nadaraya-Watson TTT layer: ``step`` trains then predicts; ``forward`` regresses every token
     at once with a causal mask. Parameters and state as ``self_attention`` (``q_proj`` ... ``o_proj``; ``k``, ``v``)."""
 
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T(T+1)·C: token t regresses on t+1 stored pairs (κ and Σκv).
+
+        As causal self-attention (Theorem 2); the masked half of ``forward``'s T×T products is not counted."""
+        return super().flops(seq_len) + 2.0 * seq_len * (seq_len + 1) * self.d_model
+
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)
         T = x.shape[1]

@@ -556,8 +556,8 @@ def bench_table(results: dict):
     peak = results.get("matmul_peak_gflops")
     table = Table(
         title=f"seqzoo bench (fp32 matmul peak measured now: {_fmt(peak)} GFLOP/s)",
-        caption="median of repeats after warm-up [IQR]; GFLOP/s from the analytic counts in "
-        "seqzoo.bench.speed.FLOPS",
+        caption="median of repeats after warm-up [IQR]; GFLOP/s from each layer's analytic count "
+        "(its flops(T))",
     )
     for h in (
         "layer",

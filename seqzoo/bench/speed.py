@@ -2,7 +2,7 @@
 
 Every figure is the median of ``repeats`` timed calls after ``warmup`` untimed ones, with the
 interquartile range and min/max; CUDA timings synchronise before reading the clock. FLOP counts are
-analytic and approximate (``FLOPS`` below states each formula); they are compared with the fp32
+analytic, declared by each layer (``SequenceLayer.flops``, its formula in its docstring); they are compared with the fp32
 matmul peak measured in the same run, so the fraction of peak does not depend on the machine's
 nominal figures. CPU peak memory is the RSS high-water mark of a fresh subprocess per measurement.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import statistics
 import subprocess
@@ -29,7 +28,6 @@ __all__ = [
     "time_in_turn",
     "matmul_peak",
     "layer_flops",
-    "FLOPS",
     "bench_layer",
     "bench_model",
     "make_layer",
@@ -111,74 +109,17 @@ def matmul_peak(device="cpu", *, n: int | None = None, repeats: int = 5) -> floa
     return 2 * n**3 / t["min"] / 1e9
 
 
-# --- analytic FLOP counts (forward, one sequence of T tokens) ----------------------------------------------
-def _opt(cfg: dict, key: str, default):
-    v = cfg.get(key)
-    return default if v is None else v
-
-
-def _rnn(T, d, cfg):
-    n = _opt(cfg, "state_dim", d)
-    return 2 * T * (d * n + n * n + n * d + d * d)
-
-
-def _softmax_attention(T, d, cfg):
-    return 2 * T * 4 * d * d + 2 * T * T * d  # q,k,v,o projections + causal QKᵀ and AV (half of T² each)
-
-
-def _linear_attention(T, d, cfg):
-    dh = d // _opt(cfg, "num_heads", 4)
-    return 2 * T * 4 * d * d + 4 * T * d * dh  # projections + per head: S += k vᵀ, y = q S (2·dh² each)
-
-
-def _mamba(T, d, cfg):
-    E = _opt(cfg, "expand", 2) * d
-    N = _opt(cfg, "d_state", 16)
-    K = _opt(cfg, "d_conv", 4)
-    R = cfg.get("dt_rank")
-    R = math.ceil(d / 16) if R in (None, "auto") else int(R)
-    proj = 2 * T * (d * 2 * E + E * (R + 2 * N) + R * E + E * d)  # in_proj, x_proj, dt_proj, out_proj
-    return proj + 2 * T * E * K + 9 * T * E * N  # conv + selective scan (discretise, update, read out)
-
-
-def _ttt(hidden_mult: int):
-    def flops(T, d, cfg):
-        H = _opt(cfg, "num_heads", 4)
-        dh = d // H
-        b = _opt(cfg, "mini_batch_size", 16)
-        inner = hidden_mult * dh * dh  # parameters of the inner model per head
-        # per head and token: f(k) forward, its gradient, the output with the updated weights (2 FLOPs
-        # per weight each), plus the within-mini-batch attention-like terms of the dual form
-        per_token = H * (3 * 2 * inner + 2 * 2 * b * dh)
-        return 2 * T * 4 * d * d + T * per_token
-
-    return flops
-
-
-FLOPS: dict[str, tuple[Callable[[int, int, dict], float], str]] = {
-    "rnn": (_rnn, "2T(2dn + n² + d²)"),
-    "self_attention": (_softmax_attention, "8Td² + 2T²d"),
-    "ttt_nw": (_softmax_attention, "8Td² + 2T²d"),
-    "linear_attention": (_linear_attention, "8Td² + 4Td·d_head"),
-    "mamba": (_mamba, "2T(2dE + E(R+2N) + RE + Ed) + 2TEK + 9TEN"),
-    "ttt_linear": (_ttt(1), "8Td² + T·H(6d_h² + 4b·d_h)"),
-    "ttt_mlp": (_ttt(8), "8Td² + T·H(48d_h² + 4b·d_h)"),
-}
-
-
-def layer_flops(
-    name: str, T: int, d_model: int, layer: torch.nn.Module | None = None, **config
-) -> tuple[float, str]:
-    """Approximate forward FLOPs of ``name`` on one sequence of T tokens, and the formula used.
-
-    Layers without a formula count ``2·params·T`` (the matmul FLOPs of their weights).
-    """
-    if name in FLOPS:
-        fn, text = FLOPS[name]
-        return float(fn(T, d_model, config)), text
-    if layer is None:
-        return float("nan"), "unknown"
-    return 2.0 * sum(p.numel() for p in layer.parameters()) * T, "2·params·T (generic)"
+# --- FLOP counts: declared by each layer ------------------------------------------------------------------
+def layer_flops(layer: torch.nn.Module, seq_len: int) -> tuple[float, str]:
+    """Forward FLOPs of ``layer`` on one sequence of ``seq_len`` tokens, and the formula used: the layer's
+    own ``flops(T)`` (``SequenceLayer.flops``; the first line of its docstring is the formula), or
+    ``2·params·T`` (the matmul FLOPs of its weights) for a module without one."""
+    method = getattr(layer, "flops", None)
+    if callable(method):
+        doc = (getattr(type(layer).flops, "__doc__", None) or "").strip().splitlines()
+        formula = doc[0].split(":")[0].strip() if doc else f"{type(layer).__name__}.flops"
+        return float(method(seq_len)), formula
+    return 2.0 * sum(p.numel() for p in layer.parameters()) * seq_len, "2·params·T (generic)"
 
 
 # --- building and running ----------------------------------------------------------------------------
@@ -382,13 +323,9 @@ def bench_layer(
     layer_config = dict(layer_config or {})
     torch.manual_seed(0)
     layer = make_layer(name, d_model, heads, **layer_config).to(device)
-    cfg = {**{f.name: f.default for f in _fields(name)}, **layer_config}
-    if heads is not None:
-        cfg.setdefault("num_heads", heads)
-        cfg["num_heads"] = getattr(layer, "num_heads", cfg["num_heads"])
 
     def flops(T):
-        return layer_flops(name, T, d_model, layer, **cfg)[0]
+        return layer_flops(layer, T)[0]
 
     res = bench_model(
         layer,
@@ -409,7 +346,7 @@ def bench_layer(
         heads=heads,
         batch=batch,
         params=sum(p.numel() for p in layer.parameters()),
-        flops_formula=layer_flops(name, 1, d_model, layer, **cfg)[1],
+        flops_formula=layer_flops(layer, 1)[1],
         state_size={str(T): layer.state_size(T) for T in lengths},
     )
     if memory:
@@ -423,14 +360,6 @@ def bench_layer(
             except Exception as exc:  # noqa: BLE001
                 row["peak_mb_error"] = str(exc)[:200]
     return res
-
-
-def _fields(name: str):
-    import dataclasses
-
-    from ..registry import layer_spec
-
-    return [f for f in layer_spec(name).fields if f.default is not dataclasses.MISSING]
 
 
 if __name__ == "__main__":
