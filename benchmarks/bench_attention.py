@@ -13,7 +13,6 @@ and process CPU time ignores the time other jobs hold the cores.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import seqzoo
+from seqzoo.bench import speed
 from seqzoo.testing import scan_steps
 
 D_MODEL, HEADS = 768, 12
@@ -79,17 +79,11 @@ def test_linear_attention_token_loop(benchmark, la):
     benchmark.pedantic(scan_steps, args=(layer, x), rounds=1, iterations=1)
 
 
-def _interleaved_medians(fns: dict, repeats: int, clock=time.perf_counter) -> dict[str, float]:
-    """Median seconds of each function, calls interleaved so machine noise hits all alike."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[name].append(clock() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+def _interleaved_medians(fns: dict, repeats: int, clock=time.perf_counter, inner: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, the functions run in turn in every repeat (so that a
+    shared machine's load falls on all of them alike; ``seqzoo.bench.speed.time_in_turn``)."""
+    times = speed.time_in_turn(fns, repeats=repeats, warmup=1, clock=clock, inner=inner)
+    return {name: t["median"] for name, t in times.items()}
 
 
 @torch.no_grad()

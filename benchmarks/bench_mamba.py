@@ -16,7 +16,6 @@ every repeat and the medians are reported.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import pytest
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import seqzoo
+from seqzoo.bench import speed
 
 D_MODEL = 768
 
@@ -78,19 +78,11 @@ def test_hf_mixer_slow_forward(benchmark, tiny):
 
 
 # --- the figures -------------------------------------------------------------------------------------
-def _interleaved_medians(fns: dict, repeats: int, clock, inner: int = 1) -> dict:
+def _interleaved_medians(fns: dict, repeats: int, clock=time.perf_counter, inner: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, the functions run in turn in every repeat (so that a
-    shared machine's load falls on all of them alike); ``inner`` calls per timing."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = clock()
-            for _ in range(inner):
-                fn()
-            times[name].append((clock() - t0) / inner)
-    return {name: statistics.median(v) for name, v in times.items()}
+    shared machine's load falls on all of them alike; ``seqzoo.bench.speed.time_in_turn``)."""
+    times = speed.time_in_turn(fns, repeats=repeats, warmup=1, clock=clock, inner=inner)
+    return {name: t["median"] for name, t in times.items()}
 
 
 @torch.no_grad()

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -105,11 +104,8 @@ def time_in_turn(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """fp32 GFLOP/s of an n×n @ n×n matmul: median and best of ``repeats`` after warm-up."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = time_in_turn({"mm": lambda: a @ b}, repeats=repeats, warmup=2)["mm"]
-    flops = 2 * n**3
-    return {"n": n, "gflops_median": flops / t["median"] / 1e9, "gflops_best": flops / t["min"] / 1e9}
+    """fp32 GFLOP/s of an n×n @ n×n matmul: median and best of ``repeats`` after warm-up, on this run's clock."""
+    return speed.matmul_peak_stats(n=n, repeats=repeats, clock=clock)
 
 
 def flops_per_token(kind: str, cfg: dict) -> tuple[float, str]:
@@ -316,52 +312,16 @@ def _probe_main(spec: dict) -> dict:
     # warm-up on one mini-batch so that one-off allocations are part of the baseline
     with torch.no_grad():
         _forward(layer)(x[:, : cfg["mini_batch_size"]].detach())
-    base = _rss_now()
-    exact = _reset_peak_rss()
     t0 = time.perf_counter()
-    if train:
-        y = _forward(layer)(x)
-        y.square().mean().backward()
-    else:
-        with torch.no_grad():
-            _forward(layer)(x)
+    with speed.PeakRSS() as m:
+        if train:
+            y = _forward(layer)(x)
+            y.square().mean().backward()
+        else:
+            with torch.no_grad():
+                _forward(layer)(x)
     seconds = time.perf_counter() - t0
-    peak = _peak_rss(fallback=not exact)
-    return {
-        "peak_mb": (peak - base) / 2**20,
-        "baseline_mb": base / 2**20,
-        "seconds": seconds,
-        "peak_source": "VmHWM after clear_refs" if exact else "ru_maxrss (lifetime high-water mark)",
-    }
-
-
-def _rss_now() -> int:
-    """Resident set size of this process now, in bytes."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux ``clear_refs`` 5), so that imports don't mask the peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss(fallback: bool) -> int:
-    """The RSS high-water mark in bytes: ``VmHWM`` (since the last reset), else ``ru_maxrss``."""
-    if not fallback:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"peak_mb": m.peak_mb, "baseline_mb": m.baseline_mb, "seconds": seconds, "peak_source": m.source}
 
 
 def bench_memory(cfg: dict, have: dict[str, bool]) -> list[dict]:

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from seqzoo.bench import speed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,27 +70,16 @@ def sync(device: torch.device) -> None:
 
 
 def timeit(fn: Callable[[], object], device, budget: Budget, target_s: float, max_reps: int) -> float | None:
-    """Median seconds of fn() after one warm-up call (which also compiles); None when out of time."""
+    """Median seconds of fn() after one warm-up call (which also compiles), repeated for about
+    ``target_s`` (at most ``max_reps`` times, never past the budget's reserve); None when out of time."""
     if not budget.ok():
         return None
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    first = time.perf_counter() - t0
     if target_s <= 0:  # a smoke run: the one call is the measurement
-        return first
+        return speed.time_in_turn({0: fn}, repeats=1, warmup=0, device=device)[0]["median"]
+    first = speed.time_in_turn({0: fn}, repeats=1, warmup=0, device=device)[0]["median"]
     reps = max(1, min(max_reps, int(target_s / max(first, 1e-6))))
-    times = []
-    for _ in range(reps):
-        if times and not budget.ok():
-            break
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    seconds = max(min(target_s, budget.left() - budget.reserve_s), 0.0)
+    return speed.time_in_turn({0: fn}, repeats=reps, warmup=0, device=device, max_seconds=seconds)[0]["median"]
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -27,6 +27,11 @@ __all__ = [
     "timeit",
     "time_in_turn",
     "matmul_peak",
+    "matmul_peak_stats",
+    "rss_now",
+    "reset_peak_rss",
+    "peak_rss",
+    "PeakRSS",
     "layer_flops",
     "bench_layer",
     "bench_model",
@@ -64,10 +69,13 @@ def time_in_turn(
     device="cpu",
     clock: Callable[[], float] = time.perf_counter,
     max_seconds: float | None = None,
+    inner: int = 1,
 ) -> dict[Any, dict[str, float]]:
     """``timeit`` for several functions called in turn within each repeat (after ``warmup`` rounds), so
     a slow phase of a shared machine hits them alike and their ratios hold: {key: summary}. With
-    ``max_seconds``, stops after the round in which that much time was spent (at least one round)."""
+    ``max_seconds``, stops after the round in which that much time was spent (at least one round).
+    ``clock``: ``time.perf_counter`` (wall) or ``time.process_time`` (this process's CPU time, which other
+    processes' load hardly changes); ``inner`` calls per timing (the time is per call)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -77,10 +85,11 @@ def time_in_turn(
     for _ in range(max(repeats, 1)):
         for key, fn in fns.items():
             t0 = clock()
-            fn()
+            for _ in range(inner):
+                fn()
             _sync(device)
-            times[key].append(clock() - t0)
-            spent += times[key][-1]
+            times[key].append((clock() - t0) / inner)
+            spent += times[key][-1] * inner
         if max_seconds is not None and spent > max_seconds:
             break
     return {key: summarize(ts) for key, ts in times.items()}
@@ -101,12 +110,73 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 
 def matmul_peak(device="cpu", *, n: int | None = None, repeats: int = 5) -> float:
-    """Achieved fp32 GFLOP/s of an n×n matmul (the machine's practical peak, measured now)."""
+    """Achieved fp32 GFLOP/s of an n×n matmul (the machine's practical peak, measured now): the best of
+    ``matmul_peak_stats``."""
+    return matmul_peak_stats(device, n=n, repeats=repeats)["gflops_best"]
+
+
+def matmul_peak_stats(device="cpu", *, n: int | None = None, repeats: int = 5,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """fp32 GFLOP/s of an n×n @ n×n matmul after warm-up: ``gflops_median`` and ``gflops_best`` of
+    ``repeats`` (n: 4096 on CUDA, 1024 on the CPU by default)."""
     n = n or (4096 if torch.device(device).type == "cuda" else 1024)
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    t = timeit(lambda: a @ b, repeats=repeats, warmup=2, device=device)
-    return 2 * n**3 / t["min"] / 1e9
+    t = time_in_turn({0: lambda: a @ b}, repeats=repeats, warmup=2, device=device, clock=clock)[0]
+    flops = 2 * n**3
+    return {"n": n, "gflops_median": flops / t["median"] / 1e9, "gflops_best": flops / t["min"] / 1e9}
+
+
+# --- memory: the RSS high-water mark of a process -------------------------------------------------------
+def rss_now() -> int:
+    """Resident set size of this process now, in bytes."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux ``clear_refs`` 5), so that what ran before (imports,
+    set-up) does not mask the peak; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(*, since_reset: bool) -> int:
+    """The RSS high-water mark in bytes: ``VmHWM`` (since the last ``reset_peak_rss``) when
+    ``since_reset``, else ``ru_maxrss`` (the process's lifetime mark)."""
+    if since_reset:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class PeakRSS:
+    """``with PeakRSS() as m: ...`` then ``m.peak_mb`` (the high-water mark above the RSS at entry),
+    ``m.baseline_mb`` and ``m.source`` (how the peak was read)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = rss_now()
+        self.exact = reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = peak_rss(since_reset=self.exact)
+        self.peak_mb = max(peak - self.base, 0) / 2**20
+        self.baseline_mb = self.base / 2**20
+        self.source = "VmHWM after clear_refs" if self.exact else "ru_maxrss (lifetime high-water mark)"
 
 
 # --- FLOP counts: declared by each layer ------------------------------------------------------------------
@@ -278,27 +348,24 @@ def _memory_probe(spec: dict) -> dict[str, float]:
     layer = make_layer(spec["name"], spec["d_model"], spec["heads"], **spec["layer_config"]).to(device)
     x = torch.randn(spec["batch"], spec["T"], spec["d_model"], device=device, requires_grad=spec["backward"])
     cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        import resource
+    def run() -> None:
+        if spec["backward"]:
+            y, _ = layer(x)
+            y.square().mean().backward()
+        else:
+            with torch.no_grad():
+                layer(x)
 
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if spec["backward"]:
-        y, _ = layer(x)
-        y.square().mean().backward()
-    else:
-        with torch.no_grad():
-            layer(x)
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not cuda:
+        with PeakRSS() as m:
+            run()
+        return {"peak_mb": m.peak_mb, "baseline_mb": m.baseline_mb}
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    run()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
     return {"peak_mb": max(peak - base, 0) / 2**20, "baseline_mb": base / 2**20}
 
 
