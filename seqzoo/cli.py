@@ -107,7 +107,7 @@ def _cmd_plugins(args) -> int:
     plugins = list_plugins()
     for p in plugins:
         status = "[green]ok[/green]" if not p.error else f"[red]failed: {p.error}[/red]"
-        registered = ", ".join(p.layers + [f"task:{t}" for t in p.tasks])
+        registered = ", ".join(p.layers + [f"task:{t}" for t in p.tasks] + [f"converter:{c}" for c in p.converters])
         table.add_row(p.name, p.module, p.distribution, p.version, registered, status)
     console = Console(width=max(120, Console().width))
     console.print(table)

@@ -40,12 +40,15 @@ __all__ = [
     "ConfigField",
     "LayerSpec",
     "TaskSpec",
+    "ConverterSpec",
     "PluginInfo",
     "list_layers",
     "layer_spec",
     "create_layer",
     "list_tasks",
     "task_spec",
+    "list_converters",
+    "converter",
     "list_plugins",
     "plugin_failures",
     "register_plugin",
@@ -71,6 +74,11 @@ class HookSpecs:
     @hookspec
     def register_tasks(self, register):
         """Register harness tasks: ``register(name, factory, *, description="")``."""
+
+    @hookspec
+    def register_converters(self, register):
+        """Register checkpoint converters: ``register(name, function, *, description="")``; reached as
+        ``seqzoo.interop.<name>`` (e.g. ``from_mamba_ssm(state_dict, config)`` -> a ``LanguageModel``)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,14 @@ class TaskSpec:
     plugin: str = ""
 
 
+@dataclass(frozen=True)
+class ConverterSpec:
+    name: str
+    function: Callable[..., Any]
+    description: str = ""
+    plugin: str = ""
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -141,6 +157,7 @@ class PluginInfo:
     version: str = ""
     layers: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
+    converters: list[str] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
 
@@ -173,6 +190,60 @@ def _strict() -> bool:
     return os.environ.get("SEQZOO_STRICT_PLUGINS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+class _Stage:
+    """What one plugin registers through one hook, kept apart until the hook returns: a hook that raises
+    commits nothing. Each method is the ``register`` callable of one hook (``HOOKS``)."""
+
+    HOOKS = {"register_layers": "layer", "register_learners": "learner", "register_tasks": "task",
+             "register_converters": "converter"}
+
+    def __init__(self, info: PluginInfo):
+        self.info = info
+        self.items: list[tuple[str, Any]] = []
+
+    def layer(self, name: str, factory: Callable, *, config: type | None = None, description: str = "",
+              aliases: tuple[str, ...] | list[str] = ()) -> None:
+        _check_name(name)
+        if not callable(factory):
+            raise TypeError(f"register({name!r}, ...): factory must be callable, got {factory!r}")
+        if config is None and inspect.isclass(factory):
+            config = getattr(factory, "Config", None)
+        if config is not None and not dataclasses.is_dataclass(config):
+            raise TypeError(f"register({name!r}, ...): config must be a dataclass, got {config!r}")
+        info = self.info
+        self.items.append(("layer", LayerSpec(
+            name=name, factory=factory, description=description or _first_line(factory),
+            plugin=info.name, distribution=info.distribution, version=info.version,
+            aliases=tuple(aliases), config=config, kind="layer", target=factory,
+        )))
+
+    def learner(self, name: str, learner_cls: type, *, description: str = "") -> None:
+        from .learner import Learner
+
+        _check_name(name)
+        if not (inspect.isclass(learner_cls) and issubclass(learner_cls, Learner)):
+            raise TypeError(f"register({name!r}, ...): expected a seqzoo.Learner subclass, got {learner_cls!r}")
+        info = self.info
+        self.items.append(("layer", LayerSpec(
+            name=f"ttt_{name}", factory=learner_cls.make_layer, description=description or _first_line(learner_cls),
+            plugin=info.name, distribution=info.distribution, version=info.version,
+            config=learner_cls.layer_config(), kind="learner", target=learner_cls,
+        )))
+
+    def task(self, name: str, factory: Callable, *, description: str = "") -> None:
+        _check_name(name)
+        self.items.append(("task", TaskSpec(name=name, factory=factory, plugin=self.info.name,
+                                            description=description or _first_line(factory))))
+
+    def converter(self, name: str, function: Callable, *, description: str = "") -> None:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise ValueError(f"expected a converter name that is a public Python identifier, got {name!r}")
+        if not callable(function):
+            raise TypeError(f"register({name!r}, ...): the converter must be callable, got {function!r}")
+        self.items.append(("converter", ConverterSpec(name=name, function=function, plugin=self.info.name,
+                                                      description=description or _first_line(function))))
+
+
 class Registry:
     """Holds the plugin manager and what the plugins registered. One process-wide instance."""
 
@@ -184,6 +255,7 @@ class Registry:
         self.layers: dict[str, LayerSpec] = {}
         self.aliases: dict[str, str] = {}
         self.tasks: dict[str, TaskSpec] = {}
+        self.converters: dict[str, ConverterSpec] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self._inline: list[tuple[object, str]] = []
 
@@ -246,27 +318,30 @@ class Registry:
         except Exception as exc:  # noqa: BLE001
             self._fail(info, f"registration failed: {type(exc).__name__}: {exc}", exc)
             return
-        for hook_name, register in (
-            ("register_layers", self._layer_register(info)),
-            ("register_learners", self._learner_register(info)),
-            ("register_tasks", self._task_register(info)),
-        ):
+        for hook_name in _Stage.HOOKS:
             caller = getattr(self.pm.hook, hook_name)
             for impl in caller.get_hookimpls():
                 if impl.plugin is not module:
                     continue
-                # Stage this plugin's registrations; commit only if its hook completes.
-                staged: list[tuple[str, object]] = []
-                register.staged = staged
+                # this plugin's registrations are staged; committed only if its hook completes
+                stage = _Stage(info)
                 try:
-                    impl.function(register=register)
+                    impl.function(register=getattr(stage, _Stage.HOOKS[hook_name]))
                 except Exception as exc:  # noqa: BLE001
                     self._fail(info, f"{hook_name} failed: {type(exc).__name__}: {exc}", exc)
                     continue
-                for kind, spec in staged:
+                for kind, spec in stage.items:
                     self._commit(kind, spec, info)
 
     def _commit(self, kind: str, spec, info: PluginInfo) -> None:
+        if kind == "converter":
+            old = self.converters.get(spec.name)
+            if old is not None and old.function is not spec.function:
+                self._conflict(info, "converter", spec.name, old.plugin)
+                return
+            self.converters[spec.name] = spec
+            info.converters.append(spec.name)
+            return
         if kind == "task":
             old = self.tasks.get(spec.name)
             if old is not None and old.factory is not spec.factory:
@@ -292,56 +367,6 @@ class Registry:
         msg = f"{what} name {name!r} registered by plugin {other!r} is registered again by plugin {info.name!r} with a different object"
         exc = ValueError(msg)
         self._fail(info, msg, exc)
-
-    def _layer_register(self, info: PluginInfo):
-        def register(name: str, factory: Callable, *, config: type | None = None, description: str = "",
-                     aliases: tuple[str, ...] | list[str] = ()):
-            _check_name(name)
-            if not callable(factory):
-                raise TypeError(f"register({name!r}, ...): factory must be callable, got {factory!r}")
-            if config is None and inspect.isclass(factory):
-                config = getattr(factory, "Config", None)
-            if config is not None and not dataclasses.is_dataclass(config):
-                raise TypeError(f"register({name!r}, ...): config must be a dataclass, got {config!r}")
-            spec = LayerSpec(
-                name=name, factory=factory, description=description or _first_line(factory),
-                plugin=info.name, distribution=info.distribution, version=info.version,
-                aliases=tuple(aliases), config=config, kind="layer", target=factory,
-            )
-            register.staged.append(("layer", spec))
-
-        register.staged = []
-        return register
-
-    def _learner_register(self, info: PluginInfo):
-        def register(name: str, learner_cls: type, *, description: str = ""):
-            from .learner import Learner
-
-            _check_name(name)
-            if not (inspect.isclass(learner_cls) and issubclass(learner_cls, Learner)):
-                raise TypeError(
-                    f"register({name!r}, ...): expected a seqzoo.Learner subclass, got {learner_cls!r}"
-                )
-            spec = LayerSpec(
-                name=f"ttt_{name}", factory=learner_cls.make_layer,
-                description=description or _first_line(learner_cls),
-                plugin=info.name, distribution=info.distribution, version=info.version,
-                config=learner_cls.layer_config(), kind="learner", target=learner_cls,
-            )
-            register.staged.append(("layer", spec))
-
-        register.staged = []
-        return register
-
-    def _task_register(self, info: PluginInfo):
-        def register(name: str, factory: Callable, *, description: str = ""):
-            _check_name(name)
-            spec = TaskSpec(name=name, factory=factory, description=description or _first_line(factory),
-                            plugin=info.name)
-            register.staged.append(("task", spec))
-
-        register.staged = []
-        return register
 
     # --- queries ------------------------------------------------------------------------------
     def resolve(self, name: str) -> LayerSpec:
@@ -461,6 +486,23 @@ def task_spec(name: str) -> TaskSpec:
     if name not in REGISTRY.tasks:
         raise KeyError(f"unknown task {name!r}{_close(name, REGISTRY.tasks)} Known tasks: {', '.join(sorted(REGISTRY.tasks))}")
     return REGISTRY.tasks[name]
+
+
+def list_converters(pattern: str = "*") -> list[str]:
+    """Names of the registered checkpoint converters (``seqzoo.interop.<name>``), sorted."""
+    REGISTRY.ensure_loaded()
+    return sorted(n for n in REGISTRY.converters if fnmatch.fnmatchcase(n, pattern))
+
+
+def converter(name: str) -> ConverterSpec:
+    """The ``ConverterSpec`` of a registered converter; unknown names get close matches."""
+    REGISTRY.ensure_loaded()
+    if name not in REGISTRY.converters:
+        failed = [p.name for p in REGISTRY.plugins.values() if p.error]
+        extra = f" (plugins that failed to load: {', '.join(failed)}; see `seqzoo plugins`)" if failed else ""
+        raise KeyError(f"unknown converter {name!r}{_close(name, REGISTRY.converters)} Known converters: "
+                       f"{', '.join(sorted(REGISTRY.converters)) or '(none)'}{extra}")
+    return REGISTRY.converters[name]
 
 
 def list_plugins() -> list[PluginInfo]:

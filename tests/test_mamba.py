@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from seqzoo_plugins import mamba as mamba_plugin
 from seqzoo_plugins.mamba import Mamba, selective_scan_chunked, selective_scan_ref
+from seqzoo_plugins.mamba import layer as mamba_plugin
 
 import seqzoo
 from seqzoo.interop import from_mamba_ssm

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from seqzoo_plugins import mamba as mamba_plugin
+from seqzoo_plugins.mamba import layer as mamba_plugin
 from seqzoo_plugins.ttt import native_kernels as ttt_native
 
 import seqzoo

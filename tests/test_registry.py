@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import seqzoo
+import seqzoo.interop
 from seqzoo.registry import REGISTRY
 
 
@@ -126,6 +127,53 @@ def test_name_conflict_names_both_plugins(tmp_path, on_path):
     assert "'rnn'" in msg and "'thief'" in msg
     # the original keeps its name
     assert seqzoo.layer_spec("rnn").plugin == "rnn"
+
+
+def test_converters_are_registered_by_their_plugins_and_reached_through_interop():
+    """seqzoo.interop names no layer: each converter is registered beside its layers."""
+    from seqzoo_plugins.mamba.interop import from_mamba_ssm
+    from seqzoo_plugins.ttt.interop import from_ttt_lm_pytorch
+
+    assert seqzoo.list_converters() == ["from_mamba_ssm", "from_ttt_lm_pytorch"]
+    assert seqzoo.interop.from_mamba_ssm is from_mamba_ssm
+    assert seqzoo.converter("from_ttt_lm_pytorch").plugin == "ttt"
+    from seqzoo.interop import from_ttt_lm_pytorch as reached  # from-imports work too
+
+    assert reached is from_ttt_lm_pytorch
+    assert {"from_mamba_ssm", "from_ttt_lm_pytorch"} <= set(dir(seqzoo.interop))
+    with pytest.raises(AttributeError, match="did you mean from_mamba_ssm"):
+        seqzoo.interop.from_mamba_sm  # noqa: B018
+
+
+def test_a_plugin_adds_a_converter_and_a_conflicting_one_is_refused(tmp_path, on_path):
+    on_path(_fake_distribution(tmp_path, "zoo-conv", "zoo-conv", "zoo_fake_conv", """
+        import seqzoo
+
+        def from_zoo(state_dict, config):
+            \"\"\"A zoo checkpoint as a seqzoo model.\"\"\"
+            return "converted"
+
+        @seqzoo.hookimpl
+        def register_converters(register):
+            register("from_zoo", from_zoo)
+            register("from_mamba_ssm", from_zoo)
+    """))
+    seqzoo.reload_plugins()
+    msg = seqzoo.plugin_failures()["zoo-conv"]
+    assert "converter name 'from_mamba_ssm'" in msg and "'mamba'" in msg and "'zoo-conv'" in msg
+    assert seqzoo.interop.from_zoo({}, {}) == "converted"
+    assert seqzoo.converter("from_zoo").description == "A zoo checkpoint as a seqzoo model."
+    assert seqzoo.converter("from_mamba_ssm").plugin == "mamba"  # the original keeps its name
+
+
+def test_converter_names_are_checked():
+    plugin = types.SimpleNamespace(register_converters=seqzoo.hookimpl(
+        lambda register: register("not a name", print)))
+    seqzoo.register_plugin(plugin, name="zoo-bad-converter")
+    try:
+        assert "public Python identifier" in seqzoo.plugin_failures()["zoo-bad-converter"]
+    finally:
+        seqzoo.unregister_plugin("zoo-bad-converter")
 
 
 def test_strict_mode_raises(tmp_path, on_path, monkeypatch):

@@ -19,3 +19,10 @@ def register_learners(register):
     register("linear", LinearLearner, description="TTT-Linear: hidden state W of f(x) = x + LN(xW + b), mini-batch GD")
     register("mlp", MLPLearner, description="TTT-MLP: hidden state of a 2-layer MLP f(x) = x + LN(MLP(x)), mini-batch GD")
     register("nw", NWLearner, description="Nadaraya-Watson learner: stores keys/values, kernel regression (= self-attention)")
+
+
+@seqzoo.hookimpl
+def register_converters(register):
+    from .interop import from_ttt_lm_pytorch
+
+    register("from_ttt_lm_pytorch", from_ttt_lm_pytorch)

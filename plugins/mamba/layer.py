@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-import seqzoo
 from seqzoo import SequenceLayer, State, native
 from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
 
@@ -474,8 +473,3 @@ class Mamba(SequenceLayer):
         c = self.config
         return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={c.d_state}, d_conv={c.d_conv}, "
                 f"dt_rank={self.dt_rank}, use_gate={c.use_gate}")
-
-
-@seqzoo.hookimpl
-def register_layers(register):
-    register("mamba", Mamba, description="Mamba (v1) selective SSM mixer, mamba-ssm / Hugging Face compatible")
