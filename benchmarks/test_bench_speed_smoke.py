@@ -26,8 +26,9 @@ ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
 
 
 def _needs(name: str) -> None:
-    if name not in seqzoo.list_layers():
-        pytest.skip(f"seqzoo layer {name!r} is not registered")
+    """A built-in layer that is not registered is a broken install: the test fails, it is not skipped."""
+    assert name in seqzoo.list_layers(), (
+        f"built-in layer {name!r} is not registered (plugin failures: {seqzoo.plugin_failures()})")
 
 
 @pytest.fixture(autouse=True)

@@ -87,11 +87,12 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _seqzoo_layer_or_skip(name: str):
+def _seqzoo_with(name: str):
+    """seqzoo, with the built-in layer ``name`` registered: a missing one is a broken install, and fails."""
     import seqzoo
 
-    if name not in seqzoo.list_layers():
-        pytest.skip(f"seqzoo layer {name!r} is not registered (yet): nothing to compare the anchor with")
+    assert name in seqzoo.list_layers(), (
+        f"built-in layer {name!r} is not registered (plugin failures: {seqzoo.plugin_failures()})")
     return seqzoo
 
 
@@ -108,7 +109,7 @@ SEQZOO_CASES = [
     "kind,extra,T", SEQZOO_CASES, ids=[f"{k}-{'-'.join(e) or 'default'}-T{t}" for k, e, t in SEQZOO_CASES]
 )
 def test_seqzoo_equals_anchor(kind: str, extra: dict, T: int):
-    seqzoo = _seqzoo_layer_or_skip(f"ttt_{kind}")
+    seqzoo = _seqzoo_with(f"ttt_{kind}")
     d_model, heads = 64, 4
     # every option explicit: seqzoo's defaults may differ from the official ones (ttt_mlp: ttt_base_lr 0.1)
     extra = {"ttt_base_lr": 1.0, "mini_batch_size": 16, "share_qk": False, "use_gate": False, **extra}
@@ -129,7 +130,7 @@ def test_seqzoo_equals_anchor(kind: str, extra: dict, T: int):
 
 def test_seqzoo_equals_anchor_with_float64_rope(monkeypatch):
     """With the anchor's RoPE angles in float64, seqzoo's ttt_linear equals it to rounding (1e-12)."""
-    seqzoo = _seqzoo_layer_or_skip("ttt_linear")
+    seqzoo = _seqzoo_with("ttt_linear")
     import official_ttt
 
     def rope_cos_sin_float64(head_dim, positions, theta, dtype):

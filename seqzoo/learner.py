@@ -93,8 +93,9 @@ class TTTConfig:
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base (positions t mod b)"})
     backend: str = field(
         default="auto",
-        metadata={"help": "inner scan: 'torch', 'triton' (CUDA kernels), 'auto' (triton on CUDA; on CPU, a native "
-                          "decode step where the layer has one: the plugin's native CPU kernels)"},
+        metadata={"help": "which implementation of the inner scan runs, resolved by the layer's plugin: 'torch' "
+                          "(the readable torch path), 'auto' (the plugin's fastest exact path for the tensors), or "
+                          "a name of the plugin's kernels ('triton'); see the layer's documentation"},
     )
     scan_checkpoint_group_size: int = field(
         default=0, metadata={"help": "mini-batches per gradient-checkpointed group when training (0 = off)"}

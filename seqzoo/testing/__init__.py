@@ -1,4 +1,4 @@
-"""The conformance suite every layer runs: DESIGN §2's equivalences, checked on numbers.
+"""The conformance suite every layer runs: what every layer must satisfy (docs/concepts.md), checked on numbers.
 
 ``check_layer("my_layer", **config)`` raises ``AssertionError`` with a readable report unless the layer
 satisfies every check. Plugin authors can also run the checks one by one from pytest::
