@@ -374,7 +374,7 @@ def test_report_only_renders_an_interrupted_run_again(tmp_path, capsys):
 
 def test_runs_go_breadth_first_across_cells(tmp_path, monkeypatch):
     """Every cell's first run comes before any cell's second, so an interrupted comparison covers the grid."""
-    import seqzoo.bench.compare as cmp
+    import seqzoo.bench.runs as cmp  # where a run trains
 
     order = []
     real = cmp.train
@@ -420,7 +420,7 @@ def test_a_resumed_part_of_the_grid_is_not_called_finished(tmp_path):
     over = {"tasks": {"mqar": {"steps": 2}}}
     kw = dict(tasks=["mqar"], backbones=["mamba"], preset_name="quick", out=tmp_path, speed=False, overrides=over)
     with pytest.raises(KeyboardInterrupt):  # a comparison of two layers, stopped before the second
-        import seqzoo.bench.compare as cmp
+        import seqzoo.bench.runs as cmp  # where a run trains
 
         real, calls = cmp.train, []
 

@@ -180,7 +180,7 @@ def test_resume_refuses_a_different_preset(tmp_path):
 
 def test_interrupt_leaves_complete_results(tmp_path, monkeypatch):
     """A KeyboardInterrupt in the second unit leaves the first unit's results, complete and valid."""
-    import seqzoo.bench.compare as cmp
+    import seqzoo.bench.runs as cmp  # where a run trains
 
     calls = {"n": 0}
     real = cmp.train

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .compare import cell_name, task_entry
+from .compare import task_entry
+from .runs import cell_name
 from .tasks import reaches
 
 __all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "CONTEXT_LAYERS",

@@ -9,6 +9,10 @@ and ``resume=True`` continues it. A run that raises or produces a non-finite los
 reason and the rest of the grid still runs. At the end the known claims the run can check are
 evaluated from its numbers (``seqzoo.bench.claims``).
 
+The recipes are in ``seqzoo.bench.presets``, the units of work (a ``Series`` per cell × task × width,
+one run's preparation and training) in ``seqzoo.bench.runs``, the worker processes in
+``seqzoo.bench.pool``; this module schedules them and keeps the results file.
+
 ``results.json``: ``cells[name]["tasks"][task]["d{width}"]`` holds ``runs`` (keyed ``"lr {lr} seed
 {seed}"``, each recording its ``lr``, ``seed``, ``metrics``, ``steps``, ``stopped_at`` and ``evals``) and
 ``best`` (the winning ``lr``, the ``seeds`` run at it and, per scalar metric, mean/min/max/std over them);
@@ -22,20 +26,36 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..backbones import BACKBONES, create_model, default_intermediate_size
+from ..backbones import BACKBONES, create_model
 from ..registry import layer_spec, list_layers, task_spec
+from .pool import Pool
 from .presets import PRESETS, RECIPE, preset, widths
+from .runs import (
+    Series,
+    cell_key,
+    cell_name,
+    cell_series,
+    error_text,
+    json_roundtrip,
+    layer_options,
+    lr_key,
+    match_intermediate_size,
+    non_embedding_params,
+    prepare_run,
+    run_key,
+    spread,
+    train_run,
+)
 from .speed import bench_model
 from .store import machine_info, read_json, versions, write_json
-from .tasks import make_task, reaches
-from .train import Interrupted, TrainConfig, model_state_size, train
+from .tasks import make_task
+from .train import Interrupted, model_state_size
 
 log = logging.getLogger(__name__)
 
@@ -56,79 +76,6 @@ __all__ = [
     "best_run",
     "task_entry",
 ]
-
-
-def cell_key(layer: str, backbone: str) -> str:
-    return f"{layer}/{backbone}"
-
-
-def _lr_key(lr: float) -> str:
-    return f"{lr:.3g}"
-
-
-def _layer_config(layer: str, wanted: dict) -> dict:
-    """The preset's layer options that this layer has (e.g. num_heads), the others dropped."""
-    names = layer_spec(layer).field_names()
-    return {k: v for k, v in wanted.items() if k in names}
-
-
-def non_embedding_params(
-    layer: str,
-    backbone: str,
-    *,
-    d_model: int,
-    n_layers: int,
-    vocab_size: int,
-    intermediate_size: int,
-    layer_config: dict | None = None,
-) -> int:
-    """Parameters of the model minus its (tied) embedding, built on the meta device when possible."""
-    kwargs = dict(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        n_layers=n_layers,
-        intermediate_size=intermediate_size,
-        **(layer_config or {}),
-    )
-    try:
-        with torch.device("meta"):
-            model = create_model(layer, backbone, **kwargs)
-    except Exception:  # noqa: BLE001 - some initialisers cannot run on meta tensors
-        model = create_model(layer, backbone, **kwargs)
-    return model.num_parameters(embeddings=False)
-
-
-def match_intermediate_size(
-    layer: str,
-    backbone: str,
-    target: int,
-    *,
-    d_model: int,
-    n_layers: int,
-    vocab_size: int,
-    layer_config: dict | None = None,
-) -> tuple[int, int]:
-    """The SwiGLU width that brings the model's non-embedding parameters closest to ``target``.
-
-    Returns ``(intermediate_size, params)``. Parameters are linear in the width (3·d·n_layers per unit).
-    """
-    base = default_intermediate_size(d_model)
-
-    def count(i: int) -> int:
-        return non_embedding_params(
-            layer,
-            backbone,
-            d_model=d_model,
-            n_layers=n_layers,
-            vocab_size=vocab_size,
-            intermediate_size=i,
-            layer_config=layer_config,
-        )
-
-    p_base = count(base)
-    per_unit = 3 * d_model * n_layers
-    width = max(1, base + round((target - p_base) / per_unit))
-    return width, count(width)
 
 
 # --- the run -------------------------------------------------------------------------------------------
@@ -154,114 +101,6 @@ class _TermAsInterrupt:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".strip()[:300]
-
-
-def run_key(lr: float, seed: int) -> str:
-    """A run's key in its entry's ``runs``: the learning rate and the seed."""
-    return f"lr {_lr_key(lr)} seed {seed}"
-
-
-@dataclass
-class Series:
-    """The training runs of one (cell, task, width): the learning-rate sweep with the first seed, then
-    the further seeds at the winning rate. What to run next is a function of the runs recorded so far,
-    so a resumed comparison continues where the interrupted one stopped."""
-
-    cell: dict
-    task: str
-    width: int
-    tcfg: dict
-    seeds: list[int]
-    #: whether this width is the backbone's largest (``seeds_when: unsolved_at_largest``)
-    largest: bool
-    score_key: str = "loss"
-    score_sign: float = -1.0
-
-    @property
-    def label(self) -> str:
-        return f"{cell_name(self.cell)} {self.task} d{self.width}"
-
-    def entry(self) -> dict:
-        return self.cell["tasks"].setdefault(self.task, {}).setdefault(f"d{self.width}", {"runs": {}})
-
-    def _reached(self, rec: dict) -> bool:
-        stop_at = self.tcfg.get("stop_at")
-        if stop_at is None or rec.get("status") != "ok":
-            return False
-        return reaches(rec["metrics"][self.score_key], stop_at, self.score_sign)
-
-    def wanted(self) -> list[tuple[float, int]]:
-        """The runs (lr, seed) to start now: the next rate of the sweep, or the further seeds."""
-        runs = self.entry()["runs"]
-        first = self.seeds[0]
-        for lr in self.tcfg["lrs"]:
-            rec = runs.get(run_key(lr, first))
-            if rec is None:
-                return [(lr, first)]
-            if self._reached(rec):
-                break
-        best = self.best_lr()
-        if best is None:
-            return []
-        when = self.tcfg.get("seeds_when", "always")
-        if when not in ("always", "unsolved_at_largest"):
-            raise ValueError(f"expected seeds_when 'always' or 'unsolved_at_largest', got {when!r}")
-        if when == "unsolved_at_largest" and (not self.largest or self._reached(runs[run_key(best, first)])):
-            return []
-        return [(best, s) for s in self.seeds[1:] if run_key(best, s) not in runs]
-
-    def best_lr(self) -> float | None:
-        """The rate whose first-seed run scored best (None while none has finished well)."""
-        runs, first = self.entry()["runs"], self.seeds[0]
-        ok = [(lr, runs[run_key(lr, first)]) for lr in self.tcfg["lrs"] if run_key(lr, first) in runs]
-        ok = [(lr, r) for lr, r in ok if r.get("status") == "ok"]
-        if not ok:
-            return None
-        return max(ok, key=lambda item: self.score_sign * item[1]["metrics"][self.score_key])[0]
-
-    def summarise(self) -> None:
-        """``entry["best"]``: the winning rate and, over the seeds run at it, every scalar metric's mean,
-        min, max and standard deviation."""
-        entry = self.entry()
-        lr = self.best_lr()
-        if lr is None:
-            entry["best"] = None
-            return
-        recs = [(s, entry["runs"][run_key(lr, s)]) for s in self.seeds if run_key(lr, s) in entry["runs"]]
-        recs = [(s, r) for s, r in recs if r.get("status") == "ok"]
-        names = [k for k, v in recs[0][1]["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        entry["best"] = {
-            "lr": lr,
-            "selected_by": self.score_key,
-            "seeds": [s for s, _ in recs],
-            "n": len(recs),
-            "metrics": {k: spread([r["metrics"][k] for _, r in recs if k in r["metrics"]]) for k in names},
-            "stop_at": self.tcfg.get("stop_at"),
-        }
-
-
-def cell_series(cell: dict, task: str, tcfg: dict, seed: int, score_key: str, score_sign: float) -> list[Series]:
-    """A cell's series for ``task``, one per width of its backbone, with the preset's seeds from ``seed``."""
-    ws = widths(tcfg, cell["backbone"])
-    seeds = [seed + k for k in range(int(tcfg.get("seeds", 1)))]
-    return [Series(cell, task, d, tcfg, seeds, d == max(ws), score_key, score_sign) for d in ws]
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, min, max and (population) standard deviation of a list of numbers."""
-    n = len(values)
-    mean = sum(values) / n
-    return {
-        "mean": mean,
-        "min": min(values),
-        "max": max(values),
-        "std": (sum((v - mean) ** 2 for v in values) / n) ** 0.5,
-        "n": n,
-    }
 
 
 def compare(
@@ -450,7 +289,7 @@ def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jo
     already = sum(len(s.entry()["runs"]) for s in series)
     if already:
         notes(f"resume: keeping {already} finished training run(s)")
-    pool = _Pool(jobs, torch.get_num_threads()) if jobs > 1 else None
+    pool = Pool(jobs, torch.get_num_threads()) if jobs > 1 else None
     overall = progress.add_task("seqzoo compare: training", total=None) if progress is not None else None
     try:
         while True:
@@ -471,15 +310,15 @@ def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jo
             if pool is None:
                 n, lr, sd = ready[0]
                 s = series[n]
-                label = f"{s.label} lr {_lr_key(lr)} seed {sd}"
+                label = f"{s.label} lr {lr_key(lr)} seed {sd}"
                 sub = progress.add_task(f"  {label}", total=s.tcfg["steps"]) if progress is not None else None
 
                 def on_step(step: int, loss: float, sub=sub, label=label) -> None:
                     if progress is not None:
                         progress.update(sub, completed=step, description=f"  {label} loss {loss:.3f}")
 
-                spec = _prepare(results, s, lr, sd, seed, device, get_task, cache_dir)
-                rec = _train_cell(spec, task=get_task(s.task), on_step=on_step)
+                spec = prepare_run(results, s, lr, sd, seed, device, get_task, cache_dir)
+                rec = train_run(spec, task=get_task(s.task), on_step=on_step)
                 if progress is not None:
                     progress.remove_task(sub)
                 _finish(s, lr, sd, rec, save, finished)
@@ -487,9 +326,9 @@ def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jo
                 while ready and len(in_flight) < jobs:
                     n, lr, sd = ready.pop(0)
                     in_flight[(n, lr, sd)] = series[n]
-                    pool.submit((n, lr, sd), _prepare(results, series[n], lr, sd, seed, device, get_task, cache_dir))
+                    pool.submit((n, lr, sd), prepare_run(results, series[n], lr, sd, seed, device, get_task, cache_dir))
                 if progress is not None:
-                    shown = ", ".join(f"{series[n].label} lr {_lr_key(lr)} seed {sd}" for n, lr, sd in in_flight)
+                    shown = ", ".join(f"{series[n].label} lr {lr_key(lr)} seed {sd}" for n, lr, sd in in_flight)
                     progress.update(overall, description=f"compare ({jobs} at once): {shown}")
                 key, rec = pool.get()
                 n, lr, sd = key
@@ -504,7 +343,7 @@ def _train_all(series, results, cfg, seed, device, get_task, save, cache_dir, jo
 
 def _finish(s: Series, lr: float, sd: int, rec: dict, save, finished) -> None:
     if rec["status"] != "ok":
-        log.warning("%s lr %s seed %s failed: %s", s.label, _lr_key(lr), sd, rec.get("error"))
+        log.warning("%s lr %s seed %s failed: %s", s.label, lr_key(lr), sd, rec.get("error"))
     rec.setdefault("lr", lr)  # a dead worker's record has neither
     rec.setdefault("seed", sd)
     s.entry()["runs"][run_key(lr, sd)] = rec
@@ -516,80 +355,7 @@ def _finish(s: Series, lr: float, sd: int, rec: dict, save, finished) -> None:
         text = f"{s.score_key} {val:.4g}{stop} ({rec['seconds']:.0f} s)"
     else:
         text = f"failed: {rec.get('error')}"
-    finished(f"{s.label} lr {_lr_key(lr)} seed {sd}", text)
-
-
-class _Pool:
-    """``jobs`` spawned worker processes that train prepared runs; ``submit`` one, ``get`` the next result.
-    However the comparison ends (Ctrl-C, SIGTERM, an error), ``close`` stops every worker started."""
-
-    def __init__(self, jobs: int, threads: int):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self.todo, self.done = ctx.Queue(), ctx.Queue()
-        self.workers = []
-        self.waiting: set = set()
-        self.dead = False
-        try:
-            for _ in range(jobs):
-                self.workers.append(ctx.Process(target=_worker, args=(self.todo, self.done, threads), daemon=True))
-                self.workers[-1].start()
-        except BaseException:
-            self.close()
-            raise
-
-    def submit(self, key, spec: dict) -> None:
-        self.waiting.add(key)
-        if self.dead:  # the workers died: what is left fails with the reason, the comparison ends cleanly
-            self.done.put((key, {"status": "failed", "error": "training worker process died"}))
-        else:
-            self.todo.put((key, spec))
-
-    def get(self):
-        import queue
-
-        while True:
-            try:
-                key, rec = self.done.get(timeout=0.5)
-            except queue.Empty:
-                if any(w.is_alive() for w in self.workers):
-                    continue
-                try:  # a last result may have arrived as the last worker exited
-                    key, rec = self.done.get(timeout=1.0)
-                except queue.Empty:
-                    self.dead = True
-                    key = next(iter(self.waiting))
-                    rec = {"status": "failed", "error": "training worker process died"}
-            self.waiting.discard(key)
-            return key, rec
-
-    def close(self) -> None:
-        for _ in self.workers:
-            self.todo.put(None)
-        started = [w for w in self.workers if w.pid is not None]  # an interrupt may land inside start()
-        for w in started:
-            w.join(timeout=0.2)
-            if w.is_alive():
-                w.terminate()
-        for w in started:
-            w.join()
-        self.todo.cancel_join_thread()
-        self.done.cancel_join_thread()
-
-
-def _worker(todo, done, threads: int) -> None:
-    """A training worker: runs prepared specs until the stop mark. The parent stops the workers on
-    Ctrl-C / SIGTERM (and keeps only the runs that finished); a Ctrl-C that reaches the worker between
-    runs is ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(threads)
-    try:
-        while (item := todo.get()) is not None:
-            key, spec = item
-            done.put((key, _train_cell(spec)))
-    except (KeyboardInterrupt, Interrupted):  # a Ctrl-C during a run (training handles it): stop quietly
-        return
+    finished(f"{s.label} lr {lr_key(lr)} seed {sd}", text)
 
 
 def _deep_update(dst: dict, src: dict) -> None:
@@ -604,7 +370,7 @@ def _load_or_new(path: Path, run_config: dict, resume: bool, console) -> dict:
     if resume and path.exists():
         old = read_json(path)
         if (
-            old.get("run_config", {}).get("preset_config") != _json_roundtrip(run_config["preset_config"])
+            old.get("run_config", {}).get("preset_config") != json_roundtrip(run_config["preset_config"])
             or old.get("run_config", {}).get("seed") != run_config["seed"]
         ):
             raise ValueError(
@@ -631,128 +397,11 @@ def _load_or_new(path: Path, run_config: dict, resume: bool, console) -> dict:
     }
 
 
-def _json_roundtrip(obj):
-    import json
-
-    from .store import jsonable
-
-    return json.loads(json.dumps(jsonable(obj)))
-
-
-def _param_target(results: dict, task: str, d: int, tcfg: dict, vocab: int, layer_config: dict) -> int:
-    """Non-embedding parameters of the reference model (self-attention, transformer, default MLP)."""
-    key = f"{task}/d{d}"
-    if key not in results["param_targets"]:
-        ref = results["run_config"]["preset_config"].get("reference_layer", "self_attention")
-        names = list_layers()
-        ref = ref if ref in names else sorted(results["run_config"]["layers"])[0]
-        n = non_embedding_params(
-            ref,
-            "transformer",
-            d_model=d,
-            n_layers=tcfg["n_layers"],
-            vocab_size=vocab,
-            intermediate_size=default_intermediate_size(d),
-            layer_config=_layer_config(ref, layer_config),
-        )
-        results["param_targets"][key] = {"reference": f"{ref}/transformer", "params_non_embedding": n}
-    return results["param_targets"][key]["params_non_embedding"]
-
-
-def _prepare(results, s: Series, lr: float, run_seed: int, base_seed: int, device, get_task, cache_dir) -> dict:
-    """One run's spec (parameter matching, here); a failure (a layer that cannot be built) is the run's
-    recorded error. The spec trains anywhere: in this process or a worker."""
-    task, d, tcfg, cell = s.task, s.width, s.tcfg, s.cell
-    spec: dict[str, Any] = {"task": task, "seed": base_seed, "cache_dir": str(cache_dir),
-                            "task_kwargs": tcfg["task_config"], "lr": lr, "run_seed": run_seed}
-    try:
-        t = get_task(task)
-        layer_config = {
-            **_layer_config(cell["layer"], tcfg.get("layer_config", {})),
-            **cell.get("layer_config", {}),
-        }
-        target = _param_target(results, task, d, tcfg, t.vocab_size, tcfg.get("layer_config", {}))
-        width, n_params = match_intermediate_size(
-            cell["layer"],
-            cell["backbone"],
-            target,
-            d_model=d,
-            n_layers=tcfg["n_layers"],
-            vocab_size=t.vocab_size,
-            layer_config=layer_config,
-        )
-        s.entry().update(
-            intermediate_size=width,
-            params_non_embedding=n_params,
-            param_ratio=n_params / target,
-            layer_config=layer_config,
-        )
-        steps = tcfg["steps"]
-        spec["train_config"] = dict(
-            layer=cell["layer"],
-            backbone=cell["backbone"],
-            task=task,
-            task_config=tcfg["task_config"],
-            d_model=d,
-            n_layers=tcfg["n_layers"],
-            intermediate_size=width,
-            layer_config=layer_config,
-            steps=steps,
-            batch_size=tcfg["batch_size"],
-            lr=lr,
-            warmup_steps=int(tcfg["warmup_frac"] * steps),
-            seed=run_seed,
-            data_order=run_seed - base_seed,
-            eval_batch_size=tcfg["eval_batch_size"],
-            eval_every=int(tcfg.get("eval_every", 0)),
-            stop_at=tcfg.get("stop_at"),
-            device=device,
-        )
-    except (KeyboardInterrupt, Interrupted):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
-        spec["error"] = _error_text(exc)
-    return spec
-
-
-def _train_cell(spec: dict, task=None, on_step=None) -> dict:
-    """Train and evaluate one prepared run (``spec`` from ``_prepare``); returns its record. Runs in a
-    worker process as well as in the caller's: ``task`` (built from the spec when None) and ``on_step``
-    are the caller's conveniences. A layer that fails (raises, produces NaN) gives a failed record."""
-    rec: dict[str, Any] = {"lr": spec["lr"], "seed": spec["run_seed"], "status": "running"}
-    if "error" in spec:  # the layer could not even be built
-        return {**rec, "status": "failed", "error": spec["error"], "seconds": 0.0}
-    t0 = time.perf_counter()
-    try:
-        if task is None:
-            task = make_task(spec["task"], seed=spec["seed"], cache_dir=Path(spec["cache_dir"]), **spec["task_kwargs"])
-        res = train(TrainConfig(**spec["train_config"]), task=task, on_step=on_step)
-        stride = max(1, len(res.losses) // 100)
-        rec.update(
-            status="ok",
-            metrics=res.metrics,
-            params=res.params,
-            params_non_embedding=res.params_non_embedding,
-            state_size=res.state_size,
-            loss_curve={"stride": stride, "loss": res.losses[::stride]},
-            final_train_loss=res.losses[-1],
-            steps=res.steps,
-            stopped_at=res.stopped_at,
-            evals=[list(e) for e in res.evals],
-        )
-    except (KeyboardInterrupt, Interrupted):
-        raise
-    except Exception as exc:  # noqa: BLE001 - a failing layer is reported in its cell
-        rec.update(status="failed", error=_error_text(exc))
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
-    return _json_roundtrip(rec)
-
-
 def _run_speed(cell, scfg, seed, device, save) -> None:
     t0 = time.perf_counter()
     try:
         torch.manual_seed(seed)
-        layer_config = {**_layer_config(cell["layer"], scfg.get("layer_config", {})), **cell.get("layer_config", {})}
+        layer_config = {**layer_options(cell["layer"], scfg.get("layer_config", {})), **cell.get("layer_config", {})}
         model = create_model(
             cell["layer"],
             cell["backbone"],
@@ -792,7 +441,7 @@ def _run_speed(cell, scfg, seed, device, save) -> None:
     except (KeyboardInterrupt, Interrupted):
         raise
     except Exception as exc:  # noqa: BLE001
-        cell["speed"] = {"status": "failed", "error": _error_text(exc)}
+        cell["speed"] = {"status": "failed", "error": error_text(exc)}
     cell["speed"]["seconds"] = round(time.perf_counter() - t0, 2)
     save()
 
@@ -821,12 +470,6 @@ def _summarise(results: dict) -> None:
             errors["speed"] = cell["speed"].get("error", "failed")
         cell["errors"] = errors
         cell["status"] = "ok" if not errors else "failed"
-
-
-# --- reading results -----------------------------------------------------------------------------------
-def cell_name(cell: dict) -> str:
-    """A cell's name: its variant's (a ``variants`` preset) or ``layer/backbone``."""
-    return cell.get("variant") or cell_key(cell["layer"], cell["backbone"])
 
 
 def task_entry(cell: dict, task: str, width: str | None = None) -> tuple[str | None, dict | None]:

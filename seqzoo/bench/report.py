@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .compare import best_run, cell_name, lr_policy, run_key, task_entry
+from .compare import best_run, lr_policy, task_entry
+from .runs import cell_name, run_key
 from .store import atomic_write
 
 log = logging.getLogger(__name__)
