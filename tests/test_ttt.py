@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from seqzoo_plugins.ttt import LinearLearner, MLPLearner
 
 import seqzoo
-import seqzoo.learner
 import seqzoo.nn
+import seqzoo.ttt_layers
 from seqzoo.interop import from_ttt_lm_pytorch
-from seqzoo.learner import TTTLayer
 from seqzoo.testing import assert_close, check_layer, scan_steps
+from seqzoo.ttt_layers import TTTLayer
 
 DATA = Path(__file__).parent / "data" / "ttt_lm_pytorch"
 LAYER_CASES = sorted(p.name for p in DATA.glob("layer_*.safetensors"))
@@ -88,7 +88,7 @@ def test_layer_golden(case):
 
 @pytest.mark.parametrize("case", LAYER_CASES)
 def test_golden_gap_is_float32_rope(case, monkeypatch):
-    monkeypatch.setattr(seqzoo.learner, "apply_rope", rope_float32_tables)
+    monkeypatch.setattr(seqzoo.ttt_layers, "apply_rope", rope_float32_tables)
     cfg, t, params = load_case(case)
     with torch.no_grad():
         y, _ = golden_layer(cfg, params)(t["input"])
@@ -125,7 +125,7 @@ def test_model_golden(case):
 def test_model_golden_gap_is_float32(case, monkeypatch):
     """With the source's float32 RoPE tables and RMSNorm reproduced, only the float32 rounding of the
     stored logits remains (half an ulp: 2⁻²⁴ ≈ 6e-8 of the largest logit)."""
-    monkeypatch.setattr(seqzoo.learner, "apply_rope", rope_float32_tables)
+    monkeypatch.setattr(seqzoo.ttt_layers, "apply_rope", rope_float32_tables)
     monkeypatch.setattr(seqzoo.nn.RMSNorm, "forward", rmsnorm_float32)
     model, t = convert_case(case)
     with torch.no_grad():

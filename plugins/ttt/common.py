@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqzoo import State, native
-from seqzoo.learner import TTTLayer
+from seqzoo.ttt_layers import TTTLayer
 
 from . import native_kernels
 

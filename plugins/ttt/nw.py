@@ -15,8 +15,9 @@ from einops import rearrange
 from torch import Tensor
 
 from seqzoo.contract import State
-from seqzoo.learner import Learner, LearnerLayer
+from seqzoo.learner import Learner
 from seqzoo.nn import apply_rope
+from seqzoo.ttt_layers import LearnerLayer
 
 __all__ = ["NWLearner", "NWLayer"]
 

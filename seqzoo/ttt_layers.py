@@ -1,0 +1,431 @@
+"""The TTT layer machinery: the layers built from a learner (the author API is ``seqzoo.learner``).
+
+- ``LearnerLayer`` runs any ``Learner`` token by token (``step``; ``forward`` scans it).
+- ``TTTLayer`` runs a ``GradientLearner``: the projections, the learnable learning rate η, RoPE, the
+  mini-batch GD scan (gradients from torch.func, or a plugin's hand-derived chunk), the decode state.
+
+The math, per head and mini-batch, is in ``seqzoo.learner``'s docstring and docs/layers/ttt.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .contract import State
+from .learner import BACKENDS, GradientLearner, Learner, positive_int
+from .nn import HeadProjections, apply_rope, cached_views
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LearnerLayer", "TTTLayer", "token_eta"]
+
+
+def _no_autocast(device_type: str):
+    """A context that turns autocast off for the inner loop (a no-op when it is off already)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def token_eta(mini_batch_size: int, learnable_token_idx: Tensor | None, *, device=None, dtype=None) -> Tensor:
+    """tokidx[i] = max(1/i + learnable_token_idx[i], 0) for i = 1..b; ones when there is no offset."""
+    if learnable_token_idx is None:
+        return torch.ones(mini_batch_size, device=device, dtype=dtype)
+    i = torch.arange(1, mini_batch_size + 1, device=learnable_token_idx.device, dtype=learnable_token_idx.dtype)
+    return torch.clamp_min(1.0 / i + learnable_token_idx, 0.0)
+
+
+# --- a layer around any Learner --------------------------------------------------------------------
+class LearnerLayer(HeadProjections):
+    """The TTT layer of a general ``Learner``: step = train(k_t, v_t), then y_t = predict(q_t).
+
+    ``forward`` scans ``step``; a learner with a parallel form gets a subclass that overrides it.
+    """
+
+    def __init__(self, d_model: int, *, learner: type[Learner], **config: Any):
+        super().__init__(d_model)
+        self.config = cfg = learner.layer_config()(**config)
+        self._build_projections(cfg.num_heads, cfg.share_qk, cfg.use_gate, cfg.conv_kernel)
+        if cfg.rope and self.head_dim % 2:
+            raise ValueError(
+                f"rope needs an even head_dim, got head_dim={self.head_dim} "
+                f"(d_model={d_model}, num_heads={cfg.num_heads})"
+            )
+        self.learner = learner(self.head_dim, **dataclasses.asdict(cfg))
+        self.state_dynamic_dims = dict(learner.state_dynamic_dims)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        state = self.learner.init_state(batch_size, self.num_heads, device=device, dtype=dtype)
+        if "conv" in state:
+            raise ValueError("a learner's state may not use the key 'conv' (the share_qk conv window)")
+        state.update(self._conv_state(batch_size, device, dtype))
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        return self.learner.state_size(self.num_heads, seq_len) + self._conv_state_size()
+
+    def _position(self, state: State) -> int:
+        """Absolute position of the next token, for RoPE (the learner's ``position(state)``)."""
+        return self.learner.position(state)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        state = self.check_input(x, state, step=True)
+        q, k, v, new = self._qkv_step(x, state)
+        inner = {key: t for key, t in state.items() if key != "conv"}
+        if self.config.rope:
+            pos = torch.tensor([self._position(state)], device=x.device)
+            q = apply_rope(q.unsqueeze(2), pos, self.config.rope_theta).squeeze(2)
+            k = apply_rope(k.unsqueeze(2), pos, self.config.rope_theta).squeeze(2)
+        inner = self.learner.train(inner, k, v)  # update rule
+        y = self.learner.predict(inner, q)  # output rule
+        new.update(inner)
+        y = rearrange(y, "b h d -> b (h d)")
+        return self.o_proj(self._gate(x, y)), new
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        ys = []
+        for t in range(x.shape[1]):
+            y, state = self.step(x[:, t], state)
+            ys.append(y)
+        return (torch.stack(ys, 1) if ys else x.new_zeros(x.shape)), state
+
+
+# --- the TTT layer around any GradientLearner ------------------------------------------------------
+class TTTLayer(HeadProjections):
+    """A TTT layer whose hidden state is a ``GradientLearner``'s weights, trained by mini-batch GD.
+
+    Parameters (ttt-lm-pytorch names): ``q_proj``, ``k_proj`` (or ``conv_q``/``conv_k`` with share_qk),
+    ``v_proj``, ``o_proj``, ``g_proj`` (use_gate), the learner's W0 stacked over heads (e.g. ``W1`` (H, d, d)),
+    its outer parameters (e.g. ``ttt_norm_weight`` (H, d)), ``learnable_ttt_lr_weight`` (H, 1, C),
+    ``learnable_ttt_lr_bias`` (H, 1), ``learnable_token_idx`` (b,), ``post_norm`` (LayerNorm(C)).
+    Output: o_proj([gelu_tanh(g_proj(x)) ⊙] post_norm(z)).
+
+    State: for each weight ``n`` of the learner, ``n`` (B, H, ...) = weights at the mini-batch start and
+    ``n_grad`` = Σ gate_j ∇ℓ_j over the mini-batch so far; ``pos`` (B,) int64, the position inside the
+    mini-batch; ``mini_batch_size`` (B,) int64, b (so a state of another layer is refused);
+    ``conv`` (B, C, K-1) with share_qk.
+    """
+
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 2T·C·H (the η gate): what every TTT layer computes outside its
+        inner model; a learner's layer adds the inner model's training and prediction."""
+        gate = 2.0 * seq_len * self.d_model * self.num_heads if self.config.learnable_lr else 0.0
+        return super().flops(seq_len) + gate
+
+    def __init__(self, d_model: int, *, learner: type[GradientLearner], **config: Any):
+        super().__init__(d_model)
+        self.config = cfg = learner.layer_config()(**config)
+        self._build_projections(cfg.num_heads, cfg.share_qk, cfg.use_gate, cfg.conv_kernel)
+        H, d, C = self.num_heads, self.head_dim, d_model
+        b = self.mini_batch_size = positive_int("mini_batch_size", cfg.mini_batch_size)
+        if cfg.rope and d % 2:
+            raise ValueError(f"rope needs an even head_dim, got head_dim={d} (d_model={C}, num_heads={H})")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"expected backend in {BACKENDS}, got {cfg.backend!r}")
+        if not isinstance(cfg.scan_checkpoint_group_size, int) or cfg.scan_checkpoint_group_size < 0:
+            raise ValueError(f"expected scan_checkpoint_group_size >= 0, got {cfg.scan_checkpoint_group_size!r}")
+        self.learner = learner(d, **dataclasses.asdict(cfg))
+
+        # W0 and the outer-only parameters of the learner, one per head, stacked on dim 0
+        inner = [self.learner.init_params() for _ in range(H)]
+        outer = [self.learner.init_outer_params() for _ in range(H)]
+        self.inner_names = list(inner[0])
+        self.outer_names = list(outer[0])
+        for name in self.inner_names + self.outer_names:
+            if hasattr(self, name) or name in ("pos", "conv", "mini_batch_size") or name.endswith("_grad"):
+                raise ValueError(f"learner parameter name {name!r} clashes with the TTT layer's own names")
+        for name in self.inner_names:
+            w0 = torch.stack([p[name] for p in inner]).float()
+            if cfg.learnable_w0:
+                setattr(self, name, nn.Parameter(w0))
+            else:  # W0 = 0, fixed (the linear-attention end of the ablation ladder)
+                self.register_buffer(name, torch.zeros_like(w0))
+        for name in self.outer_names:
+            setattr(self, name, nn.Parameter(torch.stack([p[name] for p in outer]).float()))
+
+        # learnable η: gate_j = σ(θ_lr,h · x_j + b_lr,h), row scale tokidx[i] = 1/i + learnable_token_idx[i]
+        if cfg.learnable_lr:
+            self.learnable_ttt_lr_weight = nn.Parameter(0.02 * torch.randn(H, 1, C))
+            self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
+        if cfg.token_idx:
+            self.learnable_token_idx = nn.Parameter(torch.zeros(b))
+        self.post_norm = nn.LayerNorm(C, eps=1e-6) if cfg.post_norm else None
+
+    # --- state ------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        state: State = {}
+        for name in self.inner_names:
+            w0 = getattr(self, name).to(device=device, dtype=dtype)  # W0 keeps its graph: it is learned
+            state[name] = w0.unsqueeze(0).expand(batch_size, *w0.shape).clone()
+            state[f"{name}_grad"] = torch.zeros_like(state[name])
+        state["pos"] = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        state["mini_batch_size"] = torch.full((batch_size,), self.mini_batch_size, dtype=torch.int64, device=device)
+        state.update(self._conv_state(batch_size, device, dtype))
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        weights = sum(getattr(self, n).numel() for n in self.inner_names)
+        return 2 * weights + 2 + self._conv_state_size()
+
+    def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
+        return self._checked(x, state, step)[0]
+
+    def _checked(self, x: Tensor, state: State | None, step: bool) -> tuple[State, int]:
+        """``check_input`` and the position inside the mini-batch (read once: step runs per token)."""
+        state = super().check_input(x, state, step=step)
+        pos, b = state["pos"].tolist(), state["mini_batch_size"].tolist()
+        if any(m != self.mini_batch_size for m in b):
+            raise ValueError(
+                f"expected a state of a layer with mini_batch_size={self.mini_batch_size}, got one with "
+                f"state['mini_batch_size'] = {b}"
+            )
+        if pos and (min(pos) < 0 or max(pos) >= self.mini_batch_size):
+            raise ValueError(f"expected state['pos'] in [0, {self.mini_batch_size}), got {pos}")
+        if pos and any(p != pos[0] for p in pos):
+            raise ValueError(f"expected every batch element at the same position, got state['pos'] = {pos}")
+        return state, (pos[0] if pos else 0)
+
+    def _start_weights(self, state: State) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """W and G from the state, flattened to (B·H, ...)."""
+        flat = lambda t: t.reshape(-1, *t.shape[2:])
+        W = {n: flat(state[n]) for n in self.inner_names}
+        G = {n: flat(state[f"{n}_grad"]) for n in self.inner_names}
+        return W, G
+
+    # --- the views and the learning rate -----------------------------------------------------------
+    def _outer(self, batch: int, dtype) -> dict[str, Tensor]:
+        """The outer-only per-head parameters expanded to (B·H, ...) (views, made once per batch size in
+        the parameters' dtype while autograd does not track them)."""
+
+        def build():
+            out = {}
+            for n in self.outer_names:
+                p = getattr(self, n).to(dtype)
+                out[n] = p.unsqueeze(0).expand(batch, *p.shape).reshape(-1, *p.shape[1:])
+            return out
+
+        return cached_views(self, ("outer", batch, dtype), [getattr(self, n) for n in self.outer_names], build)
+
+    def _gate_eta(self, x: Tensor) -> Tensor:
+        """gate_j = ttt_base_lr · σ(θ_lr,h · x_j + b_lr,h) / d for x (B, T, C) -> (B, H, T)."""
+        base = self.config.ttt_base_lr / self.head_dim
+        if not self.config.learnable_lr:
+            return torch.full((x.shape[0], self.num_heads, x.shape[1]), base, device=x.device, dtype=x.dtype)
+        logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight[:, 0].to(x.dtype))
+        return base * torch.sigmoid(logits + self.learnable_ttt_lr_bias.to(x.dtype).unsqueeze(0))
+
+    def _token_eta(self, device, dtype) -> Tensor:
+        idx = getattr(self, "learnable_token_idx", None)
+        return token_eta(self.mini_batch_size, None if idx is None else idx.to(dtype), device=device, dtype=dtype)
+
+    def _rope(self, XQ: Tensor, XK: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """RoPE at positions t mod b (the position inside the mini-batch)."""
+        if not self.config.rope:
+            return XQ, XK
+        T = XQ.shape[-2]
+        positions = (start + torch.arange(T, device=XQ.device)) % self.mini_batch_size
+        theta = self.config.rope_theta
+        # XQ and XK are this call's own projections: rotated in place unless a hook has seen them
+        inplace = self._owns_qk()
+        return apply_rope(XQ, positions, theta, inplace=inplace), apply_rope(XK, positions, theta, inplace=inplace)
+
+    def _output(self, x: Tensor, z: Tensor) -> Tensor:
+        if self.post_norm is not None:  # module calls, so hooks and wrapped modules (LoRA, ...) apply
+            z = self.post_norm(z)
+        return self.o_proj(self._gate(x, z))
+
+    # --- forward: whole mini-batches through _full, partial ones through _chunk --------------------
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        B, T, _ = x.shape
+        if T == 0:
+            return x.new_zeros(x.shape), dict(state)
+        XQ, XK, XV, new = self._qkv(x, state)
+        return self._ttt(x, XQ, XK, XV, state, new)
+
+    def _ttt(self, x: Tensor, XQ: Tensor, XK: Tensor, XV: Tensor, state: State, new: State) -> tuple[Tensor, State]:
+        """The inner loop and the output rule on the views XQ, XK, XV (B, H, T, d) of x (B, T, C)."""
+        B = x.shape[0]
+        p = int(state["pos"][0]) if B else 0
+        dtype = x.dtype  # RoPE, the inner loop and the state stay in x's dtype, under autocast too
+        with _no_autocast(x.device.type):
+            XQ, XK = self._rope(XQ.to(dtype), XK.to(dtype), p)
+            flat = lambda t: rearrange(t.to(dtype), "b h t d -> (b h) t d")
+            lr = rearrange(self._gate_eta(x), "b h t -> (b h) t")
+            W, G = self._start_weights(state)
+            Z, W, G, p_end = self._scan(flat(XQ), flat(XK), flat(XV), lr, self._token_eta(x.device, dtype),
+                                        W, G, p, self._outer(B, dtype))
+        unflat = lambda t: t.reshape(B, self.num_heads, *t.shape[1:])
+        for n in self.inner_names:
+            new[n], new[f"{n}_grad"] = unflat(W[n]), unflat(G[n])
+        new["pos"] = torch.full((B,), p_end, dtype=torch.int64, device=x.device)
+        new["mini_batch_size"] = state["mini_batch_size"]
+        z = rearrange(Z, "(b h) t d -> b t (h d)", b=B)
+        return self._output(x, z), new
+
+    def _scan(self, XQ, XK, XV, lr, tok, W, G, p, outer):
+        """Split (B·H, T, ...) at absolute mini-batch boundaries: a head to the next boundary, whole
+        mini-batches, a tail. Returns Z (B·H, T, d), W, G and the position after the last token."""
+        b, T = self.mini_batch_size, XQ.shape[1]
+        Zs, t = [], 0
+        if p > 0:  # finish the mini-batch a previous call started
+            r = min(T, b - p)
+            Z, W_bar, G = self._chunk(XQ[:, :r], XK[:, :r], XV[:, :r], lr[:, :r], tok[p:p + r], W, G, outer)
+            Zs.append(Z)
+            t, p = r, (p + r) % b
+            if p == 0:  # W ← W̄_b, G ← 0
+                W, G = W_bar, {n: torch.zeros_like(g) for n, g in G.items()}
+        n_full = (T - t) // b
+        if n_full:
+            e = t + n_full * b
+            Z, W = self._full(XQ[:, t:e], XK[:, t:e], XV[:, t:e], lr[:, t:e], tok, W, outer)
+            Zs.append(Z)
+            t = e
+        if t < T:  # a partial mini-batch: rows 1..r, weights unchanged, G carried in the state
+            r = T - t
+            Z, _, G = self._chunk(XQ[:, t:], XK[:, t:], XV[:, t:], lr[:, t:], tok[:r], W, G, outer)
+            Zs.append(Z)
+            p = r
+        return (Zs[0] if len(Zs) == 1 else torch.cat(Zs, dim=1)), W, G, p
+
+    def _full(self, XQ, XK, XV, lr, tok, W, outer):
+        """Whole mini-batches from W with G = 0; returns Z and the weights after the last one."""
+        b = self.mini_batch_size
+        n = XQ.shape[1] // b
+        group = self.config.scan_checkpoint_group_size
+        use_ckpt = group > 0 and self.training and torch.is_grad_enabled()
+
+        def run(lo: int, hi: int, *flat_W: Tensor):
+            Wc = dict(zip(self.inner_names, flat_W))
+            Zs = []
+            for k in range(lo, hi):
+                s = slice(k * b, (k + 1) * b)
+                G0 = {m: torch.zeros_like(w) for m, w in Wc.items()}
+                Z, Wc, _ = self._chunk(XQ[:, s], XK[:, s], XV[:, s], lr[:, s], tok, Wc, G0, outer)
+                Zs.append(Z)
+            return (torch.cat(Zs, dim=1), *[Wc[m] for m in self.inner_names])
+
+        Zs = []
+        step = group if use_ckpt else n
+        flat_W = [W[m] for m in self.inner_names]
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            if use_ckpt:
+                Z, *flat_W = torch.utils.checkpoint.checkpoint(run, lo, hi, *flat_W, use_reentrant=False)
+            else:
+                Z, *flat_W = run(lo, hi, *flat_W)
+            Zs.append(Z)
+        return torch.cat(Zs, dim=1), dict(zip(self.inner_names, flat_W))
+
+    def _chunk(self, XQ, XK, XV, lr, tok, W, G, outer):
+        """r consecutive tokens of one mini-batch, generic (torch.func) form.
+
+        XQ/XK/XV (N, r, d), lr (N, r) gates, tok (r,) row scales, W/G dicts of (N, ...), outer of (N, ...).
+        Returns Z (N, r, d), W̄ of the last row, and G + Σ_j gate_j ∇ℓ_j(W).
+        """
+        learner = self.learner
+
+        def loss(inner, out, k, v):
+            return learner.loss({**inner, **out}, k, v)
+
+        def predict(inner, out, q):
+            return learner.predict({**inner, **out}, q)
+
+        # ∇ℓ_j(W) for every token j, all at the mini-batch-start weights
+        grads = torch.func.vmap(torch.func.vmap(torch.func.grad(loss), in_dims=(None, None, 0, 0)))(W, outer, XK, XV)
+        W_bar, G_new = {}, {}
+        for n, g in grads.items():
+            shape = (-1, g.shape[1]) + (1,) * (g.ndim - 2)
+            Gc = G[n].unsqueeze(1) + torch.cumsum(lr.reshape(shape) * g, dim=1)  # G_i
+            W_bar[n] = W[n].unsqueeze(1) - tok.reshape(1, -1, *[1] * (g.ndim - 2)) * Gc  # W̄_i = W − tokidx[i]·G_i
+            G_new[n] = Gc[:, -1]
+        Z = torch.func.vmap(torch.func.vmap(predict, in_dims=(0, None, 0)))(W_bar, outer, XQ)
+        return Z, {n: w[:, -1] for n, w in W_bar.items()}, G_new
+
+    # --- step: one token --------------------------------------------------------------------------
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One token in the primal form: the gradient of this token at the mini-batch-start weights W is
+        added to G, the output uses W̄ = W − tokidx·G, and W ← W̄ only at the mini-batch's end."""
+        state, p = self._checked(x, state, step=True)
+        B, H, d, b = x.shape[0], self.num_heads, self.head_dim, self.mini_batch_size
+        q, k, v, new = self._qkv_step(x, state)
+        dtype = x.dtype
+        with _no_autocast(x.device.type):
+            if q.dtype != dtype:  # under autocast
+                q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            q, k = self._rope_step(q, k, p)
+            flat = lambda t: t.reshape(B * H, 1, d)
+            W, G = self._start_weights(state)
+            commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
+            tok = self._token_eta_at(p, x.device, dtype)
+            Z, W_bar, G = self._token_step(flat(q), flat(k), flat(v), self._gate_eta_step(x), tok, W, G,
+                                           self._outer(B, dtype), commit)
+        if commit:
+            W, G = W_bar, {n: torch.zeros_like(g) for n, g in G.items()}
+        for n in self.inner_names:
+            new[n], new[f"{n}_grad"] = W[n].reshape(B, H, *W[n].shape[1:]), G[n].reshape(B, H, *G[n].shape[1:])
+        new["pos"] = torch.full((B,), (p + 1) % b, dtype=torch.int64, device=x.device)
+        new["mini_batch_size"] = state["mini_batch_size"]
+        return self._output(x, Z.reshape(B, H * d)), new
+
+    def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
+        """One token (N, 1, d) of ``step``: Z (N, 1, d), W̄ (needed only when ``commit``), G updated.
+        A learner with a closed-form primal step overrides this; the default is ``_chunk``."""
+        return self._chunk(XQ, XK, XV, lr, tok, W, G, outer)
+
+    def _gate_eta_step(self, x: Tensor) -> Tensor:
+        """``_gate_eta`` of one token x (B, C) -> (B·H, 1)."""
+        if not self.config.learnable_lr:
+            return x.new_full((x.shape[0] * self.num_heads, 1), self.config.ttt_base_lr / self.head_dim)
+        weight, bias = self.learnable_ttt_lr_weight, self.learnable_ttt_lr_bias
+        weight_t, bias = cached_views(self, ("lr_gate", x.dtype), [weight, bias],
+                                      lambda: (weight[:, 0].to(x.dtype).t(), bias[:, 0].to(x.dtype)))
+        gate = torch.sigmoid(torch.addmm(bias, x, weight_t)).view(-1, 1)
+        return gate * (self.config.ttt_base_lr / self.head_dim)
+
+    def _token_eta_at(self, p: int, device, dtype) -> Tensor:
+        """tokidx[p] of ``token_eta`` as a (1,) tensor."""
+        idx = getattr(self, "learnable_token_idx", None)
+        if idx is None:
+            return torch.ones(1, device=device, dtype=dtype)
+        return torch.clamp_min(idx[p:p + 1].to(dtype) + 1.0 / (p + 1), 0.0)
+
+    def _rope_step(self, q: Tensor, k: Tensor, p: int) -> tuple[Tensor, Tensor]:
+        """RoPE of one token (B, H, d) at position p inside the mini-batch, from a table of the b
+        rotations made once per dtype and device by ``apply_rope`` itself (so the numbers are its own)."""
+        if not self.config.rope:
+            return q, k
+        if q.dtype not in (torch.float32, torch.float64):
+            pos = torch.tensor([p], device=q.device)
+            rope = lambda t: apply_rope(t.unsqueeze(-2), pos, self.config.rope_theta).squeeze(-2)
+            return rope(q), rope(k)
+        rotation = self._rope_table(q.dtype, q.device)[p]
+        pairs = lambda t: torch.view_as_complex(t.contiguous().unflatten(-1, (-1, 2)))
+        rope = lambda t: torch.view_as_real(pairs(t) * rotation).flatten(-2)
+        return rope(q), rope(k)
+
+    def _rope_table(self, dtype: torch.dtype, device, *, pairs: bool = False) -> Tensor:
+        """The b rotations e^{i·p·θ_k} of the positions p inside a mini-batch, (b, d/2) complex, or with
+        ``pairs`` the same memory as (cos, sin) pairs (b, d/2, 2) real; made once per dtype and device by
+        ``apply_rope`` itself (so the numbers are its own)."""
+        cache = self.__dict__.setdefault("_rope_tables", {})
+        key = (dtype, device, apply_rope, torch.is_inference_mode_enabled())  # an inference tensor serves only there
+        if key not in cache:  # apply_rope of the pairs (1, 0) at positions 0..b-1 is (cos, sin)
+            basis = torch.zeros(self.mini_batch_size, self.head_dim, dtype=dtype, device=device)
+            basis[:, 0::2] = 1.0
+            table = apply_rope(basis, torch.arange(self.mini_batch_size, device=device), self.config.rope_theta)
+            real = table.unflatten(-1, (-1, 2)).contiguous()
+            cache[key] = (torch.view_as_complex(real), real)
+        rotations, cos_sin = cache[key]
+        return cos_sin if pairs else rotations
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, {self.config}"
