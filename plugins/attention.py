@@ -156,6 +156,11 @@ class LinearAttention(HeadProjections):
               y_t = φ(q_t)ᵀ S_t = Σ_{s≤t} (φ(q_t)·φ(k_s)) v_s   otherwise (no eps, no 1/√d, no 1/d)
     Heads are concatenated and passed through ``o_proj`` (after the gate when ``use_gate``).
     State: ``S`` (B, H, d, d), ``z`` (B, H, d) when normalize, ``conv`` (B, C, K-1) when share_qk.
+
+    Paths: ``step`` is the recurrence above (the reference); ``forward`` is chunked (within a chunk the
+    quadratic form, between chunks the state), tied to the quadratic form by
+    test_linear_attention_chunked_equals_quadratic and to ``step`` by the conformance suite;
+    test_theorem1_ttt_linear_is_linear_attention ties the unnormalised form to TTT-Linear.
     """
 
     Config = LinearAttentionConfig
@@ -273,6 +278,11 @@ class SelfAttention(HeadProjections):
     No bias, no dropout. Heads are concatenated and passed through ``o_proj`` (after the gate when
     ``use_gate``). State: ``k``, ``v`` (B, H, T_so_far, d) holding rotated keys and values, plus
     ``conv`` (B, C, K-1) with share_qk; the position of the next token is ``k.shape[2]``.
+
+    Paths: ``forward`` and ``step`` call torch's fused attention (``scaled_dot_product_attention``),
+    tied to the explicit softmax formula above by test_self_attention_equals_naive_softmax, to each
+    other by the conformance suite, and to the Nadaraya-Watson learner by
+    test_theorem2_nadaraya_watson_is_self_attention.
     """
 
     Config = SelfAttentionConfig

@@ -17,7 +17,10 @@ class RNNConfig:
 
 
 class NaiveRNN(SequenceLayer):
-    """Naive RNN (TTT paper §2.1): a state vector, a tanh update, a linear output."""
+    """Naive RNN (TTT paper §2.1): a state vector, a tanh update, a linear output.
+
+    ``step`` is the update and output rule; ``forward`` forms every step's input term in one matmul,
+    then runs the same recurrence (it is nonlinear: no parallel form). The conformance suite ties the two."""
 
     Config = RNNConfig
 

@@ -21,8 +21,8 @@ from seqzoo_plugins.kernels import (
     ttt_mlp_decode,
     ttt_mlp_forward,
 )
-from seqzoo_plugins.kernels import reference as ref
 from seqzoo_plugins.kernels import ttt as kernels_ttt
+from seqzoo_plugins.ttt import reference as ref
 
 pytestmark = [
     pytest.mark.triton,

@@ -421,3 +421,55 @@ def test_example_plugin_learner_if_installed():
         pytest.skip("the example plugin (seqzoo-example-plugin) is not installed")
     check_layer("ttt_tanh", num_heads=2, mini_batch_size=4,
                 checks=["forward_equals_steps", "state_carries_across_splits", "gradients"])
+
+
+# --- every fast path against the readable reference (seqzoo_plugins.ttt.reference) -----------------------
+def _dual_inputs(kind: str, *, B=2, H=2, T=24, d=8, b=8, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0: scale * torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    XQ, XK, XV = r(B, H, T, d), r(B, H, T, d), r(B, H, T, d)
+    lr = torch.sigmoid(r(B, H, T)) * 0.2
+    tok = 1.0 / torch.arange(1, b + 1, dtype=dtype) + r(b, scale=0.1)
+    ln_w, ln_b = 1.0 + r(H, d, scale=0.1), r(H, d, scale=0.1)
+    if kind == "linear":
+        weights = [r(B, H, d, d, scale=0.3), r(B, H, 1, d, scale=0.1)]
+    else:
+        weights = [r(B, H, d, 4 * d, scale=0.3), r(B, H, 1, 4 * d, scale=0.1), r(B, H, 4 * d, d, scale=0.3),
+                   r(B, H, 1, d, scale=0.1)]
+    return XQ, XK, XV, lr, tok, weights, ln_w, ln_b
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_dual_form_equals_the_reference(kind, grad):
+    """The layers' torch dual form (in place without autograd; fresh tensors with it) against the
+    readable reference, float64, over whole mini-batches."""
+    from seqzoo_plugins.ttt import reference, ttt_linear_dual, ttt_mlp_dual
+
+    XQ, XK, XV, lr, tok, W, ln_w, ln_b = _dual_inputs(kind)
+    dual, ref = (ttt_linear_dual, reference.ttt_linear_reference) if kind == "linear" else (
+        ttt_mlp_dual, reference.ttt_mlp_reference)
+    want_Z, *want_W = ref(XQ, XK, XV, lr, tok, *W, ln_w, ln_b, 8)
+    with torch.set_grad_enabled(grad):
+        args = [t.clone().requires_grad_(grad) for t in (XQ, XK, XV, lr)]
+        Z, *new_W = dual(*args, tok, *[w.clone() for w in W], ln_w, ln_b, 8)
+    assert_close(Z, want_Z, 1e-12, f"ttt_{kind} dual form Z (grad={grad})")
+    for got, want in zip(new_W, want_W):
+        assert_close(got, want, 1e-12, f"ttt_{kind} dual form weights (grad={grad})")
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_native_dual_form_equals_the_reference(kind):
+    """The native CPU prefill kernel against the readable reference (float32)."""
+    from seqzoo_plugins.ttt import native_kernels, reference
+
+    assert native_kernels.LIB.available(), "the native kernels did not build (a C compiler is part of the install)"
+    XQ, XK, XV, lr, tok, W, ln_w, ln_b = _dual_inputs(kind, dtype=torch.float32, d=16)
+    ref = reference.ttt_linear_reference if kind == "linear" else reference.ttt_mlp_reference
+    native = native_kernels.ttt_linear_dual if kind == "linear" else native_kernels.ttt_mlp_dual
+    want_Z, *want_W = ref(XQ, XK, XV, lr, tok, *W, ln_w, ln_b, 8)
+    with torch.no_grad():
+        Z, *new_W = native(XQ, XK, XV, lr, tok, *W, ln_w, ln_b, 8, 1e-6)
+    assert_close(Z, want_Z, 2e-5, f"native ttt_{kind} Z")
+    for got, want in zip(new_W, want_W):
+        assert_close(got, want, 2e-5, f"native ttt_{kind} weights")

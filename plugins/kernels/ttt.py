@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
+from seqzoo_plugins.ttt import reference as ref
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-
-from . import reference as ref
 
 __all__ = [
     "kernels_available",

@@ -228,7 +228,22 @@ class MambaConfig:
 
 
 class Mamba(SequenceLayer):
-    """The Mamba (v1) mixer, with mamba-ssm's parameter names, shapes and initialisation."""
+    """The Mamba (v1) mixer, with mamba-ssm's parameter names, shapes and initialisation.
+
+    Which path runs when, and the test that ties it to the readable math (``selective_scan_ref``):
+
+    ==================  ============================================  ========================================
+    path                runs when                                     tied to the reference by
+    ==================  ============================================  ========================================
+    chunked scan        ``forward`` on the CPU (autograd or not)      test_chunked_scan_equals_token_loop
+    torch step          ``step`` off native (autograd, float64, ...)  conformance: step = forward
+    native C step       ``step``, no autograd, float32 CPU            test_mamba_native_step_equals_torch_path
+    mamba-ssm kernels   CUDA tensors, when mamba-ssm is installed     test_cuda_kernels_equal_torch_path
+    ==================  ============================================  ========================================
+
+    Hugging Face's ``MambaMixer`` ties the whole layer to the reference implementation
+    (test_layer_matches_hf_golden, test_layer_matches_live_hf_mixer).
+    """
 
     Config = MambaConfig
     #: parameters an optimiser should not decay (by name: a mark on the tensor is lost by deepcopy and

@@ -1,4 +1,5 @@
-"""Pieces shared by the hand-derived TTT learners: the inner LayerNorm, its fused L2 backward, gelu'."""
+"""Pieces shared by the hand-derived TTT layers' fast paths (the readable definitions are in ``reference``):
+the fused and in-place forms of the inner LayerNorm backward and gelu, and the layers' common base."""
 
 from __future__ import annotations
 
@@ -13,33 +14,11 @@ from seqzoo import State, native
 from seqzoo.ttt_layers import TTTLayer
 
 from . import native_kernels
+from .reference import LN_EPS
 
 log = logging.getLogger(__name__)
 
-LN_EPS = 1e-6
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def ln_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """LayerNorm over the last dim (biased variance) with per-row-group weight and bias:
-    weight · (x − μ)/√(σ² + eps) + bias."""
-    return torch.addcmul(bias, weight, F.layer_norm(x, x.shape[-1:], eps=eps))
-
-
-def ln_normalize(x: Tensor, eps: float = LN_EPS) -> tuple[Tensor, Tensor]:
-    """x̂ = (x − μ)·rstd and rstd = 1/√(σ² + eps) over the last dim (Tensor.var is slow on small rows)."""
-    xc = x - x.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
-    return xc * rstd, rstd
-
-
-def ln_l2_bwd(x: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """∂/∂x of ½‖LN(x) − target‖², row by row (the LayerNorm backward fused with the L2 loss):
-    with x̂ = (x − μ)·rstd and g = ∂ℓ/∂x̂ = (weight·x̂ + bias − target)·weight,
-    ∂ℓ/∂x = (g − mean(g) − x̂·mean(g·x̂))·rstd."""
-    x_hat, rstd = ln_normalize(x, eps)
-    g = (torch.addcmul(bias, weight, x_hat) - target) * weight
-    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
 
 
 def ln_l2_bwd_centered(x: Tensor, c: Tensor, gamma2: Tensor, eps: float = LN_EPS) -> Tensor:
@@ -51,12 +30,6 @@ def ln_l2_bwd_centered(x: Tensor, c: Tensor, gamma2: Tensor, eps: float = LN_EPS
     return torch.ops.aten.native_layer_norm_backward(
         grad_x_hat, x, x.shape[-1:], mean, rstd, None, None, [True, False, False]
     )[0]
-
-
-def gelu_tanh_grad(x: Tensor) -> Tensor:
-    """d/dx of gelu_tanh(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
-    t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
 
 
 def gelu_tanh_into(x: Tensor, out: Tensor, t: Tensor, x_sq: Tensor) -> Tensor:
@@ -77,11 +50,6 @@ def gelu_tanh_grad_into(grad: Tensor, x: Tensor, t: Tensor, x_sq: Tensor, out: T
     scratch.addcmul_(scratch, t_sq, value=-1.0)  # x(1 − t²)·√(2/π)(1 + 3kx²)
     scratch.add_(t).add_(1.0)
     return torch.mul(grad, scratch, out=out).mul_(0.5)
-
-
-def causal_eta(token_eta: Tensor, lr_eta: Tensor) -> Tensor:
-    """η[..., i, j] = token_eta[i] · lr_eta[..., j] for j ≤ i, else 0: token_eta (r,), lr_eta (..., r)."""
-    return torch.tril(token_eta[:, None] * lr_eta[..., None, :])
 
 
 def kernel(name: str, device: torch.device, *, required: bool):

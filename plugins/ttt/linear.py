@@ -17,7 +17,8 @@ from torch import Tensor
 from seqzoo.learner import GradientLearner, TTTConfig
 
 from . import native_kernels
-from .common import LN_EPS, InnerNormTTT, causal_eta, kernel, ln_fwd, ln_l2_bwd, ln_l2_bwd_centered
+from .common import InnerNormTTT, kernel, ln_l2_bwd_centered
+from .reference import LN_EPS, causal_eta, ln_fwd, ln_l2_bwd
 
 __all__ = ["LinearLearner", "TTTLinear", "ttt_linear_dual", "ttt_linear_chunk"]
 
@@ -229,6 +230,21 @@ class TTTLinear(InnerNormTTT):
 
     ``forward`` runs the dual form (matmuls within each mini-batch, batched over batch × heads);
     ``step`` the primal form. Equal to ttt-lm-pytorch's ``TTTLinear`` with the same state_dict.
+
+    Which path runs when, and the test that ties it to the readable math (``reference``):
+
+    ==================  ===========================================  ==========================================
+    path                runs when                                    tied to the reference by
+    ==================  ===========================================  ==========================================
+    torch dual          ``forward`` with autograd (training on CPU)  test_torch_dual_form_equals_the_reference
+    torch dual, no-grad ``forward`` without autograd, off native     test_torch_dual_form_equals_the_reference
+    native C prefill    no autograd, float32 CPU, ``backend="auto"``  test_native_dual_form_equals_the_reference
+    torch primal step   ``step`` off native (autograd, float64, ...)  conformance: step = forward
+    native C step       ``step``, no autograd, float32 CPU, ``auto``  test_ttt_native_step_equals_torch_path
+    Triton              CUDA tensors with ``auto``, or ``"triton"``   test_forward_matches_reference (test_kernels)
+    ==================  ===========================================  ==========================================
+
+    The official code's golden vectors tie all of them to ttt-lm-pytorch (test_layer_golden).
     """
 
     def flops(self, seq_len: int) -> float:

@@ -21,16 +21,8 @@ from seqzoo.learner import GradientLearner, TTTConfig
 from seqzoo.nn import gelu_tanh
 
 from . import native_kernels
-from .common import (
-    LN_EPS,
-    InnerNormTTT,
-    causal_eta,
-    gelu_tanh_grad_into,
-    gelu_tanh_into,
-    kernel,
-    ln_fwd,
-    ln_l2_bwd_centered,
-)
+from .common import InnerNormTTT, gelu_tanh_grad_into, gelu_tanh_into, kernel, ln_l2_bwd_centered
+from .reference import LN_EPS, causal_eta, ln_fwd
 
 __all__ = ["MLPLearner", "TTTMLP", "TTTMLPConfig", "ttt_mlp_dual", "ttt_mlp_chunk"]
 
@@ -271,6 +263,13 @@ class TTTMLP(InnerNormTTT):
     """TTT-MLP (Sun et al. 2024): hidden state W1, b1, W2, b2 of a two-layer MLP with LN and residual.
 
     ``forward`` runs the dual form, ``step`` the primal form. Equal to ttt-lm-pytorch's ``TTTMLP``.
+
+    Which path runs when, and what ties it to the readable math (``reference.ttt_mlp_reference``,
+    ``ttt_mlp_decode_reference``): the same table as ``TTTLinear``'s — torch dual form with and without
+    autograd (test_torch_dual_form_equals_the_reference), native C prefill on float32 CPU without
+    autograd (test_native_dual_form_equals_the_reference), torch primal step (conformance: step = forward),
+    native C step (test_ttt_native_step_equals_torch_path), Triton on CUDA (test_forward_matches_reference);
+    golden vectors of ttt-lm-pytorch (test_layer_golden).
     """
 
     def flops(self, seq_len: int) -> float:

@@ -58,7 +58,11 @@ class NWLearner(Learner):
 
 class NWLayer(LearnerLayer):
     """The Nadaraya-Watson TTT layer: ``step`` trains then predicts; ``forward`` regresses every token
-    at once with a causal mask. Parameters and state as ``self_attention`` (``q_proj`` ... ``o_proj``; ``k``, ``v``)."""
+    at once with a causal mask. Parameters and state as ``self_attention`` (``q_proj`` ... ``o_proj``; ``k``, ``v``).
+
+    Paths: ``step`` is the learner's train-then-predict (the reference); ``forward`` the same regression
+    for every token at once (the conformance suite ties them); the kernel regression is written out
+    here, independent of torch's fused attention, so that Theorem 2's test compares two computations."""
 
     def flops(self, seq_len: int) -> float:
         """2T·Σ(projection weights) + 2T(T+1)·C: token t regresses on t+1 stored pairs (κ and Σκv).

@@ -1,4 +1,5 @@
-"""Readable torch references of the TTT-Linear / TTT-MLP kernels (dual form prefill, primal decode).
+"""The math of TTT-Linear and TTT-MLP, first: readable torch references of every fast path (the torch dual
+form with and without autograd, the native CPU kernels, the Triton kernels), in the paper's names.
 
 Per (batch, head), head_dim d, mini-batch b. For a mini-batch with start weights W and tokens
 i, j = 1..b, η[i, j] = token_eta[i] · lr_eta[j] for j ≤ i, and the inner model is
@@ -8,8 +9,9 @@ With ℓ_j = ½‖f(XK_j) − XV_j‖² and every gradient taken at the mini-bat
     W̄_i = W − Σ_{j≤i} η[i, j] ∇_W ℓ_j(W),    z_i = XQ_i + LN(f_res(XQ_i; W̄_i)),    W ← W̄_b.
 
 The dual form below computes this with matmuls only; ``*_decode_reference`` is the primal form of one
-token. These functions are the specification the Triton kernels are tested against, and the backward
-of the kernels recomputes through them under autograd.
+token. These functions are the specification the fast paths are tested against (tests/test_kernels.py,
+tests/test_ttt.py), and the Triton kernels' backward recomputes through them under autograd. The
+helpers (the inner LayerNorm, its fused L2 backward, gelu', the causal η) are the ones the layers use.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from torch import Tensor
 
 __all__ = [
     "LN_EPS",
+    "ln_normalize",
     "ln_fwd",
     "ln_l2_bwd",
     "gelu_tanh",
     "gelu_tanh_grad",
+    "causal_eta",
     "ttt_linear_reference",
     "ttt_mlp_reference",
     "ttt_linear_decode_reference",
@@ -36,24 +40,25 @@ LN_EPS = 1e-6
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+def ln_normalize(x: Tensor, eps: float = LN_EPS) -> tuple[Tensor, Tensor]:
+    """x̂ = (x − μ)·rstd and rstd = 1/√(σ² + eps) over the last dim (biased variance, as LayerNorm)."""
+    xc = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    return xc * rstd, rstd
+
+
 def ln_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """LayerNorm over the last dim (biased variance), then ``weight * x_hat + bias``."""
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    return weight * (x - mu) / torch.sqrt(var + eps) + bias
+    """LayerNorm over the last dim with per-row-group weight and bias: weight · (x − μ)/√(σ² + eps) + bias."""
+    return torch.addcmul(bias, weight, F.layer_norm(x, x.shape[-1:], eps=eps))
 
 
 def ln_l2_bwd(x: Tensor, target: Tensor, weight: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """∂/∂x of ½‖LN(x) − target‖² (the LayerNorm backward fused with the L2 loss), row by row."""
-    D = x.shape[-1]
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    std = torch.sqrt(var + eps)
-    x_hat = (x - mu) / std
-    grad_x_hat = (weight * x_hat + bias - target) * weight  # ∂ℓ/∂x_hat
-    return (
-        D * grad_x_hat - grad_x_hat.sum(-1, keepdim=True) - x_hat * (grad_x_hat * x_hat).sum(-1, keepdim=True)
-    ) / (D * std)
+    """∂/∂x of ½‖LN(x) − target‖², row by row (the LayerNorm backward fused with the L2 loss):
+    with x̂ = (x − μ)·rstd and g = ∂ℓ/∂x̂ = (weight·x̂ + bias − target)·weight,
+    ∂ℓ/∂x = (g − mean(g) − x̂·mean(g·x̂))·rstd."""
+    x_hat, rstd = ln_normalize(x, eps)
+    g = (torch.addcmul(bias, weight, x_hat) - target) * weight
+    return (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) * rstd
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -61,17 +66,15 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def gelu_tanh_grad(x: Tensor) -> Tensor:
-    """Exact derivative of gelu_tanh(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
-    t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x.pow(3)))
-    du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x.pow(2))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    """d/dx of gelu_tanh(x) = ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
+    t = torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x * x * x))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
 
 
-def _eta(token_eta: Tensor, lr_eta: Tensor) -> Tensor:
-    """η (B, H, n, n): η[i, j] = token_eta[i] · lr_eta[j] for j ≤ i, else 0."""
-    n = lr_eta.shape[-1]
-    eta = token_eta[:n, None] * lr_eta[..., None, :]
-    return torch.tril(eta)
+def causal_eta(token_eta: Tensor, lr_eta: Tensor) -> Tensor:
+    """η[..., i, j] = token_eta[i] · lr_eta[..., j] for j ≤ i, else 0: token_eta (≥ r,), lr_eta (..., r)."""
+    r = lr_eta.shape[-1]
+    return torch.tril(token_eta[:r, None] * lr_eta[..., None, :])
 
 
 def _ln_params(ln_w: Tensor, ln_b: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,7 +114,7 @@ def ttt_linear_reference(
     for s in range(0, T, mini_batch_size):
         e = min(s + mini_batch_size, T)
         xq, xk, xv = XQ[:, :, s:e], XK[:, :, s:e], XV[:, :, s:e]
-        eta = _eta(token_eta, lr_eta[:, :, s:e])  # (B, H, n, n), lower triangular
+        eta = causal_eta(token_eta, lr_eta[:, :, s:e])  # (B, H, n, n), lower triangular
 
         # gradients at the mini-batch-start weights: G = ∂ℓ/∂Z1 with Z1 = XK·W1 + b1
         Z1 = xk @ W1 + b1
@@ -156,7 +159,7 @@ def ttt_mlp_reference(
     for s in range(0, T, mini_batch_size):
         e = min(s + mini_batch_size, T)
         xq, xk, xv = XQ[:, :, s:e], XK[:, :, s:e], XV[:, :, s:e]
-        eta = _eta(token_eta, lr_eta[:, :, s:e])
+        eta = causal_eta(token_eta, lr_eta[:, :, s:e])
 
         # forward and backward of the inner model on the keys, at the mini-batch-start weights
         Z1 = xk @ W1 + b1
