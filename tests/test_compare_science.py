@@ -294,7 +294,7 @@ def test_ladder_preset_end_to_end(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING):
         plots = write_plots(res, tmp_path)
-    assert "failed" not in caplog.text and set(plots) == {"loss_by_position"}  # no speed sweep, no MQAR
+    assert "failed" not in caplog.text and set(plots.values()) == {"lm_loss_by_position.png"}  # no speed sweep, no MQAR
     text = write_report(res, tmp_path, plots).read_text()
     assert "## The ablation ladder" in text and "15.23" in text and "## What this run reproduces" in text
     with pytest.raises(ValueError, match="lists its own rows"):

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from seqzoo_plugins.tasks import LMTask, MQARTask, mqar_examples
 
 import seqzoo
-from seqzoo.bench.tasks import IGNORE, LMTask, MQARTask, mqar_examples
+from seqzoo.bench.tasks import IGNORE
 
 
 def _mqar(**kw):

@@ -15,13 +15,10 @@ from typing import Any
 
 from .compare import task_entry
 from .runs import cell_name
-from .tasks import reaches
+from .tasks import reaches, task_infos
 
-__all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "CONTEXT_LAYERS",
-           "COMPARED"]
+__all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "CONTEXT_LAYERS"]
 
-#: the metric each built-in task is compared on, and its sign (+1: higher is better)
-COMPARED = (("mqar", "accuracy", 1.0), ("lm", "bits_per_byte", -1.0))
 #: the layers of the claim "attention and TTT layers use context" (those registered and run)
 CONTEXT_LAYERS = ("self_attention", "ttt_nw", "ttt_linear", "ttt_mlp")
 REPRODUCED, NOT_REPRODUCED, NOT_TESTED = "reproduced", "not reproduced", "not tested"
@@ -147,7 +144,8 @@ def _theorem2(results: dict) -> dict:
     claim = "ttt_nw equals self_attention (Theorem 2): the same results within noise"
     cells = _cells(results)
     ev, nums, ok, tested = [], {}, True, False
-    for task, metric, sign in COMPARED:
+    for task, info in task_infos(results).items():
+        metric, sign = info["columns"][0][0], info["score_sign"]
         tcfg = _task_cfg(results, task)
         if tcfg is None:
             continue

@@ -54,7 +54,7 @@ from .runs import (
 )
 from .speed import bench_model
 from .store import machine_info, read_json, versions, write_json
-from .tasks import make_task
+from .tasks import make_task, task_info, task_infos
 from .train import Interrupted, model_state_size
 
 log = logging.getLogger(__name__)
@@ -153,9 +153,9 @@ def compare(
     tasks = list(tasks or cfg["tasks"])
     for t in tasks:
         task_spec(t)  # unknown names fail here, with close matches
-        if t not in cfg["tasks"]:
-            cfg["tasks"][t] = copy.deepcopy(cfg["tasks"].get("lm", {}))
-            cfg["tasks"][t]["task_config"] = {}
+        if t not in cfg["tasks"]:  # a task the preset does not name: its default recipe, the task's defaults
+            recipe = cfg.get("task_defaults") or next(iter(cfg["tasks"].values()))
+            cfg["tasks"][t] = {**copy.deepcopy(recipe), "task_config": {}}
     for t in tasks:
         tcfg = cfg["tasks"][t]
         for b in backbones:
@@ -164,8 +164,13 @@ def compare(
             raise ValueError(f"expected at least one learning rate for task {t!r}")
         if int(tcfg.get("seeds", 1)) < 1:
             raise ValueError(f"expected seeds >= 1 for task {t!r}, got {tcfg.get('seeds')}")
-    if data is not None and "lm" in cfg["tasks"]:
-        cfg["tasks"]["lm"]["task_config"]["data"] = str(Path(data).expanduser().resolve())
+    infos = {t: task_info(t) for t in tasks}
+    if data is not None:
+        takes = [t for t in tasks if infos[t]["data_option"]]
+        if not takes:
+            raise ValueError(f"--data: none of the tasks {tasks} takes user data")
+        for t in takes:
+            cfg["tasks"][t]["task_config"][infos[t]["data_option"]] = str(Path(data).expanduser().resolve())
     if not cfg.get("speed"):
         speed = False
     outp = Path(out)
@@ -182,6 +187,7 @@ def compare(
         "recipe": RECIPE,
     }
     results = _load_or_new(path, run_config, resume, console)
+    results.setdefault("task_info", {}).update(infos)  # what the report reads of each task
     notes = console.print if console is not None else log.info
     t_start = time.perf_counter() - float(results.get("elapsed_s", 0.0))
 
@@ -264,14 +270,12 @@ def rerender(out: str | Path) -> dict[str, Any]:
     results = read_json(path)
     rc = results["run_config"]
     cfg = rc["preset_config"]
-    heads: dict[str, tuple[str, float]] = {}
+    infos = task_infos(results)
     for cell in results["cells"].values():
         for task, by_width in cell.get("tasks", {}).items():
             tcfg = cfg["tasks"][task]
-            if task not in heads:  # the task's headline metric (its data come from the run's cache)
-                t = make_task(task, seed=rc["seed"], cache_dir=outp / "cache", **tcfg["task_config"])
-                heads[task] = (t.score_key, t.score_sign)
-            for s in cell_series(cell, task, tcfg, rc["seed"], *heads[task]):
+            head = (infos[task]["score_key"], infos[task]["score_sign"])  # the task's headline metric
+            for s in cell_series(cell, task, tcfg, rc["seed"], *head):
                 if f"d{s.width}" in by_width:
                     s.summarise()
     if _not_run(results):

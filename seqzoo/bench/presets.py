@@ -12,6 +12,8 @@ A preset names its tasks; each task entry says what to train and how to spend th
   fixed); ``seeds_when``: ``"always"``, or ``"unsolved_at_largest"`` (only at a backbone's largest width,
   and only when the first seed did not reach ``stop_at``; elsewhere one seed).
 
+``task_defaults``: the recipe of a task the preset does not name (``--tasks`` with a plugin's task).
+
 A preset may instead of layers × backbones list ``variants``: named rows, each a layer, a backbone and
 options (the ``ladder`` preset: the ablation rows of the TTT paper's Table 1).
 """
@@ -239,6 +241,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reference_layer": "self_attention",
     },
 }
+
+
+# A task a preset does not name (a plugin's, with --tasks) trains with the preset's language-model recipe and
+# the task's own data defaults.
+for _p in PRESETS.values():
+    _p.setdefault("task_defaults", {k: v for k, v in _p["tasks"]["lm"].items() if k != "task_config"})
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from .compare import best_run, lr_policy, task_entry
+from .presets import widths
 from .runs import cell_name, run_key
 from .store import atomic_write
+from .tasks import task_infos
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ def _task_cells(r: dict | None, entry: dict | None, metrics: list[str]) -> list[
     return [_spread_text(entry["best"]["metrics"].get(m), 4) for m in metrics]
 
 
+def _lr_column(results: dict, task: str) -> bool:
+    """Whether the table shows ``task``'s winning learning rate: when its recipe tries more than one."""
+    return len(results["run_config"]["preset_config"]["tasks"].get(task, {}).get("lrs", [])) > 1
+
+
 def compare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """The comparison table as plain strings: (header, rows), one row per cell. Task columns are at each
     backbone's largest width: mean [min–max] over the seeds at the winning learning rate."""
@@ -71,16 +78,12 @@ def compare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     variants = bool(cfg.get("variants"))
     header = (["variant"] if variants else ["layer"]) + ["backbone", "params (non-emb)", "state size"]
     cols: dict[str, list[str]] = {}
+    infos = task_infos(results)
     for t in tasks:
-        if t == "mqar":
-            cols[t] = ["accuracy"]
-            header += ["MQAR acc", "MQAR lr"]
-        elif t == "lm":
-            cols[t] = ["bits_per_byte", "context_gain"]
-            header += ["bits/byte", "context gain (nats)"]
-        else:
-            cols[t] = ["loss"]
-            header.append(f"{t} loss")
+        cols[t] = [metric for metric, _ in infos[t]["columns"]]
+        header += [label for _, label in infos[t]["columns"]]
+        if _lr_column(results, t):
+            header.append(f"{t} lr")
     has_speed = any(c.get("speed") for c in results["cells"].values())
     if has_speed:
         header += [f"prefill ms/tok @{T}" for T in lengths]
@@ -103,7 +106,7 @@ def compare_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             width, r = best_run(cell, t)
             entry = task_entry(cell, t, width)[1]
             row += _task_cells(r, entry, cols[t])
-            if t == "mqar":
+            if _lr_column(results, t):
                 best = (entry or {}).get("best")
                 row.append(_fmt(best["lr"]) if best else "—")
         if has_speed:
@@ -168,12 +171,11 @@ def width_rows(results: dict, task: str, metric: str) -> tuple[list[str], list[l
 
 def noise_lines(results: dict) -> list[str]:
     """Every pair of cells per backbone and task (largest width): better, worse, within noise, both solved."""
-    from .claims import COMPARED, pairwise
+    from .claims import pairwise
 
     lines = []
-    for task, metric, sign in COMPARED:
-        if task not in results["run_config"]["tasks"]:
-            continue
+    for task, info in task_infos(results).items():
+        metric, sign = info["columns"][0][0], info["score_sign"]
         for backbone, pairs in pairwise(results, task, metric, sign).items():
             if not pairs:
                 continue
@@ -281,10 +283,11 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {n: cmap(i % 10) for i, n in enumerate(sorted(set(names)))}
 
 
-def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
-    """MQAR accuracy against state size (log x), one line per (layer, backbone) over widths."""
+def plot_accuracy_vs_state(results: dict, path: Path, task: str = "mqar", metric: str = "accuracy") -> Path | None:
+    """A task's headline metric (MQAR accuracy) against state size (log x), one line per (layer,
+    backbone) over widths."""
     plt = _plt()
-    cells = [c for c in results["cells"].values() if "mqar" in c.get("tasks", {})]
+    cells = [c for c in results["cells"].values() if task in c.get("tasks", {})]
     if not cells:
         return None
     colors = _colors([_hue(c) for c in cells])
@@ -292,11 +295,11 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
     plotted = False
     for c in cells:
         pts = []
-        for width in sorted(c["tasks"]["mqar"], key=lambda w: int(w[1:])):
-            _, r = best_run(c, "mqar", width)
-            best = (task_entry(c, "mqar", width)[1] or {}).get("best")
-            if r and r.get("status") == "ok" and best:
-                acc = best["metrics"]["accuracy"]
+        for width in sorted(c["tasks"][task], key=lambda w: int(w[1:])):
+            _, r = best_run(c, task, width)
+            best = (task_entry(c, task, width)[1] or {}).get("best")
+            if r and r.get("status") == "ok" and best and metric in best["metrics"]:
+                acc = best["metrics"][metric]
                 pts.append((r["state_size"], acc["mean"], acc["mean"] - acc["min"], acc["max"] - acc["mean"]))
         if not pts:
             continue
@@ -317,16 +320,18 @@ def plot_accuracy_vs_state(results: dict, path: Path) -> Path | None:
         return None
     ax.set_xscale("log")
     ax.set_xlabel("state size (scalars per sequence, all blocks)")
-    ax.set_ylabel("MQAR accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("MQAR accuracy vs state size")
+    ax.set_ylabel(f"{task} {metric}")
+    if metric == "accuracy":
+        ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{task} {metric} vs state size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _savefig(fig, path)
 
 
-def plot_loss_by_position(results: dict, path: Path) -> Path | None:
-    """Validation loss at each token position (byte LM), smoothed over a few positions."""
+def plot_loss_by_position(results: dict, path: Path, task: str = "lm", curve: str = "loss_by_position") -> Path | None:
+    """Held-out loss at each token position (the byte LM's ``loss_by_position``), smoothed over a few
+    positions."""
     plt = _plt()
     import numpy as np
 
@@ -335,13 +340,11 @@ def plot_loss_by_position(results: dict, path: Path) -> Path | None:
     colors = _colors([_hue(c) for c in cells])
     plotted = False
     for c in cells:
-        _, entry = task_entry(c, "lm")
+        _, entry = task_entry(c, task)
         best = (entry or {}).get("best")
         if not best:
             continue
-        curves = [
-            entry["runs"][run_key(best["lr"], sd)]["metrics"].get("loss_by_position") for sd in best["seeds"]
-        ]
+        curves = [entry["runs"][run_key(best["lr"], sd)]["metrics"].get(curve) for sd in best["seeds"]]
         curves = [cv for cv in curves if cv]
         if not curves:
             continue
@@ -432,11 +435,17 @@ def plot_latency(results: dict, path: Path) -> Path | None:
 def write_plots(results: dict, out: Path) -> dict[str, str]:
     """The three comparison plots as PNG files in ``out``; returns {kind: file name} of those drawn."""
     made = {}
-    for kind, fn, name in (
-        ("accuracy_vs_state", plot_accuracy_vs_state, "mqar_accuracy_vs_state.png"),
-        ("loss_by_position", plot_loss_by_position, "lm_loss_by_position.png"),
-        ("latency", plot_latency, "latency_vs_context.png"),
-    ):
+    plots = []
+    for task, info in task_infos(results).items():
+        metric = info["columns"][0][0]
+        if info.get("plot_vs_state"):
+            plots.append((f"{task} {metric} vs state size", f"{task}_{metric}_vs_state.png",
+                          lambda r, p, t=task, m=metric: plot_accuracy_vs_state(r, p, t, m)))
+        if info.get("position_curve"):
+            plots.append((f"{task} loss by token position", f"{task}_loss_by_position.png",
+                          lambda r, p, t=task, c=info["position_curve"]: plot_loss_by_position(r, p, t, c)))
+    plots.append(("prefill latency vs context", "latency_vs_context.png", plot_latency))
+    for kind, name, fn in plots:
         try:
             if fn(results, out / name) is not None:
                 made[kind] = name
@@ -489,18 +498,20 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
         "## Results",
         "",
         "Task columns at each backbone's largest width; mean [min–max] over the seeds run at the winning "
-        "learning rate (one value: one seed). Context gain: LM loss (nats) at positions 16–31 minus its mean "
-        "over the window's second half.",
+        "learning rate (one value: one seed)." + "".join(
+            f" {info['notes']}" for info in task_infos(results).values() if info.get("notes")),
         "",
         markdown_table(header, rows),
         "",
     ]
     if cfg.get("variants"):
         lines += ladder_lines(results)
-    if "mqar" in rc["tasks"] and not cfg.get("variants"):
-        h, r = width_rows(results, "mqar", "accuracy")
+    for task, info in task_infos(results).items():
+        if cfg.get("variants") or not any(len(widths(cfg["tasks"][task], bb)) > 1 for bb in rc["backbones"]):
+            continue
+        h, r = width_rows(results, task, info["columns"][0][0])
         lines += [
-            "## mqar at every width",
+            f"## {task} at every width",
             "",
             "The winning learning rate of those tried (a rate that reached the early-stopping threshold "
             "ends the sweep), the steps its first seed ran, and the state size.",
@@ -520,13 +531,8 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
             *noise,
             "",
         ]
-    titles = {
-        "accuracy_vs_state": "MQAR accuracy vs state size",
-        "loss_by_position": "LM loss by token position",
-        "latency": "Prefill latency vs context length",
-    }
-    for kind, name in plots.items():
-        lines += [f"## {titles[kind]}", "", f"![{titles[kind]}]({name})", ""]
+    for title, name in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
     failed = {k: c["errors"] for k, c in results["cells"].items() if c.get("errors")}
     if failed:
         lines += ["## Failures", ""]

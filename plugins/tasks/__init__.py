@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import seqzoo
-from seqzoo.bench.tasks import LMTask, MQARTask
+
+from .lm import LMConfig, LMTask, stdlib_files
+from .mqar import MQARConfig, MQARTask, mqar_examples
+
+__all__ = ["MQARTask", "MQARConfig", "mqar_examples", "LMTask", "LMConfig", "stdlib_files"]
 
 
 @seqzoo.hookimpl
