@@ -334,21 +334,15 @@ class Registry:
                     self._commit(kind, spec, info)
 
     def _commit(self, kind: str, spec, info: PluginInfo) -> None:
-        if kind == "converter":
-            old = self.converters.get(spec.name)
-            if old is not None and old.function is not spec.function:
-                self._conflict(info, "converter", spec.name, old.plugin)
+        if kind in ("converter", "task"):  # one name each: a second, different object is a conflict
+            table, mine = (self.converters, info.converters) if kind == "converter" else (self.tasks, info.tasks)
+            target = (lambda sp: sp.function) if kind == "converter" else (lambda sp: sp.factory)
+            old = table.get(spec.name)
+            if old is not None and target(old) is not target(spec):
+                self._conflict(info, kind, spec.name, old.plugin)
                 return
-            self.converters[spec.name] = spec
-            info.converters.append(spec.name)
-            return
-        if kind == "task":
-            old = self.tasks.get(spec.name)
-            if old is not None and old.factory is not spec.factory:
-                self._conflict(info, "task", spec.name, old.plugin)
-                return
-            self.tasks[spec.name] = spec
-            info.tasks.append(spec.name)
+            table[spec.name] = spec
+            mine.append(spec.name)
             return
         names = (spec.name, *spec.aliases)
         for n in names:
@@ -476,33 +470,40 @@ def create_layer(name: str, d_model: int, **config):
     return layer
 
 
-def list_tasks(pattern: str = "*") -> list[str]:
+def _names(table: dict, pattern: str) -> list[str]:
     REGISTRY.ensure_loaded()
-    return sorted(n for n in REGISTRY.tasks if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in table if fnmatch.fnmatchcase(n, pattern))
+
+
+def _find(kind: str, table: dict, name: str):
+    """``table[name]``, or a KeyError with close matches, the known names and the plugins that failed."""
+    REGISTRY.ensure_loaded()
+    if name not in table:
+        failed = [p.name for p in REGISTRY.plugins.values() if p.error]
+        extra = f" (plugins that failed to load: {', '.join(failed)}; see `seqzoo plugins`)" if failed else ""
+        raise KeyError(f"unknown {kind} {name!r}{_close(name, table)} Known {kind}s: "
+                       f"{', '.join(sorted(table)) or '(none)'}{extra}")
+    return table[name]
+
+
+def list_tasks(pattern: str = "*") -> list[str]:
+    """Names of the registered harness tasks matching a shell-style ``pattern``, sorted."""
+    return _names(REGISTRY.tasks, pattern)
 
 
 def task_spec(name: str) -> TaskSpec:
-    REGISTRY.ensure_loaded()
-    if name not in REGISTRY.tasks:
-        raise KeyError(f"unknown task {name!r}{_close(name, REGISTRY.tasks)} Known tasks: {', '.join(sorted(REGISTRY.tasks))}")
-    return REGISTRY.tasks[name]
+    """The ``TaskSpec`` of a registered task; unknown names get close matches."""
+    return _find("task", REGISTRY.tasks, name)
 
 
 def list_converters(pattern: str = "*") -> list[str]:
     """Names of the registered checkpoint converters (``seqzoo.interop.<name>``), sorted."""
-    REGISTRY.ensure_loaded()
-    return sorted(n for n in REGISTRY.converters if fnmatch.fnmatchcase(n, pattern))
+    return _names(REGISTRY.converters, pattern)
 
 
 def converter(name: str) -> ConverterSpec:
     """The ``ConverterSpec`` of a registered converter; unknown names get close matches."""
-    REGISTRY.ensure_loaded()
-    if name not in REGISTRY.converters:
-        failed = [p.name for p in REGISTRY.plugins.values() if p.error]
-        extra = f" (plugins that failed to load: {', '.join(failed)}; see `seqzoo plugins`)" if failed else ""
-        raise KeyError(f"unknown converter {name!r}{_close(name, REGISTRY.converters)} Known converters: "
-                       f"{', '.join(sorted(REGISTRY.converters)) or '(none)'}{extra}")
-    return REGISTRY.converters[name]
+    return _find("converter", REGISTRY.converters, name)
 
 
 def list_plugins() -> list[PluginInfo]:
