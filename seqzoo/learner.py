@@ -39,7 +39,6 @@ __all__ = [
     "TTTConfig",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
 
 
 def positive_int(name: str, value: Any) -> int:

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .contract import State
-from .learner import BACKENDS, GradientLearner, Learner, positive_int
+from .learner import GradientLearner, Learner, positive_int
 from .nn import HeadProjections, apply_rope, cached_views
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,10 @@ class TTTLayer(HeadProjections):
     ``conv`` (B, C, K-1) with share_qk.
     """
 
+    #: the ``backend`` names this layer resolves: "torch" (the torch path) and "auto" (its fastest exact
+    #: path); a layer with kernels of its own adds their names
+    backends: tuple[str, ...] = ("auto", "torch")
+
     def flops(self, seq_len: int) -> float:
         """2T·Σ(projection weights) + 2T·C·H (the η gate): what every TTT layer computes outside its
         inner model; a learner's layer adds the inner model's training and prediction."""
@@ -128,8 +132,8 @@ class TTTLayer(HeadProjections):
         b = self.mini_batch_size = positive_int("mini_batch_size", cfg.mini_batch_size)
         if cfg.rope and d % 2:
             raise ValueError(f"rope needs an even head_dim, got head_dim={d} (d_model={C}, num_heads={H})")
-        if cfg.backend not in BACKENDS:
-            raise ValueError(f"expected backend in {BACKENDS}, got {cfg.backend!r}")
+        if cfg.backend not in self.backends:
+            raise ValueError(f"expected backend in {self.backends}, got {cfg.backend!r}")
         if not isinstance(cfg.scan_checkpoint_group_size, int) or cfg.scan_checkpoint_group_size < 0:
             raise ValueError(f"expected scan_checkpoint_group_size >= 0, got {cfg.scan_checkpoint_group_size!r}")
         self.learner = learner(d, **dataclasses.asdict(cfg))

@@ -184,6 +184,16 @@ def sine_layer():
         seqzoo.unregister_plugin("test-sine-plugin")
 
 
+def test_backend_names_are_the_layers_own(sine_layer):
+    """The core knows "auto" and "torch"; "triton" is a name the TTT plugin's layers resolve, so a
+    learner without kernels refuses it at construction, saying what it takes."""
+    with pytest.raises(ValueError, match=r"expected backend in \('auto', 'torch'\), got 'triton'"):
+        seqzoo.create_layer(sine_layer, 32, num_heads=2, backend="triton")
+    assert seqzoo.create_layer("ttt_linear", 32, num_heads=2, backend="triton").config.backend == "triton"
+    with pytest.raises(ValueError, match="expected backend in"):
+        seqzoo.create_layer("ttt_mlp", 32, num_heads=2, backend="cuda")
+
+
 def test_inline_gradient_learner_conformance(sine_layer):
     assert sine_layer in seqzoo.list_layers()
     layer = seqzoo.create_layer(sine_layer, 32, num_heads=2, mini_batch_size=4)

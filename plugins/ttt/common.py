@@ -84,13 +84,16 @@ _CPU = torch.device("cpu")
 
 class InnerNormTTT(TTTLayer):
     """Base of the hand-derived TTT layers (TTT-Linear, TTT-MLP), whose inner model ends in a per-head
-    LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``.
+    LayerNorm (``inner_norm``) with parameters ``ttt_norm_weight``/``ttt_norm_bias``. Their ``backend``
+    may also be ``"triton"``: the Triton kernels of ``seqzoo_plugins.kernels``.
 
     On CPU float32 without autograd (``backend="auto"``), ``step`` runs everything between the
     projections and ``o_proj`` in one native call (seqzoo.native): the η gate, RoPE, the inner gradient,
     G, the output, W̄ at a mini-batch's end and ``post_norm`` while it is a bare LayerNorm. A layer
     provides it as ``_native_token``; equal to the torch path to float32 rounding.
     """
+
+    backends = ("auto", "torch", "triton")
 
     # the methods of the step's torch path that the native step stands in for: a subclass that overrides
     # one of them gets the torch path
