@@ -49,7 +49,7 @@ from torch.nn.modules import module as module_globals
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "plain_float32", "require_float32_cpu",
+__all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "trainable", "plain_float32", "require_float32_cpu",
            "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted"]
 
 INCLUDE = Path(__file__).parent / "csrc"  # seqzoo_kernel.h
@@ -218,6 +218,13 @@ def usable(*tensors: Tensor | None) -> bool:
     float32 CPU tensor."""
     if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
         return False
+    return trainable(*tensors)
+
+
+def trainable(*tensors: Tensor | None) -> bool:
+    """``usable`` for a kernel wrapped in a ``torch.autograd.Function`` with its backward: autograd may
+    record; still no ``torch.func`` transform (the Function has no vmap rule), no tracing or compiling,
+    and every tensor a plain float32 CPU tensor."""
     if (torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
             or torch._C._get_tracing_state() is not None):
         return False

@@ -103,9 +103,9 @@ def test_chunked_scan_memory_is_per_group(monkeypatch):
     seen = []
     inner = mamba_plugin._scan_group
 
-    def spy(dt, dtx, A, B, C, h, chunk_size):
+    def spy(dt, dtx, A, B, C, h, chunk_size, **kw):
         seen.append((tuple(dt.shape), chunk_size))
-        return inner(dt, dtx, A, B, C, h, chunk_size)
+        return inner(dt, dtx, A, B, C, h, chunk_size, **kw)
 
     monkeypatch.setattr(mamba_plugin, "_scan_group", spy)
     layer = Mamba(32, chunk_size=8).to(F64)
@@ -116,6 +116,65 @@ def test_chunked_scan_memory_is_per_group(monkeypatch):
     seen.clear()
     selective_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=4, blocks=4)
     assert [s[0][1] for s in seen] == [16, 16, 16, 2]
+
+
+def _scan_and_grads(args, with_state_grad: bool, **kw):
+    args = [a.detach().clone().requires_grad_() for a in args]
+    y, h = selective_scan_chunked(*args, **kw)
+    g = torch.Generator().manual_seed(5)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    if with_state_grad:
+        loss = loss + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+    loss.backward()
+    return [y.detach(), h.detach()] + [a.grad for a in args]
+
+
+@pytest.mark.parametrize("with_state_grad", [False, True])
+@pytest.mark.parametrize(("chunk_size", "blocks"), [(8, None), (4, 2)])
+def test_native_scan_equals_autograd_through_the_torch_scan(monkeypatch, with_state_grad, chunk_size, blocks):
+    """The native scan and its written-out backward (float32 training on the CPU) against autograd through
+    the torch scan (itself checked against the token loop above): outputs, last state and every input's
+    gradient, over several groups."""
+    assert mamba_plugin.NATIVE.available(), "the native kernels did not build (a C compiler is part of the install)"
+    calls = []
+    real = mamba_plugin._NativeScanGroup.apply
+    monkeypatch.setattr(mamba_plugin._NativeScanGroup, "apply", lambda *a: calls.append(1) or real(*a))
+    args = [t.float() for t in _random_scan_inputs(3, 37, 6, 5, seed=3)]
+    want = _scan_and_grads(args, with_state_grad, chunk_size=chunk_size, blocks=blocks)
+    assert not calls
+    got = _scan_and_grads(args, with_state_grad, chunk_size=chunk_size, blocks=blocks, kernels=True)
+    assert len(calls) == (1 if blocks is None else -(-37 // (chunk_size * blocks)))  # one per group
+    for name, g, w in zip(("y", "h", "x", "dt", "A", "B", "C", "D", "h0"), got, want):
+        assert_close(g, w, 2e-6, f"native scan vs torch scan: {name}")
+
+
+def test_native_scan_only_where_it_applies(monkeypatch):
+    calls = []
+    real = mamba_plugin._NativeScanGroup.apply
+    monkeypatch.setattr(mamba_plugin._NativeScanGroup, "apply", lambda *a: calls.append(1) or real(*a))
+    args = _random_scan_inputs(2, 9, 4, 3)
+    _scan_and_grads(args, True, kernels=True)  # float64: the torch scan
+    with torch.no_grad():
+        selective_scan_chunked(*[a.float() for a in args], kernels=True)  # no autograd: the no-grad torch scan
+    assert not calls
+    layer = Mamba(16).float()
+    layer(torch.randn(2, 5, 16)).__getitem__(0).sum().backward()
+    assert len(calls) == 1
+    Mamba(16, use_kernels=False)(torch.randn(2, 5, 16))[0].sum().backward()
+    assert len(calls) == 1
+
+
+def test_layer_trains_alike_with_and_without_the_native_scan():
+    """A float32 training step of the layer: the same loss and gradients (to float32 rounding) with the
+    native scan as with the torch scan."""
+    torch.manual_seed(0)
+    fast, plain = Mamba(24, d_state=8), Mamba(24, d_state=8, use_kernels=False)
+    plain.load_state_dict(fast.state_dict())
+    u = torch.randn(3, 40, 24)
+    for m in (fast, plain):
+        (m(u)[0] ** 2).mean().backward()
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        assert_close(a.grad, b.grad, 2e-5, f"gradient of {name}")
 
 
 # --- golden vectors and live Hugging Face ---------------------------------------------------------------

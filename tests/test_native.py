@@ -255,7 +255,7 @@ def test_native_build_is_cached_per_library(tmp_path):
         assert _python(_LIBRARIES, SEQZOO_CACHE_DIR=str(tmp_path)).stdout.split() == ["True", "True"]
         built = sorted((tmp_path / "native").iterdir())
         # one library per plugin, no temporary left behind, readable and writable by this user only
-        assert [p.name.split("-")[0] for p in built] == ["mamba_step", "ttt"]
+        assert [p.name.split("-")[0] for p in built] == ["mamba", "ttt"]
         assert all(p.suffix == ".so" and native.trusted(p, folder=False) for p in built)
     assert (tmp_path / "native").stat().st_mode & 0o777 == 0o700
 

@@ -69,7 +69,8 @@ SEGMENT_ELEMENTS = 2**19
 
 
 def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
-                           chunk_size: int = 8, blocks: int | None = None) -> tuple[Tensor, Tensor]:
+                           chunk_size: int = 8, blocks: int | None = None, *,
+                           kernels: bool = False) -> tuple[Tensor, Tensor]:
     """The selective scan chunk by chunk: the same contract as ``selective_scan_ref``.
 
     The sequence is cut into groups of ``blocks`` chunks of ``chunk_size`` tokens, and the chunks are
@@ -80,6 +81,9 @@ def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     chunk come from one batched product. Each token costs one pass of each kind over (b, d, n): the
     token loop's arithmetic, in larger operations. Only exponentials of non-positive arguments appear.
     ``blocks`` defaults to ``SCAN_STEP_ELEMENTS // (b·d·n)`` (at least 4).
+
+    With ``kernels`` (the layer's ``use_kernels``), a group that autograd records runs through the native
+    scan and its written-out backward (``_NativeScanGroup``) on plain float32 CPU tensors.
     """
     b, T, d = x.shape
     n = A.shape[-1]
@@ -89,18 +93,22 @@ def selective_scan_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tenso
     ys = []
     for lo in range(0, T, chunk_size * blocks):
         group = slice(lo, lo + chunk_size * blocks)
-        y, h = _scan_group(dt[:, group], dtx[:, group], A, B[:, group], C[:, group], h, chunk_size)
+        y, h = _scan_group(dt[:, group], dtx[:, group], A, B[:, group], C[:, group], h, chunk_size, kernels=kernels)
         ys.append(y)
     y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)) if ys else x.new_zeros(x.shape)
     return y.addcmul_(x, D), h  # y is a fresh tensor: + D x in place
 
 
 def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor,
-                chunk_size: int) -> tuple[Tensor, Tensor]:
+                chunk_size: int, *, kernels: bool = False) -> tuple[Tensor, Tensor]:
     """One group of ``selective_scan_chunked``: dt, dtx = Δ ⊙ x (b, s, d); B, C (b, s, n); h (b, d, n).
 
     Returns y (b, s, d) without the D term, and the state after the group.
     """
+    tensors = (dt, dtx, A, B, C, h)
+    if (kernels and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and native.trainable(*tensors) and NATIVE.available()):
+        return _NativeScanGroup.apply(*tensors)
     track = torch.is_grad_enabled() and any(v.requires_grad for v in (dt, dtx, A, B, C, h))
     b, s, d = dt.shape
     At = A.t().contiguous()  # (n, d): states are laid out (b, l, n, d), d innermost, for long vector ops
@@ -135,6 +143,40 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
     return y[:, :, 0], h.transpose(1, 2).contiguous()
 
 
+class _NativeScanGroup(torch.autograd.Function):
+    """A scan group under autograd through the native scan (``csrc/mamba_scan.c``): the forward keeps
+    only its inputs, the backward recomputes the states one batch row at a time and runs the state's
+    gradient backwards, g_t = C_t ⊗ ∂y_t + exp(Δ_{t+1} A) ⊙ g_{t+1}, reading every input's gradient off
+    it in the same pass. Equal to autograd through the torch scan to float32 rounding
+    (test_native_scan_equals_autograd_through_the_torch_scan)."""
+
+    @staticmethod
+    def forward(ctx, dt, dtx, A, B, C, h0):
+        dt, dtx, A, B, C, h0 = (t.contiguous() for t in (dt, dtx, A, B, C, h0))
+        b, s, d = dt.shape
+        n = A.shape[1]
+        y, hT = dt.new_empty(b, s, d), dt.new_empty(b, d, n)
+        NATIVE.sz_mamba_scan_fwd(b, s, d, n, *(t.data_ptr() for t in (dt, dtx, A, B, C, h0, y, hT)))
+        ctx.save_for_backward(dt, dtx, A, B, C, h0)
+        return y, hT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gh):
+        dt, dtx, A, B, C, h0 = ctx.saved_tensors
+        b, s, d = dt.shape
+        n = A.shape[1]
+        gy = gy.contiguous() if gy is not None else None
+        gh = gh.contiguous() if gh is not None else None
+        gdt, gdtx, gA = torch.empty_like(dt), torch.empty_like(dtx), torch.empty_like(A)
+        gB, gC, gh0 = torch.empty_like(B), torch.empty_like(C), torch.empty_like(h0)
+        status = NATIVE.sz_mamba_scan_bwd(
+            b, s, d, n, *(native.address(t) for t in (dt, dtx, A, B, C, h0, gy, gh, gdt, gdtx, gA, gB, gC, gh0)))
+        if status:
+            raise MemoryError(f"the native scan's backward could not allocate {s * d * n * 4 / 2**20:.0f} MB")
+        return gdt, gdtx, gA, gB, gC, gh0
+
+
 # --- mamba-ssm's CUDA kernels (only ever imported for CUDA tensors) ---------------------------------
 @functools.cache
 def _cuda_kernels() -> dict | None:
@@ -153,8 +195,10 @@ def _cuda_kernels() -> dict | None:
 
 
 # --- seqzoo's fused CPU decode step (csrc/mamba_step.c, built by seqzoo.native) -----------------------
-NATIVE = native.Library("mamba_step", [Path(__file__).parent / "csrc" / "mamba_step.c"], {
+NATIVE = native.Library("mamba", [Path(__file__).parent / "csrc" / f for f in ("mamba_step.c", "mamba_scan.c")], {
     "sz_mamba_step": (native.I32, [native.I64] * 6 + [native.PTR, native.I64] + [native.PTR] * 12),
+    "sz_mamba_scan_fwd": (native.I32, [native.I64] * 4 + [native.PTR] * 8),
+    "sz_mamba_scan_bwd": (native.I32, [native.I64] * 4 + [native.PTR] * 14),
 })
 
 
@@ -224,7 +268,9 @@ class MambaConfig:
     scan_blocks: int | None = field(default=None, metadata={
         "help": "chunks per group of the CPU scan (default: SCAN_STEP_ELEMENTS // (batch·d_inner·d_state), "
                 "at least 4)"})
-    use_kernels: bool = field(default=True, metadata={"help": "fused kernels: mamba-ssm's on CUDA tensors when installed, seqzoo's native decode step on CPU"})
+    use_kernels: bool = field(default=True, metadata={
+        "help": "fused kernels: mamba-ssm's on CUDA tensors when installed; on the CPU (float32) seqzoo's native "
+                "decode step and training scan"})
 
 
 class Mamba(SequenceLayer):
@@ -235,7 +281,9 @@ class Mamba(SequenceLayer):
     ==================  ============================================  ========================================
     path                runs when                                     tied to the reference by
     ==================  ============================================  ========================================
-    chunked scan        ``forward`` on the CPU (autograd or not)      test_chunked_scan_equals_token_loop
+    chunked scan        ``forward`` on the CPU, no autograd, or not   test_chunked_scan_equals_token_loop
+                        float32, or ``use_kernels=False``
+    native C scan       ``forward`` training, float32 CPU             test_native_scan_equals_autograd_through_the_torch_scan
     torch step          ``step`` off native (autograd, float64, ...)  conformance: step = forward
     native C step       ``step``, no autograd, float32 CPU            test_mamba_native_step_equals_torch_path
     mamba-ssm kernels   CUDA tensors, when mamba-ssm is installed     test_cuda_kernels_equal_torch_path
@@ -372,7 +420,8 @@ class Mamba(SequenceLayer):
         ctype = A.dtype
         dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias).to(ctype))  # Δ_t
         y, h = selective_scan_chunked(xc.to(ctype), dt, A, B.to(ctype), C.to(ctype), self.D.to(ctype), h,
-                                      self.config.chunk_size, self.config.scan_blocks)
+                                      self.config.chunk_size, self.config.scan_blocks,
+                                      kernels=self.config.use_kernels)
         return self._output(y.to(u.dtype), z, u), conv_state, h
 
     # update rule + output rule, one token
