@@ -167,7 +167,9 @@ class Library:
         if self._lib is None and not self.available():
             raise RuntimeError(f"the native library {self.name!r} is unavailable (see the log); check "
                                "available() first")
-        return getattr(self._lib, fn)
+        function = getattr(self._lib, fn)
+        self.__dict__[fn] = function  # later calls find it without this lookup (decode calls it per token)
+        return function
 
     def _key(self, compiler: list[str]) -> str:
         parts = [src.read_bytes() for src in self.sources]
