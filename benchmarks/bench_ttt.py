@@ -240,10 +240,10 @@ def bench_decode(kind: str, cfg: dict, ours) -> list[dict]:
         with torch.no_grad():
             _, state0 = ours(x[:, :P])
 
-        def run(state=state0, tokens=x[:, P:]):
+        def run(state=state0, tokens=x[:, P:], decoder=ours.decoder(x.shape[0])):
             with torch.no_grad():
                 for t in range(steps):
-                    _, state = ours.step(tokens[:, t], state)
+                    _, state = decoder.step(tokens[:, t], state)
 
         runs[P] = run
     # the floor beside them: the step's weight mat-vecs alone (q, k, v, o of one token), which read

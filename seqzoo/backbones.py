@@ -88,12 +88,14 @@ class Block(nn.Module):
             h = h + self.mlp(self.ffn_norm(self._branch_input(h)))
         return h, self._join(inner, conv_state)
 
-    def step(self, h: Tensor, state: State) -> tuple[Tensor, State]:
+    def step(self, h: Tensor, state: State, *, decoder=None) -> tuple[Tensor, State]:
+        """One token; ``decoder``: the layer's (``SequenceLayer.decoder``) to step it with."""
         inner, conv_state = self._split(state)
         if self.conv is not None:
             c, conv_state = self.conv.step(self._branch_input(h), conv_state)
             h = h + c
-        y, inner = self.seq_modeling_block.step(self.seq_norm(self._branch_input(h)), inner)
+        layer_step = decoder.step if decoder is not None else self.seq_modeling_block.step
+        y, inner = layer_step(self.seq_norm(self._branch_input(h)), inner)
         h = h + y
         if self.mlp is not None:
             h = h + self.mlp(self.ffn_norm(self._branch_input(h)))
@@ -201,13 +203,15 @@ class LanguageModel(nn.Module):
     def _head(self, h: Tensor) -> Tensor:
         return F.linear(self.norm(h.to(self.norm.weight.dtype)), self.head_weight)
 
-    def step(self, token_ids: Tensor, state: State) -> tuple[Tensor, State]:
-        """One token per batch element: token_ids (B,) -> logits (B, vocab), new state."""
+    def step(self, token_ids: Tensor, state: State, *, decoders=None) -> tuple[Tensor, State]:
+        """One token per batch element: token_ids (B,) -> logits (B, vocab), new state. ``decoders``
+        (from ``decoders(batch_size)``): step the layers through them, as generation does."""
         self._check_ids(token_ids, 1)
         h = self._embed(token_ids)
         new_state: State = {}
-        for i, (block, s) in enumerate(zip(self.layers, self._block_states(state))):
-            h, s = block.step(h, s)
+        decoders = decoders or [None] * len(self.layers)
+        for i, (block, s, dec) in enumerate(zip(self.layers, self._block_states(state), decoders)):
+            h, s = block.step(h, s, decoder=dec)
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
         return self._head(h), new_state
 
@@ -224,11 +228,16 @@ class LanguageModel(nn.Module):
         logits, state = self(input_ids)
         last = logits[:, -1]
         out = [input_ids]
+        decoders = self.decoders(input_ids.shape[0])
         for _ in range(max_new_tokens):
             token = _sample(last, temperature, top_k, generator)
             out.append(token[:, None])
-            last, state = self.step(token, state)
+            last, state = self.step(token, state, decoders=decoders)
         return torch.cat(out, dim=1)
+
+    def decoders(self, batch_size: int) -> list:
+        """Each block's layer decoder (``SequenceLayer.decoder``), for ``step(..., decoders=...)``."""
+        return [block.seq_modeling_block.decoder(batch_size) for block in self.layers]
 
     def num_parameters(self, *, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -15,12 +15,25 @@ from torch import Tensor, nn
 
 State = dict[str, Tensor]
 
-__all__ = ["State", "SequenceLayer", "linear_weights"]
+__all__ = ["State", "SequenceLayer", "Decoder", "linear_weights"]
 
 
 def linear_weights(module: nn.Module) -> int:
     """Scalars in the weights of the ``nn.Linear`` modules under ``module`` (a shared module once)."""
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+class Decoder:
+    """Steps a layer for ``batch_size`` sequences: ``step(x, state)`` as ``layer.step`` (see
+    ``SequenceLayer.decoder``). ``LanguageModel.generate`` and the benchmarks decode through it."""
+
+    def __init__(self, layer: nn.Module, batch_size: int):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"expected batch_size to be a positive int, got {batch_size!r}")
+        self.layer, self.batch_size = layer, batch_size
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        return self.layer.step(x, state)
 
 
 class SequenceLayer(nn.Module):
@@ -56,6 +69,14 @@ class SequenceLayer(nn.Module):
     def state_size(self, seq_len: int) -> int:
         """Scalars held in the state per batch element after ``seq_len`` tokens."""
         raise NotImplementedError
+
+    def decoder(self, batch_size: int) -> Decoder:
+        """An object that steps this layer token by token for ``batch_size`` sequences, as fast as the
+        layer can: ``decoder.step(x, state)`` equals ``step(x, state)``. This default calls ``step``; a
+        layer with a fused decode kernel returns one that checks once what the kernel needs (and falls
+        back to ``step`` where it does not apply). Make a new one after changing the layer's structure
+        (hooks, modules); parameters may change in place."""
+        return Decoder(self, batch_size)
 
     def flops(self, seq_len: int) -> float:
         """2T·Σ(weights of nn.Linear): forward FLOPs of one sequence of T tokens in the projections.

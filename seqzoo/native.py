@@ -47,10 +47,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 
+from .contract import Decoder
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "trainable", "plain_float32", "require_float32_cpu",
-           "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted"]
+           "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted", "NativeDecoder"]
 
 INCLUDE = Path(__file__).parent / "csrc"  # seqzoo_kernel.h
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -231,6 +233,21 @@ def trainable(*tensors: Tensor | None) -> bool:
             or torch._C._get_tracing_state() is not None):
         return False
     return plain_float32(*tensors)
+
+
+class NativeDecoder(Decoder):
+    """A decoder (``SequenceLayer.decoder``) for a layer with a fused decode kernel: each step tries
+    ``layer.native_step(x, state)`` when autograd does not record (the kernels have no backward), which
+    returns None where its kernel does not apply, and runs ``layer.step`` then. The layer checks once,
+    when it makes the decoder, what does not change from token to token (its options, a C compiler,
+    subclass overrides of the methods the kernel stands in for)."""
+
+    def step(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
+        if not torch.is_grad_enabled():
+            out = self.layer.native_step(x, state)
+            if out is not None:
+                return out
+        return self.layer.step(x, state)
 
 
 def address(t: Tensor | None) -> int | None:

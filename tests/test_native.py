@@ -20,6 +20,11 @@ needs_native = pytest.mark.skipif(
     reason="no C compiler: the native kernels are off")
 
 
+def decode(layer, x, state):
+    """A decode step as generation takes it: through the layer's decoder (``layer.decoder``)."""
+    return layer.decoder(x.shape[0]).step(x, state)
+
+
 def _twins(name: str, torch_option: dict, **config):
     """A layer on the native path and its twin forced onto the torch path, with the same weights
     (perturbed away from the initialisation, so that zeros and ones do not hide mistakes)."""
@@ -37,7 +42,7 @@ def _decode(layer, x: torch.Tensor):
     state = layer.init_state(x.shape[0])
     ys = []
     for t in range(x.shape[1]):
-        y, state = layer.step(x[:, t], state)
+        y, state = decode(layer, x[:, t], state)
         ys.append(y)
     return torch.stack(ys, 1), state
 
@@ -93,8 +98,8 @@ def test_mamba_native_step_takes_any_state_layout(monkeypatch):
     state = twin.init_state(2)
     state = {k: torch.randn(v.shape[::-1]).transpose(0, -1) for k, v in state.items()}  # not contiguous
     with torch.inference_mode():
-        y, new = layer.step(x, state)
-        y_ref, new_ref = twin.step(x, state)
+        y, new = decode(layer, x, state)
+        y_ref, new_ref = decode(twin, x, state)
     torch.testing.assert_close(y, y_ref)
     for key in new_ref:
         torch.testing.assert_close(new[key], new_ref[key])
@@ -106,17 +111,17 @@ def test_mamba_native_step_only_where_it_applies(monkeypatch):
     calls = _spy(monkeypatch, "_mamba_step")
     x = torch.randn(1, 32)
     state = layer.init_state(1)
-    layer.step(x, state)  # autograd records: the torch path (the kernel has no backward)
+    decode(layer, x, state)  # autograd records: the torch path (the kernel has no backward)
     assert not calls
     with torch.no_grad():
-        layer.double().step(x.double(), layer.init_state(1, dtype=torch.float64))  # float64
+        decode(layer.double(), x.double(), layer.init_state(1, dtype=torch.float64))  # float64
         assert not calls
         layer.float()
         handle = layer.x_proj.register_forward_hook(lambda m, i, o: o * 2)  # a hook the kernel could not run
-        hooked, _ = layer.step(x, state)
+        hooked, _ = decode(layer, x, state)
         assert not calls
         handle.remove()
-        plain, _ = layer.step(x, state)
+        plain, _ = decode(layer, x, state)
         assert len(calls) == 1
     assert not torch.allclose(hooked, plain)  # the hook ran
 
@@ -212,14 +217,14 @@ def test_ttt_linear_native_step_only_where_it_applies(monkeypatch):
     for config in (dict(backend="torch"), dict(inner_norm=False)):
         layer = seqzoo.create_layer("ttt_linear", d_model=64, num_heads=4, **config).eval()
         with torch.no_grad():
-            layer.step(x, layer.init_state(1))
+            decode(layer, x, layer.init_state(1))
     layer = seqzoo.create_layer("ttt_linear", d_model=64, num_heads=4).eval()
-    layer.step(x, layer.init_state(1))  # autograd records
+    decode(layer, x, layer.init_state(1))  # autograd records
     with torch.no_grad():
-        layer.double().step(x.double(), layer.init_state(1, dtype=torch.float64))
+        decode(layer.double(), x.double(), layer.init_state(1, dtype=torch.float64))
     assert not calls
     with torch.no_grad():
-        layer.float().step(x, layer.init_state(1))
+        decode(layer.float(), x, layer.init_state(1))
     assert len(calls) == 1
 
 
@@ -242,7 +247,7 @@ def test_native_without_a_compiler_uses_the_torch_paths(tmp_path):
     code = (
         "import torch, seqzoo; from seqzoo_plugins.mamba import NATIVE; print(NATIVE.available());"
         "m = seqzoo.create_layer('mamba', d_model=16).eval();"
-        "torch.no_grad().__enter__(); y, s = m.step(torch.randn(1, 16), m.init_state(1)); print(tuple(y.shape))"
+        "torch.no_grad().__enter__(); y, s = m.decoder(1).step(torch.randn(1, 16), m.init_state(1)); print(tuple(y.shape))"
     )
     out = _python(code, CC=str(tmp_path / "no-such-compiler"), SEQZOO_CACHE_DIR=str(tmp_path))
     assert out.stdout.split() == ["False", "(1,", "16)"]
@@ -370,11 +375,11 @@ def test_native_paths_validate_like_the_torch_paths(name):
         broken = dict(state)
         broken.pop(next(iter(broken)))
         with pytest.raises(ValueError, match="expected a state with keys"):
-            layer.step(torch.randn(2, 32), broken)
+            decode(layer, torch.randn(2, 32), broken)
         with pytest.raises(ValueError, match="expected x of shape"):
-            layer.step(torch.randn(2, 31), state)
+            decode(layer, torch.randn(2, 31), state)
         with pytest.raises(ValueError, match="shape"):
-            layer.step(torch.randn(3, 32), state)  # a state of batch 2 for a batch of 3
+            decode(layer, torch.randn(3, 32), state)  # a state of batch 2 for a batch of 3
 
 
 @needs_native
@@ -419,7 +424,7 @@ def test_a_projection_of_another_width_never_reaches_a_kernel(name, proj, width,
     setattr(layer, proj, torch.nn.Linear(32, width, bias=False))
     calls = _spy(monkeypatch, f"_{name}_token")
     with torch.no_grad(), pytest.raises(RuntimeError):
-        layer.step(torch.randn(2, 32), layer.init_state(2))
+        decode(layer, torch.randn(2, 32), layer.init_state(2))
     assert not calls
 
 
@@ -435,11 +440,11 @@ def test_a_projection_without_its_bias_gets_the_torch_path(name, proj, kernel_ca
     calls = _spy(monkeypatch, "_mamba_step" if name == "mamba" else "_ttt_linear_token")
     x = torch.randn(2, 32)
     with torch.no_grad():
-        layer.step(x, layer.init_state(2))
+        decode(layer, x, layer.init_state(2))
         assert len(calls) == 1
         del getattr(layer, proj).bias
         with pytest.raises(AttributeError, match="bias"):
-            layer.step(x, layer.init_state(2))
+            decode(layer, x, layer.init_state(2))
     assert len(calls) == 1 + kernel_calls
 
 
@@ -461,7 +466,7 @@ def test_native_step_honours_an_overridden_state_check(name, monkeypatch):
                                          "num_heads": 2}
     layer = Strict(32, **kwargs).eval()
     with torch.no_grad():
-        layer.step(torch.randn(1, 32), layer.init_state(1))
+        decode(layer, torch.randn(1, 32), layer.init_state(1))
     assert seen == [1] and not calls
 
 
@@ -472,9 +477,9 @@ def test_ttt_native_step_checks_the_position_like_the_torch_path(name):
     with torch.no_grad():
         for pos, match in (([4, 4], r"pos'\] in \[0, 4\)"), ([1, 2], "same position")):
             with pytest.raises(ValueError, match=match):
-                layer.step(torch.randn(2, 32), {**state, "pos": torch.tensor(pos)})
+                decode(layer, torch.randn(2, 32), {**state, "pos": torch.tensor(pos)})
         with pytest.raises(ValueError, match="mini_batch_size=4"):
-            layer.step(torch.randn(2, 32), {**state, "mini_batch_size": torch.tensor([16, 16])})
+            decode(layer, torch.randn(2, 32), {**state, "mini_batch_size": torch.tensor([16, 16])})
 
 
 @needs_native
@@ -488,10 +493,10 @@ def test_native_steps_step_aside_for_parameters_of_other_shapes(monkeypatch):
     with torch.no_grad():
         ttt.ttt_norm_weight = torch.nn.Parameter(torch.ones(2, 8))
         with pytest.raises(RuntimeError):
-            ttt.step(x, ttt.init_state(1))
+            decode(ttt, x, ttt.init_state(1))
         mamba.D = torch.nn.Parameter(torch.ones(8))
         with pytest.raises(RuntimeError):
-            mamba.step(x, mamba.init_state(1))
+            decode(mamba, x, mamba.init_state(1))
     assert not mamba_calls and not token_calls
 
 
@@ -504,12 +509,12 @@ def test_native_paths_step_aside(monkeypatch):
     mamba = seqzoo.create_layer("mamba", d_model=32).eval()
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y, _ = mamba.step(x, mamba.init_state(1))
+            y, _ = decode(mamba, x, mamba.init_state(1))
         mamba.dt_proj.bias = None
-        mamba.step(x, mamba.init_state(1))
+        decode(mamba, x, mamba.init_state(1))
         ttt = seqzoo.create_layer("ttt_linear", d_model=32, num_heads=2, mini_batch_size=1100).eval()
         ttt(torch.randn(1, 3, 32))
-        ttt.step(x, ttt.init_state(1))  # the mini-batch position is still < 1024: the kernel runs
+        decode(ttt, x, ttt.init_state(1))  # the mini-batch position is still < 1024: the kernel runs
         assert len(token_calls) == 1
 
         class Halved(type(ttt)):  # a subclass that changes the output rule
@@ -517,7 +522,7 @@ def test_native_paths_step_aside(monkeypatch):
                 return super()._output(x, z) / 2
 
         halved = Halved(32, learner=ttt.learner.__class__, num_heads=2).eval()
-        halved.step(x, halved.init_state(1))
+        decode(halved, x, halved.init_state(1))
     assert y.dtype == torch.bfloat16 and not mamba_calls and len(token_calls) == 1
 
 
@@ -551,7 +556,49 @@ def test_native_mamba_step_passes_nan_through():
     with torch.no_grad():
         for m in (layer, twin):
             m.dt_proj.bias[0] = float("nan")
-        y, state = layer.step(torch.randn(1, 32), layer.init_state(1))
-        y_ref, state_ref = twin.step(torch.randn(1, 32), twin.init_state(1))
+        y, state = decode(layer, torch.randn(1, 32), layer.init_state(1))
+        y_ref, state_ref = decode(twin, torch.randn(1, 32), twin.init_state(1))
     assert torch.isnan(y).any() and torch.isnan(y_ref).any()
     assert torch.isnan(state["ssm_state"]).any() and torch.isnan(state_ref["ssm_state"]).any()
+
+
+@needs_native
+def test_step_is_the_torch_path_and_the_decoder_takes_the_kernel(monkeypatch):
+    """``step`` is the plain update rule (it never switches to a kernel); the layer's decoder is where the
+    native path is taken, and both give the same numbers."""
+    mamba_calls, token_calls = _spy(monkeypatch, "_mamba_step"), _spy(monkeypatch, "_ttt_linear_token")
+    for name, calls in (("mamba", mamba_calls), ("ttt_linear", token_calls)):
+        layer = seqzoo.create_layer(name, d_model=32).eval()
+        x, state = torch.randn(2, 32), layer.init_state(2)
+        with torch.no_grad():
+            y_step, s_step = layer.step(x, state)
+            assert not calls
+            y_dec, s_dec = layer.decoder(2).step(x, state)
+            assert len(calls) == 1
+        torch.testing.assert_close(y_dec, y_step)
+        for key in s_step:
+            torch.testing.assert_close(s_dec[key], s_step[key])
+    assert type(seqzoo.create_layer("rnn", 8).decoder(1)) is seqzoo.contract.Decoder  # no kernel: step
+    with pytest.raises(ValueError, match="batch_size"):
+        seqzoo.create_layer("mamba", 8).decoder(0)
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["mamba", "ttt_linear"])
+def test_generate_decodes_through_the_layers_decoders(monkeypatch, name):
+    """Generation steps every block's layer through its decoder (the kernel) and samples what the plain
+    steps (the torch path) give."""
+    calls = _spy(monkeypatch, "_mamba_step" if name == "mamba" else "_ttt_linear_token")
+    torch.manual_seed(0)
+    lm = seqzoo.create_model(name, vocab_size=40, d_model=32, n_layers=2).eval()
+    prompt = torch.randint(0, 40, (2, 5))
+    out = lm.generate(prompt, 6, temperature=0)
+    assert len(calls) == 2 * 6  # two blocks, six new tokens
+    with torch.no_grad():  # the same greedy tokens through plain steps
+        logits, state = lm(prompt)
+        tokens = [logits[:, -1].argmax(-1)]
+        for _ in range(5):
+            logits, state = lm.step(tokens[-1], state)
+            tokens.append(logits.argmax(-1))
+    assert torch.equal(out[:, 5:], torch.stack(tokens, 1))
+    assert len(calls) == 2 * 6

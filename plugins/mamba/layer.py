@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from seqzoo import SequenceLayer, State, native
+from seqzoo.contract import Decoder
 from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,8 @@ class Mamba(SequenceLayer):
     chunked scan        ``forward`` on the CPU, no autograd, or not   test_chunked_scan_equals_token_loop
                         float32, or ``use_kernels=False``
     native C scan       ``forward`` training, float32 CPU             test_native_scan_equals_autograd_through_the_torch_scan
-    torch step          ``step`` off native (autograd, float64, ...)  conformance: step = forward
-    native C step       ``step``, no autograd, float32 CPU            test_mamba_native_step_equals_torch_path
+    torch step          ``step``; the decoder where native is off     conformance: step = forward
+    native C step       ``decoder(B).step``, no grad, float32 CPU     test_mamba_native_step_equals_torch_path
     mamba-ssm kernels   CUDA tensors, when mamba-ssm is installed     test_cuda_kernels_equal_torch_path
     ==================  ============================================  ========================================
 
@@ -426,10 +427,6 @@ class Mamba(SequenceLayer):
 
     # update rule + output rule, one token
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        if self.config.use_kernels and not torch.is_grad_enabled() and self._native_step_allowed():
-            out = self._step_native(x, state)
-            if out is not None:
-                return out
         state = self.check_input(x, state, step=True)
         dtype = x.dtype
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
@@ -450,12 +447,21 @@ class Mamba(SequenceLayer):
         return self._output(y.to(dtype), z, x), {"conv_state": conv_state, "ssm_state": h.to(dtype)}
 
     # --- CPU: seqzoo's fused decode step (NATIVE) -------------------------------------------
+    def decoder(self, batch_size: int) -> Decoder:
+        """A decoder whose steps run everything between in_proj and out_proj in one native call (float32
+        CPU, no autograd; ``native_step``), or plain ``step`` where the kernel does not apply: without
+        ``use_kernels`` or a C compiler, or for a subclass that overrides a method of the torch step
+        (checked once, here)."""
+        if self.config.use_kernels and self._native_step_allowed() and NATIVE.available():
+            return native.NativeDecoder(self, batch_size)
+        return Decoder(self, batch_size)
+
     @classmethod
     def _native_step_allowed(cls) -> bool:
         """A subclass that overrides a method of the torch step gets the torch step."""
         return native.keeps_methods(cls, Mamba, ("_A", "_output", "_output_gate_only", "check_input", "check_state"))
 
-    def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
+    def native_step(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` with everything between in_proj and out_proj in one native call (seqzoo.native),
         equal to the torch path to float32 rounding; None where the kernel does not apply, and then the
         torch path validates (naming what is wrong) and runs. What the kernel reads is checked here, once,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqzoo import State, native
+from seqzoo.contract import Decoder
 from seqzoo.ttt_layers import TTTLayer
 
 from . import native_kernels
@@ -101,18 +102,20 @@ class InnerNormTTT(TTTLayer):
                              "_gate", "_checked", "check_input", "check_state")
 
     def _native_token(self, q, k, v, x, gate, rope, token_idx, p, state, ln_w, ln_b, commit, post):
-        """One native call on inputs ``_step_native`` has checked (contiguous, but for the state's tensors;
+        """One native call on inputs ``native_step`` has checked (contiguous, but for the state's tensors;
         q, k, v rows (B, H·d); ``post`` = (weight, bias, eps) of the fused post_norm or (None, None, 0.0)):
         (Z (B, H·d), W̄ by name when ``commit`` else None, G' by name)."""
         raise NotImplementedError
 
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        if (self.config.backend == "auto" and not torch.is_grad_enabled() and self.config.inner_norm
-                and self.head_dim <= native_kernels.MAX_DIM and self._native_step_allowed()):
-            out = self._step_native(x, state)
-            if out is not None:
-                return out
-        return super().step(x, state)
+    def decoder(self, batch_size: int) -> Decoder:
+        """A decoder whose steps run everything between the projections and ``o_proj`` in one native call
+        (float32 CPU, no autograd; ``native_step``), or plain ``step`` where the kernel does not apply:
+        ``backend`` other than "auto", no inner norm, heads wider than the kernel's arrays, no C compiler,
+        or a subclass that overrides a method the kernel stands in for (checked once, here)."""
+        if (self.config.backend == "auto" and self.config.inner_norm and self.head_dim <= native_kernels.MAX_DIM
+                and self._native_step_allowed() and native_kernels.LIB.available()):
+            return native.NativeDecoder(self, batch_size)
+        return Decoder(self, batch_size)
 
     @classmethod
     def _native_step_allowed(cls) -> bool:
@@ -130,7 +133,7 @@ class InnerNormTTT(TTTLayer):
         norm, plain float32 CPU tensors without autograd)."""
         return self.config.backend == "auto" and self.config.inner_norm and native_kernels.LIB.usable(*tensors)
 
-    def _step_native(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
+    def native_step(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` through ``_native_token``; None where the native path does not apply, and then the
         torch path validates (naming what is wrong) and runs. Everything the kernel reads is checked
         here, once, without raising: x and the state (``native.step_fits``: what ``check_input``

@@ -239,8 +239,8 @@ class TTTLinear(InnerNormTTT):
     torch dual          ``forward`` with autograd (training on CPU)  test_torch_dual_form_equals_the_reference
     torch dual, no-grad ``forward`` without autograd, off native     test_torch_dual_form_equals_the_reference
     native C prefill    no autograd, float32 CPU, ``backend="auto"``  test_native_dual_form_equals_the_reference
-    torch primal step   ``step`` off native (autograd, float64, ...)  conformance: step = forward
-    native C step       ``step``, no autograd, float32 CPU, ``auto``  test_ttt_native_step_equals_torch_path
+    torch primal step   ``step``; the decoder where native is off     conformance: step = forward
+    native C step       ``decoder(B).step``, no grad, float32 CPU     test_ttt_native_step_equals_torch_path
     Triton              CUDA tensors with ``auto``, or ``"triton"``   test_forward_matches_reference (test_kernels)
     ==================  ===========================================  ==========================================
 

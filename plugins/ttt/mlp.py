@@ -268,7 +268,7 @@ class TTTMLP(InnerNormTTT):
     ``ttt_mlp_decode_reference``): the same table as ``TTTLinear``'s — torch dual form with and without
     autograd (test_torch_dual_form_equals_the_reference), native C prefill on float32 CPU without
     autograd (test_native_dual_form_equals_the_reference), torch primal step (conformance: step = forward),
-    native C step (test_ttt_native_step_equals_torch_path), Triton on CUDA (test_forward_matches_reference);
+    native C step through ``decoder(B).step`` (test_ttt_native_step_equals_torch_path), Triton on CUDA (test_forward_matches_reference);
     golden vectors of ttt-lm-pytorch (test_layer_golden).
     """
 

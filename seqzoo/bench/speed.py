@@ -203,15 +203,21 @@ def make_layer(name: str, d_model: int, heads: int | None = None, **config) -> t
 
 
 def _decode_timer(module, prompt, token, steps: int) -> Callable[[], None]:
-    """A function that runs ``steps`` decode steps from the state after ``prompt``."""
+    """A function that runs ``steps`` decode steps from the state after ``prompt``, as generation does:
+    through the layer's decoder (a language model: its layers' decoders)."""
     with torch.no_grad():
         _, state = module(prompt)
+    if hasattr(module, "decoders"):  # a LanguageModel
+        decoders = module.decoders(token.shape[0])
+        step = lambda tok, s: module.step(tok, s, decoders=decoders)  # noqa: E731
+    else:
+        step = module.decoder(token.shape[0]).step
 
     def run():
         with torch.no_grad():
             s = state
             for _ in range(steps):
-                _, s = module.step(token, s)
+                _, s = step(token, s)
 
     return run
 
