@@ -446,3 +446,27 @@ def rerender_ok(out) -> bool:
     from seqzoo.bench.compare import rerender
 
     return "finished" in rerender(out)
+
+
+def test_claims_are_the_presets_data(tmp_path):
+    """A comparison checks the claims its preset lists (the evaluation names no layer): a claim about any
+    pair of layers works, an unknown kind is "not tested" with the reason; a resumed comparison may change
+    the claims (they change no run) and takes the new ones."""
+    claims = [
+        {"kind": "equal", "layers": ["rnn", "self_attention"], "text": "rnn equals self_attention"},
+        {"kind": "solves", "layer": "rnn", "task": "mqar", "text": "rnn solves mqar"},
+        {"kind": "telepathy", "text": "layers read minds"},
+    ]
+    over = {"tasks": {"mqar": {"steps": 2}}, "claims": claims}
+    kw = dict(layers=["rnn", "self_attention"], backbones=["transformer"], tasks=["mqar"], preset_name="quick",
+              out=tmp_path, speed=False)
+    res = compare(overrides=over, **kw)
+    verdicts = {c["claim"]: c for c in res["claims"]}
+    assert set(verdicts) == {c["text"] for c in claims}
+    assert verdicts["rnn equals self_attention"]["verdict"] in ("reproduced", "not reproduced")
+    assert "rnn/transformer: accuracy" in verdicts["rnn solves mqar"]["evidence"][0]
+    assert verdicts["layers read minds"]["verdict"] == "not tested"
+    assert "unknown kind of claim 'telepathy'" in verdicts["layers read minds"]["evidence"][0]
+    again = compare(overrides={**over, "claims": claims[:1]}, resume=True, **kw)
+    assert [c["claim"] for c in again["claims"]] == ["rnn equals self_attention"]
+    assert again["run_config"]["preset_config"]["claims"] == claims[:1]

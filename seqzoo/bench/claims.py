@@ -1,5 +1,20 @@
 """What a comparison reproduces: known claims checked against the run's own numbers, and noise verdicts.
 
+The claims are data, in the preset (``claims``: ``seqzoo.bench.presets.KNOWN_CLAIMS``), each a ``kind``
+with the layers and task it is about and its wording; this module evaluates each kind and names no layer:
+
+- ``solves`` (``layer``, ``task``): the layer reaches the task's solve threshold (``stop_at``) in every
+  backbone, on the first table column;
+- ``grows_with_state`` (``task``): over ≥ 3 widths, the first column grows with state size for the
+  layers whose state does not grow with the sequence;
+- ``equal`` (``layers``: two): the same results within noise on every task and backbone;
+- ``uses_context`` (``layers``, ``task``): the task's ``context_gain`` beyond the seed spread (tasks that
+  report ``loss_by_position``, ``context_gain``, ``loss_early``, ``loss_late``: the byte LM);
+- ``plateaus`` (``layer``, ``reference``, ``task``): from the window's third quarter to its second half the
+  layer gains less than the reference, beyond the seed spread;
+- ``ladder`` (``task``, ``metric``, ``paper_perplexity``): for a ``variants`` preset, each row's change
+  against the row before moves as the paper's perplexity does.
+
 Every verdict here is computed from ``results.json`` — nothing is written by hand. A claim whose layers,
 tasks or seeds are not in the run is "not tested" and says what it lacks.
 
@@ -17,10 +32,8 @@ from .compare import task_entry
 from .runs import cell_name
 from .tasks import reaches, task_infos
 
-__all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "CONTEXT_LAYERS"]
+__all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "claim_specs"]
 
-#: the layers of the claim "attention and TTT layers use context" (those registered and run)
-CONTEXT_LAYERS = ("self_attention", "ttt_nw", "ttt_linear", "ttt_mlp")
 REPRODUCED, NOT_REPRODUCED, NOT_TESTED = "reproduced", "not reproduced", "not tested"
 
 
@@ -78,36 +91,44 @@ def _claim(claim: str, verdict: str, evidence: list[str], **numbers: Any) -> dic
     return {"claim": claim, "verdict": verdict, "evidence": evidence, "numbers": numbers}
 
 
-def _attention_solves(results: dict) -> dict:
-    claim = "softmax attention solves MQAR (≥ the solve threshold in every backbone)"
-    mq = _task_cfg(results, "mqar")
-    cells = {b: c for (la, b), c in _cells(results).items() if la == "self_attention"}
-    if mq is None or not cells:
-        return _claim(claim, NOT_TESTED, ["needs the mqar task and the self_attention layer"])
-    thr = mq.get("stop_at") or 0.99
+def _metric(results: dict, task: str) -> tuple[str, float]:
+    """The metric a task's claims read (its first table column) and its sign."""
+    info = task_infos(results).get(task) or {}
+    return (info["columns"][0][0], info["score_sign"]) if info else ("loss", -1.0)
+
+
+def _solves(results: dict, spec: dict) -> dict:
+    claim, layer, task = spec["text"], spec["layer"], spec["task"]
+    tcfg = _task_cfg(results, task)
+    cells = {b: c for (la, b), c in _cells(results).items() if la == layer}
+    if tcfg is None or not cells:
+        return _claim(claim, NOT_TESTED, [f"needs the {task} task and the {layer} layer"])
+    metric, sign = _metric(results, task)
+    thr = tcfg.get("stop_at") or 0.99
     ev, nums, ok = [], {}, True
     for b, c in sorted(cells.items()):
-        s = summary(c, "mqar", "accuracy")
+        s = summary(c, task, metric)
         nums[b] = s
-        ok = ok and s is not None and s["min"] >= thr
-        ev.append(f"self_attention/{b}: accuracy {_fmt(s)} (threshold {thr:g})")
-    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, threshold=thr, accuracy=nums)
+        ok = ok and s is not None and reaches(s["min"], thr, sign)
+        ev.append(f"{layer}/{b}: {metric} {_fmt(s)} (threshold {thr:g})")
+    return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, threshold=thr, **{metric: nums})
 
 
-def _grows_with_state(results: dict) -> dict:
-    claim = "MQAR accuracy grows with state size for the fixed-state layers"
-    mq = _task_cfg(results, "mqar")
-    if mq is None:
-        return _claim(claim, NOT_TESTED, ["needs the mqar task"])
-    thr = mq.get("stop_at") or 0.99
+def _grows_with_state(results: dict, spec: dict) -> dict:
+    claim, task = spec["text"], spec["task"]
+    tcfg = _task_cfg(results, task)
+    if tcfg is None:
+        return _claim(claim, NOT_TESTED, [f"needs the {task} task"])
+    metric, _ = _metric(results, task)
+    thr = tcfg.get("stop_at") or 0.99
     ev, nums, grows, falls, open_ = [], {}, [], [], []
     for (layer, b), c in sorted(_cells(results).items()):
-        by_width = c.get("tasks", {}).get("mqar", {})
+        by_width = c.get("tasks", {}).get(task, {})
         if len(by_width) < 3 or state_grows(layer) is not False:
             continue
         pts = []
         for w in sorted(by_width, key=lambda w: int(w[1:])):
-            s = summary(c, "mqar", "accuracy", w)
+            s = summary(c, task, metric, w)
             run = by_width[w].get("runs", {})
             sizes = [r["state_size"] for r in run.values() if r.get("status") == "ok"]
             if s is not None and sizes:
@@ -140,8 +161,8 @@ def _grows_with_state(results: dict) -> dict:
     return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, curves=nums)
 
 
-def _theorem2(results: dict) -> dict:
-    claim = "ttt_nw equals self_attention (Theorem 2): the same results within noise"
+def _equal(results: dict, spec: dict) -> dict:
+    claim, (la, lb) = spec["text"], spec["layers"]
     cells = _cells(results)
     ev, nums, ok, tested = [], {}, True, False
     for task, info in task_infos(results).items():
@@ -150,26 +171,26 @@ def _theorem2(results: dict) -> dict:
         if tcfg is None:
             continue
         for b in sorted({bb for _, bb in cells}):
-            nw, sa = cells.get(("ttt_nw", b)), cells.get(("self_attention", b))
-            if nw is None or sa is None:
+            ca, cb = cells.get((la, b)), cells.get((lb, b))
+            if ca is None or cb is None:
                 continue
-            a, s = summary(nw, task, metric), summary(sa, task, metric)
+            a, s = summary(ca, task, metric), summary(cb, task, metric)
             if a is None or s is None:
                 continue
             tested = True
             verdict = difference(a, s, sign=sign, solved_at=tcfg.get("stop_at") if sign > 0 else None)
-            nums[f"{task}/{b}"] = {"ttt_nw": a, "self_attention": s, "verdict": verdict}
+            nums[f"{task}/{b}"] = {la: a, lb: s, "verdict": verdict}
             ok = ok and verdict in ("within noise", "both solved")
-            ev.append(f"{task} {metric}, {b}: ttt_nw {_fmt(a)} vs self_attention {_fmt(s)}: {verdict}")
+            ev.append(f"{task} {metric}, {b}: {la} {_fmt(a)} vs {lb} {_fmt(s)}: {verdict}")
     if not tested:
-        return _claim(claim, NOT_TESTED, ["needs ttt_nw and self_attention in the same backbone"])
+        return _claim(claim, NOT_TESTED, [f"needs {la} and {lb} in the same backbone"])
     return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, comparisons=nums)
 
 
-def _gains(cell: dict) -> tuple[list[float], list[float], float] | None:
+def _gains(cell: dict, task: str) -> tuple[list[float], list[float], float] | None:
     """Per seed: context gain (loss 16–31 − second half) and late gain (third quarter − second half),
     and the seed spread of the loss itself (the larger of its early and late ranges)."""
-    _, entry = task_entry(cell, "lm")
+    _, entry = task_entry(cell, task)
     if not entry or not entry.get("best"):
         return None
     best = entry["best"]
@@ -188,16 +209,13 @@ def _gains(cell: dict) -> tuple[list[float], list[float], float] | None:
     return ctx, late, max(spreads)
 
 
-def _uses_context(results: dict) -> dict:
-    claim = (
-        "attention and TTT layers use context: LM loss at positions 16–31 above that over the window's "
-        "second half by more than the seed spread"
-    )
-    if _task_cfg(results, "lm") is None:
-        return _claim(claim, NOT_TESTED, ["needs the lm task"])
+def _uses_context(results: dict, spec: dict) -> dict:
+    claim, layers, task = spec["text"], spec["layers"], spec["task"]
+    if _task_cfg(results, task) is None:
+        return _claim(claim, NOT_TESTED, [f"needs the {task} task"])
     ev, nums, ok, tested = [], {}, True, False
     for (layer, b), c in sorted(_cells(results).items()):
-        g = _gains(c) if layer in CONTEXT_LAYERS else None
+        g = _gains(c, task) if layer in layers else None
         if g is None:
             continue
         ctx, late, noise = g
@@ -214,40 +232,36 @@ def _uses_context(results: dict) -> dict:
             + ("uses context" if uses else "within noise")
         )
     if not tested:
-        return _claim(claim, NOT_TESTED, ev or [f"needs {', '.join(CONTEXT_LAYERS)} with ≥ 2 LM seeds"])
+        return _claim(claim, NOT_TESTED, ev or [f"needs {', '.join(layers)} with ≥ 2 {task} seeds"])
     return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
 
 
-def _rnn_plateaus(results: dict) -> dict:
-    claim = (
-        "the naive RNN's loss plateaus where attention's still falls: from the window's third quarter to its "
-        "second half the RNN gains less than self_attention in the same backbone, by more than the seed "
-        "spread (relative to attention, so that the data's own change of difficulty with position cancels)"
-    )
-    if _task_cfg(results, "lm") is None:
-        return _claim(claim, NOT_TESTED, ["needs the lm task"])
+def _plateaus(results: dict, spec: dict) -> dict:
+    claim, name, reference, task = spec["text"], spec["layer"], spec["reference"], spec["task"]
+    if _task_cfg(results, task) is None:
+        return _claim(claim, NOT_TESTED, [f"needs the {task} task"])
     cells = _cells(results)
     ev, nums, ok, tested = [], {}, True, False
     for (layer, b), c in sorted(cells.items()):
-        if layer != "rnn":
+        if layer != name:
             continue
-        ref = cells.get(("self_attention", b))
-        g, gr = _gains(c), (_gains(ref) if ref is not None else None)
+        ref = cells.get((reference, b))
+        g, gr = _gains(c, task), (_gains(ref, task) if ref is not None else None)
         if g is None or gr is None or len(g[1]) < 2 or len(gr[1]) < 2:
-            ev.append(f"rnn/{b}: needs rnn and self_attention in this backbone with ≥ 2 LM seeds each")
+            ev.append(f"{name}/{b}: needs {name} and {reference} in this backbone with ≥ 2 {task} seeds each")
             continue
         tested = True
         rnn_late, att_late = sum(g[1]) / len(g[1]), sum(gr[1]) / len(gr[1])
         noise = max(g[2], gr[2])
         flat = att_late - rnn_late > noise
         ok = ok and flat
-        nums[f"rnn/{b}"] = {"late_gain": g[1], "self_attention_late_gain": gr[1], "seed_spread": noise}
+        nums[f"{name}/{b}"] = {"late_gain": g[1], f"{reference}_late_gain": gr[1], "seed_spread": noise}
         ev.append(
-            f"rnn/{b}: late gain {rnn_late:.3f} nats vs self_attention's {att_late:.3f}, seed spread "
+            f"{name}/{b}: late gain {rnn_late:.3f} nats vs {reference}'s {att_late:.3f}, seed spread "
             f"{noise:.3f}: " + ("plateaus first" if flat else "no difference beyond noise")
         )
     if not tested:
-        return _claim(claim, NOT_TESTED, ev or ["needs rnn and self_attention with ≥ 2 LM seeds"])
+        return _claim(claim, NOT_TESTED, ev or [f"needs {name} and {reference} with ≥ 2 {task} seeds"])
     return _claim(claim, REPRODUCED if ok else NOT_REPRODUCED, ev, gains=nums)
 
 
@@ -262,18 +276,21 @@ def _paper_change(before: float, after: float) -> str:
     return "improved" if after < before else "worse"
 
 
-def ladder_steps(results: dict) -> list[dict]:
-    """For a ``variants`` preset (the ablation ladder): each row's bits/byte and its change from the row
-    before (improved / worse / within noise), beside the paper's perplexity and its direction."""
-    from .presets import LADDER_PAPER_PERPLEXITY
-
+def ladder_steps(results: dict, spec: dict | None = None) -> list[dict]:
+    """For a ``variants`` preset (the ablation ladder): each row's ``metric`` (bits/byte) and its change
+    from the row before (improved / worse / within noise), beside the paper's perplexity and its
+    direction. ``spec``: the preset's ``ladder`` claim (default: the run's)."""
+    spec = spec or next((c for c in claim_specs(results) if c["kind"] == "ladder"), None)
+    if spec is None:
+        return []
+    paper_ppl, task, metric = spec["paper_perplexity"], spec["task"], spec["metric"]
     names = [v["name"] for v in results["run_config"]["preset_config"].get("variants") or []]
     cells = {c.get("variant"): c for c in results["cells"].values()}
     rows, prev = [], None
     for i, name in enumerate(names):
         c = cells.get(name)
-        s = summary(c, "lm", "bits_per_byte") if c else None
-        paper = LADDER_PAPER_PERPLEXITY[i] if i < len(LADDER_PAPER_PERPLEXITY) else None
+        s = summary(c, task, metric) if c else None
+        paper = paper_ppl[i] if i < len(paper_ppl) else None
         row = {"name": name, "bits_per_byte": s, "paper_perplexity": paper}
         if prev is not None and s is not None and prev[0] is not None:
             row["change"] = {"better": "improved", "worse": "worse"}.get(
@@ -286,28 +303,46 @@ def ladder_steps(results: dict) -> list[dict]:
     return rows
 
 
-def evaluate_claims(results: dict) -> list[dict]:
-    """The verdicts of every known claim this run can check (see the module docstring)."""
-    if results["run_config"]["preset_config"].get("variants"):
-        rows = ladder_steps(results)
-        agree = [r for r in rows if "change" in r and "paper_change" in r]
-        same = [r for r in agree if r["change"] == r["paper_change"]]
-        ev = [
-            f"{r['name']}: {_fmt(r['bits_per_byte'])} bits/byte, {r.get('change', '—')} "
-            f"(paper: {r.get('paper_change', '—')}, perplexity {r['paper_perplexity']})"
-            for r in rows
-        ]
-        verdict = NOT_TESTED if not agree else (REPRODUCED if len(same) == len(agree) else NOT_REPRODUCED)
-        ev.append(f"{len(same)} of {len(agree)} steps move as in the paper")
-        return [_claim("each step of the TTT paper's ablation ladder moves perplexity as in Table 1", verdict, ev,
-                       rows=rows)]
-    return [
-        _attention_solves(results),
-        _grows_with_state(results),
-        _theorem2(results),
-        _uses_context(results),
-        _rnn_plateaus(results),
+def _ladder(results: dict, spec: dict) -> dict:
+    rows = ladder_steps(results, spec)
+    agree = [r for r in rows if "change" in r and "paper_change" in r]
+    same = [r for r in agree if r["change"] == r["paper_change"]]
+    ev = [
+        f"{r['name']}: {_fmt(r['bits_per_byte'])} bits/byte, {r.get('change', '—')} "
+        f"(paper: {r.get('paper_change', '—')}, perplexity {r['paper_perplexity']})"
+        for r in rows
     ]
+    verdict = NOT_TESTED if not agree else (REPRODUCED if len(same) == len(agree) else NOT_REPRODUCED)
+    ev.append(f"{len(same)} of {len(agree)} steps move as in the paper")
+    return _claim(spec["text"], verdict, ev, rows=rows)
+
+
+#: the function that evaluates each kind of claim
+KINDS = {"solves": _solves, "grows_with_state": _grows_with_state, "equal": _equal, "uses_context": _uses_context,
+         "plateaus": _plateaus, "ladder": _ladder}
+
+
+def claim_specs(results: dict) -> list[dict]:
+    """The claims a run checks: its preset's ``claims`` (a results file from before claims were data:
+    the preset of that name today)."""
+    from .presets import PRESETS
+
+    cfg = results["run_config"]["preset_config"]
+    if "claims" in cfg:
+        return cfg["claims"]
+    return PRESETS.get(results["run_config"].get("preset"), {}).get("claims", [])
+
+
+def evaluate_claims(results: dict) -> list[dict]:
+    """The verdicts of every claim the run's preset lists (see the module docstring)."""
+    out = []
+    for spec in claim_specs(results):
+        if spec.get("kind") not in KINDS:
+            out.append(_claim(spec.get("text", str(spec)), NOT_TESTED, [f"unknown kind of claim {spec.get('kind')!r}; "
+                                                                         f"known: {', '.join(KINDS)}"]))
+            continue
+        out.append(KINDS[spec["kind"]](results, spec))
+    return out
 
 
 def pairwise(results: dict, task: str, metric: str, sign: float) -> dict[str, list[tuple[str, str, str, bool]]]:

@@ -370,17 +370,27 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = copy.deepcopy(v)
 
 
+#: preset entries that change no run's numbers (what is reported, not what is trained): a resumed
+#: comparison may differ in them, and takes the new ones
+_REPORTING = ("description", "claims", "task_defaults")
+
+
+def _trains(preset_config: dict) -> dict:
+    return json_roundtrip({k: v for k, v in preset_config.items() if k not in _REPORTING})
+
+
 def _load_or_new(path: Path, run_config: dict, resume: bool, console) -> dict:
     if resume and path.exists():
         old = read_json(path)
         if (
-            old.get("run_config", {}).get("preset_config") != json_roundtrip(run_config["preset_config"])
+            _trains(old.get("run_config", {}).get("preset_config", {})) != _trains(run_config["preset_config"])
             or old.get("run_config", {}).get("seed") != run_config["seed"]
         ):
             raise ValueError(
                 f"cannot resume {path}: it was made with a different preset, overrides or seed; "
                 "use another --out or drop --resume"
             )
+        old["run_config"]["preset_config"] = json_roundtrip(run_config["preset_config"])  # the reporting ones
         for key in ("layers", "backbones", "tasks"):
             merged = old["run_config"][key] + [x for x in run_config[key] if x not in old["run_config"][key]]
             old["run_config"][key] = merged

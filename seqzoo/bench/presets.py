@@ -13,6 +13,8 @@ A preset names its tasks; each task entry says what to train and how to spend th
   and only when the first seed did not reach ``stop_at``; elsewhere one seed).
 
 ``task_defaults``: the recipe of a task the preset does not name (``--tasks`` with a plugin's task).
+``claims``: the known results the run checks (``KNOWN_CLAIMS``; evaluated by ``seqzoo.bench.claims``).
+``reference_layer``: the layer whose transformer-backbone model sets every cell's parameter target.
 
 A preset may instead of layers × backbones list ``variants``: named rows, each a layer, a backbone and
 options (the ``ladder`` preset: the ablation rows of the TTT paper's Table 1).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["PRESETS", "RECIPE", "preset", "widths", "LADDER_PAPER_PERPLEXITY"]
+__all__ = ["PRESETS", "RECIPE", "preset", "widths", "LADDER_PAPER_PERPLEXITY", "KNOWN_CLAIMS"]
 
 RECIPE = {
     "optimizer": "AdamW",
@@ -124,6 +126,31 @@ def _ladder_rows() -> list[dict]:
 LADDER_PAPER_PERPLEXITY = [15.23, 15.23, 15.27, 14.05, 12.35, 11.99, 11.09]
 
 
+#: The known claims a comparison of the built-in layers checks: data, evaluated by ``seqzoo.bench.claims``
+#: (one function per ``kind``, which names no layer); a claim whose layers or task are not in the run is
+#: "not tested".
+KNOWN_CLAIMS = [
+    {"kind": "solves", "layer": "self_attention", "task": "mqar",
+     "text": "softmax attention solves MQAR (≥ the solve threshold in every backbone)"},
+    {"kind": "grows_with_state", "task": "mqar",
+     "text": "MQAR accuracy grows with state size for the fixed-state layers"},
+    {"kind": "equal", "layers": ["ttt_nw", "self_attention"],
+     "text": "ttt_nw equals self_attention (Theorem 2): the same results within noise"},
+    {"kind": "uses_context", "layers": ["self_attention", "ttt_nw", "ttt_linear", "ttt_mlp"], "task": "lm",
+     "text": "attention and TTT layers use context: LM loss at positions 16–31 above that over the window's "
+             "second half by more than the seed spread"},
+    {"kind": "plateaus", "layer": "rnn", "reference": "self_attention", "task": "lm",
+     "text": "the naive RNN's loss plateaus where attention's still falls: from the window's third quarter to "
+             "its second half the RNN gains less than self_attention in the same backbone, by more than the "
+             "seed spread (relative to attention, so that the data's own change of difficulty with position "
+             "cancels)"},
+]
+
+_LADDER_CLAIM = {"kind": "ladder", "task": "lm", "metric": "bits_per_byte",
+                 "paper_perplexity": LADDER_PAPER_PERPLEXITY,
+                 "text": "each step of the TTT paper's ablation ladder moves perplexity as in Table 1"}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "description": "seconds-long smoke run (tests): tiny widths, a few steps; numbers are not meaningful",
@@ -161,6 +188,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "decode_steps": 2,
         },
         "reference_layer": "self_attention",
+        "claims": KNOWN_CLAIMS,
     },
     "default": {
         "description": "CPU-sized recipe for 2 cores: recall at three widths in the Mamba backbone with a "
@@ -201,6 +229,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "decode_steps": 4,
         },
         "reference_layer": "self_attention",
+        "claims": KNOWN_CLAIMS,
     },
     "ladder": {
         "description": "the ablation ladder of the TTT paper's Table 1 on the byte LM: linear attention to "
@@ -209,6 +238,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variants": _ladder_rows(),
         "speed": None,
         "reference_layer": "self_attention",
+        "claims": [_LADDER_CLAIM],
     },
     "paper": {
         "description": "the zoology/Based MQAR sweep and the TTT paper's 125M LM (d 768, 12 layers, 12 heads); "
@@ -239,6 +269,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "decode_steps": 16,
         },
         "reference_layer": "self_attention",
+        "claims": KNOWN_CLAIMS,
     },
 }
 

@@ -214,9 +214,8 @@ def _param_target(results: dict, task: str, d: int, tcfg: dict, vocab: int, laye
     """Non-embedding parameters of the reference model (self-attention, transformer, default MLP)."""
     key = f"{task}/d{d}"
     if key not in results["param_targets"]:
-        ref = results["run_config"]["preset_config"].get("reference_layer", "self_attention")
-        names = list_layers()
-        ref = ref if ref in names else sorted(results["run_config"]["layers"])[0]
+        ref = results["run_config"]["preset_config"].get("reference_layer")  # the preset names it
+        ref = ref if ref in list_layers() else sorted(results["run_config"]["layers"])[0]
         n = non_embedding_params(
             ref,
             "transformer",
