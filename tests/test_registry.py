@@ -226,3 +226,20 @@ def test_config_values_are_type_checked():
     with pytest.raises(TypeError, match="state_dim"):
         seqzoo.create_layer("rnn", 8, state_dim=True)
     assert seqzoo.create_layer("rnn", 8, state_dim=None).state_dim == 8
+
+
+def test_every_package_ships():
+    """pyproject.toml lists its packages by hand (the plugins live under another folder name): every
+    folder with an __init__.py is listed, so a plain (non-editable) install has every plugin."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: root / path for name, path in config["package-dir"].items()}
+    found = set()
+    for name, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found == set(config["packages"])
