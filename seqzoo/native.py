@@ -6,8 +6,8 @@ A decode step on the CPU is a few large mat-vecs (the projections) and dozens of
 each costing PyTorch's per-op dispatch (3-10 µs) for a few microseconds of arithmetic; a C kernel does
 the tiny part in one call. A plugin declares its library once::
 
-    LIB = native.Library("mamba_step", [Path(__file__).parent / "csrc" / "mamba_step.c"],
-                         {"sz_mamba_step": native.signature(native.I32, [native.I64] * 6 + [native.PTR] * 14)})
+    LIB = native.Library("mamba", [Path(__file__).parent / "csrc" / "mamba_step.c"],
+                         {"sz_mamba_step": (native.I32, [native.I64] * 6 + [native.PTR, native.I64] + [native.PTR] * 12)})
 
 and calls ``LIB.sz_mamba_step(...)`` after ``LIB.usable(*tensors)``. The signature types every argument,
 so a wrong one (a float for an integer, a tensor for a pointer) raises ``ctypes.ArgumentError`` instead
