@@ -231,8 +231,9 @@ def test_config_values_are_type_checked():
 def test_every_package_ships():
     """pyproject.toml lists its packages by hand (the plugins live under another folder name): every
     folder with an __init__.py is listed, so a plain (non-editable) install has every plugin."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
