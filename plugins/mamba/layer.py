@@ -107,10 +107,9 @@ def _scan_group(dt: Tensor, dtx: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Ten
     Returns y (b, s, d) without the D term, and the state after the group.
     """
     tensors = (dt, dtx, A, B, C, h)
-    if (kernels and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-            and native.trainable(*tensors) and NATIVE.available()):
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if track and kernels and native.trainable(*tensors) and NATIVE.available():
         return _NativeScanGroup.apply(*tensors)
-    track = torch.is_grad_enabled() and any(v.requires_grad for v in (dt, dtx, A, B, C, h))
     b, s, d = dt.shape
     At = A.t().contiguous()  # (n, d): states are laid out (b, l, n, d), d innermost, for long vector ops
     h = h.transpose(1, 2)  # (b, n, d)
@@ -454,7 +453,7 @@ class Mamba(SequenceLayer):
         (checked once, here)."""
         if self.config.use_kernels and self._native_step_allowed() and NATIVE.available():
             return native.NativeDecoder(self, batch_size)
-        return Decoder(self, batch_size)
+        return super().decoder(batch_size)
 
     @classmethod
     def _native_step_allowed(cls) -> bool:

@@ -115,7 +115,7 @@ class InnerNormTTT(TTTLayer):
         if (self.config.backend == "auto" and self.config.inner_norm and self.head_dim <= native_kernels.MAX_DIM
                 and self._native_step_allowed() and native_kernels.LIB.available()):
             return native.NativeDecoder(self, batch_size)
-        return Decoder(self, batch_size)
+        return super().decoder(batch_size)
 
     @classmethod
     def _native_step_allowed(cls) -> bool:

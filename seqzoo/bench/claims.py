@@ -30,7 +30,7 @@ from typing import Any
 
 from .compare import task_entry
 from .runs import cell_name
-from .tasks import reaches, task_infos
+from .tasks import compared, reaches, task_infos
 
 __all__ = ["evaluate_claims", "difference", "summary", "state_grows", "ladder_steps", "claim_specs"]
 
@@ -92,9 +92,9 @@ def _claim(claim: str, verdict: str, evidence: list[str], **numbers: Any) -> dic
 
 
 def _metric(results: dict, task: str) -> tuple[str, float]:
-    """The metric a task's claims read (its first table column) and its sign."""
-    info = task_infos(results).get(task) or {}
-    return (info["columns"][0][0], info["score_sign"]) if info else ("loss", -1.0)
+    """The metric a task's claims read (``compared``: its first table column) and its sign."""
+    info = task_infos(results).get(task)
+    return compared(info) if info else ("loss", -1.0)
 
 
 def _solves(results: dict, spec: dict) -> dict:
@@ -166,7 +166,7 @@ def _equal(results: dict, spec: dict) -> dict:
     cells = _cells(results)
     ev, nums, ok, tested = [], {}, True, False
     for task, info in task_infos(results).items():
-        metric, sign = info["columns"][0][0], info["score_sign"]
+        metric, sign = compared(info)
         tcfg = _task_cfg(results, task)
         if tcfg is None:
             continue

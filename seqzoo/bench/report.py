@@ -11,7 +11,7 @@ from .compare import best_run, lr_policy, task_entry
 from .presets import widths
 from .runs import cell_name, run_key
 from .store import atomic_write
-from .tasks import task_infos
+from .tasks import compared, task_infos
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def noise_lines(results: dict) -> list[str]:
 
     lines = []
     for task, info in task_infos(results).items():
-        metric, sign = info["columns"][0][0], info["score_sign"]
+        metric, sign = compared(info)
         for backbone, pairs in pairwise(results, task, metric, sign).items():
             if not pairs:
                 continue
@@ -283,7 +283,7 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {n: cmap(i % 10) for i, n in enumerate(sorted(set(names)))}
 
 
-def plot_accuracy_vs_state(results: dict, path: Path, task: str = "mqar", metric: str = "accuracy") -> Path | None:
+def plot_accuracy_vs_state(results: dict, path: Path, task: str, metric: str) -> Path | None:
     """A task's headline metric (MQAR accuracy) against state size (log x), one line per (layer,
     backbone) over widths."""
     plt = _plt()
@@ -329,7 +329,7 @@ def plot_accuracy_vs_state(results: dict, path: Path, task: str = "mqar", metric
     return _savefig(fig, path)
 
 
-def plot_loss_by_position(results: dict, path: Path, task: str = "lm", curve: str = "loss_by_position") -> Path | None:
+def plot_loss_by_position(results: dict, path: Path, task: str, curve: str) -> Path | None:
     """Held-out loss at each token position (the byte LM's ``loss_by_position``), smoothed over a few
     positions."""
     plt = _plt()
@@ -437,7 +437,7 @@ def write_plots(results: dict, out: Path) -> dict[str, str]:
     made = {}
     plots = []
     for task, info in task_infos(results).items():
-        metric = info["columns"][0][0]
+        metric = compared(info)[0]
         if info.get("plot_vs_state"):
             plots.append((f"{task} {metric} vs state size", f"{task}_{metric}_vs_state.png",
                           lambda r, p, t=task, m=metric: plot_accuracy_vs_state(r, p, t, m)))
@@ -509,7 +509,7 @@ def write_report(results: dict, out: Path, plots: dict[str, str]) -> Path:
     for task, info in task_infos(results).items():
         if cfg.get("variants") or not any(len(widths(cfg["tasks"][task], bb)) > 1 for bb in rc["backbones"]):
             continue
-        h, r = width_rows(results, task, info["columns"][0][0])
+        h, r = width_rows(results, task, compared(info)[0])
         lines += [
             f"## {task} at every width",
             "",

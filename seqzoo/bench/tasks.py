@@ -39,6 +39,7 @@ __all__ = [
     "make_task",
     "task_info",
     "task_infos",
+    "compared",
     "default_cache_dir",
     "cache_key",
     "cached",
@@ -156,6 +157,11 @@ def task_info(name: str) -> dict[str, Any]:
         "data_option": get("data_option"),
         "notes": get("notes"),
     }
+
+
+def compared(info: dict) -> tuple[str, float]:
+    """The metric a task's cells are compared on (its first table column) and its sign, from ``task_info``."""
+    return info["columns"][0][0], info["score_sign"]
 
 
 def task_infos(results: dict) -> dict[str, dict]:
