@@ -1,0 +1,346 @@
+"""DeltaNet and Gated DeltaNet: layers whose state is a linear model trained online by the delta rule.
+
+Per head (K key and V value features), S ∈ R^{K×V} is the learner; each token takes one gradient step
+on ½‖Sᵀk_t − v_t‖² with the learning rate β_t, after a decay α_t (Gated DeltaNet only), and the output
+asks the updated model about q_t (the math: ``reference``; the chunked form: ``ops``):
+
+    S_t = α_t S_{t−1} + k_t (β_t (v_t − α_t S_{t−1}ᵀ k_t))ᵀ,   o_t = S_tᵀ q_t / √K.
+
+Both layers follow flash-linear-attention's ``fla.layers.DeltaNet`` / ``fla.layers.GatedDeltaNet``:
+the same options, parameter names and shapes (a state dict of one loads into the other with
+``strict=True``), the same features: q, k, v = SiLU(short causal conv(proj(x))) (or the chosen
+activation), q and k L2-normalised (x·rsqrt(Σx² + 1e−6)), β = σ(b_proj x) (×2 with
+``allow_neg_eigval``), for Gated DeltaNet g = log α = −exp(A_log)·softplus(a_proj x + dt_bias), and
+an RMSNorm per head on the output (gated by SiLU(g_proj x) with ``use_gate``) before ``o_proj``.
+
+Paths (each tied to another by a test in tests/test_delta.py):
+
+| path | where it runs | tested against |
+|---|---|---|
+| ``step`` (the recurrence, one token) | always | ``forward`` at every split (conformance suite) |
+| ``forward``: the chunked form (``ops``) | CPU, or without fla | fla's reference op and layer (golden vectors), the token loop |
+| fla's chunk kernels | CUDA tensors, when flash-linear-attention is installed | the torch path (skipped without CUDA) |
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seqzoo import SequenceLayer, State
+from seqzoo.nn import RMSNorm, causal_conv, causal_conv_step, conv_state_shape
+
+from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "GatedRMSNorm", "l2_normalize"]
+
+QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
+QK_NORMS = ("l2", "sum")
+BACKENDS = ("auto", "torch")
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x·rsqrt(Σx² + eps) over the last dim (flash-linear-attention's L2 norm of q and k)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x)·weight·SiLU(g), computed in at least float32 (fla's ``FusedRMSNormGated``)."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+        dtype = x.dtype
+        h, g = x.to(torch.promote_types(dtype, torch.float32)), g.to(torch.promote_types(g.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return (h * F.silu(g)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+@functools.cache
+def _fla_ops() -> dict | None:
+    """flash-linear-attention's chunk kernels, or None unless they import (only asked for CUDA tensors)."""
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the torch path
+        log.info("flash-linear-attention kernels unavailable (%s); using the torch chunked form", exc)
+        return None
+    return {"delta_rule": chunk_delta_rule, "gated_delta_rule": chunk_gated_delta_rule}
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+    return value
+
+
+def _whole(name: str, value: float) -> int:
+    """A dimension given as a product with a float (fla's expand_k / expand_v) must be a whole number."""
+    if not math.isclose(value, round(value), rel_tol=1e-5) or round(value) < 1:
+        raise ValueError(f"expected {name} to be a positive whole number, got {value}")
+    return int(round(value))
+
+
+# --- the shared machinery --------------------------------------------------------------------------
+class _DeltaLayer(SequenceLayer):
+    """Projections, short convs, the rates, the state and the output norm of both layers."""
+
+    def _build(self, key_dim: int, value_dim: int, num_heads: int, num_v_heads: int, cfg) -> None:
+        C = self.d_model
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"expected backend in {BACKENDS}, got {cfg.backend!r}")
+        _positive_int("chunk_size", cfg.chunk_size)
+        if key_dim % num_heads or value_dim % num_v_heads:
+            raise ValueError(f"expected key_dim {key_dim} divisible by num_heads {num_heads} and value_dim "
+                             f"{value_dim} by the value heads {num_v_heads}")
+        if num_v_heads % num_heads:
+            raise ValueError(f"expected num_v_heads ({num_v_heads}) divisible by num_heads ({num_heads})")
+        self.num_heads, self.num_v_heads = num_heads, num_v_heads
+        self.key_dim, self.value_dim = key_dim, value_dim
+        self.head_k_dim, self.head_v_dim = key_dim // num_heads, value_dim // num_v_heads
+        self.q_proj = nn.Linear(C, key_dim, bias=False)
+        self.k_proj = nn.Linear(C, key_dim, bias=False)
+        self.v_proj = nn.Linear(C, value_dim, bias=False)
+        if cfg.use_short_conv:
+            K = _positive_int("conv_size", cfg.conv_size)
+            conv = lambda n: nn.Conv1d(n, n, K, groups=n, padding=K - 1, bias=cfg.conv_bias)
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(key_dim), conv(key_dim), conv(value_dim)
+        if cfg.use_gate:
+            self.g_proj = nn.Linear(C, value_dim, bias=False)
+            self.o_norm = GatedRMSNorm(self.head_v_dim, eps=cfg.norm_eps)
+        else:
+            self.o_norm = RMSNorm(self.head_v_dim, eps=cfg.norm_eps)
+        self.o_proj = nn.Linear(value_dim, C, bias=False)
+
+    # --- state --------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        state = {"S": torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim,
+                                  device=device, dtype=dtype)}
+        if self.config.use_short_conv:
+            for name in ("q", "k", "v"):
+                shape = conv_state_shape(getattr(self, f"{name}_conv1d"), batch_size)
+                state[f"conv_{name}"] = torch.zeros(shape, device=device, dtype=dtype)
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        convs = (2 * self.key_dim + self.value_dim) * (self.config.conv_size - 1) if self.config.use_short_conv else 0
+        return self.num_v_heads * self.head_k_dim * self.head_v_dim + convs
+
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 6T·H_v·K·V (per token and value head: Sᵀk, the rank-1 update and
+        Sᵀq, 2KV each) + 2T·(2·key_dim + value_dim)·conv_size (the short convs)."""
+        convs = 2.0 * (2 * self.key_dim + self.value_dim) * self.config.conv_size if self.config.use_short_conv else 0.0
+        rule = 6.0 * self.num_v_heads * self.head_k_dim * self.head_v_dim
+        return super().flops(seq_len) + seq_len * (rule + convs)
+
+    # --- features -----------------------------------------------------------------------------------
+    def _features(self, x: Tensor, state: State, step: bool) -> tuple[Tensor, Tensor, Tensor, State]:
+        """q, k (…, H, K) and v (…, H_v, V) after the convs, activations and norms; the new conv windows."""
+        cfg, new = self.config, {}
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        act = self._qk_activation()
+        if cfg.use_short_conv:
+            conv = causal_conv_step if step else causal_conv
+            q, new["conv_q"] = conv(self.q_conv1d, q, state["conv_q"])
+            k, new["conv_k"] = conv(self.k_conv1d, k, state["conv_k"])
+            v, new["conv_v"] = conv(self.v_conv1d, v, state["conv_v"])
+        q, k, v = act(q), act(k), F.silu(v)
+        q = q.unflatten(-1, (self.num_heads, self.head_k_dim))
+        k = k.unflatten(-1, (self.num_heads, self.head_k_dim))
+        v = v.unflatten(-1, (self.num_v_heads, self.head_v_dim))
+        if self._qk_norm() == "l2":
+            q, k = l2_normalize(q), l2_normalize(k)
+        else:  # "sum": x / Σx
+            q, k = q / q.sum(-1, keepdim=True), k / k.sum(-1, keepdim=True)
+        if self.num_v_heads != self.num_heads:  # grouped values: value head i reads key head i // group
+            group = self.num_v_heads // self.num_heads
+            q, k = q.repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)
+        return q, k, v, new
+
+    def _qk_activation(self):
+        return {"silu": F.silu, "relu": F.relu, "elu": lambda t: F.elu(t) + 1.0,
+                "identity": lambda t: t}[getattr(self.config, "qk_activation", "silu")]
+
+    def _qk_norm(self) -> str:
+        return getattr(self.config, "qk_norm", "l2")
+
+    def _beta(self, x: Tensor) -> Tensor:
+        beta = torch.sigmoid(self.b_proj(x))
+        return beta * 2.0 if self.config.allow_neg_eigval else beta
+
+    def _log_decay(self, x: Tensor) -> Tensor | None:
+        """g = log α per token and value head, or None (no decay)."""
+        return None
+
+    def _output(self, x: Tensor, o: Tensor) -> Tensor:
+        """o (…, H_v, V) -> o_proj(norm(o)) (gated by SiLU(g_proj x) with use_gate)."""
+        if self.config.use_gate:
+            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.flatten(-2))
+
+    # --- the contract -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        q, k, v, new = self._features(x, state, step=False)
+        beta, g = self._beta(x), self._log_decay(x)
+        o, new["S"] = self._rule(q, k, v, g, beta, state["S"])
+        return self._output(x, o), new
+
+    def _rule(self, q, k, v, g, beta, S0) -> tuple[Tensor, Tensor]:
+        """The recurrence over (B, T, H, ·): fla's chunk kernels on CUDA when they import, else ``ops``."""
+        if (q.is_cuda and self.config.backend == "auto" and q.dtype != torch.float64
+                and (kernels := _fla_ops()) is not None):
+            if g is None:
+                o, S = kernels["delta_rule"](q, k, v, beta, initial_state=S0, output_final_state=True)
+            else:
+                o, S = kernels["gated_delta_rule"](q, k, v, g, beta, initial_state=S0, output_final_state=True)
+            return o.to(v.dtype), S.to(S0.dtype)
+        chunk = self.config.chunk_size
+        if g is None:
+            o, S = delta_rule(q, k, v, beta, initial_state=S0, output_final_state=True, chunk_size=chunk)
+        else:
+            o, S = gated_delta_rule(q, k, v, g, beta, initial_state=S0, output_final_state=True, chunk_size=chunk)
+        return o, S.to(S0.dtype)
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One token of the recurrence: S ← α S; u = β(v − Sᵀk); S ← S + k uᵀ; o = Sᵀq/√K."""
+        state = self.check_input(x, state, step=True)
+        q, k, v, new = self._features(x, state, step=True)  # (B, H_v, ·)
+        beta, g = self._beta(x), self._log_decay(x)  # (B, H_v)
+        S = state["S"]
+        if g is not None:
+            S = S * g.exp()[..., None, None]
+        u = beta.unsqueeze(-1) * (v - torch.einsum("bhkv,bhk->bhv", S, k))
+        S = torch.baddbmm(S.flatten(0, 1), k.reshape(-1, self.head_k_dim, 1), u.reshape(-1, 1, self.head_v_dim))
+        S = S.view_as(state["S"])
+        o = torch.einsum("bhkv,bhk->bhv", S, q) * (self.head_k_dim ** -0.5)
+        new["S"] = S
+        return self._output(x, o), new
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, {self.config}"
+
+
+# --- DeltaNet --------------------------------------------------------------------------------------
+@dataclass
+class DeltaNetConfig:
+    """Options of ``deltanet`` (names and defaults as fla's ``DeltaNet``, plus chunk_size and backend)."""
+
+    num_heads: int = field(default=4, metadata={"help": "number of heads"})
+    expand_k: float = field(default=1.0, metadata={"help": "key_dim = d_model·expand_k"})
+    expand_v: float = field(default=1.0, metadata={"help": "value_dim = d_model·expand_v"})
+    use_beta: bool = field(default=True, metadata={"help": "β_t = σ(b_proj x) (False: β = 1)"})
+    use_gate: bool = field(default=False, metadata={"help": "output norm gated by SiLU(g_proj x)"})
+    use_short_conv: bool = field(default=True, metadata={"help": "depthwise causal convs on q, k, v"})
+    conv_size: int = field(default=4, metadata={"help": "width of the short convs"})
+    conv_bias: bool = field(default=False, metadata={"help": "bias in the short convs"})
+    allow_neg_eigval: bool = field(default=False, metadata={"help": "β = 2σ(·): eigenvalues of I − βkkᵀ in (−1, 1]"})
+    qk_activation: str = field(default="silu", metadata={"help": f"activation of q and k: {QK_ACTIVATIONS}"})
+    qk_norm: str = field(default="l2", metadata={"help": f"normalisation of q and k: {QK_NORMS}"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "eps of the output RMSNorm"})
+    chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked forward"})
+    backend: str = field(default="auto", metadata={
+        "help": "'auto': fla's chunk kernels for CUDA tensors when flash-linear-attention is installed, else "
+                "the torch chunked form; 'torch': always the torch chunked form"})
+
+
+class DeltaNet(_DeltaLayer):
+    """DeltaNet (Schlag et al. 2021; Yang et al. 2024): the delta rule with β_t = σ(b_proj x_t).
+
+    Parameters: ``q_proj``, ``k_proj`` (key_dim × C), ``v_proj`` (value_dim × C), ``b_proj`` (H × C, with
+    use_beta), ``q_conv1d``/``k_conv1d``/``v_conv1d`` (depthwise, (n, 1, conv_size)), ``g_proj`` (use_gate),
+    ``o_norm.weight`` (V), ``o_proj``. State: ``S`` (B, H, K, V) and the conv windows ``conv_q``,
+    ``conv_k``, ``conv_v`` (B, n, conv_size − 1).
+    """
+
+    Config = DeltaNetConfig
+
+    def __init__(self, d_model: int, **config):
+        super().__init__(d_model)
+        self.config = cfg = DeltaNetConfig(**config)
+        if cfg.qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"expected qk_activation in {QK_ACTIVATIONS}, got {cfg.qk_activation!r}")
+        if cfg.qk_norm not in QK_NORMS:
+            raise ValueError(f"expected qk_norm in {QK_NORMS}, got {cfg.qk_norm!r}")
+        H = _positive_int("num_heads", cfg.num_heads)
+        self._build(_whole("d_model·expand_k", d_model * cfg.expand_k), _whole("d_model·expand_v", d_model * cfg.expand_v),
+                    H, H, cfg)
+        if cfg.use_beta:
+            self.b_proj = nn.Linear(d_model, H, bias=False)
+
+    def _beta(self, x: Tensor) -> Tensor:
+        if not self.config.use_beta:
+            beta = x.new_ones(*x.shape[:-1], self.num_heads)
+            return beta * 2.0 if self.config.allow_neg_eigval else beta
+        return super()._beta(x)
+
+
+# --- Gated DeltaNet --------------------------------------------------------------------------------
+@dataclass
+class GatedDeltaNetConfig:
+    """Options of ``gated_deltanet`` (names as fla's ``GatedDeltaNet``; head_dim defaults to
+    d_model / num_heads here, 256 there)."""
+
+    num_heads: int = field(default=4, metadata={"help": "number of query/key heads"})
+    head_dim: int | None = field(default=None, metadata={"help": "key features per head (default d_model // num_heads)"})
+    expand_v: float = field(default=2.0, metadata={"help": "value features per head = head_dim·expand_v"})
+    num_v_heads: int | None = field(default=None, metadata={
+        "help": "value heads (default num_heads); more than num_heads groups the values (GVA)"})
+    use_gate: bool = field(default=True, metadata={"help": "output norm gated by SiLU(g_proj x)"})
+    use_short_conv: bool = field(default=True, metadata={"help": "depthwise causal convs on q, k, v"})
+    allow_neg_eigval: bool = field(default=False, metadata={"help": "β = 2σ(·): eigenvalues of I − βkkᵀ in (−1, 1]"})
+    conv_size: int = field(default=4, metadata={"help": "width of the short convs"})
+    conv_bias: bool = field(default=False, metadata={"help": "bias in the short convs"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "eps of the output RMSNorm"})
+    chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked forward"})
+    backend: str = field(default="auto", metadata={
+        "help": "'auto': fla's chunk kernels for CUDA tensors when flash-linear-attention is installed, else "
+                "the torch chunked form; 'torch': always the torch chunked form"})
+
+
+class GatedDeltaNet(_DeltaLayer):
+    """Gated DeltaNet (Yang et al. 2025): the delta rule after a decay α_t = exp(g_t),
+    g_t = −exp(A_log)·softplus(a_proj x_t + dt_bias), per token and value head.
+
+    Parameters: as ``DeltaNet`` (``b_proj`` always) plus ``a_proj`` (H_v × C), ``A_log`` (H_v,) and
+    ``dt_bias`` (H_v,), initialised as fla's (A ~ U(0, 16), dt log-uniform in [0.001, 0.1]).
+    """
+
+    Config = GatedDeltaNetConfig
+
+    def __init__(self, d_model: int, **config):
+        super().__init__(d_model)
+        self.config = cfg = GatedDeltaNetConfig(**config)
+        H = _positive_int("num_heads", cfg.num_heads)
+        if cfg.head_dim is None and d_model % H:
+            raise ValueError(f"expected d_model divisible by num_heads, got d_model={d_model}, num_heads={H}")
+        hd = _positive_int("head_dim", d_model // H if cfg.head_dim is None else cfg.head_dim)
+        HV = H if cfg.num_v_heads is None else _positive_int("num_v_heads", cfg.num_v_heads)
+        self.head_dim = hd
+        self._build(H * hd, HV * _whole("head_dim·expand_v", hd * cfg.expand_v), H, HV, cfg)
+        self.a_proj = nn.Linear(d_model, HV, bias=False)
+        self.b_proj = nn.Linear(d_model, HV, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(HV).uniform_(0, 16)))
+        dt = torch.exp(torch.rand(HV) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
+
+    def _log_decay(self, x: Tensor) -> Tensor:
+        A = self.A_log.to(x.dtype).exp()
+        return -A * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))

@@ -1,0 +1,188 @@
+"""The delta rule and the gated delta rule as plain functions, chunked for speed (the UT/WY form).
+
+``delta_rule`` and ``gated_delta_rule`` take flash-linear-attention's layout, (B, T, H, ·), and equal
+the token loops of ``reference`` (the math is there). Within a chunk of L tokens, from the state S0
+at its start, with γ_t = Σ_{s≤t} g_s (the chunk's cumulative log-decay), Γ_t = exp(γ_t) and
+D[t, s] = exp(γ_t − γ_s) for s ≤ t (else 0), the errors u_t of the recurrence solve one unit
+lower-triangular system:
+
+    (I + M) U = diag(β) (V − diag(Γ) K S0),    M[t, s] = β_t D[t, s] k_t·k_s  for s < t,
+
+so U = Uv − W S0 with Uv = (I + M)⁻¹ diag(β) V and W = (I + M)⁻¹ diag(βΓ) K, solved once per chunk
+for both right-hand sides. Then, with q already scaled and P = (Q Kᵀ) ⊙ D,
+
+    O     = P Uv + (diag(Γ) Q − P W) S0                          (the chunk's outputs)
+    S_end = Γ_L S0 + K̃ᵀ U = (Γ_L I − K̃ᵀ W) S0 + K̃ᵀ Uv,   K̃ = diag(exp(γ_L − γ)) K.
+
+Everything but the last line is computed for many chunks at once; the state crosses the chunks in a
+loop of one (K×K)·(K×V) product each. A vector β (one rate per value column) makes each value
+column a linear model of its own, so it runs as V heads of value width 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .reference import gated_delta_rule_reference
+
+__all__ = ["delta_rule", "gated_delta_rule", "DEFAULT_CHUNK_SIZE"]
+
+#: tokens per chunk of the chunked form
+DEFAULT_CHUNK_SIZE = 64
+#: elements of the largest per-group tensor (B·H·chunks·L·max(L, K)) of the chunked form: the chunks go
+#: in groups of this size, so memory and time per token do not grow with T (4 MiB in float32)
+GROUP_ELEMENTS = 2**20
+
+
+def delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """The delta rule S_t = S_{t−1} + k_t (β_t ⊙ (v_t − S_{t−1}ᵀk_t))ᵀ, o_t = S_tᵀ(scale·q_t).
+
+    q, k (B, T, H, K); v (B, T, H, V); beta (B, T, H) or (B, T, H, V); initial_state (B, H, K, V) or
+    None (zeros); scale defaults to K^−½. Returns o (B, T, H, V) in v's dtype and the final state
+    (B, H, K, V) when ``output_final_state`` (else None). ``chunk_size`` None runs the token loop;
+    an int runs the chunked form with chunks of that many tokens (any T). Half-precision inputs are
+    computed in float32; float32 and float64 in their own dtype.
+    """
+    return _run("delta_rule", q, k, v, None, beta, scale, initial_state, output_final_state, chunk_size)
+
+
+def gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """The gated delta rule S_t = α_t S_{t−1} + k_t (β_t ⊙ (v_t − α_t S_{t−1}ᵀk_t))ᵀ, α_t = exp(g_t).
+
+    As ``delta_rule``, with g (B, T, H) the per-token log-decay (≤ 0 for a decay).
+    """
+    return _run("gated_delta_rule", q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+
+
+# --- checks ----------------------------------------------------------------------------------------
+def _check(name, q, k, v, g, beta, initial_state, chunk_size) -> None:
+    for label, t in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("initial_state", initial_state)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected {label} to be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point {label}, got dtype {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected {label} on {q.device} (q's device), got {t.device}")
+    if q.ndim != 4:
+        raise ValueError(f"{name}: expected q of shape (B, T, H, K), got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"{name}: expected k of q's shape {(B, T, H, K)}, got {tuple(k.shape)}")
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"{name}: expected v of shape {(B, T, H)} + (V,), got {tuple(v.shape)}")
+    V = v.shape[-1]
+    if tuple(beta.shape) not in ((B, T, H), (B, T, H, V)):
+        raise ValueError(f"{name}: expected beta of shape {(B, T, H)} or {(B, T, H, V)}, got {tuple(beta.shape)}")
+    if g is not None and tuple(g.shape) != (B, T, H):
+        raise ValueError(f"{name}: expected g of shape {(B, T, H)}, got {tuple(g.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(
+            f"{name}: expected initial_state of shape {(B, H, K, V)}, got {tuple(initial_state.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name}: expected chunk_size to be None or a positive int, got {chunk_size!r}")
+
+
+def _run(name, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+    _check(name, q, k, v, g, beta, initial_state, chunk_size)
+    out_dtype = v.dtype
+    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    cast = lambda t: None if t is None else t.to(dtype)
+    q, k, v, g, beta, S0 = map(cast, (q, k, v, g, beta, initial_state))
+    K = q.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    if chunk_size is None:
+        o, S = gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=S0)
+    elif beta.ndim == 4:
+        o, S = _vector_beta(q, k, v, g, beta, scale, S0, chunk_size)
+    else:
+        o, S = _chunked(q, k, v, g, beta, scale, S0, chunk_size)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _vector_beta(q, k, v, g, beta, scale, S0, chunk_size):
+    """A rate per value column: column j of S is a model of its own (its own error and update), so
+    the V columns run as V heads of value width 1 (the keys, queries and decays shared)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    per_column = lambda t: t.unsqueeze(3).expand(B, T, H, V, K).reshape(B, T, H * V, K)
+    S0 = None if S0 is None else rearrange(S0, "b h k v -> b (h v) k 1")
+    g = None if g is None else g.unsqueeze(-1).expand(B, T, H, V).reshape(B, T, H * V)
+    o, S = _chunked(per_column(q), per_column(k), v.reshape(B, T, H * V, 1), g, beta.reshape(B, T, H * V),
+                    scale, S0, chunk_size)
+    return o.reshape(B, T, H, V), rearrange(S, "b (h v) k 1 -> b h k v", v=V)
+
+
+# --- the chunked form ------------------------------------------------------------------------------
+def _chunked(q, k, v, g, beta, scale, S0, L):
+    """The chunked form (module docstring) on (B, T, H, ·) tensors with a scalar β per head."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), S.clone()
+    n = -(-T // L)
+    pad = n * L - T  # padded tokens have k = v = β = g = 0: u = 0 and no decay, so S is unchanged
+    chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (n l) h d -> b h n l d", l=L).contiguous()
+    qc, kc, vc = chunks(q * scale), chunks(k), chunks(v)
+    bc = rearrange(F.pad(beta, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
+    gc = None if g is None else rearrange(F.pad(g, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
+
+    per_chunk = B * H * L * max(L, K, V)
+    group = max(1, GROUP_ELEMENTS // per_chunk)
+    outs = []
+    for lo in range(0, n, group):
+        part = slice(lo, min(lo + group, n))
+        o, S = _chunk_group(qc[:, :, part], kc[:, :, part], vc[:, :, part], bc[:, :, part],
+                            None if gc is None else gc[:, :, part], S)
+        outs.append(o)
+    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return rearrange(o, "b h n l v -> b (n l) h v")[:, :T], S
+
+
+def _chunk_group(q, k, v, beta, g, S):
+    """Chunks (B, H, N, L, ·) of one group from the state S (B, H, K, V) at the first one's start."""
+    L = q.shape[3]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    if g is None:
+        D = causal.to(q.dtype)  # no decay: D[t, s] = 1 for s ≤ t
+        Gamma = None
+    else:
+        gamma = g.cumsum(-1)  # γ_t
+        D = (gamma.unsqueeze(-1) - gamma.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+        Gamma = gamma.exp()  # Γ_t = exp(γ_t)
+    M = (k @ k.transpose(-1, -2)) * D * beta.unsqueeze(-1)  # β_t D[t, s] k_t·k_s; diagonal ignored below
+    beta_k = k * beta.unsqueeze(-1) if Gamma is None else k * (beta * Gamma).unsqueeze(-1)
+    K = k.shape[-1]
+    rhs = torch.cat([beta_k, v * beta.unsqueeze(-1)], dim=-1)  # [diag(βΓ) K | diag(β) V]
+    X = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)  # (I + M)⁻¹ rhs = [W | Uv]
+    P = (q @ k.transpose(-1, -2)) * D  # (Q Kᵀ) ⊙ D
+    PX = P @ X  # [P W | P Uv]
+    O_intra = PX[..., K:]
+    Q_state = (q if Gamma is None else q * Gamma.unsqueeze(-1)) - PX[..., :K]  # diag(Γ) Q − P W
+    if Gamma is None:
+        K_end = k
+    else:
+        K_end = k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)  # K̃
+    KX = K_end.transpose(-1, -2) @ X  # [K̃ᵀW | K̃ᵀUv]: S_end = A S0 + K̃ᵀ Uv, A = Γ_L I − K̃ᵀ W
+    eye = torch.eye(K, dtype=q.dtype, device=q.device)
+    A = (eye if Gamma is None else Gamma[..., -1, None, None] * eye) - KX[..., :K]
+    Bv = KX[..., K:]
+    starts = []
+    for c in range(q.shape[2]):
+        starts.append(S)
+        S = torch.baddbmm(Bv[:, :, c].flatten(0, 1), A[:, :, c].flatten(0, 1), S.flatten(0, 1)).view_as(S)
+    S_start = torch.stack(starts, dim=2)  # (B, H, N, K, V)
+    return O_intra + Q_state @ S_start, S

@@ -1,0 +1,54 @@
+"""The math of the delta-rule family, first: plain token loops, the specification every fast path is
+tested against.
+
+Per head, a matrix state S ∈ R^{K×V} is a linear model v ≈ Sᵀk trained online, one token at a time,
+by one gradient step on the inner loss ℓ_t(S) = ½‖Sᵀk_t − v_t‖² with the per-token learning rate β_t
+(a scalar per head, or a vector over V: one rate per value column), after a decay α_t = exp(g_t):
+
+    S'_t = α_t S_{t−1}                                  (decay first; g ≡ 0 is the plain delta rule)
+    u_t  = β_t ⊙ (v_t − S'_tᵀ k_t)                      (the error, scaled by the learning rate)
+    S_t  = S'_t + k_t u_tᵀ  = S'_t − β_t ∇ℓ_t(S'_t)     (one gradient step)
+    o_t  = S_tᵀ (scale · q_t)                           (the output rule, read after the update)
+
+Tensors are (B, T, H, ·) as flash-linear-attention's API: q, k (B, T, H, K), v (B, T, H, V), β
+(B, T, H) or (B, T, H, V), g (B, T, H) in log space, states (B, H, K, V). Everything is computed in
+the input dtype (float64 works); nothing is normalised here (a layer L2-normalises q and k itself).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["delta_rule_reference", "gated_delta_rule_reference"]
+
+
+def gated_delta_rule_reference(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The token loop above; returns o (B, T, H, V) and S_T (B, H, K, V). ``g`` None means g ≡ 0."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    if beta.ndim == 3:
+        beta = beta.unsqueeze(-1)  # one rate for every value column
+    outputs = []
+    for t in range(T):
+        k_t, v_t, q_t = k[:, t], v[:, t], q[:, t] * scale  # (B, H, ·)
+        if g is not None:
+            S = S * g[:, t].exp()[..., None, None]  # S'_t = α_t S_{t−1}
+        u = beta[:, t] * (v_t - torch.einsum("bhkv,bhk->bhv", S, k_t))  # u_t = β_t ⊙ (v_t − S'ᵀk_t)
+        S = S + torch.einsum("bhk,bhv->bhkv", k_t, u)  # S_t = S'_t + k_t u_tᵀ
+        outputs.append(torch.einsum("bhkv,bhk->bhv", S, q_t))  # o_t = S_tᵀ(scale · q_t)
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    return o, S
+
+
+def delta_rule_reference(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The delta rule (no decay): ``gated_delta_rule_reference`` with g ≡ 0."""
+    return gated_delta_rule_reference(q, k, v, None, beta, scale=scale, initial_state=initial_state)

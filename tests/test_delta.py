@@ -1,0 +1,301 @@
+"""The delta-rule family: the ops and the layers against flash-linear-attention's references (golden
+vectors in tests/data/fla), the chunked form against the token loop, and the equivalences (gated with
+g ≡ 0 = DeltaNet; DeltaNet = TTT-Linear with b = 1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from seqzoo_plugins.delta import (
+    DeltaNet,
+    GatedDeltaNet,
+    delta_rule,
+    gated_delta_rule,
+    gated_delta_rule_reference,
+)
+from seqzoo_plugins.delta.layers import l2_normalize
+
+import seqzoo
+
+DATA = Path(__file__).parent / "data" / "fla"
+OP_CASES = sorted(DATA.glob("op_*.safetensors"))
+LAYER_CASES = sorted(DATA.glob("layer_*.safetensors"))
+
+
+def _inputs(B, T, H, K, V, *, vector=False, gated=False, init=False, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    out = {"q": rand(B, T, H, K), "k": l2_normalize(rand(B, T, H, K)), "v": rand(B, T, H, V),
+           "beta": torch.sigmoid(rand(B, T, H, V) if vector else rand(B, T, H))}
+    if gated:
+        out["g"] = F.logsigmoid(rand(B, T, H) + 1.0)
+    if init:
+        out["initial_state"] = rand(B, H, K, V)
+    return out
+
+
+def _op(t: dict, **kw):
+    if "g" in t:
+        return gated_delta_rule(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t.get("initial_state"),
+                                output_final_state=True, **kw)
+    return delta_rule(t["q"], t["k"], t["v"], t["beta"], initial_state=t.get("initial_state"),
+                      output_final_state=True, **kw)
+
+
+def test_golden_files_present():
+    assert len(OP_CASES) == 7 and len(LAYER_CASES) == 6, "tests/data/fla is incomplete"
+
+
+# --- the ops against fla's naive recurrences ---------------------------------------------------------
+@pytest.mark.parametrize("path", OP_CASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("chunk_size", [None, 1, 16, 64])
+def test_ops_equal_fla_reference(path, chunk_size):
+    """fla's naive recurrences compute in float32: ours in float64 on the same inputs agree to float32
+    rounding (relative to the outputs' size), for the token loop and the chunked form alike."""
+    golden = load_file(path)
+    t = {k: v.double() for k, v in golden.items() if k not in ("o", "final_state")}
+    o, S = _op(t, chunk_size=chunk_size)
+    assert o.dtype == torch.float64 and S.dtype == torch.float64
+    meta = json.loads(safe_open(path, "pt").metadata()["config"])
+    assert meta["source"].startswith("fla 0.5.2 ")
+    for ours, ref in ((o, golden["o"]), (S, golden["final_state"])):
+        torch.testing.assert_close(ours, ref.double(), rtol=0, atol=2e-6 * ref.abs().max().item())
+
+
+# --- the chunked form against the token loop (float64, exact) ---------------------------------------
+@pytest.mark.parametrize(("shape", "chunk"), [((2, 37, 3, 16, 8), 8), ((1, 64, 2, 8, 12), 16), ((2, 5, 1, 4, 6), 64),
+                                              ((1, 33, 2, 8, 8), 32), ((1, 40, 1, 8, 4), 7)])
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar_beta", "vector_beta"])
+@pytest.mark.parametrize("init", [False, True], ids=["zero_state", "initial_state"])
+def test_chunked_equals_token_loop(shape, chunk, gated, vector, init):
+    t = _inputs(*shape, vector=vector, gated=gated, init=init)
+    o_ref, S_ref = gated_delta_rule_reference(t["q"], t["k"], t["v"], t.get("g"), t["beta"],
+                                              initial_state=t.get("initial_state"))
+    o, S = _op(t, chunk_size=chunk)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-12)
+
+
+def test_long_sequence_goes_in_groups_and_stays_exact(monkeypatch):
+    """More chunks than one group holds: the groups hand the state on exactly."""
+    from seqzoo_plugins.delta import ops
+
+    monkeypatch.setattr(ops, "GROUP_ELEMENTS", 2 * 8 * 8)  # one chunk of 8 tokens per group
+    t = _inputs(1, 50, 2, 4, 4, gated=True, init=True)
+    o_ref, S_ref = gated_delta_rule_reference(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["initial_state"])
+    o, S = _op(t, chunk_size=8)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-12)
+
+
+def test_final_state_only_when_asked_and_empty_sequence():
+    t = _inputs(2, 9, 2, 4, 4)
+    o, S = delta_rule(t["q"], t["k"], t["v"], t["beta"])
+    assert S is None and o.shape == (2, 9, 2, 4)
+    e = _inputs(2, 0, 2, 4, 4, init=True)
+    o, S = _op(e)
+    assert o.shape == (2, 0, 2, 4)
+    torch.testing.assert_close(S, e["initial_state"], rtol=0, atol=0)
+
+
+def test_half_precision_is_computed_in_float32():
+    t = _inputs(1, 20, 2, 8, 8, gated=True)
+    half = {k: v.bfloat16() for k, v in t.items()}
+    o, S = _op(half)
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32
+    o32, _ = _op({k: v.float() for k, v in half.items()})
+    torch.testing.assert_close(o, o32.bfloat16(), rtol=0, atol=0)
+
+
+def test_scale_is_applied_to_q():
+    t = _inputs(1, 10, 1, 4, 4)
+    o1, _ = delta_rule(t["q"], t["k"], t["v"], t["beta"], scale=1.0)
+    o2, _ = delta_rule(t["q"], t["k"], t["v"], t["beta"])
+    torch.testing.assert_close(o1 * 0.5, o2, rtol=0, atol=1e-14)  # K = 4: K^-1/2 = 0.5
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    (dict(k=torch.zeros(1, 5, 2, 3)), "expected k of q's shape"),
+    (dict(v=torch.zeros(1, 5, 3, 4)), "expected v of shape"),
+    (dict(beta=torch.zeros(1, 5, 2, 3)), "expected beta of shape"),
+    (dict(initial_state=torch.zeros(1, 2, 4, 5)), "expected initial_state of shape"),
+    (dict(q=torch.zeros(5, 2, 4)), "expected q of shape"),
+    (dict(beta=torch.zeros(1, 5, 2, dtype=torch.int64)), "floating-point beta"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_bad_input_is_refused_clearly(bad, match):
+    args = dict(q=torch.zeros(1, 5, 2, 4), k=torch.zeros(1, 5, 2, 4), v=torch.zeros(1, 5, 2, 4),
+                beta=torch.zeros(1, 5, 2), initial_state=None, chunk_size=16)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), **args)
+    with pytest.raises(ValueError, match="expected g of shape"):
+        gated_delta_rule(torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4), torch.zeros(1, 5, 2, 4),
+                         torch.zeros(1, 5, 3), torch.zeros(1, 5, 2))
+
+
+# --- training through the chunked form ---------------------------------------------------------------
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+def test_gradcheck_chunked(gated):
+    t = _inputs(1, 7, 1, 3, 2, gated=gated, init=True)
+    names = list(t)
+    leaves = [t[n].clone().requires_grad_(True) for n in names]
+
+    def f(*xs):
+        o, S = _op(dict(zip(names, xs)), chunk_size=3)
+        return o, S
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("vector", [False, True], ids=["scalar_beta", "vector_beta"])
+def test_chunked_gradients_equal_token_loop(vector):
+    t = _inputs(2, 29, 2, 8, 6, gated=True, init=True, vector=vector)
+    w = torch.randn(2, 29, 2, 6, dtype=torch.float64)
+
+    def grads(chunk):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in t.items()}
+        o, S = _op(leaves, chunk_size=chunk)
+        ((o * w).sum() + S.square().sum()).backward()
+        return {k: v.grad for k, v in leaves.items()}
+
+    ref, chunked = grads(None), grads(8)
+    for name in t:
+        torch.testing.assert_close(chunked[name], ref[name], rtol=1e-10, atol=1e-11)
+
+
+# --- the layers against fla's layers ------------------------------------------------------------------
+def _fla_layer(path: Path):
+    tensors = load_file(path)
+    meta = json.loads(safe_open(path, "pt").metadata()["config"])
+    config = dict(meta["layer_config"])
+    d = config.pop("hidden_size")
+    name = "gated_deltanet" if meta["source"].endswith("GatedDeltaNet") else "deltanet"
+    layer = seqzoo.create_layer(name, d, **config)
+    params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
+    layer.load_state_dict(params, strict=True)  # fla's names and shapes
+    return layer, tensors
+
+
+@pytest.mark.parametrize("path", LAYER_CASES, ids=lambda p: p.stem)
+def test_layer_equals_fla_layer(path):
+    layer, t = _fla_layer(path)
+    layer = layer.double()
+    x, ref = t["input"].double(), t["output"].double()
+    y, _ = layer(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=2e-6 * ref.abs().max().item())
+    state, ys = layer.init_state(x.shape[0], dtype=torch.float64), []
+    for i in range(x.shape[1]):
+        y_t, state = layer.step(x[:, i], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=0, atol=1e-12)
+
+
+def test_fla_defaults_and_parameter_shapes():
+    d = DeltaNet(64)
+    assert {k: tuple(v.shape) for k, v in d.state_dict().items()} == {
+        "q_proj.weight": (64, 64), "k_proj.weight": (64, 64), "v_proj.weight": (64, 64), "b_proj.weight": (4, 64),
+        "q_conv1d.weight": (64, 1, 4), "k_conv1d.weight": (64, 1, 4), "v_conv1d.weight": (64, 1, 4),
+        "o_norm.weight": (16,), "o_proj.weight": (64, 64)}
+    g = GatedDeltaNet(64, num_heads=2)  # head_dim 32, values 2·32 per head
+    shapes = {k: tuple(v.shape) for k, v in g.state_dict().items()}
+    assert shapes["v_proj.weight"] == (128, 64) and shapes["g_proj.weight"] == (128, 64)
+    assert shapes["A_log"] == (2,) and shapes["dt_bias"] == (2,) and shapes["o_norm.weight"] == (64,)
+    A = g.A_log.exp()
+    assert torch.all((A > 0) & (A <= 16))
+    dt = F.softplus(g.dt_bias)
+    assert torch.all((dt >= 1e-4 - 1e-9) & (dt <= 0.1 + 1e-6))
+
+
+# --- equivalences ---------------------------------------------------------------------------------------
+def test_gated_with_no_decay_is_delta_rule():
+    t = _inputs(2, 21, 2, 8, 4, init=True)
+    zero = torch.zeros(2, 21, 2, dtype=torch.float64)
+    for chunk in (None, 8):
+        o1, S1 = delta_rule(t["q"], t["k"], t["v"], t["beta"], initial_state=t["initial_state"],
+                            output_final_state=True, chunk_size=chunk)
+        o2, S2 = gated_delta_rule(t["q"], t["k"], t["v"], zero, t["beta"], initial_state=t["initial_state"],
+                                  output_final_state=True, chunk_size=chunk)
+        torch.testing.assert_close(o2, o1, rtol=0, atol=1e-13)
+        torch.testing.assert_close(S2, S1, rtol=0, atol=1e-13)
+
+
+def test_gated_deltanet_layer_with_no_decay_is_deltanet():
+    """exp(A_log) = 0 makes g ≡ 0: Gated DeltaNet (value heads as wide as the keys) is DeltaNet."""
+    torch.manual_seed(0)
+    delta = DeltaNet(32, num_heads=2).double()
+    gated = GatedDeltaNet(32, num_heads=2, expand_v=1.0, use_gate=False).double()
+    missing = gated.load_state_dict(delta.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["A_log", "a_proj.weight", "dt_bias"]
+    with torch.no_grad():
+        gated.A_log.fill_(float("-inf"))
+    x = torch.randn(2, 30, 32, dtype=torch.float64)
+    torch.testing.assert_close(gated(x)[0], delta(x)[0], rtol=0, atol=1e-13)
+
+
+def test_deltanet_is_ttt_linear_with_online_gd():
+    """DeltaNet's rule is TTT-Linear's inner loop with b = 1, f(x) = xW (no inner LayerNorm or
+    residual), W0 = 0, no token_idx, no RoPE and η_t = ttt_base_lr·σ(θ_lr x_t)/d with ttt_base_lr = d,
+    on L2-normalised q (times K^−½) and k: W̄_t = W_{t−1} − η_t ∇½‖k_tW − v_t‖² is S_t with β_t = η_t.
+    Both layers run their public forward on the same x and projections; forward hooks give TTT the
+    features DeltaNet makes, and read each layer's output before its norm and o_proj."""
+    torch.manual_seed(0)
+    C, H = 32, 4
+    d = C // H
+    delta = DeltaNet(C, num_heads=H, use_short_conv=False, qk_activation="identity").double()
+    ttt = seqzoo.create_layer("ttt_linear", C, num_heads=H, mini_batch_size=1, inner_norm=False, learnable_w0=False,
+                              token_idx=False, rope=False, post_norm=False, ttt_base_lr=float(d),
+                              backend="torch").double()
+    with torch.no_grad():
+        for n in ("q_proj", "k_proj", "v_proj"):
+            getattr(ttt, n).weight.copy_(getattr(delta, n).weight)
+        ttt.learnable_ttt_lr_weight.copy_(delta.b_proj.weight.unsqueeze(1))
+        ttt.learnable_ttt_lr_bias.zero_()
+    heads = lambda f: (lambda m, args, out: f(out.unflatten(-1, (H, d))).flatten(-2))
+    ttt.q_proj.register_forward_hook(heads(lambda q: l2_normalize(q) * d ** -0.5))
+    ttt.k_proj.register_forward_hook(heads(l2_normalize))
+    ttt.v_proj.register_forward_hook(lambda m, args, out: F.silu(out))
+    seen = {}
+    delta.o_norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("delta", args[0].flatten(-2)))
+    ttt.o_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("ttt", args[0]))
+    x = torch.randn(2, 23, C, dtype=torch.float64)
+    delta(x), ttt(x)
+    torch.testing.assert_close(seen["ttt"], seen["delta"], rtol=0, atol=1e-12)
+
+
+# --- where the layers run -------------------------------------------------------------------------------
+def test_both_layers_registered_by_the_delta_plugin():
+    for name in ("deltanet", "gated_deltanet"):
+        assert seqzoo.layer_spec(name).plugin == "delta"
+
+
+def test_cpu_run_imports_nothing_of_fla():
+    code = ("import sys, torch, seqzoo\n"
+            "for n in ('deltanet', 'gated_deltanet'):\n"
+            "    layer = seqzoo.create_layer(n, 32, num_heads=2)\n"
+            "    layer(torch.randn(1, 70, 32))\n"
+            "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and flash-linear-attention)")
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_cuda_fla_kernels_equal_torch_path(name):
+    pytest.importorskip("fla")
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer(name, 256, num_heads=4).cuda()
+    x = torch.randn(2, 300, 256, device="cuda")
+    y_fla, s_fla = layer(x)
+    layer.config.backend = "torch"
+    y_torch, s_torch = layer(x)
+    torch.testing.assert_close(y_fla, y_torch, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s_fla["S"], s_torch["S"], rtol=2e-3, atol=2e-3)
