@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_delta  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_ttt  # noqa: E402
 from official_ttt import make_official  # noqa: E402
@@ -88,6 +89,12 @@ def test_layer_flops_equal_counted_matmuls_of_the_recurrence():
     # the conv (2TEK) and exp(ΔA), its product with h and the sum (5TEN) are elementwise in step; the
     # counter sees the projections, Δx ⊗ B and C·h (2TEN each)
     assert mamba.flops(T) == _counted_steps(mamba, T, C) + 2 * T * E * K + 5 * T * E * N
+    for name in ("deltanet", "gated_deltanet"):
+        delta = seqzoo.create_layer(name, C, num_heads=H)
+        widths = 2 * delta.key_dim + delta.value_dim
+        # the short convs (2T·widths·conv_size) are elementwise in step; the counter sees the projections,
+        # Sᵀk, the rank-1 update k uᵀ and Sᵀq
+        assert delta.flops(T) == _counted_steps(delta, T, C) + 2 * T * widths * delta.config.conv_size, name
 
 
 # --- pytest-benchmark smoke runs -----------------------------------------------------------------------
@@ -176,6 +183,15 @@ def test_bench_ttt_quick_writes_json(tmp_path):
     assert ("ttt_linear", "official") in impls and ("ttt_mlp", "official") in impls
     assert all(r["us_per_token"] > 0 for r in result["prefill"])
     assert {g["goal"].split(" ")[0] for g in result["goals"]} >= {"ttt_linear", "ttt_mlp"}
+
+
+def test_bench_delta_quick_writes_json(tmp_path):
+    out = tmp_path / "delta.json"
+    bench_delta.main(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["forward"]) == set(bench_delta.LAYERS)
+    assert all(r["ms"] > 0 for r in result["forward"].values())
+    assert all(r["growth"] > 0 for r in result["decode"].values())
 
 
 def test_bench_layers_quick_writes_json(tmp_path):

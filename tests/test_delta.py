@@ -174,10 +174,10 @@ def test_chunked_gradients_equal_token_loop(vector):
 
 
 # --- the layers against fla's layers ------------------------------------------------------------------
-def _fla_layer(path: Path):
+def _fla_layer(path: Path, **extra):
     tensors = load_file(path)
     meta = json.loads(safe_open(path, "pt").metadata()["config"])
-    config = dict(meta["layer_config"])
+    config = dict(meta["layer_config"], **extra)
     d = config.pop("hidden_size")
     name = "gated_deltanet" if meta["source"].endswith("GatedDeltaNet") else "deltanet"
     layer = seqzoo.create_layer(name, d, **config)
@@ -198,6 +198,21 @@ def test_layer_equals_fla_layer(path):
         y_t, state = layer.step(x[:, i], state)
         ys.append(y_t)
     torch.testing.assert_close(torch.stack(ys, 1), y, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", LAYER_CASES[:1] + LAYER_CASES[3:4], ids=lambda p: p.stem)
+def test_layer_forward_in_segments_equals_fla_layer(monkeypatch, path):
+    """Segments of one chunk of 8 tokens (a group per segment), each from the state the last ends in."""
+    from seqzoo_plugins.delta import ops
+
+    monkeypatch.setattr(ops, "GROUP_ELEMENTS", 1)
+    layer, t = _fla_layer(path, chunk_size=8)
+    seen = []
+    layer.q_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    y, _ = layer.double()(t["input"].double())
+    assert seen == [8, 8, 8, 8, 5]
+    ref = t["output"].double()
+    torch.testing.assert_close(y, ref, rtol=0, atol=2e-6 * ref.abs().max().item())
 
 
 def test_fla_defaults_and_parameter_shapes():
@@ -299,3 +314,27 @@ def test_cuda_fla_kernels_equal_torch_path(name):
     y_torch, s_torch = layer(x)
     torch.testing.assert_close(y_fla, y_torch, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(s_fla["S"], s_torch["S"], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_language_model_in_both_backbones(name, backbone):
+    """The layers drop into both backbones (the Mamba one turns use_gate on); a model's step and a
+    forward cut in two equal its forward; a training step's gradients reach every parameter."""
+    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, num_heads=2)
+    lm = lm.double()
+    if backbone == "mamba":
+        assert all(block_layer.config.use_gate for block_layer in (b.seq_modeling_block for b in lm.layers))
+    ids = torch.randint(0, 13, (2, 70))
+    with torch.no_grad():
+        want, _ = lm(ids)
+        a, st = lm(ids[:, :33])
+        b, _ = lm(ids[:, 33:], st)
+        torch.testing.assert_close(torch.cat([a, b], 1), want, rtol=0, atol=1e-10)
+        st = lm.init_state(2)
+        for t in range(5):
+            logit, st = lm.step(ids[:, t], st)
+            torch.testing.assert_close(logit, want[:, t], rtol=0, atol=1e-10)
+    logits, _ = lm(ids)
+    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())

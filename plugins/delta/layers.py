@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from seqzoo import SequenceLayer, State
 from seqzoo.nn import RMSNorm, causal_conv, causal_conv_step, conv_state_shape
 
+from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,25 @@ class _DeltaLayer(SequenceLayer):
 
     # --- the contract -------------------------------------------------------------------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """The chunked form, segment by segment on the CPU: each segment one group of chunks of the op
+        (``ops.GROUP_ELEMENTS``) through the projections, convs, the rule, the norm and ``o_proj``, from
+        the state the previous segment ends in, so every activation of a segment stays in cache and the
+        time per token does not grow with T. Elsewhere (GPU) one segment. (Forward hooks on the
+        projections therefore run once per segment.)"""
         state = self.check_input(x, state)
+        B, T = x.shape[:2]
+        segment = T
+        if x.device.type == "cpu":
+            L, K, V = self.config.chunk_size, self.head_k_dim, self.head_v_dim
+            chunks = max(1, ops.GROUP_ELEMENTS // max(1, B * self.num_v_heads * L * max(L, K, V)))
+            segment = L * chunks
+        ys = []
+        for start in range(0, max(T, 1), segment):
+            y, state = self._forward_segment(x[:, start:start + segment], state)
+            ys.append(y)
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
+
+    def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         q, k, v, new = self._features(x, state, step=False)
         beta, g = self._beta(x), self._log_decay(x)
         o, new["S"] = self._rule(q, k, v, g, beta, state["S"])
