@@ -20,13 +20,16 @@ from seqzoo_plugins.delta import (
     delta_rule,
     gated_delta_rule,
     gated_delta_rule_reference,
+    mesa_net,
+    mesa_net_reference,
 )
 from seqzoo_plugins.delta.layers import l2_normalize
 
 import seqzoo
 
 DATA = Path(__file__).parent / "data" / "fla"
-OP_CASES = sorted(DATA.glob("op_*.safetensors"))
+OP_CASES = sorted(p for p in DATA.glob("op_*.safetensors") if "mesa" not in p.name)
+MESA_CASES = sorted(DATA.glob("op_mesa_net_*.safetensors"))
 LAYER_CASES = sorted(DATA.glob("layer_*.safetensors"))
 
 
@@ -51,7 +54,7 @@ def _op(t: dict, **kw):
 
 
 def test_golden_files_present():
-    assert len(OP_CASES) == 7 and len(LAYER_CASES) == 6, "tests/data/fla is incomplete"
+    assert len(OP_CASES) == 7 and len(MESA_CASES) == 2 and len(LAYER_CASES) == 8, "tests/data/fla is incomplete"
 
 
 # --- the ops against fla's naive recurrences ---------------------------------------------------------
@@ -173,13 +176,88 @@ def test_chunked_gradients_equal_token_loop(vector):
         torch.testing.assert_close(chunked[name], ref[name], rtol=1e-10, atol=1e-11)
 
 
+# --- MesaNet: the exact ridge regression -------------------------------------------------------------
+def _mesa_inputs(B, T, H, K, V, *, init=False, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=dtype)
+    t = {"q": l2_normalize(rand(B, T, H, K)), "k": l2_normalize(rand(B, T, H, K)), "v": rand(B, T, H, V),
+         "g": F.logsigmoid(rand(B, T, H) + 1.0), "beta": torch.sigmoid(rand(B, T, H)),
+         "lamb": F.softplus(rand(H, K)) + 0.25}
+    if init:
+        a = rand(B, H, K, K)
+        t["initial_state"] = (a @ a.transpose(-1, -2) / K, rand(B, H, K, V))
+    return t
+
+
+def _mesa(t, **kw):
+    return mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], initial_state=t.get("initial_state"),
+                    output_final_state=True, **kw)
+
+
+@pytest.mark.parametrize("path", MESA_CASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("chunk_size", [None, 5, 16])
+def test_mesa_net_equals_fla_reference(path, chunk_size):
+    golden = load_file(path)
+    t = {k: v.double() for k, v in golden.items()}
+    if "h_kk_init" in t:
+        t["initial_state"] = (t["h_kk_init"], t["h_kv_init"])
+    o, (h_kk, h_kv) = _mesa(t, chunk_size=chunk_size)
+    for ours, name in ((o, "o"), (h_kk, "h_kk"), (h_kv, "h_kv")):
+        ref = golden[name].double()
+        torch.testing.assert_close(ours, ref, rtol=0, atol=5e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize(("shape", "chunk"), [((2, 37, 3, 8, 5), 8), ((1, 40, 2, 4, 4), 16), ((2, 3, 1, 4, 6), 16)])
+@pytest.mark.parametrize("init", [False, True], ids=["zero_state", "initial_state"])
+def test_mesa_chunked_equals_token_loop(shape, chunk, init, monkeypatch):
+    from seqzoo_plugins.delta import ops
+
+    t = _mesa_inputs(*shape, init=init)
+    o_ref, (kk_ref, kv_ref) = mesa_net_reference(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"],
+                                                 initial_state=t.get("initial_state"))
+    for group_elements in (ops.GROUP_ELEMENTS, 1):  # one group, or a group per chunk
+        monkeypatch.setattr(ops, "GROUP_ELEMENTS", group_elements)
+        o, (kk, kv) = _mesa(t, chunk_size=chunk)
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(kk, kk_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(kv, kv_ref, rtol=0, atol=1e-12)
+
+
+def test_mesa_net_is_the_ridge_regression_it_claims():
+    """o_t is the prediction at q_t of the W minimising Σ_s w_ts ‖Wᵀk_s − v_s‖² + Σ_i λ_i ‖W_i‖², with
+    w_ts = β_s Π_{s<r≤t} α_r: solved here with lstsq on the stacked, weighted system."""
+    t = _mesa_inputs(1, 9, 1, 4, 3)
+    o, _ = _mesa(t, chunk_size=4)
+    alpha = t["g"][0, :, 0].exp()
+    for step in (0, 4, 8):
+        w = torch.stack([t["beta"][0, s, 0] * alpha[s + 1:step + 1].prod() for s in range(step + 1)])
+        A = torch.cat([w.sqrt()[:, None] * t["k"][0, :step + 1, 0], torch.diag(t["lamb"][0].sqrt())])
+        b = torch.cat([w.sqrt()[:, None] * t["v"][0, :step + 1, 0], torch.zeros(4, 3, dtype=torch.float64)])
+        W = torch.linalg.lstsq(A, b).solution
+        torch.testing.assert_close(o[0, step, 0], t["q"][0, step, 0] @ W, rtol=0, atol=1e-12)
+
+
+def test_mesa_net_gradcheck_and_bad_input():
+    t = _mesa_inputs(1, 6, 1, 3, 2, init=True)
+    names = ["q", "k", "v", "g", "beta", "lamb"]
+
+    def f(*xs):
+        return mesa_net(*xs, initial_state=t["initial_state"], chunk_size=4)[0]
+
+    assert torch.autograd.gradcheck(f, [t[n].clone().requires_grad_(True) for n in names])
+    with pytest.raises(ValueError, match="expected lamb"):
+        mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], torch.ones(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="expected initial_state"):
+        mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], initial_state=t["initial_state"][0])
+
+
 # --- the layers against fla's layers ------------------------------------------------------------------
 def _fla_layer(path: Path, **extra):
     tensors = load_file(path)
     meta = json.loads(safe_open(path, "pt").metadata()["config"])
     config = dict(meta["layer_config"], **extra)
     d = config.pop("hidden_size")
-    name = "gated_deltanet" if meta["source"].endswith("GatedDeltaNet") else "deltanet"
+    name = {"DeltaNet": "deltanet", "GatedDeltaNet": "gated_deltanet", "MesaNet": "mesanet"}[meta["source"].split(".")[-1]]
     layer = seqzoo.create_layer(name, d, **config)
     params = {k.removeprefix("param."): v for k, v in tensors.items() if k.startswith("param.")}
     layer.load_state_dict(params, strict=True)  # fla's names and shapes
@@ -288,14 +366,14 @@ def test_deltanet_is_ttt_linear_with_online_gd():
 
 
 # --- where the layers run -------------------------------------------------------------------------------
-def test_both_layers_registered_by_the_delta_plugin():
-    for name in ("deltanet", "gated_deltanet"):
+def test_the_layers_are_registered_by_the_delta_plugin():
+    for name in ("deltanet", "gated_deltanet", "mesanet"):
         assert seqzoo.layer_spec(name).plugin == "delta"
 
 
 def test_cpu_run_imports_nothing_of_fla():
     code = ("import sys, torch, seqzoo\n"
-            "for n in ('deltanet', 'gated_deltanet'):\n"
+            "for n in ('deltanet', 'gated_deltanet', 'mesanet'):\n"
             "    layer = seqzoo.create_layer(n, 32, num_heads=2)\n"
             "    layer(torch.randn(1, 70, 32))\n"
             "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
@@ -317,13 +395,13 @@ def test_cuda_fla_kernels_equal_torch_path(name):
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "mesanet"])
 def test_language_model_in_both_backbones(name, backbone):
     """The layers drop into both backbones (the Mamba one turns use_gate on); a model's step and a
     forward cut in two equal its forward; a training step's gradients reach every parameter."""
     lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, num_heads=2)
     lm = lm.double()
-    if backbone == "mamba":
+    if backbone == "mamba" and name != "mesanet":  # mesanet's gate is use_output_gate (fla's name)
         assert all(block_layer.config.use_gate for block_layer in (b.seq_modeling_block for b in lm.layers))
     ids = torch.randint(0, 13, (2, 70))
     with torch.no_grad():

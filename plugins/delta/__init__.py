@@ -1,15 +1,18 @@
-"""The delta-rule family: layers whose state is a linear model trained online, one gradient step per
-token (``reference``: the math as token loops; ``ops``: ``delta_rule`` and ``gated_delta_rule`` as plain
-functions, chunked; ``layers``: ``deltanet`` and ``gated_deltanet``, as flash-linear-attention's)."""
+"""The delta-rule family: layers whose state is a linear model of the values given the keys, trained
+online (DeltaNet, Gated DeltaNet: one gradient step per token) or solved exactly (MesaNet: the ridge
+regression of everything seen). ``reference``: the math as token loops; ``ops``: ``delta_rule``,
+``gated_delta_rule`` and ``mesa_net`` as plain functions, chunked; ``layers``: ``deltanet``,
+``gated_deltanet`` and ``mesanet``, as flash-linear-attention's layers."""
 
 import seqzoo
 
-from .layers import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
-from .ops import delta_rule, gated_delta_rule
-from .reference import delta_rule_reference, gated_delta_rule_reference
+from .layers import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig, MesaNet, MesaNetConfig
+from .ops import delta_rule, gated_delta_rule, mesa_net
+from .reference import delta_rule_reference, gated_delta_rule_reference, mesa_net_reference
 
-__all__ = ["delta_rule", "gated_delta_rule", "delta_rule_reference", "gated_delta_rule_reference",
-           "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig"]
+__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "delta_rule_reference", "gated_delta_rule_reference",
+           "mesa_net_reference", "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet",
+           "MesaNetConfig"]
 
 
 @seqzoo.hookimpl
@@ -18,3 +21,5 @@ def register_layers(register):
              description="DeltaNet: state S trained online by the delta rule, β = σ(b_proj x) (chunked forward)")
     register("gated_deltanet", GatedDeltaNet,
              description="Gated DeltaNet: the delta rule after a data-dependent decay α = exp(g) (chunked forward)")
+    register("mesanet", MesaNet,
+             description="MesaNet: exact decayed ridge regression of v on k, read at q (chunked forward)")

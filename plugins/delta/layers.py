@@ -41,7 +41,8 @@ from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "GatedRMSNorm", "l2_normalize"]
+__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig", "GatedRMSNorm",
+           "l2_normalize"]
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
@@ -363,3 +364,127 @@ class GatedDeltaNet(_DeltaLayer):
     def _log_decay(self, x: Tensor) -> Tensor:
         A = self.A_log.to(x.dtype).exp()
         return -A * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))
+
+
+# --- MesaNet ---------------------------------------------------------------------------------------
+@dataclass
+class MesaNetConfig:
+    """Options of ``mesanet`` (names as fla's ``MesaNet``; head_dim defaults to d_model / num_heads here,
+    128 there; fla's CG step counts are not options: the solve here is exact)."""
+
+    num_heads: int = field(default=4, metadata={"help": "number of heads"})
+    head_dim: int | None = field(default=None, metadata={"help": "key and value features per head (default d_model // num_heads)"})
+    use_output_gate: bool = field(default=False, metadata={"help": "output norm gated by SiLU(g_proj x)"})
+    conv_size: int = field(default=4, metadata={"help": "width of the short convs on q and k"})
+    conv_bias: bool = field(default=False, metadata={"help": "bias in the short convs"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "eps of the output RMSNorm"})
+    lambda_lower_bound: float = field(default=0.25, metadata={"help": "λ = softplus(lambda_params) + this bound"})
+    chunk_size: int = field(default=ops.MESA_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked forward"})
+
+
+class MesaNet(SequenceLayer):
+    """MesaNet (von Oswald et al. 2025): each token's output is the exact ridge-regression prediction
+    o_t = H^kv_tᵀ (H^kk_t + diag λ)⁻¹ q_t from decayed, β-weighted statistics of the keys and values
+    (``ops.mesa_net``), with α_t = σ(a_proj x_t), β_t = σ(b_proj x_t) (both projections with bias),
+    λ = softplus(lambda_params) + lambda_lower_bound per key feature; q, k = L2-normalised SiLU(short
+    conv(proj x)), v = v_proj x; an RMSNorm per head (gated with use_output_gate) and ``o_proj``.
+
+    Parameters as fla's ``MesaNet``: ``q_proj``, ``k_proj``, ``v_proj``, ``a_proj``, ``b_proj``,
+    ``lambda_params`` (key_dim,), ``q_conv1d``, ``k_conv1d``, ``g_proj`` (use_output_gate), ``o_norm``,
+    ``o_proj``. State: ``h_kk`` (B, H, K, K), ``h_kv`` (B, H, K, V), ``conv_q``, ``conv_k``.
+    """
+
+    Config = MesaNetConfig
+
+    def __init__(self, d_model: int, **config):
+        super().__init__(d_model)
+        self.config = cfg = MesaNetConfig(**config)
+        H = _positive_int("num_heads", cfg.num_heads)
+        if cfg.head_dim is None and d_model % H:
+            raise ValueError(f"expected d_model divisible by num_heads, got d_model={d_model}, num_heads={H}")
+        d = _positive_int("head_dim", d_model // H if cfg.head_dim is None else cfg.head_dim)
+        _positive_int("chunk_size", cfg.chunk_size)
+        K = _positive_int("conv_size", cfg.conv_size)
+        if not cfg.lambda_lower_bound >= 0:
+            raise ValueError(f"expected lambda_lower_bound >= 0, got {cfg.lambda_lower_bound!r}")
+        self.num_heads, self.head_dim, self.key_dim = H, d, H * d
+        C = d_model
+        self.q_proj = nn.Linear(C, H * d, bias=False)
+        self.k_proj = nn.Linear(C, H * d, bias=False)
+        self.v_proj = nn.Linear(C, H * d, bias=False)
+        self.a_proj = nn.Linear(C, H, bias=True)
+        self.b_proj = nn.Linear(C, H, bias=True)
+        lamb0 = math.log(math.expm1(1.0 - cfg.lambda_lower_bound))  # λ = 1 at the start (fla's)
+        self.lambda_params = nn.Parameter(torch.full((H * d,), lamb0))
+        self.lambda_params._no_weight_decay = True
+        conv = lambda: nn.Conv1d(H * d, H * d, K, groups=H * d, padding=K - 1, bias=cfg.conv_bias)
+        self.q_conv1d, self.k_conv1d = conv(), conv()
+        if cfg.use_output_gate:
+            self.g_proj = nn.Linear(C, H * d, bias=False)
+            self.o_norm = GatedRMSNorm(d, eps=cfg.norm_eps)
+        else:
+            self.o_norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.o_proj = nn.Linear(H * d, C, bias=False)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        H, d = self.num_heads, self.head_dim
+        zeros = lambda *s: torch.zeros(*s, device=device, dtype=dtype)
+        return {"h_kk": zeros(batch_size, H, d, d), "h_kv": zeros(batch_size, H, d, d),
+                "conv_q": zeros(conv_state_shape(self.q_conv1d, batch_size)),
+                "conv_k": zeros(conv_state_shape(self.k_conv1d, batch_size))}
+
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.num_heads * self.head_dim ** 2 + 2 * self.key_dim * (self.config.conv_size - 1)
+
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + T·H·(2K² + K³/3 + 2K² + 4K²) + 4T·key_dim·conv_size (per token and
+        head: the two statistics' rank-1 updates, a Cholesky factorisation and its two triangular
+        solves, the read-out H^kvᵀx; the q and k convs)."""
+        d = self.head_dim
+        per_head = 2 * d * d + d ** 3 / 3 + 2 * d * d + 4 * d * d
+        return super().flops(seq_len) + seq_len * (self.num_heads * per_head + 4.0 * self.key_dim * self.config.conv_size)
+
+    def _lamb(self, dtype) -> Tensor:
+        lamb = F.softplus(self.lambda_params.to(dtype)) + self.config.lambda_lower_bound
+        return lamb.view(self.num_heads, self.head_dim)
+
+    def _features(self, x: Tensor, state: State, step: bool):
+        conv = causal_conv_step if step else causal_conv
+        new = {}
+        q, new["conv_q"] = conv(self.q_conv1d, self.q_proj(x), state["conv_q"])
+        k, new["conv_k"] = conv(self.k_conv1d, self.k_proj(x), state["conv_k"])
+        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
+        q, k = l2_normalize(heads(F.silu(q))), l2_normalize(heads(F.silu(k)))
+        beta, g = torch.sigmoid(self.b_proj(x)), F.logsigmoid(self.a_proj(x))
+        return q, k, heads(self.v_proj(x)), g, beta, new
+
+    def _output(self, x: Tensor, o: Tensor) -> Tensor:
+        if self.config.use_output_gate:
+            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
+        else:
+            o = self.o_norm(o)
+        return self.o_proj(o.flatten(-2))
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        q, k, v, g, beta, new = self._features(x, state, step=False)
+        o, (new["h_kk"], new["h_kv"]) = ops.mesa_net(
+            q, k, v, g, beta, self._lamb(q.dtype), initial_state=(state["h_kk"], state["h_kv"]),
+            output_final_state=True, chunk_size=self.config.chunk_size)
+        return self._output(x, o), new
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        """One token: the statistics' decay and rank-1 updates, then one K×K Cholesky solve per head."""
+        state = self.check_input(x, state, step=True)
+        q, k, v, g, beta, new = self._features(x, state, step=True)  # (B, H, ·)
+        alpha, bk = g.exp()[..., None, None], beta.unsqueeze(-1) * k
+        h_kk = alpha * state["h_kk"] + bk.unsqueeze(-1) * k.unsqueeze(-2)
+        h_kv = alpha * state["h_kv"] + bk.unsqueeze(-1) * v.unsqueeze(-2)
+        A = h_kk + torch.diag_embed(self._lamb(q.dtype))
+        xq = torch.cholesky_solve(q.unsqueeze(-1), torch.linalg.cholesky(A)).squeeze(-1)
+        o = torch.einsum("bhkv,bhk->bhv", h_kv, xq)
+        new["h_kk"], new["h_kv"] = h_kk, h_kv
+        return self._output(x, o), new
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, {self.config}"

@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .reference import gated_delta_rule_reference
+from .reference import gated_delta_rule_reference, mesa_net_reference
 
-__all__ = ["delta_rule", "gated_delta_rule", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "DEFAULT_CHUNK_SIZE", "MESA_CHUNK_SIZE"]
 
 #: tokens per chunk of the chunked form
 DEFAULT_CHUNK_SIZE = 64
+#: tokens per chunk of MesaNet's chunked form (its per-token statistics cost L·K² per token to form)
+MESA_CHUNK_SIZE = 16
 #: elements of the largest per-group tensor (B·H·chunks·L·max(L, K)) of the chunked form: the chunks go
 #: in groups of this size, so memory and time per token do not grow with T (4 MiB in float32)
 GROUP_ELEMENTS = 2**20
@@ -186,3 +188,93 @@ def _chunk_group(q, k, v, beta, g, S):
         S = torch.baddbmm(Bv[:, :, c].flatten(0, 1), A[:, :, c].flatten(0, 1), S.flatten(0, 1)).view_as(S)
     S_start = torch.stack(starts, dim=2)  # (B, H, N, K, V)
     return O_intra + Q_state @ S_start, S
+
+
+# --- MesaNet ---------------------------------------------------------------------------------------
+def mesa_net(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tensor, *,
+    initial_state: tuple[Tensor, Tensor] | None = None, output_final_state: bool = False,
+    chunk_size: int | None = MESA_CHUNK_SIZE,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """MesaNet's exact output o_t = H^kv_tᵀ (H^kk_t + diag λ)⁻¹ q_t (the math: ``mesa_net_reference``).
+
+    q, k (B, T, H, K); v (B, T, H, V); g (B, T, H) log-decays; beta (B, T, H); lamb (H, K) > 0; the state
+    (H^kk (B, H, K, K), H^kv (B, H, K, V)) or None (zeros). Returns o (B, T, H, V) and the final state
+    when ``output_final_state``. ``chunk_size`` None runs the token loop; an int the chunked form: per
+    chunk, every token's H^kk_t = Γ_t H^kk_0 + Σ_{s≤t} D_ts β_s k_s k_sᵀ as one (L×L)·(L×K²) product,
+    one batched Cholesky solve for all the chunk's tokens, and H^kv's part as in linear attention,
+    (X Kᵀ ⊙ D diag(β)) V + diag(Γ) X H^kv_0. Exact (no conjugate-gradient iterations).
+    """
+    name = "mesa_net"
+    _check(name, q, k, v, g, beta, None, chunk_size)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if tuple(beta.shape) != (B, T, H):
+        raise ValueError(f"{name}: expected beta of shape {(B, T, H)}, got {tuple(beta.shape)}")
+    if not isinstance(lamb, Tensor) or tuple(lamb.shape) != (H, K):
+        raise ValueError(f"{name}: expected lamb, a tensor of shape {(H, K)}, got "
+                         f"{tuple(lamb.shape) if isinstance(lamb, Tensor) else type(lamb).__name__}")
+    if initial_state is not None:
+        if (not isinstance(initial_state, tuple) or len(initial_state) != 2
+                or tuple(initial_state[0].shape) != (B, H, K, K) or tuple(initial_state[1].shape) != (B, H, K, V)):
+            raise ValueError(f"{name}: expected initial_state = (H^kk {(B, H, K, K)}, H^kv {(B, H, K, V)})")
+    out_dtype = v.dtype
+    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    cast = lambda t: t.to(dtype)
+    q, k, v, g, beta, lamb = map(cast, (q, k, v, g, beta, lamb))
+    state = None if initial_state is None else tuple(map(cast, initial_state))
+    if chunk_size is None:
+        o, state = mesa_net_reference(q, k, v, g, beta, lamb, initial_state=state)
+    else:
+        o, state = _mesa_chunked(q, k, v, g, beta, lamb, state, chunk_size)
+    return o.to(out_dtype), (state if output_final_state else None)
+
+
+def _mesa_chunked(q, k, v, g, beta, lamb, state, L):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    Hkk, Hkv = (q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)) if state is None else state
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), (Hkk.clone(), Hkv.clone())
+    n = -(-T // L)
+    pad = n * L - T  # padded tokens: β = k = v = g = 0 leave the statistics unchanged; q = 0 gives o = 0
+    chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (n l) h d -> b h n l d", l=L).contiguous()
+    per_token = lambda t: rearrange(F.pad(t, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
+    qc, kc, vc, gc, bc = chunks(q), chunks(k), chunks(v), per_token(g), per_token(beta)
+    group = max(1, 4 * GROUP_ELEMENTS // (B * H * L * K * max(K, L)))
+    ridge = torch.diag_embed(lamb)[None, :, None, None]  # (1, H, 1, 1, K, K)
+    outs = []
+    for lo in range(0, n, group):
+        part = slice(lo, min(lo + group, n))
+        o, Hkk, Hkv = _mesa_group(qc[:, :, part], kc[:, :, part], vc[:, :, part], gc[:, :, part], bc[:, :, part],
+                                  ridge, Hkk, Hkv)
+        outs.append(o)
+    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return rearrange(o, "b h n l v -> b (n l) h v")[:, :T], (Hkk, Hkv)
+
+
+def _mesa_group(q, k, v, g, beta, ridge, Hkk, Hkv):
+    """Chunks (B, H, N, L, ·) of one group from the statistics at the first chunk's start."""
+    B, H, N, L, K = q.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    gamma = g.cumsum(-1)
+    Wts = (gamma.unsqueeze(-1) - gamma.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp() * beta.unsqueeze(-2)
+    Gamma = gamma.exp()  # Γ_t
+    end = ((gamma[..., -1:] - gamma).exp() * beta).unsqueeze(-1)  # e^{γ_L − γ_s} β_s
+    kv_end, kk_end = (k * end).transpose(-1, -2) @ v, (k * end).transpose(-1, -2) @ k
+    starts_kk, starts_kv = [], []
+    for c in range(N):  # the statistics at each chunk's start
+        starts_kk.append(Hkk)
+        starts_kv.append(Hkv)
+        decay = Gamma[:, :, c, -1, None, None]
+        Hkk, Hkv = decay * Hkk + kk_end[:, :, c], decay * Hkv + kv_end[:, :, c]
+    S_kk, S_kv = torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2)  # (B, H, N, K, ·)
+    outer = (k.unsqueeze(-1) * k.unsqueeze(-2)).reshape(-1, L, K * K)  # k_s k_sᵀ, (B·H·N, L, K²)
+    base = torch.addcmul(ridge, Gamma[..., None, None], S_kk.unsqueeze(3))  # Γ_t H^kk_0 + Λ, (B, H, N, L, K, K)
+    A = torch.baddbmm(base.view(-1, L, K * K), Wts.reshape(-1, L, L), outer).view(B, H, N, L, K, K)  # H^kk_t + Λ
+    factor, info = torch.linalg.cholesky_ex(A)
+    if info.any():
+        raise ValueError("mesa_net: H^kk_t + diag(lamb) is not positive definite (expected lamb > 0 and beta >= 0)")
+    x = torch.cholesky_solve(q.unsqueeze(-1), factor).squeeze(-1)  # (H^kk_t + Λ)⁻¹ q_t
+    o = ((x @ k.transpose(-1, -2)) * Wts) @ v + Gamma.unsqueeze(-1) * (x @ S_kv)
+    return o, Hkk, Hkv

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["delta_rule_reference", "gated_delta_rule_reference"]
+__all__ = ["delta_rule_reference", "gated_delta_rule_reference", "mesa_net_reference"]
 
 
 def gated_delta_rule_reference(
@@ -52,3 +52,33 @@ def delta_rule_reference(
 ) -> tuple[Tensor, Tensor]:
     """The delta rule (no decay): ``gated_delta_rule_reference`` with g ≡ 0."""
     return gated_delta_rule_reference(q, k, v, None, beta, scale=scale, initial_state=initial_state)
+
+
+def mesa_net_reference(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tensor, *,
+    initial_state: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """MesaNet's exact form as a token loop: the state is the sufficient statistics of a decayed,
+    weighted ridge regression of v on k, and the output is that regression's prediction at q,
+
+        H^kk_t = α_t H^kk_{t−1} + β_t k_t k_tᵀ,   H^kv_t = α_t H^kv_{t−1} + β_t k_t v_tᵀ,
+        o_t = H^kv_tᵀ (H^kk_t + diag λ)⁻¹ q_t   = argmin_W Σ_{s≤t} β_s (Π α) ‖Wᵀk_s − v_s‖² + ‖Λ^½ W‖² at q_t,
+
+    with α_t = exp(g_t), λ (H, K) > 0. q, k (B, T, H, K), v (B, T, H, V), g, β (B, T, H); the state is
+    (H^kk (B, H, K, K), H^kv (B, H, K, V)). No scale on q: the solve sets the output's size."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        Hkk, Hkv = q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)
+    else:
+        Hkk, Hkv = initial_state
+    ridge = torch.diag_embed(lamb)  # (H, K, K)
+    outputs = []
+    for t in range(T):
+        alpha, bk = g[:, t].exp()[..., None, None], beta[:, t, :, None] * k[:, t]
+        Hkk = alpha * Hkk + torch.einsum("bhi,bhj->bhij", bk, k[:, t])
+        Hkv = alpha * Hkv + torch.einsum("bhi,bhj->bhij", bk, v[:, t])
+        x = torch.linalg.solve(Hkk + ridge, q[:, t])  # (H^kk + diag λ)⁻¹ q_t
+        outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, x))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    return o, (Hkk, Hkv)

@@ -6,13 +6,15 @@ with DIR the installed package's parent (site-packages).
 
 - ``op_*``: fla's pure-torch references, loaded by path from the installed files:
   ``fla/ops/delta_rule/naive.py::delta_rule_recurrence`` (layout (B, H, T, ·), stored here as
-  (B, T, H, ·)) and ``fla/ops/gated_delta_rule/naive.py::naive_recurrent_gated_delta_rule``. Both
-  compute in float32 whatever their input; the inputs are float32.
-- ``layer_*``: fla's layers (``fla.layers.DeltaNet``, ``fla.layers.GatedDeltaNet``) built with fla's
+  (B, T, H, ·)), ``fla/ops/gated_delta_rule/naive.py::naive_recurrent_gated_delta_rule`` and
+  ``fla/ops/mesa_net/naive.py::naive_mesa_net_exact``. All compute in float32 whatever their input;
+  the inputs are float32.
+- ``layer_*``: fla's layers (``fla.layers.DeltaNet``, ``fla.layers.GatedDeltaNet``, ``fla.layers.MesaNet``) built with fla's
   own initialisation, parameters then moved away from it, run through their own ``forward`` in eval
   mode with the GPU-only pieces swapped for fla's torch references: the chunk / fused-recurrent ops
   for the naive recurrences above (with the L2 norm x·rsqrt(Σx² + 1e−6) and, for the gated layer,
-  ``naive_gdn_gate`` and σ(β) as the kernels apply them), ``ShortConvolution`` for ``nn.Conv1d``'s
+  ``naive_gdn_gate`` and σ(β) as the kernels apply them; MesaNet's CG kernel for the exact solve of
+  ``naive_mesa_net_exact``), ``ShortConvolution`` for ``nn.Conv1d``'s
   own forward plus its activation (the gated layer's fused q/k/v conv as the three
   convs it fuses), and the output norms for ``fla.modules.layernorm.rms_norm_ref`` /
   ``fla.modules.layernorm_gated.rms_norm_ref``. Computed in float32.
@@ -81,9 +83,30 @@ def op_cases(site: Path) -> None:
               "scale": K ** -0.5, "computed_in": "float32"})
 
 
+def mesa_cases(site: Path) -> None:
+    mesa = load(site / "fla/ops/mesa_net/naive.py")
+    g = torch.Generator().manual_seed(1)
+    rand = lambda *s: torch.randn(*s, generator=g)
+    for B, T, H, d, init in [(2, 37, 3, 16, False), (1, 33, 2, 8, True)]:
+        q, k, v = l2norm(rand(B, T, H, d)), l2norm(rand(B, T, H, d)), rand(B, T, H, d)
+        beta, gate = torch.sigmoid(rand(B, T, H)), F.logsigmoid(rand(B, T, H) + 2.0)
+        lamb = F.softplus(rand(H, d)) + 0.25
+        tensors = {"q": q, "k": k, "v": v, "beta": beta, "g": gate, "lamb": lamb}
+        h_kk0 = h_kv0 = None
+        if init:
+            a = rand(B, H, d, d)
+            h_kk0, h_kv0 = a @ a.transpose(-1, -2) / d, rand(B, H, d, d)
+            tensors.update(h_kk_init=h_kk0, h_kv_init=h_kv0)
+        o, h_kk, h_kv = mesa.naive_mesa_net_exact(q, k, v, gate, lamb, beta, h_kk0, h_kv0)
+        tensors.update(o=o, h_kk=h_kk, h_kv=h_kv)
+        save(f"op_mesa_net_B{B}_T{T}_H{H}_d{d}{'_init' if init else ''}", tensors,
+             {"source": "fla 0.5.2 fla/ops/mesa_net/naive.py::naive_mesa_net_exact", "computed_in": "float32"})
+
+
 def layer_cases(site: Path) -> None:
     import fla.layers.delta_net as dn
     import fla.layers.gated_deltanet as gdn
+    import fla.layers.mesa_net as mn
     from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
     from fla.modules.layernorm import rms_norm_ref
     from fla.modules.layernorm_gated import rms_norm_ref as gated_rms_norm_ref
@@ -91,6 +114,11 @@ def layer_cases(site: Path) -> None:
 
     naive = load(site / "fla/ops/delta_rule/naive.py")
     gnaive = load(site / "fla/ops/gated_delta_rule/naive.py")
+    mesa = load(site / "fla/ops/mesa_net/naive.py")
+
+    def mesa_op(q, k, v, g, beta, lamb, output_final_state=False, use_qk_l2norm_in_kernel=False, **_):
+        assert use_qk_l2norm_in_kernel
+        return mesa.naive_mesa_net_exact(l2norm(q), l2norm(k), v, g, lamb, beta)
 
     def delta_op(q, k, v, beta, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False, **_):
         if use_qk_l2norm_in_kernel:
@@ -119,6 +147,7 @@ def layer_cases(site: Path) -> None:
     dn.chunk_delta_rule = dn.fused_recurrent_delta_rule = delta_op
     gdn.chunk_gated_delta_rule = gdn.fused_recurrent_gated_delta_rule = gated_op
     ShortConvolution.forward = conv_forward
+    mn.chunk_mesa_net = mesa_op
     gdn.GatedDeltaNet._use_fused_qkv_conv = lambda self, *args: False  # the three convs one by one (same math)
     RMSNorm.forward = lambda self, x: rms_norm_ref(x, self.weight, None, eps=self.eps, upcast=True)
     FusedRMSNormGated.forward = lambda self, x, g: gated_rms_norm_ref(x, self.weight, None, z=g, eps=self.eps)
@@ -130,7 +159,7 @@ def layer_cases(site: Path) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
                 elif name == "o_norm.weight":
                     p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-                elif name in ("A_log", "dt_bias"):
+                elif name in ("A_log", "dt_bias", "lambda_params") or name.endswith("proj.bias"):
                     p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
     cases = [
@@ -144,6 +173,9 @@ def layer_cases(site: Path) -> None:
          dict(hidden_size=32, num_heads=2, head_dim=8, num_v_heads=4, expand_v=1, allow_neg_eigval=True)),
         ("layer_gated_deltanet_nogate_d32_h2_hd16_T20", gdn.GatedDeltaNet,
          dict(hidden_size=32, num_heads=2, head_dim=16, use_gate=False)),
+        ("layer_mesanet_d64_h4_hd16_T37", mn.MesaNet, dict(hidden_size=64, num_heads=4, head_dim=16)),
+        ("layer_mesanet_gate_d32_h2_hd8_T21", mn.MesaNet,
+         dict(hidden_size=32, num_heads=2, head_dim=8, use_output_gate=True)),
     ]
     for i, (name, cls, config) in enumerate(cases):
         torch.manual_seed(100 + i)
@@ -163,4 +195,5 @@ def layer_cases(site: Path) -> None:
 if __name__ == "__main__":
     site = Path(sys.argv[1])
     op_cases(site)
+    mesa_cases(site)
     layer_cases(site)
