@@ -7,7 +7,8 @@ Goals (measured in one run, every layer called in turn each repeat, medians afte
   forward (``gated_deltanet`` also at its default ``expand_v=2``, twice the value width, reported);
 - time per token at T = 16384 over T = 1024 ≤ 1.3 (the chunked form's cost does not grow with T);
 - decode: time per token at position 8192 over position 64 ≤ 1.3 (O(1) in the position).
-``mesanet`` (an exact K×K solve per token and head) is reported beside them, without a goal.
+``mesanet`` (an exact K×K solve per token and head), ``longhorn`` and ``mamba`` (its Mamba-shaped
+neighbour, at the same d_state 16 and expand 2) are reported beside them, without a goal.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ LAYERS = {
     "gated_deltanet (expand_v=1)": ("gated_deltanet", {"expand_v": 1.0}),
     "gated_deltanet (default, expand_v=2)": ("gated_deltanet", {}),
     "mesanet": ("mesanet", {}),
+    "longhorn": ("longhorn", {}),
+    "mamba": ("mamba", {}),
 }
 
 
 def build(name: str, cfg: dict, extra: dict):
     torch.manual_seed(0)
-    return seqzoo.create_layer(name, cfg["d_model"], num_heads=cfg["num_heads"], **extra).eval()
+    fields = seqzoo.layer_spec(name).field_names()
+    heads = {"num_heads": cfg["num_heads"]} if "num_heads" in fields else {}
+    return seqzoo.create_layer(name, cfg["d_model"], **heads, **extra).eval()
 
 
 @torch.no_grad()

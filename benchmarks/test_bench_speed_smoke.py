@@ -95,6 +95,11 @@ def test_layer_flops_equal_counted_matmuls_of_the_recurrence():
         # the short convs (2T·widths·conv_size) are elementwise in step; the counter sees the projections,
         # Sᵀk, the rank-1 update k uᵀ and Sᵀq
         assert delta.flops(T) == _counted_steps(delta, T, C) + 2 * T * widths * delta.config.conv_size, name
+    longhorn = seqzoo.create_layer("longhorn", C)
+    E, N, K = longhorn.d_inner, longhorn.d_state, longhorn.config.d_conv
+    # the conv (2TEK) and the update's 6 elementwise operations per channel and state are not matmuls;
+    # the counter sees the projections and the read-out s·q (2TEN)
+    assert longhorn.flops(T) == _counted_steps(longhorn, T, C) + 2 * T * E * K + 6 * T * E * N
 
 
 # --- pytest-benchmark smoke runs -----------------------------------------------------------------------

@@ -251,6 +251,66 @@ def test_mesa_net_gradcheck_and_bad_input():
         mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], initial_state=t["initial_state"][0])
 
 
+# --- Longhorn -------------------------------------------------------------------------------------------
+LONGHORN_CASES = sorted((Path(__file__).parent / "data" / "longhorn").glob("layer_*.safetensors"))
+
+
+@pytest.mark.parametrize("path", LONGHORN_CASES, ids=lambda p: p.stem)
+def test_longhorn_equals_official_step(path):
+    """The official Longhorn.step run token by token in float64 (tests/data/longhorn/generate.py)."""
+    t = load_file(path)
+    meta = json.loads(safe_open(path, "pt").metadata()["config"])
+    config = dict(meta["layer_config"])
+    layer = seqzoo.create_layer("longhorn", config.pop("d_model"), **config).double()
+    layer.load_state_dict({k.removeprefix("param."): v for k, v in t.items() if k.startswith("param.")}, strict=True)
+    y, state = layer(t["input"])
+    torch.testing.assert_close(y, t["output"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(state["ssm_state"], t["ssm_state"], rtol=0, atol=1e-12)
+    state, ys = layer.init_state(2, dtype=torch.float64), []
+    for i in range(t["input"].shape[1]):
+        y_t, state = layer.step(t["input"][:, i], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), t["output"], rtol=0, atol=1e-12)
+
+
+def test_longhorn_golden_files_present():
+    assert len(LONGHORN_CASES) == 2, "tests/data/longhorn is incomplete"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_longhorn_chunked_scan_equals_token_loop(chunk, grad):
+    from seqzoo_plugins.delta import longhorn_reference, longhorn_scan
+
+    g = torch.Generator().manual_seed(0)
+    x, beta = torch.randn(2, 37, 6, generator=g, dtype=torch.float64), torch.rand(2, 37, 6, generator=g, dtype=torch.float64)
+    k, q = torch.randn(2, 37, 4, generator=g, dtype=torch.float64), torch.randn(2, 37, 4, generator=g, dtype=torch.float64)
+    S0 = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    y_ref, S_ref = longhorn_reference(x, k, q, beta, initial_state=S0)
+    with torch.set_grad_enabled(grad):
+        y, S = longhorn_scan(x.requires_grad_(grad), k, q, beta, initial_state=S0, output_final_state=True,
+                             chunk_size=chunk)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-13)
+    if grad:
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, k, q, beta, S0)]
+        f = lambda *a: longhorn_scan(a[0], a[1], a[2], a[3], initial_state=a[4], output_final_state=True,
+                                     chunk_size=chunk)
+        small = [t[:1, :7] if t.ndim == 3 and t.shape[1] == 37 else t[:1] for t in leaves]
+        assert torch.autograd.gradcheck(f, [t.detach().clone().requires_grad_(True) for t in small])
+
+
+def test_longhorn_epsilon_is_the_implicit_step():
+    """ε = β/(1 + β‖k‖²) makes (I + βkkᵀ)⁻¹ = I − εkkᵀ (Sherman–Morrison): the exact implicit step
+    argmin_s ‖s − s₀‖² + β(s·k − x)² is (I − εkkᵀ)s₀ + εxk, whose diagonal part Longhorn keeps."""
+    g = torch.Generator().manual_seed(1)
+    k, s0 = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    beta, x = 0.7, 1.3
+    exact = torch.linalg.solve(torch.eye(5, dtype=torch.float64) + beta * torch.outer(k, k), s0 + beta * x * k)
+    eps = beta / (1 + beta * k.dot(k))
+    torch.testing.assert_close(exact, s0 - eps * k * k.dot(s0) + eps * x * k, rtol=0, atol=1e-14)
+
+
 # --- the layers against fla's layers ------------------------------------------------------------------
 def _fla_layer(path: Path, **extra):
     tensors = load_file(path)
@@ -367,14 +427,14 @@ def test_deltanet_is_ttt_linear_with_online_gd():
 
 # --- where the layers run -------------------------------------------------------------------------------
 def test_the_layers_are_registered_by_the_delta_plugin():
-    for name in ("deltanet", "gated_deltanet", "mesanet"):
+    for name in ("deltanet", "gated_deltanet", "mesanet", "longhorn"):
         assert seqzoo.layer_spec(name).plugin == "delta"
 
 
 def test_cpu_run_imports_nothing_of_fla():
     code = ("import sys, torch, seqzoo\n"
-            "for n in ('deltanet', 'gated_deltanet', 'mesanet'):\n"
-            "    layer = seqzoo.create_layer(n, 32, num_heads=2)\n"
+            "for n in ('deltanet', 'gated_deltanet', 'mesanet', 'longhorn'):\n"
+            "    layer = seqzoo.create_layer(n, 32)\n"
             "    layer(torch.randn(1, 70, 32))\n"
             "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -395,13 +455,14 @@ def test_cuda_fla_kernels_equal_torch_path(name):
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "mesanet"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "mesanet", "longhorn"])
 def test_language_model_in_both_backbones(name, backbone):
     """The layers drop into both backbones (the Mamba one turns use_gate on); a model's step and a
     forward cut in two equal its forward; a training step's gradients reach every parameter."""
-    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, num_heads=2)
+    options = {"d_state": 4} if name == "longhorn" else {"num_heads": 2}
+    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, **options)
     lm = lm.double()
-    if backbone == "mamba" and name != "mesanet":  # mesanet's gate is use_output_gate (fla's name)
+    if backbone == "mamba" and name in ("deltanet", "gated_deltanet"):  # mesanet's: use_output_gate (fla's name)
         assert all(block_layer.config.use_gate for block_layer in (b.seq_modeling_block for b in lm.layers))
     ids = torch.randint(0, 13, (2, 70))
     with torch.no_grad():

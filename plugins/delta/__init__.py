@@ -1,18 +1,26 @@
 """The delta-rule family: layers whose state is a linear model of the values given the keys, trained
-online (DeltaNet, Gated DeltaNet: one gradient step per token) or solved exactly (MesaNet: the ridge
-regression of everything seen). ``reference``: the math as token loops; ``ops``: ``delta_rule``,
-``gated_delta_rule`` and ``mesa_net`` as plain functions, chunked; ``layers``: ``deltanet``,
-``gated_deltanet`` and ``mesanet``, as flash-linear-attention's layers."""
+online (DeltaNet, Gated DeltaNet: one gradient step per token; Longhorn: an implicit online step) or
+solved exactly (MesaNet: the ridge regression of everything seen).
+
+``reference``: the math as token loops; ``ops``: ``delta_rule``, ``gated_delta_rule``, ``mesa_net`` and
+``longhorn_scan`` as plain functions, chunked; ``layers``: ``deltanet``, ``gated_deltanet`` and
+``mesanet``, as flash-linear-attention's layers; ``longhorn``: as the official Longhorn layer."""
 
 import seqzoo
 
 from .layers import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig, MesaNet, MesaNetConfig
-from .ops import delta_rule, gated_delta_rule, mesa_net
-from .reference import delta_rule_reference, gated_delta_rule_reference, mesa_net_reference
+from .longhorn import Longhorn, LonghornConfig
+from .ops import delta_rule, gated_delta_rule, longhorn_scan, mesa_net
+from .reference import (
+    delta_rule_reference,
+    gated_delta_rule_reference,
+    longhorn_reference,
+    mesa_net_reference,
+)
 
 __all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "delta_rule_reference", "gated_delta_rule_reference",
            "mesa_net_reference", "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet",
-           "MesaNetConfig"]
+           "MesaNetConfig", "Longhorn", "LonghornConfig", "longhorn_scan", "longhorn_reference"]
 
 
 @seqzoo.hookimpl
@@ -23,3 +31,5 @@ def register_layers(register):
              description="Gated DeltaNet: the delta rule after a data-dependent decay α = exp(g) (chunked forward)")
     register("mesanet", MesaNet,
              description="MesaNet: exact decayed ridge regression of v on k, read at q (chunked forward)")
+    register("longhorn", Longhorn,
+             description="Longhorn: Mamba-shaped SSM whose update is an implicit online regression step")

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .reference import gated_delta_rule_reference, mesa_net_reference
+from .reference import gated_delta_rule_reference, longhorn_reference, mesa_net_reference
 
-__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "DEFAULT_CHUNK_SIZE", "MESA_CHUNK_SIZE"]
+__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "longhorn_scan", "DEFAULT_CHUNK_SIZE", "MESA_CHUNK_SIZE"]
 
 #: tokens per chunk of the chunked form
 DEFAULT_CHUNK_SIZE = 64
@@ -278,3 +278,63 @@ def _mesa_group(q, k, v, g, beta, ridge, Hkk, Hkv):
     x = torch.cholesky_solve(q.unsqueeze(-1), factor).squeeze(-1)  # (H^kk_t + Λ)⁻¹ q_t
     o = ((x @ k.transpose(-1, -2)) * Wts) @ v + Gamma.unsqueeze(-1) * (x @ S_kv)
     return o, Hkk, Hkv
+
+
+# --- Longhorn --------------------------------------------------------------------------------------
+def longhorn_scan(
+    x: Tensor, k: Tensor, q: Tensor, beta: Tensor, *, initial_state: Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int | None = 16,
+) -> tuple[Tensor, Tensor | None]:
+    """Longhorn's recurrence (the math: ``longhorn_reference``): x, β (B, T, D); k, q (B, T, N); the
+    state (B, D, N). Returns y (B, T, D) and the final state when ``output_final_state``.
+
+    ``chunk_size`` None runs the token loop; an int cuts the sequence into chunks whose decays
+    1 − ε k² and inputs ε x k ((B, L, D, N) each) are formed by whole-chunk operations, the recurrence
+    then running over the chunk's positions as one fused multiply-add each (in place when autograd does
+    not record), and the outputs s_t·q_t of a chunk come from one batched product."""
+    name = "longhorn_scan"
+    for label, t in (("x", x), ("k", k), ("q", q), ("beta", beta), ("initial_state", initial_state)):
+        if t is not None and (not isinstance(t, Tensor) or not t.is_floating_point()):
+            raise TypeError(f"{name}: expected {label} to be a floating-point torch.Tensor")
+    if x.ndim != 3 or k.ndim != 3:
+        raise ValueError(f"{name}: expected x of shape (B, T, D) and k of shape (B, T, N), got "
+                         f"{tuple(x.shape)} and {tuple(k.shape)}")
+    B, T, D = x.shape
+    N = k.shape[-1]
+    if tuple(k.shape) != (B, T, N) or tuple(q.shape) != (B, T, N):
+        raise ValueError(f"{name}: expected k and q of shape {(B, T, N)}, got {tuple(k.shape)}, {tuple(q.shape)}")
+    if tuple(beta.shape) != (B, T, D):
+        raise ValueError(f"{name}: expected beta of shape {(B, T, D)}, got {tuple(beta.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, D, N):
+        raise ValueError(f"{name}: expected initial_state of shape {(B, D, N)}, got {tuple(initial_state.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name}: expected chunk_size to be None or a positive int, got {chunk_size!r}")
+    out_dtype = x.dtype
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, k, q, beta = x.to(dtype), k.to(dtype), q.to(dtype), beta.to(dtype)
+    S = x.new_zeros(B, D, N) if initial_state is None else initial_state.to(dtype)
+    if chunk_size is None:
+        y, S = longhorn_reference(x, k, q, beta, initial_state=S)
+        return y.to(out_dtype), (S if output_final_state else None)
+    eps = beta / (1 + beta * k.pow(2).sum(-1, keepdim=True))  # (B, T, D)
+    track = torch.is_grad_enabled() and any(t.requires_grad for t in (x, k, q, beta, S))
+    ys = []
+    for lo in range(0, T, chunk_size):
+        part = slice(lo, lo + chunk_size)
+        e, kk = eps[:, part, :, None], k[:, part, None, :]  # (B, L, D, 1), (B, L, 1, N)
+        decay = 1 - e * kk.square()  # (B, L, D, N)
+        states = (e * x[:, part, :, None]) * kk  # the inputs ε x k; overwritten with the states below
+        if track:
+            steps = []
+            for i in range(states.shape[1]):
+                S = torch.addcmul(states[:, i], decay[:, i], S)
+                steps.append(S)
+            states = torch.stack(steps, dim=1)
+        else:
+            for i in range(states.shape[1]):
+                S = states[:, i].addcmul_(decay[:, i], S)
+        ys.append((states @ q[:, part, :, None]).squeeze(-1))  # s_t · q_t
+    y = torch.cat(ys, dim=1) if ys else x.new_zeros(B, 0, D)
+    if not track:
+        S = S.clone()  # a view into the last chunk's buffer
+    return y.to(out_dtype), (S if output_final_state else None)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["delta_rule_reference", "gated_delta_rule_reference", "mesa_net_reference"]
+__all__ = ["delta_rule_reference", "gated_delta_rule_reference", "mesa_net_reference", "longhorn_reference"]
 
 
 def gated_delta_rule_reference(
@@ -82,3 +82,27 @@ def mesa_net_reference(
         outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, x))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o, (Hkk, Hkv)
+
+
+def longhorn_reference(
+    x: Tensor, k: Tensor, q: Tensor, beta: Tensor, *, initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Longhorn's state update as a token loop (Liu et al. 2024, "Longhorn: State Space Models are
+    Amortized Online Learners"). Each channel d keeps a row s_d ∈ R^N, a linear model x_d ≈ s_d·k,
+    updated by the implicit (proximal) online step
+        s_t = argmin_s ‖s − s_{t−1}‖² + β_t (s·k_t − x_t)²,
+    whose closed form is, with ε_t = β_t / (1 + β_t ‖k_t‖²) per channel,
+        s_t = s_{t−1} ⊙ (1 − ε_t k_t²) + ε_t x_t k_t   (the diagonal of I − ε k kᵀ, as Longhorn keeps it),
+        y_t = s_t · q_t.
+    x, β (B, T, D); k, q (B, T, N); the state (B, D, N). Returns y (B, T, D) and the last state."""
+    B, T, D = x.shape
+    N = k.shape[-1]
+    S = x.new_zeros(B, D, N) if initial_state is None else initial_state
+    ys = []
+    for t in range(T):
+        k_t, q_t = k[:, t], q[:, t]
+        eps = beta[:, t] / (1 + beta[:, t] * k_t.pow(2).sum(-1, keepdim=True))  # (B, D)
+        S = S * (1 - eps[..., None] * k_t.pow(2)[:, None]) + (eps * x[:, t])[..., None] * k_t[:, None]
+        ys.append(torch.einsum("bdn,bn->bd", S, q_t))
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(B, 0, D)
+    return y, S
