@@ -273,6 +273,24 @@ def test_longhorn_equals_official_step(path):
     torch.testing.assert_close(torch.stack(ys, 1), t["output"], rtol=0, atol=1e-12)
 
 
+def test_longhorn_forward_in_segments_equals_official_step(monkeypatch):
+    from seqzoo_plugins.delta import longhorn
+
+    monkeypatch.setattr(longhorn, "SEGMENT_ELEMENTS", 1)  # one chunk per segment
+    path = LONGHORN_CASES[0]
+    t = load_file(path)
+    config = dict(json.loads(safe_open(path, "pt").metadata()["config"])["layer_config"], chunk_size=4)
+    layer = seqzoo.create_layer("longhorn", config.pop("d_model"), **config).double()
+    layer.load_state_dict({k.removeprefix("param."): v for k, v in t.items() if k.startswith("param.")})
+    seen = []
+    layer.in_proj.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    y, state = layer(t["input"])
+    T = t["input"].shape[1]
+    assert seen == [4] * (T // 4) + [T % 4] and T % 4
+    torch.testing.assert_close(y, t["output"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(state["ssm_state"], t["ssm_state"], rtol=0, atol=1e-12)
+
+
 def test_longhorn_golden_files_present():
     assert len(LONGHORN_CASES) == 2, "tests/data/longhorn is incomplete"
 

@@ -28,7 +28,10 @@ from seqzoo.nn import causal_conv, causal_conv_step, conv_state_shape
 
 from .ops import longhorn_scan
 
-__all__ = ["Longhorn", "LonghornConfig"]
+__all__ = ["Longhorn", "LonghornConfig", "SEGMENT_ELEMENTS"]
+
+#: elements of in_proj's output per segment of ``forward`` on the CPU (4 MiB in float32)
+SEGMENT_ELEMENTS = 2**20
 
 
 @dataclass
@@ -92,7 +95,20 @@ class Longhorn(SequenceLayer):
         return xs, z, k, q, torch.sigmoid(self.dt_head(dt)), conv_state
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """By segments on the CPU (about ``SEGMENT_ELEMENTS`` of in_proj's output each, whole chunks), each
+        through the projections, conv, scan and out_proj from the state the last one ends in, so the
+        activations stay in cache and the time per token does not grow with T; elsewhere one segment."""
         state = self.check_input(x, state)
+        B, T = x.shape[:2]
+        L = self.config.chunk_size
+        segment = T if x.device.type != "cpu" else L * max(1, SEGMENT_ELEMENTS // (B * 2 * self.d_inner * L))
+        ys = []
+        for start in range(0, max(T, 1), segment):
+            y, state = self._forward_segment(x[:, start:start + segment], state)
+            ys.append(y)
+        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
+
+    def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         xs, z, k, q, beta, conv_state = self._inputs(x, state["conv_state"], step=False)
         y, S = longhorn_scan(xs, k, q, beta, initial_state=state["ssm_state"], output_final_state=True,
                              chunk_size=self.config.chunk_size)
