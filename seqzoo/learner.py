@@ -37,6 +37,8 @@ __all__ = [
     "GradientLearner",
     "LearnerLayerConfig",
     "TTTConfig",
+    "ONLINE_OPTIONS",
+    "online_options",
 ]
 
 
@@ -94,7 +96,36 @@ class TTTConfig:
     learnable_lr: bool = field(default=True, metadata={"help": "η_j gated by σ(θ_lr x_j + b) (False: gate 1)"})
     token_idx: bool = field(default=True, metadata={"help": "scale row i of η by 1/i + learnable offset"})
     rope: bool = field(default=True, metadata={"help": "RoPE on XQ and XK"})
-    post_norm: bool = field(default=True, metadata={"help": "LayerNorm on z before the output projection"})
+    post_norm: bool = field(default=True, metadata={"help": "a norm on z before the output projection (output_norm)"})
+    # the online learners' options (DeltaNet, Gated DeltaNet, Titans-style memories); the generic path
+    lr_gate: str = field(default="sigmoid", metadata={
+        "help": "η's gate: 'sigmoid' σ(θ_lr x + b), or '2sigmoid' 2σ(θ_lr x + b) (eigenvalues of I − ηkkᵀ down to −1)"})
+    lr_per_dim: bool = field(default=True, metadata={"help": "divide η by head_dim (the TTT paper's 1/d)"})
+    qk_norm: str = field(default="none", metadata={"help": "'l2': q and k scaled to unit norm, x·rsqrt(Σx² + 1e-6)"})
+    short_conv: int = field(default=0, metadata={
+        "help": "width of depthwise causal convs with SiLU on q, k and v (q_conv1d, k_conv1d, v_conv1d; 0: none)"})
+    output_norm: str = field(default="layernorm", metadata={
+        "help": "post_norm's kind: 'layernorm' over d_model, or 'rmsnorm' per head (o_norm; gated by "
+                "SiLU(g_proj x) with use_gate)"})
+    decay: str = field(default="none", metadata={
+        "help": "'head': the weights decay by α_t = exp(−exp(A_log)·softplus(a_proj x_t + dt_bias)) per head and "
+                "token (mini_batch_size 1)"})
+    decay_position: str = field(default="before", metadata={
+        "help": "'before': W_t = αW − η∇ℓ(αW) (the gradient at the decayed weights); 'after': W_t = αW − η∇ℓ(W)"})
+    momentum: bool = field(default=False, metadata={
+        "help": "the step is a momentum S_t = μ_t S_{t−1} − η_t∇ℓ, μ_t = σ(momentum_proj x_t) (mini_batch_size 1)"})
+
+
+#: the online learners' options of ``TTTConfig`` and their defaults: a layer class that does not
+#: implement them (``TTTLayer.online_options`` False) gives way to the generic ``TTTLayer`` when any is set
+ONLINE_OPTIONS = {"lr_gate": "sigmoid", "lr_per_dim": True, "qk_norm": "none", "short_conv": 0,
+                  "output_norm": "layernorm", "decay": "none", "decay_position": "before", "momentum": False}
+
+
+def online_options(config: Any) -> list[str]:
+    """The online-learner options that ``config`` (a ``TTTConfig`` or a dict) sets away from their defaults."""
+    get = config.get if isinstance(config, dict) else (lambda k, d: getattr(config, k, d))
+    return [k for k, default in ONLINE_OPTIONS.items() if get(k, default) != default]
 
 
 # --- learners --------------------------------------------------------------------------------------
@@ -167,6 +198,18 @@ class GradientLearner(Learner):
         from .ttt_layers import TTTLayer
 
         return TTTLayer
+
+    @classmethod
+    def make_layer(cls, d_model: int, **config: Any) -> SequenceLayer:
+        """The TTT layer of this learner: ``layer_class()``, or the generic ``TTTLayer`` when the config
+        sets an online-learner option (``ONLINE_OPTIONS``) that the layer class's fast paths lack."""
+        from .ttt_layers import TTTLayer
+
+        layer_cls = cls.layer_class()
+        if not getattr(layer_cls, "online_options", False) and online_options(config):
+            log.info("%s: %s set; using the generic TTT layer", cls.__name__, ", ".join(online_options(config)))
+            layer_cls = TTTLayer
+        return layer_cls(d_model, learner=cls, **config)
 
     def init_params(self) -> dict[str, Tensor]:
         """W0 of one head: the inner model's trainable weights (a learnable outer-loop parameter)."""

@@ -15,8 +15,8 @@ from .contract import SequenceLayer, State
 T = TypeVar("T")
 
 __all__ = [
-    "HeadProjections", "RMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step", "conv_state_shape",
-    "apply_rope", "cached_views",
+    "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
+    "conv_state_shape", "apply_rope", "cached_views", "l2_normalize",
 ]
 
 
@@ -71,6 +71,29 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x)·weight·SiLU(g), computed in at least float32 (flash-linear-attention's FusedRMSNormGated)."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor, g: Tensor) -> Tensor:
+        dtype = x.dtype
+        h, g = x.to(torch.promote_types(dtype, torch.float32)), g.to(torch.promote_types(g.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return (h * F.silu(g)).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x·rsqrt(Σx² + eps) over the last dim (flash-linear-attention's L2 norm of q and k)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 class SwiGLU(nn.Module):

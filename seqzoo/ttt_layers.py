@@ -12,15 +12,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from .contract import State
-from .learner import GradientLearner, Learner, positive_int
-from .nn import HeadProjections, apply_rope, cached_views
+from .learner import GradientLearner, Learner, online_options, positive_int
+from .nn import (
+    GatedRMSNorm,
+    HeadProjections,
+    RMSNorm,
+    apply_rope,
+    cached_views,
+    causal_conv,
+    causal_conv_step,
+    conv_state_shape,
+    l2_normalize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +124,23 @@ class TTTLayer(HeadProjections):
     ``n_grad`` = Σ gate_j ∇ℓ_j over the mini-batch so far; ``pos`` (B,) int64, the position inside the
     mini-batch; ``mini_batch_size`` (B,) int64, b (so a state of another layer is refused);
     ``conv`` (B, C, K-1) with share_qk.
+
+    The online learners' options (``seqzoo.learner.ONLINE_OPTIONS``; DeltaNet, Gated DeltaNet and
+    Titans-style memories are learners with them): ``lr_gate`` and ``lr_per_dim`` shape η;
+    ``qk_norm="l2"`` normalises q and k; ``short_conv`` adds depthwise causal convs with SiLU on q, k, v
+    (``q_conv1d``, ``k_conv1d``, ``v_conv1d``, no bias; state ``conv_q``, ``conv_k``, ``conv_v``);
+    ``output_norm="rmsnorm"`` is an RMSNorm per head (``o_norm``, weight (d,), eps 1e-5; with use_gate
+    gated by SiLU(g_proj x) inside the norm instead of gelu_tanh after it). With mini_batch_size 1,
+    ``decay="head"`` (parameters ``a_proj`` (H × C), ``A_log`` (H,), ``dt_bias`` (H,)) and ``momentum``
+    (``momentum_proj`` (H × C, with bias); state ``n_momentum``) make the update, per token,
+
+        S_t = [μ_t S_{t−1}] − η_t ∇ℓ_t(W_in),   W_t = α_t W_{t−1} + S_t,
+        W_in = α_t W_{t−1} (decay_position "before") or W_{t−1} ("after").
     """
+
+    #: whether this class implements the online learners' options (the generic path does; a layer with
+    #: hand-derived fast paths that does not is replaced by ``TTTLayer`` when they are set)
+    online_options: bool = True
 
     #: the ``backend`` names this layer resolves: "torch" (the torch path) and "auto" (its fastest exact
     #: path); a layer with kernels of its own adds their names
@@ -136,6 +164,10 @@ class TTTLayer(HeadProjections):
             raise ValueError(f"expected backend in {self.backends}, got {cfg.backend!r}")
         if not isinstance(cfg.scan_checkpoint_group_size, int) or cfg.scan_checkpoint_group_size < 0:
             raise ValueError(f"expected scan_checkpoint_group_size >= 0, got {cfg.scan_checkpoint_group_size!r}")
+        if not self.online_options and online_options(cfg):
+            raise ValueError(f"{type(self).__name__} does not implement {online_options(cfg)}; the learner's "
+                             "make_layer builds the generic TTTLayer for them")
+        self._check_online_options(cfg)
         self.learner = learner(d, **dataclasses.asdict(cfg))
 
         # W0 and the outer-only parameters of the learner, one per head, stacked on dim 0
@@ -144,7 +176,8 @@ class TTTLayer(HeadProjections):
         self.inner_names = list(inner[0])
         self.outer_names = list(outer[0])
         for name in self.inner_names + self.outer_names:
-            if hasattr(self, name) or name in ("pos", "conv", "mini_batch_size") or name.endswith("_grad"):
+            if (hasattr(self, name) or name in ("pos", "conv", "conv_q", "conv_k", "conv_v", "mini_batch_size")
+                    or name.endswith(("_grad", "_momentum"))):
                 raise ValueError(f"learner parameter name {name!r} clashes with the TTT layer's own names")
         for name in self.inner_names:
             w0 = torch.stack([p[name] for p in inner]).float()
@@ -161,7 +194,47 @@ class TTTLayer(HeadProjections):
             self.learnable_ttt_lr_bias = nn.Parameter(torch.zeros(H, 1))
         if cfg.token_idx:
             self.learnable_token_idx = nn.Parameter(torch.zeros(b))
-        self.post_norm = nn.LayerNorm(C, eps=1e-6) if cfg.post_norm else None
+        self.post_norm = nn.LayerNorm(C, eps=1e-6) if cfg.post_norm and cfg.output_norm == "layernorm" else None
+        self._build_online_modules(cfg)
+
+    def _check_online_options(self, cfg) -> None:
+        choices = {"lr_gate": ("sigmoid", "2sigmoid"), "qk_norm": ("none", "l2"),
+                   "output_norm": ("layernorm", "rmsnorm"), "decay": ("none", "head"),
+                   "decay_position": ("before", "after")}
+        for name, allowed in choices.items():
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"expected {name} in {allowed}, got {getattr(cfg, name)!r}")
+        if not isinstance(cfg.short_conv, int) or isinstance(cfg.short_conv, bool) or cfg.short_conv < 0:
+            raise ValueError(f"expected short_conv to be an int >= 0, got {cfg.short_conv!r}")
+        if cfg.short_conv and cfg.share_qk:
+            raise ValueError("short_conv and share_qk both convolve q and k: choose one")
+        if (cfg.decay != "none" or cfg.momentum) and self.mini_batch_size != 1:
+            raise ValueError(f"decay and momentum are online updates: expected mini_batch_size=1, got "
+                             f"{self.mini_batch_size}")
+        if cfg.output_norm == "rmsnorm" and cfg.use_gate and not cfg.post_norm:
+            raise ValueError("output_norm='rmsnorm' with use_gate gates inside the norm: it needs post_norm=True")
+
+    def _build_online_modules(self, cfg) -> None:
+        """The modules of the online learners' options (none at their defaults)."""
+        C, H, d = self.d_model, self.num_heads, self.head_dim
+        if cfg.short_conv:
+            conv = lambda: nn.Conv1d(C, C, cfg.short_conv, groups=C, padding=cfg.short_conv - 1, bias=False)
+            self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(), conv(), conv()
+        self.o_norm = None
+        if cfg.post_norm and cfg.output_norm == "rmsnorm":
+            self.o_norm = GatedRMSNorm(d, eps=1e-5) if cfg.use_gate else RMSNorm(d, eps=1e-5)
+        if cfg.decay == "head":  # initialised as Gated DeltaNet's: A ~ U(0, 16), softplus(dt_bias) in [1e-3, 0.1]
+            self.a_proj = nn.Linear(C, H, bias=False)
+            self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
+            dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        if cfg.momentum:
+            self.momentum_proj = nn.Linear(C, H, bias=True)
+
+    @property
+    def _online(self) -> bool:
+        """Whether the update is the online rule with a decay or a momentum (``_online_scan``)."""
+        return self.config.decay != "none" or self.config.momentum
 
     # --- state ------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
@@ -170,6 +243,8 @@ class TTTLayer(HeadProjections):
             w0 = getattr(self, name).to(device=device, dtype=dtype)  # W0 keeps its graph: it is learned
             state[name] = w0.unsqueeze(0).expand(batch_size, *w0.shape).clone()
             state[f"{name}_grad"] = torch.zeros_like(state[name])
+            if self.config.momentum:
+                state[f"{name}_momentum"] = torch.zeros_like(state[name])
         state["pos"] = torch.zeros(batch_size, dtype=torch.int64, device=device)
         state["mini_batch_size"] = torch.full((batch_size,), self.mini_batch_size, dtype=torch.int64, device=device)
         state.update(self._conv_state(batch_size, device, dtype))
@@ -177,7 +252,50 @@ class TTTLayer(HeadProjections):
 
     def state_size(self, seq_len: int) -> int:
         weights = sum(getattr(self, n).numel() for n in self.inner_names)
-        return 2 * weights + 2 + self._conv_state_size()
+        return (3 if self.config.momentum else 2) * weights + 2 + self._conv_state_size()
+
+    def _conv_state(self, batch_size: int, device, dtype) -> State:
+        if not self.config.short_conv:
+            return super()._conv_state(batch_size, device, dtype)
+        shape = conv_state_shape(self.q_conv1d, batch_size)
+        return {f"conv_{n}": torch.zeros(shape, device=device, dtype=dtype) for n in ("q", "k", "v")}
+
+    def _conv_state_size(self) -> int:
+        if not self.config.short_conv:
+            return super()._conv_state_size()
+        return 3 * self.d_model * (self.config.short_conv - 1)
+
+    def _qkv(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        """The views (B, H, T, d), after the short convs and the q/k norm when those options are on."""
+        if not self.config.short_conv:
+            XQ, XK, XV, new = super()._qkv(x, state)
+        else:
+            new, views = {}, []
+            for n in ("q", "k", "v"):
+                y, new[f"conv_{n}"] = causal_conv(getattr(self, f"{n}_conv1d"), getattr(self, f"{n}_proj")(x),
+                                                  state[f"conv_{n}"])
+                views.append(rearrange(F.silu(y), "b t (h d) -> b h t d", h=self.num_heads))
+            XQ, XK, XV = views
+        if self.config.qk_norm == "l2":
+            XQ, XK = l2_normalize(XQ), l2_normalize(XK)
+        return XQ, XK, XV, new
+
+    def _qkv_step(self, x: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor, State]:
+        if not self.config.short_conv:
+            q, k, v, new = super()._qkv_step(x, state)
+        else:
+            new, views = {}, []
+            for n in ("q", "k", "v"):
+                y, new[f"conv_{n}"] = causal_conv_step(getattr(self, f"{n}_conv1d"), getattr(self, f"{n}_proj")(x),
+                                                       state[f"conv_{n}"])
+                views.append(F.silu(y).unflatten(-1, (self.num_heads, -1)))
+            q, k, v = views
+        if self.config.qk_norm == "l2":
+            q, k = l2_normalize(q), l2_normalize(k)
+        return q, k, v, new
+
+    def _owns_qk(self) -> bool:
+        return bool(self.config.short_conv or self.config.qk_norm != "none") or super()._owns_qk()
 
     def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
         return self._checked(x, state, step)[0]
@@ -218,9 +336,15 @@ class TTTLayer(HeadProjections):
 
         return cached_views(self, ("outer", batch, dtype), [getattr(self, n) for n in self.outer_names], build)
 
+    def _lr_base(self) -> float:
+        """ttt_base_lr [/ d with lr_per_dim] [· 2 with lr_gate '2sigmoid']: η = base · σ(θ_lr x + b)."""
+        cfg = self.config
+        base = cfg.ttt_base_lr / (self.head_dim if cfg.lr_per_dim else 1)
+        return base * (2.0 if cfg.lr_gate == "2sigmoid" and cfg.learnable_lr else 1.0)
+
     def _gate_eta(self, x: Tensor) -> Tensor:
-        """gate_j = ttt_base_lr · σ(θ_lr,h · x_j + b_lr,h) / d for x (B, T, C) -> (B, H, T)."""
-        base = self.config.ttt_base_lr / self.head_dim
+        """gate_j = ttt_base_lr · σ(θ_lr,h · x_j + b_lr,h) / d for x (B, T, C) -> (B, H, T) (``_lr_base``)."""
+        base = self._lr_base()
         if not self.config.learnable_lr:
             return torch.full((x.shape[0], self.num_heads, x.shape[1]), base, device=x.device, dtype=x.dtype)
         logits = torch.einsum("btc,hc->bht", x, self.learnable_ttt_lr_weight[:, 0].to(x.dtype))
@@ -242,6 +366,11 @@ class TTTLayer(HeadProjections):
         return apply_rope(XQ, positions, theta, inplace=inplace), apply_rope(XK, positions, theta, inplace=inplace)
 
     def _output(self, x: Tensor, z: Tensor) -> Tensor:
+        if self.o_norm is not None:  # RMSNorm per head, the gate inside it with use_gate
+            heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
+            z = heads(z)
+            z = (self.o_norm(z, heads(self.g_proj(x))) if self.use_gate else self.o_norm(z)).flatten(-2)
+            return self.o_proj(z)
         if self.post_norm is not None:  # module calls, so hooks and wrapped modules (LoRA, ...) apply
             z = self.post_norm(z)
         return self.o_proj(self._gate(x, z))
@@ -265,11 +394,19 @@ class TTTLayer(HeadProjections):
             flat = lambda t: rearrange(t.to(dtype), "b h t d -> (b h) t d")
             lr = rearrange(self._gate_eta(x), "b h t -> (b h) t")
             W, G = self._start_weights(state)
-            Z, W, G, p_end = self._scan(flat(XQ), flat(XK), flat(XV), lr, self._token_eta(x.device, dtype),
-                                        W, G, p, self._outer(B, dtype))
+            if self._online:
+                M = self._momentum(state)
+                Z, W, M = self._online_scan(flat(XQ), flat(XK), flat(XV), lr * self._token_eta(x.device, dtype)[0],
+                                            *self._online_rates(x), W, M, self._outer(B, dtype))
+                p_end = 0
+            else:
+                Z, W, G, p_end = self._scan(flat(XQ), flat(XK), flat(XV), lr, self._token_eta(x.device, dtype),
+                                            W, G, p, self._outer(B, dtype))
         unflat = lambda t: t.reshape(B, self.num_heads, *t.shape[1:])
         for n in self.inner_names:
             new[n], new[f"{n}_grad"] = unflat(W[n]), unflat(G[n])
+            if self.config.momentum:
+                new[f"{n}_momentum"] = unflat(M[n])
         new["pos"] = torch.full((B,), p_end, dtype=torch.int64, device=x.device)
         new["mini_batch_size"] = state["mini_batch_size"]
         z = rearrange(Z, "(b h) t d -> b t (h d)", b=B)
@@ -370,15 +507,59 @@ class TTTLayer(HeadProjections):
             W, G = self._start_weights(state)
             commit = p + 1 == b  # the mini-batch is complete: W ← W̄_b, G ← 0
             tok = self._token_eta_at(p, x.device, dtype)
-            Z, W_bar, G = self._token_step(flat(q), flat(k), flat(v), self._gate_eta_step(x), tok, W, G,
-                                           self._outer(B, dtype), commit)
+            if self._online:
+                M = self._momentum(state)
+                rates = [None if r is None else r.reshape(B * H, 1) for r in self._online_rates(x.unsqueeze(1))]
+                Z, W_bar, M = self._online_scan(flat(q), flat(k), flat(v), self._gate_eta_step(x) * tok, *rates, W, M,
+                                                self._outer(B, dtype))
+            else:
+                Z, W_bar, G = self._token_step(flat(q), flat(k), flat(v), self._gate_eta_step(x), tok, W, G,
+                                               self._outer(B, dtype), commit)
         if commit:
             W, G = W_bar, {n: torch.zeros_like(g) for n, g in G.items()}
         for n in self.inner_names:
             new[n], new[f"{n}_grad"] = W[n].reshape(B, H, *W[n].shape[1:]), G[n].reshape(B, H, *G[n].shape[1:])
+            if self.config.momentum:
+                new[f"{n}_momentum"] = M[n].reshape(B, H, *M[n].shape[1:])
         new["pos"] = torch.full((B,), (p + 1) % b, dtype=torch.int64, device=x.device)
         new["mini_batch_size"] = state["mini_batch_size"]
         return self._output(x, Z.reshape(B, H * d)), new
+
+    # --- the online rule with a decay or a momentum (mini_batch_size 1) ----------------------------
+    def _momentum(self, state: State) -> dict[str, Tensor] | None:
+        if not self.config.momentum:
+            return None
+        return {n: state[f"{n}_momentum"].reshape(-1, *state[n].shape[2:]) for n in self.inner_names}
+
+    def _online_rates(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """α_t (decay) and μ_t (momentum) per head and token, (B·H, T) each, or None without the option."""
+        alpha = mu = None
+        if self.config.decay == "head":
+            g = -self.A_log.to(x.dtype).exp() * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))
+            alpha = rearrange(g.exp(), "b t h -> (b h) t")
+        if self.config.momentum:
+            mu = rearrange(torch.sigmoid(self.momentum_proj(x)), "b t h -> (b h) t")
+        return alpha, mu
+
+    def _online_scan(self, XQ, XK, XV, lr, alpha, mu, W, M, outer):
+        """Token by token (N, T, d): S_t = [μ_t S_{t−1}] − η_t ∇ℓ_t(W_in), W_t = [α_t] W_{t−1} + S_t with
+        W_in = α_t W_{t−1} (decay_position "before") or W_{t−1} ("after"); z_t = f(q_t; W_t).
+        Returns Z (N, T, d), W and the momentum S (None without it). Gradients from torch.func."""
+        learner, before = self.learner, self.config.decay_position == "before"
+        grad = torch.func.vmap(torch.func.grad(lambda w, o, k, v: learner.loss({**w, **o}, k, v)))
+        predict = torch.func.vmap(lambda w, o, q: learner.predict({**w, **o}, q))
+        scale = lambda c, t: c.reshape(-1, *[1] * (t.ndim - 1)) * t  # a per-row scalar times (N, ...)
+        Zs = []
+        for t in range(XQ.shape[1]):
+            decayed = W if alpha is None else {n: scale(alpha[:, t], w) for n, w in W.items()}
+            g = grad(decayed if before else W, outer, XK[:, t], XV[:, t])
+            S = {n: -scale(lr[:, t], g[n]) for n in W}
+            if mu is not None:
+                S = M = {n: scale(mu[:, t], M[n]) + S[n] for n in W}
+            W = {n: decayed[n] + S[n] for n in W}
+            Zs.append(predict(W, outer, XQ[:, t]))
+        Z = torch.stack(Zs, dim=1) if Zs else XQ.new_zeros(XQ.shape)
+        return Z, W, M
 
     def _token_step(self, XQ, XK, XV, lr, tok, W, G, outer, commit: bool):
         """One token (N, 1, d) of ``step``: Z (N, 1, d), W̄ (needed only when ``commit``), G updated.
@@ -388,12 +569,12 @@ class TTTLayer(HeadProjections):
     def _gate_eta_step(self, x: Tensor) -> Tensor:
         """``_gate_eta`` of one token x (B, C) -> (B·H, 1)."""
         if not self.config.learnable_lr:
-            return x.new_full((x.shape[0] * self.num_heads, 1), self.config.ttt_base_lr / self.head_dim)
+            return x.new_full((x.shape[0] * self.num_heads, 1), self._lr_base())
         weight, bias = self.learnable_ttt_lr_weight, self.learnable_ttt_lr_bias
         weight_t, bias = cached_views(self, ("lr_gate", x.dtype), [weight, bias],
                                       lambda: (weight[:, 0].to(x.dtype).t(), bias[:, 0].to(x.dtype)))
         gate = torch.sigmoid(torch.addmm(bias, x, weight_t)).view(-1, 1)
-        return gate * (self.config.ttt_base_lr / self.head_dim)
+        return gate * self._lr_base()
 
     def _token_eta_at(self, p: int, device, dtype) -> Tensor:
         """tokidx[p] of ``token_eta`` as a (1,) tensor."""

@@ -23,9 +23,9 @@ from seqzoo_plugins.delta import (
     mesa_net,
     mesa_net_reference,
 )
-from seqzoo_plugins.delta.layers import l2_normalize
 
 import seqzoo
+from seqzoo.nn import l2_normalize
 
 DATA = Path(__file__).parent / "data" / "fla"
 OP_CASES = sorted(p for p in DATA.glob("op_*.safetensors") if "mesa" not in p.name)

@@ -34,42 +34,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import RMSNorm, causal_conv, causal_conv_step, conv_state_shape
+from seqzoo.nn import GatedRMSNorm, RMSNorm, causal_conv, causal_conv_step, conv_state_shape, l2_normalize
 
 from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig", "GatedRMSNorm",
-           "l2_normalize"]
+__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig"]
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
 BACKENDS = ("auto", "torch")
-
-
-def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """x·rsqrt(Σx² + eps) over the last dim (flash-linear-attention's L2 norm of q and k)."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
-
-
-class GatedRMSNorm(nn.Module):
-    """RMSNorm(x)·weight·SiLU(g), computed in at least float32 (fla's ``FusedRMSNormGated``)."""
-
-    def __init__(self, d: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-        self.eps = eps
-
-    def forward(self, x: Tensor, g: Tensor) -> Tensor:
-        dtype = x.dtype
-        h, g = x.to(torch.promote_types(dtype, torch.float32)), g.to(torch.promote_types(g.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return (h * F.silu(g)).to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 @functools.cache

@@ -95,6 +95,7 @@ class InnerNormTTT(TTTLayer):
     """
 
     backends = ("auto", "torch", "triton")
+    online_options = False  # the hand-derived paths implement the TTT paper's rule only
 
     # the methods of the step's torch path that the native step stands in for: a subclass that overrides
     # one of them gets the torch path
