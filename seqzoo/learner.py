@@ -108,18 +108,22 @@ class TTTConfig:
         "help": "post_norm's kind: 'layernorm' over d_model, or 'rmsnorm' per head (o_norm; gated by "
                 "SiLU(g_proj x) with use_gate)"})
     decay: str = field(default="none", metadata={
-        "help": "'head': the weights decay by α_t = exp(−exp(A_log)·softplus(a_proj x_t + dt_bias)) per head and "
-                "token (mini_batch_size 1)"})
+        "help": "a decay α_t of the weights per head and token (mini_batch_size 1): 'softplus' "
+                "α = exp(−exp(A_log)·softplus(a_proj x + dt_bias)) (Gated DeltaNet's), 'sigmoid' "
+                "α = 1 − σ(decay_proj x) (Titans')"})
     decay_position: str = field(default="before", metadata={
         "help": "'before': W_t = αW − η∇ℓ(αW) (the gradient at the decayed weights); 'after': W_t = αW − η∇ℓ(W)"})
     momentum: bool = field(default=False, metadata={
         "help": "the step is a momentum S_t = μ_t S_{t−1} − η_t∇ℓ, μ_t = σ(momentum_proj x_t) (mini_batch_size 1)"})
+    head_gate: bool = field(default=False, metadata={
+        "help": "each head's output times σ(head_gate_proj x), before o_proj (Titans' retrieve gate)"})
 
 
 #: the online learners' options of ``TTTConfig`` and their defaults: a layer class that does not
 #: implement them (``TTTLayer.online_options`` False) gives way to the generic ``TTTLayer`` when any is set
 ONLINE_OPTIONS = {"lr_gate": "sigmoid", "lr_per_dim": True, "qk_norm": "none", "short_conv": 0,
-                  "output_norm": "layernorm", "decay": "none", "decay_position": "before", "momentum": False}
+                  "output_norm": "layernorm", "decay": "none", "decay_position": "before", "momentum": False,
+                  "head_gate": False}
 
 
 def online_options(config: Any) -> list[str]:

@@ -130,9 +130,11 @@ class TTTLayer(HeadProjections):
     ``qk_norm="l2"`` normalises q and k; ``short_conv`` adds depthwise causal convs with SiLU on q, k, v
     (``q_conv1d``, ``k_conv1d``, ``v_conv1d``, no bias; state ``conv_q``, ``conv_k``, ``conv_v``);
     ``output_norm="rmsnorm"`` is an RMSNorm per head (``o_norm``, weight (d,), eps 1e-5; with use_gate
-    gated by SiLU(g_proj x) inside the norm instead of gelu_tanh after it). With mini_batch_size 1,
-    ``decay="head"`` (parameters ``a_proj`` (H × C), ``A_log`` (H,), ``dt_bias`` (H,)) and ``momentum``
-    (``momentum_proj`` (H × C, with bias); state ``n_momentum``) make the update, per token,
+    gated by SiLU(g_proj x) inside the norm instead of gelu_tanh after it); ``head_gate`` multiplies each
+    head's output by σ(head_gate_proj x) (H × C). With mini_batch_size 1, ``decay`` ("softplus":
+    ``a_proj`` (H × C), ``A_log`` (H,), ``dt_bias`` (H,), Gated DeltaNet's α; "sigmoid": ``decay_proj``
+    (H × C, with bias), α = 1 − σ(·), Titans') and ``momentum`` (``momentum_proj`` (H × C, with bias);
+    state ``n_momentum``) make the update, per token,
 
         S_t = [μ_t S_{t−1}] − η_t ∇ℓ_t(W_in),   W_t = α_t W_{t−1} + S_t,
         W_in = α_t W_{t−1} (decay_position "before") or W_{t−1} ("after").
@@ -147,10 +149,13 @@ class TTTLayer(HeadProjections):
     backends: tuple[str, ...] = ("auto", "torch")
 
     def flops(self, seq_len: int) -> float:
-        """2T·Σ(projection weights) + 2T·C·H (the η gate): what every TTT layer computes outside its
-        inner model; a learner's layer adds the inner model's training and prediction."""
+        """2T·Σ(projection weights) + 2T·C·H (the η gate) [+ T·H·learner.token_flops()]: what every TTT layer
+        computes outside its inner model, plus the inner model's training and prediction per token and
+        head when the learner states them (``token_flops``); a layer of hand-derived forms counts its own."""
         gate = 2.0 * seq_len * self.d_model * self.num_heads if self.config.learnable_lr else 0.0
-        return super().flops(seq_len) + gate
+        token_flops = getattr(self.learner, "token_flops", None)
+        inner = seq_len * self.num_heads * token_flops() if callable(token_flops) else 0.0
+        return super().flops(seq_len) + gate + inner
 
     def __init__(self, d_model: int, *, learner: type[GradientLearner], **config: Any):
         super().__init__(d_model)
@@ -199,7 +204,7 @@ class TTTLayer(HeadProjections):
 
     def _check_online_options(self, cfg) -> None:
         choices = {"lr_gate": ("sigmoid", "2sigmoid"), "qk_norm": ("none", "l2"),
-                   "output_norm": ("layernorm", "rmsnorm"), "decay": ("none", "head"),
+                   "output_norm": ("layernorm", "rmsnorm"), "decay": ("none", "softplus", "sigmoid"),
                    "decay_position": ("before", "after")}
         for name, allowed in choices.items():
             if getattr(cfg, name) not in allowed:
@@ -223,13 +228,17 @@ class TTTLayer(HeadProjections):
         self.o_norm = None
         if cfg.post_norm and cfg.output_norm == "rmsnorm":
             self.o_norm = GatedRMSNorm(d, eps=1e-5) if cfg.use_gate else RMSNorm(d, eps=1e-5)
-        if cfg.decay == "head":  # initialised as Gated DeltaNet's: A ~ U(0, 16), softplus(dt_bias) in [1e-3, 0.1]
+        if cfg.decay == "softplus":  # initialised as Gated DeltaNet's: A ~ U(0, 16), softplus(dt_bias) in [1e-3, 0.1]
             self.a_proj = nn.Linear(C, H, bias=False)
             self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
             dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        elif cfg.decay == "sigmoid":
+            self.decay_proj = nn.Linear(C, H, bias=True)
         if cfg.momentum:
             self.momentum_proj = nn.Linear(C, H, bias=True)
+        if cfg.head_gate:
+            self.head_gate_proj = nn.Linear(C, H, bias=False)
 
     @property
     def _online(self) -> bool:
@@ -366,14 +375,17 @@ class TTTLayer(HeadProjections):
         return apply_rope(XQ, positions, theta, inplace=inplace), apply_rope(XK, positions, theta, inplace=inplace)
 
     def _output(self, x: Tensor, z: Tensor) -> Tensor:
+        heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
         if self.o_norm is not None:  # RMSNorm per head, the gate inside it with use_gate
-            heads = lambda t: t.unflatten(-1, (self.num_heads, self.head_dim))
             z = heads(z)
             z = (self.o_norm(z, heads(self.g_proj(x))) if self.use_gate else self.o_norm(z)).flatten(-2)
-            return self.o_proj(z)
-        if self.post_norm is not None:  # module calls, so hooks and wrapped modules (LoRA, ...) apply
-            z = self.post_norm(z)
-        return self.o_proj(self._gate(x, z))
+        else:
+            if self.post_norm is not None:  # module calls, so hooks and wrapped modules (LoRA, ...) apply
+                z = self.post_norm(z)
+            z = self._gate(x, z)
+        if self.config.head_gate:
+            z = (heads(z) * torch.sigmoid(self.head_gate_proj(x)).unsqueeze(-1)).flatten(-2)
+        return self.o_proj(z)
 
     # --- forward: whole mini-batches through _full, partial ones through _chunk --------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -534,9 +546,11 @@ class TTTLayer(HeadProjections):
     def _online_rates(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """α_t (decay) and μ_t (momentum) per head and token, (B·H, T) each, or None without the option."""
         alpha = mu = None
-        if self.config.decay == "head":
+        if self.config.decay == "softplus":
             g = -self.A_log.to(x.dtype).exp() * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))
             alpha = rearrange(g.exp(), "b t h -> (b h) t")
+        elif self.config.decay == "sigmoid":
+            alpha = rearrange(1 - torch.sigmoid(self.decay_proj(x)), "b t h -> (b h) t")
         if self.config.momentum:
             mu = rearrange(torch.sigmoid(self.momentum_proj(x)), "b t h -> (b h) t")
         return alpha, mu

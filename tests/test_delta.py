@@ -329,6 +329,65 @@ def test_longhorn_epsilon_is_the_implicit_step():
     torch.testing.assert_close(exact, s0 - eps * k * k.dot(s0) + eps * x * k, rtol=0, atol=1e-14)
 
 
+# --- Titans ---------------------------------------------------------------------------------------------
+TITANS_CASES = sorted((Path(__file__).parent / "data" / "titans").glob("memory_*.safetensors"))
+
+
+def _titans(path):
+    from seqzoo_plugins.delta import from_titans_pytorch
+
+    t = load_file(path)
+    config = json.loads(safe_open(path, "pt").metadata()["config"])["neural_memory"]
+    sd = {k.removeprefix("param."): v for k, v in t.items() if k.startswith("param.")}
+    return from_titans_pytorch(sd, max_lr=config["default_step_transform_max_lr"]), t
+
+
+def test_titans_golden_files_present():
+    assert len(TITANS_CASES) == 2, "tests/data/titans is incomplete"
+
+
+@pytest.mark.parametrize("path", TITANS_CASES, ids=lambda p: p.stem)
+def test_titans_equals_titans_pytorch(path):
+    """titans-pytorch 0.5.5 NeuralMemory (chunk_size=1, batch_size=1, momentum, several heads) in float64."""
+    layer, t = _titans(path)
+    assert next(layer.parameters()).dtype == torch.float64
+    y, state = layer(t["input"])
+    torch.testing.assert_close(y, t["output"], rtol=0, atol=1e-10)
+    state, ys = layer.init_state(2, dtype=torch.float64), []
+    for i in range(t["input"].shape[1]):
+        y_t, state = layer.step(t["input"][:, i], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), t["output"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", TITANS_CASES, ids=lambda p: p.stem)
+def test_titans_without_momentum_and_decay_is_online_ttt(path):
+    """μ ≡ 0 and a ≡ 0 (biases at −∞): Titans' update is the online TTT layer's, W_t = W_{t−1} − η∇ℓ."""
+    from seqzoo_plugins.delta import TitansMemory
+
+    from seqzoo.ttt_layers import TTTLayer
+
+    titans, t = _titans(path)
+    with torch.no_grad():
+        titans.momentum_proj.bias.fill_(float("-inf"))
+        titans.decay_proj.bias.fill_(float("-inf"))
+    cfg = titans.config
+    online = TitansMemory.make_layer(titans.d_model, num_heads=cfg.num_heads, ttt_base_lr=cfg.ttt_base_lr,
+                                     memory_depth=cfg.memory_depth, memory_expansion=cfg.memory_expansion,
+                                     momentum=False, decay="none").double()
+    assert type(online) is TTTLayer and not hasattr(online, "momentum_proj")
+    sd = {k: v for k, v in titans.state_dict().items() if not k.startswith(("momentum_proj", "decay_proj"))}
+    online.load_state_dict(sd, strict=True)
+    torch.testing.assert_close(titans(t["input"])[0], online(t["input"])[0], rtol=0, atol=1e-12)
+
+
+def test_from_titans_pytorch_refuses_other_configurations():
+    from seqzoo_plugins.delta import from_titans_pytorch
+
+    with pytest.raises(ValueError, match="missing"):
+        from_titans_pytorch({"to_queries.weight": torch.zeros(4, 4)})
+
+
 # --- the layers against fla's layers ------------------------------------------------------------------
 def _fla_layer(path: Path, **extra):
     tensors = load_file(path)
@@ -445,13 +504,13 @@ def test_deltanet_is_ttt_linear_with_online_gd():
 
 # --- where the layers run -------------------------------------------------------------------------------
 def test_the_layers_are_registered_by_the_delta_plugin():
-    for name in ("deltanet", "gated_deltanet", "mesanet", "longhorn"):
+    for name in ("deltanet", "gated_deltanet", "mesanet", "longhorn", "titans"):
         assert seqzoo.layer_spec(name).plugin == "delta"
 
 
 def test_cpu_run_imports_nothing_of_fla():
     code = ("import sys, torch, seqzoo\n"
-            "for n in ('deltanet', 'gated_deltanet', 'mesanet', 'longhorn'):\n"
+            "for n in ('deltanet', 'gated_deltanet', 'mesanet', 'longhorn', 'titans'):\n"
             "    layer = seqzoo.create_layer(n, 32)\n"
             "    layer(torch.randn(1, 70, 32))\n"
             "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
@@ -473,7 +532,7 @@ def test_cuda_fla_kernels_equal_torch_path(name):
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "mesanet", "longhorn"])
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "mesanet", "longhorn", "titans"])
 def test_language_model_in_both_backbones(name, backbone):
     """The layers drop into both backbones (the Mamba one turns use_gate on); a model's step and a
     forward cut in two equal its forward; a training step's gradients reach every parameter."""

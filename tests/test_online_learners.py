@@ -80,7 +80,7 @@ def test_deltanet_as_a_learner_is_deltanet(tutorial, variant):
 def test_gated_deltanet_as_a_learner_is_gated_deltanet(tutorial, use_gate):
     torch.manual_seed(1)
     C, H = 32, 4
-    learner_layer = tutorial["DeltaLearner"].make_layer(C, num_heads=H, use_gate=use_gate, decay="head",
+    learner_layer = tutorial["DeltaLearner"].make_layer(C, num_heads=H, use_gate=use_gate, decay="softplus",
                                                         **tutorial["DELTANET"]).double()
     gated = seqzoo.create_layer("gated_deltanet", C, num_heads=H, expand_v=1.0, use_gate=use_gate).double()
     with torch.no_grad():
@@ -117,7 +117,7 @@ def test_decay_and_momentum_equal_a_plain_loop(learner, position, momentum):
     C, H, T = 16, 2, 9
     d = C // H
     layer = learner.make_layer(C, num_heads=H, mini_batch_size=1, rope=False, token_idx=False, post_norm=False,
-                               decay="head", decay_position=position, momentum=momentum).double()
+                               decay="softplus", decay_position=position, momentum=momentum).double()
     with torch.no_grad():
         layer.A_log.fill_(-1.0)  # decays well inside (0, 1)
     x = torch.randn(1, T, C, dtype=torch.float64)
@@ -148,8 +148,8 @@ def test_decay_and_momentum_equal_a_plain_loop(learner, position, momentum):
 
 @pytest.mark.parametrize(("learner", "options"), [
     (_Linear, dict(qk_norm="l2", short_conv=3, output_norm="rmsnorm", lr_gate="2sigmoid", lr_per_dim=False,
-                   decay="head")),
-    (_MLP, dict(qk_norm="l2", decay="head", decay_position="after", momentum=True, use_gate=True,
+                   decay="softplus")),
+    (_MLP, dict(qk_norm="l2", decay="softplus", decay_position="after", momentum=True, use_gate=True,
                 output_norm="rmsnorm")),
 ], ids=["linear_delta_options", "mlp_titans_options"])
 def test_online_learners_conform(learner, options):
@@ -170,7 +170,7 @@ def test_fast_layers_give_way_to_the_generic_one():
 
 
 @pytest.mark.parametrize(("options", "match"), [
-    ({"decay": "head"}, "mini_batch_size=1"),
+    ({"decay": "softplus"}, "mini_batch_size=1"),
     ({"momentum": True}, "mini_batch_size=1"),
     ({"lr_gate": "tanh", "mini_batch_size": 1}, "lr_gate"),
     ({"output_norm": "batchnorm"}, "output_norm"),
