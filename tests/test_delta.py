@@ -554,3 +554,14 @@ def test_language_model_in_both_backbones(name, backbone):
     logits, _ = lm(ids)
     F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
+
+
+def test_default_comparison_keeps_its_layers_and_delta_has_a_preset():
+    """The new family joins `seqzoo compare` through --layers or the `delta` preset, not the default set."""
+    from seqzoo.bench.presets import DELTA_LAYERS, PAPER_LAYERS, preset
+
+    for name in ("quick", "default", "paper"):
+        assert preset(name)["layers"] == PAPER_LAYERS
+    assert preset("delta")["layers"] == DELTA_LAYERS and preset("delta")["tasks"] == preset("default")["tasks"]
+    assert all(name in seqzoo.list_layers() for name in PAPER_LAYERS + DELTA_LAYERS)
+    assert not set(PAPER_LAYERS) & {"deltanet", "gated_deltanet", "mesanet", "longhorn", "titans"}

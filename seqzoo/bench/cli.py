@@ -305,22 +305,25 @@ def add_commands(sub) -> None:
     """Add the harness subcommands to the ``seqzoo`` argument parser."""
     p = sub.add_parser(
         "compare",
-        help="train and time every layer in both backbones; table, JSON, plots, report",
-        description="Train every registered layer in both backbones, parameter-matched, under one "
+        help="train and time the preset's layers in both backbones; table, JSON, plots, report",
+        description="Train the preset's layers (or --layers) in both backbones, parameter-matched, under one "
         "recipe on the default tasks, time them, and write results.json, PNG plots "
         "and report.md.",
     )
     p.add_argument(
-        "--layers", nargs="*", help="layer names (comma or space separated; default: all registered)"
+        "--layers", nargs="*",
+        help="layer names (comma or space separated; default: the preset's layers, the TTT paper's seven for "
+             "quick, default and paper, the delta-rule family for delta)"
     )
     p.add_argument("--backbones", nargs="*", help="transformer, mamba (default: both)")
     p.add_argument("--tasks", nargs="*", help="registered tasks (default: the preset's, mqar and lm)")
     p.add_argument(
         "--preset",
         default="default",
-        choices=["quick", "default", "ladder", "paper"],
+        choices=["quick", "default", "ladder", "paper", "delta"],
         help="quick: seconds (tests); default: the comparison on a CPU (about 3 h on 2 cores; --resume continues it); ladder: the "
-        "TTT paper's ablation ladder (Table 1) on the byte LM; paper: the published recipes (GPU)",
+        "TTT paper's ablation ladder (Table 1) on the byte LM; paper: the published recipes (GPU); delta: the "
+        "delta-rule family beside linear and softmax attention on the default recipe",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(

@@ -138,7 +138,7 @@ def compare(
     if variants is not None and (layers or backbones):
         raise ValueError(f"preset {preset_name!r} lists its own rows; drop --layers / --backbones")
     if variants is None:
-        layers = list(layers or list_layers())
+        layers = list(layers or cfg.get("layers") or list_layers())
         backbones = list(backbones or BACKBONES)
         rows = [{"layer": la, "backbone": b, "layer_config": {}} for la in layers for b in backbones]
     else:

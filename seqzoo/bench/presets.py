@@ -1,4 +1,5 @@
-"""The recipes of ``seqzoo compare``: one dict per preset (``quick``, ``default``, ``ladder``, ``paper``).
+"""The recipes of ``seqzoo compare``: one dict per preset (``quick``, ``default``, ``ladder``, ``paper``,
+``delta``).
 
 A preset names its tasks; each task entry says what to train and how to spend the budget:
 
@@ -15,6 +16,7 @@ A preset names its tasks; each task entry says what to train and how to spend th
 ``task_defaults``: the recipe of a task the preset does not name (``--tasks`` with a plugin's task).
 ``claims``: the known results the run checks (``KNOWN_CLAIMS``; evaluated by ``seqzoo.bench.claims``).
 ``reference_layer``: the layer whose transformer-backbone model sets every cell's parameter target.
+``layers``: the layers compared unless ``--layers`` names others (``PAPER_LAYERS``, ``DELTA_LAYERS``).
 
 A preset may instead of layers × backbones list ``variants``: named rows, each a layer, a backbone and
 options (the ``ladder`` preset: the ablation rows of the TTT paper's Table 1).
@@ -25,7 +27,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-__all__ = ["PRESETS", "RECIPE", "preset", "widths", "LADDER_PAPER_PERPLEXITY", "KNOWN_CLAIMS"]
+__all__ = ["PRESETS", "RECIPE", "preset", "widths", "LADDER_PAPER_PERPLEXITY", "KNOWN_CLAIMS", "PAPER_LAYERS",
+           "DELTA_LAYERS"]
 
 RECIPE = {
     "optimizer": "AdamW",
@@ -151,6 +154,16 @@ _LADDER_CLAIM = {"kind": "ladder", "task": "lm", "metric": "bits_per_byte",
                  "text": "each step of the TTT paper's ablation ladder moves perplexity as in Table 1"}
 
 
+#: The layers a preset compares unless ``--layers`` names others: the seven layers of the TTT paper's
+#: comparison. Other registered layers (the delta-rule family, a plugin's) join through ``--layers`` or a
+#: preset of their own (``delta``), so the default run keeps its time budget.
+PAPER_LAYERS = ["rnn", "linear_attention", "self_attention", "mamba", "ttt_nw", "ttt_linear", "ttt_mlp"]
+
+#: The ``delta`` preset's layers: the delta-rule family beside linear attention (its no-forgetting,
+#: no-correction ancestor) and softmax attention (the recall reference). ``titans`` is left out: its
+#: generic per-token path trains at about 1.7 s a step at the default MQAR size (30× linear attention).
+DELTA_LAYERS = ["linear_attention", "self_attention", "deltanet", "gated_deltanet", "mesanet", "longhorn"]
+
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "description": "seconds-long smoke run (tests): tiny widths, a few steps; numbers are not meaningful",
@@ -189,6 +202,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "reference_layer": "self_attention",
         "claims": KNOWN_CLAIMS,
+        "layers": PAPER_LAYERS,
     },
     "default": {
         "description": "CPU-sized recipe for 2 cores: recall at three widths in the Mamba backbone with a "
@@ -230,6 +244,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "reference_layer": "self_attention",
         "claims": KNOWN_CLAIMS,
+        "layers": PAPER_LAYERS,
     },
     "ladder": {
         "description": "the ablation ladder of the TTT paper's Table 1 on the byte LM: linear attention to "
@@ -270,7 +285,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "reference_layer": "self_attention",
         "claims": KNOWN_CLAIMS,
+        "layers": PAPER_LAYERS,
     },
+}
+
+# the delta-rule family on the default recipe (tasks, widths, seeds, speed), beside its references
+PRESETS["delta"] = {
+    **copy.deepcopy(PRESETS["default"]),
+    "description": "the delta-rule family (DeltaNet, Gated DeltaNet, MesaNet, Longhorn) beside linear and "
+    "softmax attention, on the default recipe",
+    "layers": DELTA_LAYERS,
 }
 
 
@@ -281,7 +305,7 @@ for _p in PRESETS.values():
 
 
 def preset(name: str) -> dict[str, Any]:
-    """A deep copy of a preset (``quick``, ``default``, ``ladder``, ``paper``)."""
+    """A deep copy of a preset (``quick``, ``default``, ``ladder``, ``paper``, ``delta``)."""
     if name not in PRESETS:
         raise ValueError(f"expected --preset in {sorted(PRESETS)}, got {name!r}")
     return copy.deepcopy(PRESETS[name])
