@@ -200,12 +200,13 @@ class _DeltaLayer(SequenceLayer):
 
     def _rule(self, q, k, v, g, beta, S0) -> tuple[Tensor, Tensor]:
         """The recurrence over (B, T, H, ·): fla's chunk kernels on CUDA when they import, else ``ops``."""
-        if (q.is_cuda and self.config.backend == "auto" and q.dtype != torch.float64
-                and (kernels := _fla_ops()) is not None):
+        if (q.is_cuda and self.config.backend == "auto" and q.dtype != torch.float64 and q.shape[1] > 0
+                and (kernels := _fla_ops()) is not None):  # fla keeps its states in float32
             if g is None:
-                o, S = kernels["delta_rule"](q, k, v, beta, initial_state=S0, output_final_state=True)
+                o, S = kernels["delta_rule"](q, k, v, beta, initial_state=S0.float(), output_final_state=True)
             else:
-                o, S = kernels["gated_delta_rule"](q, k, v, g, beta, initial_state=S0, output_final_state=True)
+                o, S = kernels["gated_delta_rule"](q, k, v, g.float(), beta, initial_state=S0.float(),
+                                                   output_final_state=True)
             return o.to(v.dtype), S.to(S0.dtype)
         chunk = self.config.chunk_size
         if g is None:
