@@ -16,7 +16,7 @@ T = TypeVar("T")
 
 __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
-    "conv_state_shape", "apply_rope", "cached_views", "l2_normalize",
+    "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments",
 ]
 
 
@@ -89,6 +89,18 @@ class GatedRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def by_segments(fn: Callable[[Tensor, State], tuple[Tensor, State]], x: Tensor, state: State,
+                segment: int) -> tuple[Tensor, State]:
+    """``fn(x_part, state) -> (y_part, state)`` over consecutive segments of ``segment`` tokens of x (B, T, ·),
+    each from the state the previous one ends in; the outputs concatenated (T = 0: one call). Layers run
+    their forward this way on the CPU so that a segment's activations stay in cache."""
+    ys = []
+    for start in range(0, max(x.shape[1], 1), segment):
+        y, state = fn(x[:, start:start + segment], state)
+        ys.append(y)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:

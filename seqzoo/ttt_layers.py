@@ -279,12 +279,8 @@ class TTTLayer(HeadProjections):
         if not self.config.short_conv:
             XQ, XK, XV, new = super()._qkv(x, state)
         else:
-            new, views = {}, []
-            for n in ("q", "k", "v"):
-                y, new[f"conv_{n}"] = causal_conv(getattr(self, f"{n}_conv1d"), getattr(self, f"{n}_proj")(x),
-                                                  state[f"conv_{n}"])
-                views.append(rearrange(F.silu(y), "b t (h d) -> b h t d", h=self.num_heads))
-            XQ, XK, XV = views
+            views, new = self._short_convs(x, state, step=False)
+            XQ, XK, XV = (rearrange(t, "b t (h d) -> b h t d", h=self.num_heads) for t in views)
         if self.config.qk_norm == "l2":
             XQ, XK = l2_normalize(XQ), l2_normalize(XK)
         return XQ, XK, XV, new
@@ -293,15 +289,20 @@ class TTTLayer(HeadProjections):
         if not self.config.short_conv:
             q, k, v, new = super()._qkv_step(x, state)
         else:
-            new, views = {}, []
-            for n in ("q", "k", "v"):
-                y, new[f"conv_{n}"] = causal_conv_step(getattr(self, f"{n}_conv1d"), getattr(self, f"{n}_proj")(x),
-                                                       state[f"conv_{n}"])
-                views.append(F.silu(y).unflatten(-1, (self.num_heads, -1)))
-            q, k, v = views
+            views, new = self._short_convs(x, state, step=True)
+            q, k, v = (t.unflatten(-1, (self.num_heads, -1)) for t in views)
         if self.config.qk_norm == "l2":
             q, k = l2_normalize(q), l2_normalize(k)
         return q, k, v, new
+
+    def _short_convs(self, x: Tensor, state: State, step: bool) -> tuple[list[Tensor], State]:
+        """SiLU(short conv(proj x)) for q, k, v (heads merged) and the new conv windows."""
+        conv = causal_conv_step if step else causal_conv
+        views, new = [], {}
+        for n in ("q", "k", "v"):
+            y, new[f"conv_{n}"] = conv(getattr(self, f"{n}_conv1d"), getattr(self, f"{n}_proj")(x), state[f"conv_{n}"])
+            views.append(F.silu(y))
+        return views, new
 
     def _owns_qk(self) -> bool:
         return bool(self.config.short_conv or self.config.qk_norm != "none") or super()._owns_qk()

@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import GatedRMSNorm, RMSNorm, causal_conv, causal_conv_step, conv_state_shape, l2_normalize
+from seqzoo.nn import (
+    GatedRMSNorm,
+    RMSNorm,
+    by_segments,
+    causal_conv,
+    causal_conv_step,
+    conv_state_shape,
+    l2_normalize,
+)
 
 from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
@@ -71,6 +79,15 @@ def _whole(name: str, value: float) -> int:
     if not math.isclose(value, round(value), rel_tol=1e-5) or round(value) < 1:
         raise ValueError(f"expected {name} to be a positive whole number, got {value}")
     return int(round(value))
+
+
+def _head_norm_output(layer: nn.Module, x: Tensor, o: Tensor, gated: bool) -> Tensor:
+    """o (…, H, V) -> o_proj(o_norm(o) [gated by SiLU(g_proj x)]) with the heads merged."""
+    if gated:
+        o = layer.o_norm(o, layer.g_proj(x).unflatten(-1, o.shape[-2:]))
+    else:
+        o = layer.o_norm(o)
+    return layer.o_proj(o.flatten(-2))
 
 
 # --- the shared machinery --------------------------------------------------------------------------
@@ -166,11 +183,7 @@ class _DeltaLayer(SequenceLayer):
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
         """o (…, H_v, V) -> o_proj(norm(o)) (gated by SiLU(g_proj x) with use_gate)."""
-        if self.config.use_gate:
-            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_v_heads, self.head_v_dim)))
-        else:
-            o = self.o_norm(o)
-        return self.o_proj(o.flatten(-2))
+        return _head_norm_output(self, x, o, self.config.use_gate)
 
     # --- the contract -------------------------------------------------------------------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -186,11 +199,7 @@ class _DeltaLayer(SequenceLayer):
             L, K, V = self.config.chunk_size, self.head_k_dim, self.head_v_dim
             chunks = max(1, ops.GROUP_ELEMENTS // max(1, B * self.num_v_heads * L * max(L, K, V)))
             segment = L * chunks
-        ys = []
-        for start in range(0, max(T, 1), segment):
-            y, state = self._forward_segment(x[:, start:start + segment], state)
-            ys.append(y)
-        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
+        return by_segments(self._forward_segment, x, state, segment)
 
     def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         q, k, v, new = self._features(x, state, step=False)
@@ -436,11 +445,7 @@ class MesaNet(SequenceLayer):
         return q, k, heads(self.v_proj(x)), g, beta, new
 
     def _output(self, x: Tensor, o: Tensor) -> Tensor:
-        if self.config.use_output_gate:
-            o = self.o_norm(o, self.g_proj(x).unflatten(-1, (self.num_heads, self.head_dim)))
-        else:
-            o = self.o_norm(o)
-        return self.o_proj(o.flatten(-2))
+        return _head_norm_output(self, x, o, self.config.use_output_gate)
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqzoo import SequenceLayer, State
-from seqzoo.nn import causal_conv, causal_conv_step, conv_state_shape
+from seqzoo.nn import by_segments, causal_conv, causal_conv_step, conv_state_shape
 
 from .ops import longhorn_scan
 
@@ -102,11 +102,7 @@ class Longhorn(SequenceLayer):
         B, T = x.shape[:2]
         L = self.config.chunk_size
         segment = T if x.device.type != "cpu" else L * max(1, SEGMENT_ELEMENTS // (B * 2 * self.d_inner * L))
-        ys = []
-        for start in range(0, max(T, 1), segment):
-            y, state = self._forward_segment(x[:, start:start + segment], state)
-            ys.append(y)
-        return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
+        return by_segments(self._forward_segment, x, state, segment)
 
     def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         xs, z, k, q, beta, conv_state = self._inputs(x, state["conv_state"], step=False)
