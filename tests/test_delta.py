@@ -374,6 +374,7 @@ def test_titans_without_momentum_and_decay_is_online_ttt(path):
     cfg = titans.config
     online = TitansMemory.make_layer(titans.d_model, num_heads=cfg.num_heads, ttt_base_lr=cfg.ttt_base_lr,
                                      memory_depth=cfg.memory_depth, memory_expansion=cfg.memory_expansion,
+                                     memory_hidden=cfg.memory_hidden,
                                      momentum=False, decay="none").double()
     assert type(online) is TTTLayer and not hasattr(online, "momentum_proj")
     sd = {k: v for k, v in titans.state_dict().items() if not k.startswith(("momentum_proj", "decay_proj"))}
@@ -565,3 +566,72 @@ def test_default_comparison_keeps_its_layers_and_delta_has_a_preset():
     assert preset("delta")["layers"] == DELTA_LAYERS and preset("delta")["tasks"] == preset("default")["tasks"]
     assert all(name in seqzoo.list_layers() for name in PAPER_LAYERS + DELTA_LAYERS)
     assert not set(PAPER_LAYERS) & {"deltanet", "gated_deltanet", "mesanet", "longhorn", "titans"}
+
+
+NEW_LAYERS = ["deltanet", "gated_deltanet", "mesanet", "longhorn", "titans"]
+
+
+@pytest.mark.parametrize("name", NEW_LAYERS)
+def test_half_precision_layers_carry_their_state(name):
+    """bf16 weights and input: forward, forward from its state, then step; the state keeps its dtype
+    (the recurrences compute in float32) and the numbers follow the float32 layer."""
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer(name, 32)
+    x = torch.randn(2, 10, 32)
+    want, _ = layer(x)
+    half = layer.bfloat16()
+    y, state = half(x.bfloat16())
+    assert all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point())
+    y2, state = half(x.bfloat16(), state)
+    y3, state = half.step(x[:, 0].bfloat16(), state)
+    assert all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point())
+    assert torch.isfinite(y2).all() and torch.isfinite(y3).all()
+    assert (y.float() - want).abs().max() <= 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet", "longhorn"])
+def test_empty_sequence_off_the_cpu(name):
+    """Off the CPU the forward is one segment: T = 0 must still run (the meta device stands in)."""
+    layer = seqzoo.create_layer(name, 32).to("meta")
+    y, state = layer(torch.empty(2, 0, 32, device="meta"))
+    assert y.shape == (2, 0, 32)
+
+
+@pytest.mark.parametrize("value", [float("-inf"), -1e30, -1e4])
+def test_strong_decay_is_exact(value):
+    """A log-decay of −inf (or −1e30) resets the state: the chunked forms stay equal to the token loops
+    (no −inf − (−inf), no cancellation of large cumulative sums)."""
+    t = _inputs(1, 37, 2, 8, 4, gated=True, init=True)
+    t["g"][0, 10, 0] = value
+    t["g"][0, 20, 1] = value
+    o_ref, S_ref = gated_delta_rule_reference(t["q"], t["k"], t["v"], t["g"], t["beta"], initial_state=t["initial_state"])
+    o, S = _op(t, chunk_size=16)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-12)
+    o32, _ = _op({k: v.float() for k, v in t.items()}, chunk_size=16)
+    assert (o32.double() - o_ref).abs().max() <= 1e-5 * o_ref.abs().max()
+    m = _mesa_inputs(1, 37, 2, 8, 4)
+    m["g"][0, 10, 0] = value
+    o_ref, _ = mesa_net_reference(m["q"], m["k"], m["v"], m["g"], m["beta"], m["lamb"])
+    torch.testing.assert_close(_mesa(m, chunk_size=16)[0], o_ref, rtol=0, atol=1e-12)
+
+
+def test_states_are_never_the_callers_tensors():
+    t = _inputs(1, 0, 2, 4, 4, init=True)
+    for chunk in (None, 16):
+        _, S = _op(t, chunk_size=chunk)
+        assert S is not t["initial_state"] and S.data_ptr() != t["initial_state"].data_ptr()
+    from seqzoo_plugins.delta import longhorn_scan
+
+    S0 = torch.randn(1, 3, 2, requires_grad=True)
+    for chunk in (None, 4):
+        _, S = longhorn_scan(torch.zeros(1, 0, 3), torch.zeros(1, 0, 2), torch.zeros(1, 0, 2), torch.zeros(1, 0, 3),
+                             initial_state=S0, output_final_state=True, chunk_size=chunk)
+        assert S is not S0 and S.data_ptr() != S0.data_ptr()
+
+
+def test_from_titans_pytorch_reads_the_hidden_width_off_the_weights():
+    from seqzoo_plugins.delta import TitansMemory
+
+    layer = seqzoo.create_layer("titans", 14, num_heads=2, memory_hidden=61)  # head_dim 7: 61/7 is not whole
+    assert layer.w0.shape == (2, 7, 61) and isinstance(layer.learner, TitansMemory)

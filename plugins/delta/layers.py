@@ -194,7 +194,7 @@ class _DeltaLayer(SequenceLayer):
         projections therefore run once per segment.)"""
         state = self.check_input(x, state)
         B, T = x.shape[:2]
-        segment = T
+        segment = max(T, 1)
         if x.device.type == "cpu":
             L, K, V = self.config.chunk_size, self.head_k_dim, self.head_v_dim
             chunks = max(1, ops.GROUP_ELEMENTS // max(1, B * self.num_v_heads * L * max(L, K, V)))
@@ -229,15 +229,16 @@ class _DeltaLayer(SequenceLayer):
         state = self.check_input(x, state, step=True)
         q, k, v, new = self._features(x, state, step=True)  # (B, H_v, ·)
         beta, g = self._beta(x), self._log_decay(x)  # (B, H_v)
-        S = state["S"]
+        dt = torch.promote_types(x.dtype, torch.float32)  # half precision computes in float32, as forward
+        q, k, v, beta, S = q.to(dt), k.to(dt), v.to(dt), beta.to(dt), state["S"].to(dt)
         if g is not None:
-            S = S * g.exp()[..., None, None]
+            S = S * g.to(dt).exp()[..., None, None]
         u = beta.unsqueeze(-1) * (v - torch.einsum("bhkv,bhk->bhv", S, k))
         S = torch.baddbmm(S.flatten(0, 1), k.reshape(-1, self.head_k_dim, 1), u.reshape(-1, 1, self.head_v_dim))
         S = S.view_as(state["S"])
         o = torch.einsum("bhkv,bhk->bhv", S, q) * (self.head_k_dim ** -0.5)
-        new["S"] = S
-        return self._output(x, o), new
+        new["S"] = S.to(state["S"].dtype)
+        return self._output(x, o.to(x.dtype)), new
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"
@@ -348,8 +349,9 @@ class GatedDeltaNet(_DeltaLayer):
         self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
 
     def _log_decay(self, x: Tensor) -> Tensor:
-        A = self.A_log.to(x.dtype).exp()
-        return -A * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))
+        """g = −exp(A_log)·softplus(a_proj x + dt_bias), in at least float32 (as fla's kernels)."""
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return -self.A_log.to(dt).exp() * F.softplus(self.a_proj(x).to(dt) + self.dt_bias.to(dt))
 
 
 # --- MesaNet ---------------------------------------------------------------------------------------
@@ -450,22 +452,25 @@ class MesaNet(SequenceLayer):
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)
         q, k, v, g, beta, new = self._features(x, state, step=False)
-        o, (new["h_kk"], new["h_kv"]) = ops.mesa_net(
+        o, (h_kk, h_kv) = ops.mesa_net(
             q, k, v, g, beta, self._lamb(q.dtype), initial_state=(state["h_kk"], state["h_kv"]),
             output_final_state=True, chunk_size=self.config.chunk_size)
+        new["h_kk"], new["h_kv"] = h_kk.to(state["h_kk"].dtype), h_kv.to(state["h_kv"].dtype)
         return self._output(x, o), new
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """One token: the statistics' decay and rank-1 updates, then one K×K Cholesky solve per head."""
         state = self.check_input(x, state, step=True)
-        q, k, v, g, beta, new = self._features(x, state, step=True)  # (B, H, ·)
+        features = self._features(x, state, step=True)  # (B, H, ·); half precision computes in float32
+        dt = torch.promote_types(x.dtype, torch.float32)
+        (q, k, v, g, beta), new = [t.to(dt) for t in features[:5]], features[5]
         alpha, bk = g.exp()[..., None, None], beta.unsqueeze(-1) * k
-        h_kk = alpha * state["h_kk"] + bk.unsqueeze(-1) * k.unsqueeze(-2)
-        h_kv = alpha * state["h_kv"] + bk.unsqueeze(-1) * v.unsqueeze(-2)
-        A = h_kk + torch.diag_embed(self._lamb(q.dtype))
+        h_kk = alpha * state["h_kk"].to(dt) + bk.unsqueeze(-1) * k.unsqueeze(-2)
+        h_kv = alpha * state["h_kv"].to(dt) + bk.unsqueeze(-1) * v.unsqueeze(-2)
+        A = h_kk + torch.diag_embed(self._lamb(dt))
         xq = torch.cholesky_solve(q.unsqueeze(-1), torch.linalg.cholesky(A)).squeeze(-1)
-        o = torch.einsum("bhkv,bhk->bhv", h_kv, xq)
-        new["h_kk"], new["h_kv"] = h_kk, h_kv
+        o = torch.einsum("bhkv,bhk->bhv", h_kv, xq).to(x.dtype)
+        new["h_kk"], new["h_kv"] = h_kk.to(state["h_kk"].dtype), h_kv.to(state["h_kv"].dtype)
         return self._output(x, o), new
 
     def extra_repr(self) -> str:

@@ -101,7 +101,7 @@ class Longhorn(SequenceLayer):
         state = self.check_input(x, state)
         B, T = x.shape[:2]
         L = self.config.chunk_size
-        segment = T if x.device.type != "cpu" else L * max(1, SEGMENT_ELEMENTS // (B * 2 * self.d_inner * L))
+        segment = max(T, 1) if x.device.type != "cpu" else L * max(1, SEGMENT_ELEMENTS // (B * 2 * self.d_inner * L))
         return by_segments(self._forward_segment, x, state, segment)
 
     def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
@@ -109,16 +109,18 @@ class Longhorn(SequenceLayer):
         y, S = longhorn_scan(xs, k, q, beta, initial_state=state["ssm_state"], output_final_state=True,
                              chunk_size=self.config.chunk_size)
         y = torch.addcmul(y, xs, self.D.to(y.dtype)) * F.silu(z)
-        return self.out_proj(y), {"conv_state": conv_state, "ssm_state": S}
+        return self.out_proj(y), {"conv_state": conv_state, "ssm_state": S.to(state["ssm_state"].dtype)}
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         state = self.check_input(x, state, step=True)
         xs, z, k, q, beta, conv_state = self._inputs(x, state["conv_state"], step=True)
+        dt = torch.promote_types(x.dtype, torch.float32)  # half precision computes in float32, as forward
+        xs32, k, q, beta = xs.to(dt), k.to(dt), q.to(dt), beta.to(dt)
         eps = beta / (1 + beta * k.square().sum(-1, keepdim=True))  # (B, E)
-        S = state["ssm_state"] * (1 - eps[..., None] * k.square()[:, None]) + (eps * xs)[..., None] * k[:, None]
-        y = torch.einsum("bdn,bn->bd", S, q)
+        S = state["ssm_state"].to(dt) * (1 - eps[..., None] * k.square()[:, None]) + (eps * xs32)[..., None] * k[:, None]
+        y = torch.einsum("bdn,bn->bd", S, q).to(x.dtype)
         y = torch.addcmul(y, xs, self.D.to(y.dtype)) * F.silu(z)
-        return self.out_proj(y), {"conv_state": conv_state, "ssm_state": S}
+        return self.out_proj(y), {"conv_state": conv_state, "ssm_state": S.to(state["ssm_state"].dtype)}
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"

@@ -107,6 +107,7 @@ def _run(name, q, k, v, g, beta, scale, initial_state, output_final_state, chunk
     scale = K ** -0.5 if scale is None else float(scale)
     if chunk_size is None:
         o, S = gated_delta_rule_reference(q, k, v, g, beta, scale=scale, initial_state=S0)
+        S = S.clone() if S is S0 else S  # T = 0: a state of its own, never the caller's tensor
     elif beta.ndim == 4:
         o, S = _vector_beta(q, k, v, g, beta, scale, S0, chunk_size)
     else:
@@ -154,17 +155,29 @@ def _chunked(q, k, v, g, beta, scale, S0, L):
     return rearrange(o, "b h n l v -> b (n l) h v")[:, :T], S
 
 
+def decay_products(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The decay products of chunks of log-decays g (..., L): D (..., L, L) with D[t, s] = exp(Σ_{s<r≤t} g_r)
+    for s ≤ t (else 0), Γ_t = exp(Σ_{r≤t} g_r) and exp(Σ_{r>s} g_r) (..., L), each exponent a sum of the
+    g's it spans, never a difference of two cumulative sums: exact for strong decays (a log-decay of −1e30
+    or −inf is a full reset) where differences would cancel."""
+    L = g.shape[-1]
+    later = torch.ones(L, L, dtype=torch.bool, device=g.device).triu(1)  # [s, r]: r > s
+    spans = g.unsqueeze(-2).expand(*g.shape[:-1], L, L).masked_fill(~later, 0.0).cumsum(-1)  # [s, t]: Σ_{s<r≤t} g_r
+    D = spans.transpose(-1, -2).exp().masked_fill(~later.t().logical_or(torch.eye(L, dtype=torch.bool,
+                                                                                   device=g.device)), 0.0)
+    Gamma = g.cumsum(-1).exp()
+    to_end = spans[..., -1].exp()  # Σ_{r>s} g_r: the row s of spans at t = L
+    return D, Gamma, to_end
+
+
 def _chunk_group(q, k, v, beta, g, S):
     """Chunks (B, H, N, L, ·) of one group from the state S (B, H, K, V) at the first one's start."""
     L = q.shape[3]
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     if g is None:
-        D = causal.to(q.dtype)  # no decay: D[t, s] = 1 for s ≤ t
-        Gamma = None
+        D = torch.ones(L, L, dtype=q.dtype, device=q.device).tril()  # no decay: D[t, s] = 1 for s ≤ t
+        Gamma = to_end = None
     else:
-        gamma = g.cumsum(-1)  # γ_t
-        D = (gamma.unsqueeze(-1) - gamma.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
-        Gamma = gamma.exp()  # Γ_t = exp(γ_t)
+        D, Gamma, to_end = decay_products(g)
     M = (k @ k.transpose(-1, -2)) * D * beta.unsqueeze(-1)  # β_t D[t, s] k_t·k_s; diagonal ignored below
     beta_k = k * beta.unsqueeze(-1) if Gamma is None else k * (beta * Gamma).unsqueeze(-1)
     K = k.shape[-1]
@@ -174,10 +187,7 @@ def _chunk_group(q, k, v, beta, g, S):
     PX = P @ X  # [P W | P Uv]
     O_intra = PX[..., K:]
     Q_state = (q if Gamma is None else q * Gamma.unsqueeze(-1)) - PX[..., :K]  # diag(Γ) Q − P W
-    if Gamma is None:
-        K_end = k
-    else:
-        K_end = k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)  # K̃
+    K_end = k if to_end is None else k * to_end.unsqueeze(-1)  # K̃
     KX = K_end.transpose(-1, -2) @ X  # [K̃ᵀW | K̃ᵀUv]: S_end = A S0 + K̃ᵀ Uv, A = Γ_L I − K̃ᵀ W
     eye = torch.eye(K, dtype=q.dtype, device=q.device)
     A = (eye if Gamma is None else Gamma[..., -1, None, None] * eye) - KX[..., :K]
@@ -224,7 +234,10 @@ def mesa_net(
     q, k, v, g, beta, lamb = map(cast, (q, k, v, g, beta, lamb))
     state = None if initial_state is None else tuple(map(cast, initial_state))
     if chunk_size is None:
+        given = state
         o, state = mesa_net_reference(q, k, v, g, beta, lamb, initial_state=state)
+        if given is not None and state[0] is given[0]:  # T = 0: states of their own
+            state = (state[0].clone(), state[1].clone())
     else:
         o, state = _mesa_chunked(q, k, v, g, beta, lamb, state, chunk_size)
     return o.to(out_dtype), (state if output_final_state else None)
@@ -256,11 +269,9 @@ def _mesa_chunked(q, k, v, g, beta, lamb, state, L):
 def _mesa_group(q, k, v, g, beta, ridge, Hkk, Hkv):
     """Chunks (B, H, N, L, ·) of one group from the statistics at the first chunk's start."""
     B, H, N, L, K = q.shape
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    gamma = g.cumsum(-1)
-    Wts = (gamma.unsqueeze(-1) - gamma.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp() * beta.unsqueeze(-2)
-    Gamma = gamma.exp()  # Γ_t
-    end = ((gamma[..., -1:] - gamma).exp() * beta).unsqueeze(-1)  # e^{γ_L − γ_s} β_s
+    D, Gamma, to_end = decay_products(g)
+    Wts = D * beta.unsqueeze(-2)  # D[t, s] β_s
+    end = (to_end * beta).unsqueeze(-1)  # e^{γ_L − γ_s} β_s
     kv_end, kk_end = (k * end).transpose(-1, -2) @ v, (k * end).transpose(-1, -2) @ k
     starts_kk, starts_kv = [], []
     for c in range(N):  # the statistics at each chunk's start
@@ -314,8 +325,8 @@ def longhorn_scan(
     x, k, q, beta = x.to(dtype), k.to(dtype), q.to(dtype), beta.to(dtype)
     S = x.new_zeros(B, D, N) if initial_state is None else initial_state.to(dtype)
     if chunk_size is None:
-        y, S = longhorn_reference(x, k, q, beta, initial_state=S)
-        return y.to(out_dtype), (S if output_final_state else None)
+        y, S_end = longhorn_reference(x, k, q, beta, initial_state=S)
+        return y.to(out_dtype), ((S_end.clone() if S_end is S else S_end) if output_final_state else None)
     eps = beta / (1 + beta * k.pow(2).sum(-1, keepdim=True))  # (B, T, D)
     track = torch.is_grad_enabled() and any(t.requires_grad for t in (x, k, q, beta, S))
     ys = []
@@ -335,6 +346,6 @@ def longhorn_scan(
                 S = states[:, i].addcmul_(decay[:, i], S)
         ys.append((states @ q[:, part, :, None]).squeeze(-1))  # s_t · q_t
     y = torch.cat(ys, dim=1) if ys else x.new_zeros(B, 0, D)
-    if not track:
-        S = S.clone()  # a view into the last chunk's buffer
+    if not track or T == 0:
+        S = S.clone()  # a view into the last chunk's buffer (or, for T = 0, the caller's state)
     return y.to(out_dtype), (S if output_final_state else None)

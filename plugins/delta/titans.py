@@ -45,6 +45,8 @@ class TitansConfig(TTTConfig):
     head_gate: bool = field(default=True, metadata={"help": "each head's output times σ(head_gate_proj x)"})
     memory_depth: int = field(default=2, metadata={"help": "matrices of the memory MLP (1: a linear memory)"})
     memory_expansion: float = field(default=4.0, metadata={"help": "the MLP's hidden width / head_dim"})
+    memory_hidden: int | None = field(default=None, metadata={
+        "help": "the MLP's hidden width (default int(head_dim·memory_expansion), as titans-pytorch)"})
     memory_residual_norm: bool = field(default=True, metadata={"help": "f(x) = x + LN(MLP(x))·(γ + 1)"})
 
 
@@ -56,7 +58,8 @@ class TitansMemory(seqzoo.GradientLearner):
     def __init__(self, head_dim: int, **config):
         super().__init__(head_dim, **config)
         self.depth = seqzoo.learner.positive_int("memory_depth", config.get("memory_depth", 2))
-        self.hidden = int(head_dim * config.get("memory_expansion", 4.0))
+        hidden = config.get("memory_hidden")
+        self.hidden = int(head_dim * config.get("memory_expansion", 4.0)) if hidden is None else hidden
         if self.hidden < 1:
             raise ValueError(f"expected memory_expansion·head_dim >= 1, got {self.hidden}")
         self.residual_norm = config.get("memory_residual_norm", True)
@@ -106,7 +109,7 @@ def from_titans_pytorch(state_dict: dict[str, Tensor], *, max_lr: float = 0.01, 
     H, C = sd["to_adaptive_step.0.weight"].shape
     d = matrices[0].shape[1]
     layer = seqzoo.create_layer("titans", C, num_heads=H, ttt_base_lr=2.0 * max_lr, memory_depth=len(matrices),
-                                memory_expansion=matrices[0].shape[2] / d if len(matrices) > 1 else 1.0,
+                                memory_hidden=matrices[0].shape[2] if len(matrices) > 1 else None,
                                 memory_residual_norm=bool(gamma), **config).to(sd["to_queries.weight"].dtype)
     ours = {"q_proj.weight": sd["to_queries.weight"], "k_proj.weight": sd["to_keys.weight"],
             "v_proj.weight": sd["to_values.weight"], "o_proj.weight": sd["combine_heads.weight"],
