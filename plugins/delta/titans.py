@@ -108,6 +108,9 @@ def from_titans_pytorch(state_dict: dict[str, Tensor], *, max_lr: float = 0.01, 
     matrices = [w for w in weights if w.ndim == 3]
     H, C = sd["to_adaptive_step.0.weight"].shape
     d = matrices[0].shape[1]
+    if d * H != C:
+        raise ValueError(f"from_titans_pytorch: expected dim_head·heads = dim (the layer's heads split d_model), got "
+                         f"dim_head {d}, heads {H}, dim {C}")
     layer = seqzoo.create_layer("titans", C, num_heads=H, ttt_base_lr=2.0 * max_lr, memory_depth=len(matrices),
                                 memory_hidden=matrices[0].shape[2] if len(matrices) > 1 else None,
                                 memory_residual_norm=bool(gamma), **config).to(sd["to_queries.weight"].dtype)
