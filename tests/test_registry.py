@@ -131,12 +131,15 @@ def test_name_conflict_names_both_plugins(tmp_path, on_path):
 
 def test_converters_are_registered_by_their_plugins_and_reached_through_interop():
     """seqzoo.interop names no layer: each converter is registered beside its layers."""
+    from seqzoo_plugins.delta.titans import from_titans_pytorch
     from seqzoo_plugins.mamba.interop import from_mamba_ssm
     from seqzoo_plugins.ttt.interop import from_ttt_lm_pytorch
 
-    assert seqzoo.list_converters() == ["from_mamba_ssm", "from_ttt_lm_pytorch"]
+    assert seqzoo.list_converters() == ["from_mamba_ssm", "from_titans_pytorch", "from_ttt_lm_pytorch"]
     assert seqzoo.interop.from_mamba_ssm is from_mamba_ssm
+    assert seqzoo.interop.from_titans_pytorch is from_titans_pytorch
     assert seqzoo.converter("from_ttt_lm_pytorch").plugin == "ttt"
+    assert seqzoo.converter("from_titans_pytorch").plugin == "delta"
     from seqzoo.interop import from_ttt_lm_pytorch as reached  # from-imports work too
 
     assert reached is from_ttt_lm_pytorch
