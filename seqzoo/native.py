@@ -52,7 +52,8 @@ from .contract import Decoder
 log = logging.getLogger(__name__)
 
 __all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "trainable", "plain_float32", "require_float32_cpu",
-           "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted", "NativeDecoder"]
+           "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted", "NativeDecoder",
+           "optional_kernels"]
 
 INCLUDE = Path(__file__).parent / "csrc"  # seqzoo_kernel.h
 FLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
@@ -324,3 +325,21 @@ def step_fits(layer: nn.Module, x, state) -> bool:
     return True
 
 
+
+
+def optional_kernels(what: str, fallback: str, **paths: str) -> dict | None:
+    """Another package's kernels, or None (logged) unless every one imports: ``paths`` maps a name to
+    ``"module:attribute"`` (or ``"module"``: the module itself, e.g. a compiled extension that must load).
+    A layer calls this (cached) only for the tensors the kernels serve, so nothing is imported otherwise."""
+    import importlib
+
+    found = {}
+    try:
+        for name, path in paths.items():
+            module, _, attribute = path.partition(":")
+            loaded = importlib.import_module(module)
+            found[name] = getattr(loaded, attribute) if attribute else loaded
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
+        log.info("%s unavailable (%s); using %s", what, exc, fallback)
+        return None
+    return found

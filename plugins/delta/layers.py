@@ -25,7 +25,6 @@ Paths (each tied to another by a test in tests/test_delta.py):
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass, field
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqzoo import SequenceLayer, State
+from seqzoo import SequenceLayer, State, native
 from seqzoo.nn import (
     GatedRMSNorm,
     RMSNorm,
@@ -47,8 +46,6 @@ from seqzoo.nn import (
 from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
 
-log = logging.getLogger(__name__)
-
 __all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig"]
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
@@ -59,13 +56,9 @@ BACKENDS = ("auto", "torch")
 @functools.cache
 def _fla_ops() -> dict | None:
     """flash-linear-attention's chunk kernels, or None unless they import (only asked for CUDA tensors)."""
-    try:
-        from fla.ops.delta_rule import chunk_delta_rule
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the torch path
-        log.info("flash-linear-attention kernels unavailable (%s); using the torch chunked form", exc)
-        return None
-    return {"delta_rule": chunk_delta_rule, "gated_delta_rule": chunk_gated_delta_rule}
+    return native.optional_kernels("flash-linear-attention kernels", "the torch chunked form",
+                                   delta_rule="fla.ops.delta_rule:chunk_delta_rule",
+                                   gated_delta_rule="fla.ops.gated_delta_rule:chunk_gated_delta_rule")
 
 
 def _positive_int(name: str, value) -> int:

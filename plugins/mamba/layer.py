@@ -23,7 +23,6 @@ on CUDA when mamba-ssm's compiled kernels exist, mamba-ssm's own kernels.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,6 @@ from torch import Tensor, nn
 from seqzoo import SequenceLayer, State, native
 from seqzoo.contract import Decoder
 from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Mamba", "MambaConfig", "selective_scan_ref", "selective_scan_chunked", "mamba_step", "NATIVE"]
 
@@ -181,17 +178,12 @@ class _NativeScanGroup(torch.autograd.Function):
 @functools.cache
 def _cuda_kernels() -> dict | None:
     """mamba-ssm's and causal-conv1d's kernels, or None unless both import with compiled extensions."""
-    try:
-        import causal_conv1d_cuda  # noqa: F401  the compiled extensions, not just the Python packages
-        import selective_scan_cuda  # noqa: F401
-        from causal_conv1d import causal_conv1d_fn
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the torch path
-        log.info("mamba-ssm CUDA kernels unavailable (%s); using the torch scan", exc)
-        return None
-    return {"causal_conv1d_fn": causal_conv1d_fn, "selective_scan_fn": selective_scan_fn,
-            "selective_state_update": selective_state_update}
+    return native.optional_kernels(
+        "mamba-ssm CUDA kernels", "the torch scan",
+        causal_conv1d_cuda="causal_conv1d_cuda", selective_scan_cuda="selective_scan_cuda",  # the extensions
+        causal_conv1d_fn="causal_conv1d:causal_conv1d_fn",
+        selective_scan_fn="mamba_ssm.ops.selective_scan_interface:selective_scan_fn",
+        selective_state_update="mamba_ssm.ops.triton.selective_state_update:selective_state_update")
 
 
 # --- seqzoo's fused CPU decode step (csrc/mamba_step.c, built by seqzoo.native) -----------------------
