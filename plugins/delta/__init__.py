@@ -19,7 +19,7 @@ from .reference import (
     longhorn_reference,
     mesa_net_reference,
 )
-from .titans import TitansConfig, TitansMemory, from_titans_pytorch
+from .titans import TitansConfig, TitansMemory, from_titans_pytorch, titans
 
 __all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "delta_rule_reference", "gated_delta_rule_reference",
            "mesa_net_reference", "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet",
@@ -35,7 +35,7 @@ def register_layers(register):
              description="Gated DeltaNet: the delta rule after a data-dependent decay α = exp(g) (chunked forward)")
     register("mesanet", MesaNet,
              description="MesaNet: exact decayed ridge regression of v on k, read at q (chunked forward)")
-    register("titans", TitansMemory.make_layer, config=TitansConfig,
+    register("titans", titans, config=TitansConfig,
              description="Titans' neural memory: an MLP trained online with momentum and weight decay")
     register("longhorn", Longhorn,
              description="Longhorn: Mamba-shaped SSM whose update is an implicit online regression step")

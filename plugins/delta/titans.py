@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import seqzoo
 from seqzoo.learner import TTTConfig
 
-__all__ = ["TitansConfig", "TitansMemory", "from_titans_pytorch"]
+__all__ = ["TitansConfig", "TitansMemory", "titans", "from_titans_pytorch"]
 
 
 @dataclass
@@ -87,6 +87,15 @@ class TitansMemory(seqzoo.GradientLearner):
         if not self.residual_norm:
             return h
         return x + F.layer_norm(h, h.shape[-1:], eps=1e-5) * (params["gamma"] + 1)
+
+
+def titans(d_model: int, **config) -> seqzoo.SequenceLayer:
+    """Titans' neural memory: per head an MLP memory f(x) = x + LN(MLP(x))·(γ + 1) trained online at every
+    token with momentum and weight decay, S_t = μ_t S_{t−1} − θ_t∇ℓ_t(M_{t−1}), M_t = (1 − a_t)M_{t−1} + S_t,
+    read out at the query and gated per head (titans-pytorch's NeuralMemory, chunk_size=1, batch_size=1).
+
+    The generic TTT layer around ``TitansMemory`` with Titans' defaults (``TitansConfig``)."""
+    return TitansMemory.make_layer(d_model, **config)
 
 
 def from_titans_pytorch(state_dict: dict[str, Tensor], *, max_lr: float = 0.01, **config) -> seqzoo.SequenceLayer:
