@@ -146,6 +146,9 @@ class Learner:
     Config: ClassVar[type] = LearnerLayerConfig
     #: state keys whose dims grow with the sequence (as ``SequenceLayer.state_dynamic_dims``)
     state_dynamic_dims: ClassVar[dict[str, tuple[int, ...]]] = {}
+    #: per-token rates ``train`` takes as keyword arguments, (B, H) each, made by the layer from the token:
+    #: name -> "sigmoid", σ(θ·x + b) from a projection ``{name}_proj`` (d_model -> heads, with bias)
+    rates: ClassVar[dict[str, str]] = {}
 
     def __init__(self, head_dim: int, **config: Any):
         self.head_dim = positive_int("head_dim", head_dim)
@@ -170,11 +173,19 @@ class Learner:
     def init_state(self, batch_size: int, num_heads: int, *, device=None, dtype=None) -> State:
         raise NotImplementedError
 
-    def train(self, state: State, k: Tensor, v: Tensor) -> State:
+    def train(self, state: State, k: Tensor, v: Tensor, **rates: Tensor) -> State:
+        """The update rule for one token; ``rates`` as declared in ``rates`` (and ``outer``, the
+        parameters of ``init_outer_params`` stacked over heads, when there are any)."""
         raise NotImplementedError
 
     def predict(self, state: State, q: Tensor) -> Tensor:
+        """The output rule for one token (with ``outer=`` when there are outer parameters)."""
         raise NotImplementedError
+
+    def init_outer_params(self) -> dict[str, Tensor]:
+        """Parameters of one head that the outer loop trains and the rules read (default none); the layer
+        stacks them over heads and passes them to ``train`` and ``predict`` as ``outer`` ((H, ...) each)."""
+        return {}
 
     def position(self, state: State) -> int:
         """How many tokens the storage has seen (the absolute position of the next one), for RoPE."""

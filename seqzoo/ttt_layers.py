@@ -72,6 +72,22 @@ class LearnerLayer(HeadProjections):
             )
         self.learner = learner(self.head_dim, **dataclasses.asdict(cfg))
         self.state_dynamic_dims = dict(learner.state_dynamic_dims)
+        for name, kind in learner.rates.items():  # per-token rates from the token: σ(θ·x + b) per head
+            if kind != "sigmoid":
+                raise ValueError(f"{learner.__name__}.rates[{name!r}]: expected 'sigmoid', got {kind!r}")
+            setattr(self, f"{name}_proj", nn.Linear(d_model, self.num_heads, bias=True))
+        outer = [self.learner.init_outer_params() for _ in range(self.num_heads)]
+        self.outer_names = list(outer[0])
+        for name in self.outer_names:
+            if hasattr(self, name):
+                raise ValueError(f"learner parameter name {name!r} clashes with the layer's own names")
+            setattr(self, name, nn.Parameter(torch.stack([p[name] for p in outer]).float()))
+
+    def _rule_inputs(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The learner's per-token rates for x (B, C), (B, H) each, and the ``outer`` keyword (if any)."""
+        rates = {name: torch.sigmoid(getattr(self, f"{name}_proj")(x)) for name in self.learner.rates}
+        extra = {"outer": {n: getattr(self, n).to(x.dtype) for n in self.outer_names}} if self.outer_names else {}
+        return rates, extra
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         state = self.learner.init_state(batch_size, self.num_heads, device=device, dtype=dtype)
@@ -95,8 +111,9 @@ class LearnerLayer(HeadProjections):
             pos = torch.tensor([self._position(state)], device=x.device)
             q = apply_rope(q.unsqueeze(2), pos, self.config.rope_theta).squeeze(2)
             k = apply_rope(k.unsqueeze(2), pos, self.config.rope_theta).squeeze(2)
-        inner = self.learner.train(inner, k, v)  # update rule
-        y = self.learner.predict(inner, q)  # output rule
+        rates, extra = self._rule_inputs(x)
+        inner = self.learner.train(inner, k, v, **rates, **extra)  # update rule
+        y = self.learner.predict(inner, q, **extra)  # output rule
         new.update(inner)
         y = rearrange(y, "b h d -> b (h d)")
         return self.o_proj(self._gate(x, y)), new

@@ -26,6 +26,7 @@ from seqzoo_plugins.delta import (
 
 import seqzoo
 from seqzoo.nn import l2_normalize
+from seqzoo.testing import CHECKS, check_layer
 
 DATA = Path(__file__).parent / "data" / "fla"
 OP_CASES = sorted(p for p in DATA.glob("op_*.safetensors") if "mesa" not in p.name)
@@ -249,6 +250,40 @@ def test_mesa_net_gradcheck_and_bad_input():
         mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], torch.ones(1, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="expected initial_state"):
         mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], initial_state=t["initial_state"][0])
+
+
+def test_mesanet_rule_as_a_general_learner():
+    """MesaLearner (a seqzoo.Learner: statistics, rates a and b from projections, λ an outer parameter),
+    run token by token by the learner layer, equals ``mesa_net`` on the same features: the layer's q and
+    k L2-normalised per head by forward hooks, o_proj the identity."""
+    from seqzoo_plugins.delta import MesaLearner
+
+    from seqzoo.ttt_layers import LearnerLayer
+
+    torch.manual_seed(0)
+    C, H = 16, 2
+    d = C // H
+    layer = MesaLearner.make_layer(C, num_heads=H).double()
+    assert type(layer) is LearnerLayer and layer.lambda_params.shape == (H, d)
+    with torch.no_grad():
+        layer.o_proj.weight.copy_(torch.eye(C))
+        layer.lambda_params.add_(0.3 * torch.randn_like(layer.lambda_params))
+        layer.a_proj.bias.add_(2.0)
+    per_head = lambda m, args, out: l2_normalize(out.unflatten(-1, (H, d))).flatten(-2)
+    layer.q_proj.register_forward_hook(per_head)
+    layer.k_proj.register_forward_hook(per_head)
+    x = torch.randn(2, 13, C, dtype=torch.float64)
+    y, state = layer(x)
+    with torch.no_grad():
+        q = l2_normalize(layer.q_proj.weight.matmul(x.unsqueeze(-1)).squeeze(-1).unflatten(-1, (H, d)))
+        k = l2_normalize(layer.k_proj.weight.matmul(x.unsqueeze(-1)).squeeze(-1).unflatten(-1, (H, d)))
+        v = layer.v_proj(x).unflatten(-1, (H, d))
+        lamb = F.softplus(layer.lambda_params) + 0.25
+        o, (h_kk, _) = mesa_net(q, k, v, F.logsigmoid(layer.a_proj(x)), torch.sigmoid(layer.b_proj(x)), lamb,
+                                output_final_state=True, chunk_size=4)
+    torch.testing.assert_close(y, o.flatten(-2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(state["h_kk"], h_kk, rtol=0, atol=1e-12)
+    assert set(check_layer(lambda dm, **c: MesaLearner.make_layer(dm, **c), num_heads=2)) == set(CHECKS)
 
 
 # --- Longhorn -------------------------------------------------------------------------------------------

@@ -10,7 +10,15 @@ of everything seen).
 
 import seqzoo
 
-from .layers import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig, MesaNet, MesaNetConfig
+from .layers import (
+    DeltaNet,
+    DeltaNetConfig,
+    GatedDeltaNet,
+    GatedDeltaNetConfig,
+    MesaLearner,
+    MesaNet,
+    MesaNetConfig,
+)
 from .longhorn import Longhorn, LonghornConfig
 from .ops import delta_rule, gated_delta_rule, longhorn_scan, mesa_net
 from .reference import (
@@ -24,7 +32,7 @@ from .titans import TitansConfig, TitansMemory, from_titans_pytorch, titans
 __all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "delta_rule_reference", "gated_delta_rule_reference",
            "mesa_net_reference", "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet",
            "MesaNetConfig", "Longhorn", "LonghornConfig", "longhorn_scan", "longhorn_reference", "TitansConfig", "TitansMemory",
-           "from_titans_pytorch"]
+           "from_titans_pytorch", "MesaLearner"]
 
 
 @seqzoo.hookimpl

@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import seqzoo
 from seqzoo import SequenceLayer, State, native
+from seqzoo.learner import LearnerLayerConfig
 from seqzoo.nn import (
     GatedRMSNorm,
     RMSNorm,
@@ -46,7 +48,7 @@ from seqzoo.nn import (
 from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
 
-__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig"]
+__all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig", "MesaLearner"]
 
 QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 QK_NORMS = ("l2", "sum")
@@ -468,3 +470,44 @@ class MesaNet(SequenceLayer):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"
+
+
+# --- MesaNet's rule as a general learner -----------------------------------------------------------
+@dataclass
+class MesaLearnerConfig(LearnerLayerConfig):
+    """The general learner layer's options with RoPE off (the statistics keep no positions)."""
+
+    rope: bool = field(default=False, metadata={"help": "rotary embedding of q and k (needs positions: off)"})
+
+
+class MesaLearner(seqzoo.Learner):
+    """MesaNet's rule as a general, non-gradient ``seqzoo.Learner``, run token by token by the learner
+    layer: the storage is the statistics H^kk, H^kv; ``train`` decays them by α = σ(a_proj x) and adds
+    the token with the weight β = σ(b_proj x) (the learner's ``rates``); ``predict`` solves
+    (H^kk + diag λ) x = q and reads out H^kvᵀ x, λ = softplus(lambda_params) + 0.25 (an outer parameter per
+    head). ``mesanet`` is the same rule chunked, with flash-linear-attention's features and names;
+    tests/test_delta.py ties the two."""
+
+    Config = MesaLearnerConfig
+    rates = {"a": "sigmoid", "b": "sigmoid"}
+
+    def init_state(self, batch_size: int, num_heads: int, *, device=None, dtype=None) -> State:
+        d = self.head_dim
+        return {"h_kk": torch.zeros(batch_size, num_heads, d, d, device=device, dtype=dtype),
+                "h_kv": torch.zeros(batch_size, num_heads, d, d, device=device, dtype=dtype)}
+
+    def init_outer_params(self) -> dict[str, Tensor]:
+        return {"lambda_params": torch.full((self.head_dim,), math.log(math.expm1(0.75)))}  # λ = 1
+
+    def train(self, state: State, k: Tensor, v: Tensor, *, a: Tensor, b: Tensor, outer) -> State:
+        alpha, bk = a[..., None, None], b.unsqueeze(-1) * k
+        return {"h_kk": alpha * state["h_kk"] + bk.unsqueeze(-1) * k.unsqueeze(-2),
+                "h_kv": alpha * state["h_kv"] + bk.unsqueeze(-1) * v.unsqueeze(-2)}
+
+    def predict(self, state: State, q: Tensor, *, outer) -> Tensor:
+        lamb = F.softplus(outer["lambda_params"]) + 0.25  # (H, d)
+        x = torch.linalg.solve(state["h_kk"] + torch.diag_embed(lamb), q)
+        return torch.einsum("bhkv,bhk->bhv", state["h_kv"], x)
+
+    def state_size(self, num_heads: int, seq_len: int) -> int:
+        return 2 * num_heads * self.head_dim ** 2
