@@ -111,6 +111,9 @@ class TTTConfig:
         "help": "a decay α_t of the weights per head and token (mini_batch_size 1): 'softplus' "
                 "α = exp(−exp(A_log)·softplus(a_proj x + dt_bias)) (Gated DeltaNet's), 'sigmoid' "
                 "α = 1 − σ(decay_proj x) (Titans')"})
+    decay_shape: str = field(default="head", metadata={
+        "help": "'head': one α per head and token; 'key': a vector α over the key features (diag(α)W: the "
+                "learner names each weight's key axis in key_axes)"})
     decay_position: str = field(default="before", metadata={
         "help": "'before': W_t = αW − η∇ℓ(αW) (the gradient at the decayed weights); 'after': W_t = αW − η∇ℓ(W)"})
     momentum: bool = field(default=False, metadata={
@@ -122,7 +125,8 @@ class TTTConfig:
 #: the online learners' options of ``TTTConfig`` and their defaults: a layer class that does not
 #: implement them (``TTTLayer.online_options`` False) gives way to the generic ``TTTLayer`` when any is set
 ONLINE_OPTIONS = {"lr_gate": "sigmoid", "lr_per_dim": True, "qk_norm": "none", "short_conv": 0,
-                  "output_norm": "layernorm", "decay": "none", "decay_position": "before", "momentum": False,
+                  "output_norm": "layernorm", "decay": "none", "decay_shape": "head", "decay_position": "before",
+                  "momentum": False,
                   "head_gate": False}
 
 
@@ -207,6 +211,9 @@ class GradientLearner(Learner):
     """
 
     Config: ClassVar[type] = TTTConfig
+    #: for ``decay_shape="key"``: each weight's axis of key features (size head_dim), e.g. {"W": 0} for
+    #: f(x) = xW, whose rows a vector decay diag(α) scales
+    key_axes: ClassVar[dict[str, int]] = {}
 
     @classmethod
     def layer_class(cls) -> type:

@@ -150,7 +150,9 @@ class TTTLayer(HeadProjections):
     gated by SiLU(g_proj x) inside the norm instead of gelu_tanh after it); ``head_gate`` multiplies each
     head's output by σ(head_gate_proj x) (H × C). With mini_batch_size 1, ``decay`` ("softplus":
     ``a_proj`` (H × C), ``A_log`` (H,), ``dt_bias`` (H,), Gated DeltaNet's α; "sigmoid": ``decay_proj``
-    (H × C, with bias), α = 1 − σ(·), Titans') and ``momentum`` (``momentum_proj`` (H × C, with bias);
+    (H × C, with bias), α = 1 − σ(·), Titans'; with ``decay_shape="key"`` a vector α over the key features,
+    ``a_proj``/``decay_proj`` (H·d × C) and ``dt_bias`` (H·d,), applied as diag(α) along each weight's
+    key axis, ``GradientLearner.key_axes``) and ``momentum`` (``momentum_proj`` (H × C, with bias);
     state ``n_momentum``) make the update, per token,
 
         S_t = [μ_t S_{t−1}] − η_t ∇ℓ_t(W_in),   W_t = α_t W_{t−1} + S_t,
@@ -218,11 +220,12 @@ class TTTLayer(HeadProjections):
             self.learnable_token_idx = nn.Parameter(torch.zeros(b))
         self.post_norm = nn.LayerNorm(C, eps=1e-6) if cfg.post_norm and cfg.output_norm == "layernorm" else None
         self._build_online_modules(cfg)
+        self._check_key_axes()
 
     def _check_online_options(self, cfg) -> None:
         choices = {"lr_gate": ("sigmoid", "2sigmoid"), "qk_norm": ("none", "l2"),
                    "output_norm": ("layernorm", "rmsnorm"), "decay": ("none", "softplus", "sigmoid"),
-                   "decay_position": ("before", "after")}
+                   "decay_shape": ("head", "key"), "decay_position": ("before", "after")}
         for name, allowed in choices.items():
             if getattr(cfg, name) not in allowed:
                 raise ValueError(f"expected {name} in {allowed}, got {getattr(cfg, name)!r}")
@@ -236,9 +239,22 @@ class TTTLayer(HeadProjections):
         if cfg.output_norm == "rmsnorm" and cfg.use_gate and not cfg.post_norm:
             raise ValueError("output_norm='rmsnorm' with use_gate gates inside the norm: it needs post_norm=True")
 
+    def _check_key_axes(self) -> None:
+        """``decay_shape="key"`` needs every weight's key axis (``GradientLearner.key_axes``), of size d."""
+        if self.config.decay == "none" or self.config.decay_shape != "key":
+            return
+        axes = getattr(self.learner, "key_axes", {})
+        for name in self.inner_names:
+            shape = getattr(self, name).shape[1:]
+            if name not in axes or not 0 <= axes[name] < len(shape) or shape[axes[name]] != self.head_dim:
+                raise ValueError(f"decay_shape='key' needs {type(self.learner).__name__}.key_axes to name the "
+                                 f"key axis (size {self.head_dim}) of weight {name!r} (shape {tuple(shape)}); "
+                                 f"got key_axes={axes}")
+
     def _build_online_modules(self, cfg) -> None:
         """The modules of the online learners' options (none at their defaults)."""
         C, H, d = self.d_model, self.num_heads, self.head_dim
+        rows = H * d if cfg.decay_shape == "key" else H  # one decay per head, or per head and key feature
         if cfg.short_conv:
             conv = lambda: nn.Conv1d(C, C, cfg.short_conv, groups=C, padding=cfg.short_conv - 1, bias=False)
             self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(), conv(), conv()
@@ -246,12 +262,12 @@ class TTTLayer(HeadProjections):
         if cfg.post_norm and cfg.output_norm == "rmsnorm":
             self.o_norm = GatedRMSNorm(d, eps=1e-5) if cfg.use_gate else RMSNorm(d, eps=1e-5)
         if cfg.decay == "softplus":  # initialised as Gated DeltaNet's: A ~ U(0, 16), softplus(dt_bias) in [1e-3, 0.1]
-            self.a_proj = nn.Linear(C, H, bias=False)
+            self.a_proj = nn.Linear(C, rows, bias=False)
             self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
-            dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+            dt = torch.exp(torch.rand(rows) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         elif cfg.decay == "sigmoid":
-            self.decay_proj = nn.Linear(C, H, bias=True)
+            self.decay_proj = nn.Linear(C, rows, bias=True)
         if cfg.momentum:
             self.momentum_proj = nn.Linear(C, H, bias=True)
         if cfg.head_gate:
@@ -539,7 +555,7 @@ class TTTLayer(HeadProjections):
             tok = self._token_eta_at(p, x.device, dtype)
             if self._online:
                 M = self._momentum(state)
-                rates = [None if r is None else r.reshape(B * H, 1) for r in self._online_rates(x.unsqueeze(1))]
+                rates = self._online_rates(x.unsqueeze(1))  # (B·H, 1[, d]) each
                 Z, W_bar, M = self._online_scan(flat(q), flat(k), flat(v), self._gate_eta_step(x) * tok, *rates, W, M,
                                                 self._outer(B, dtype))
             else:
@@ -564,11 +580,17 @@ class TTTLayer(HeadProjections):
     def _online_rates(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """α_t (decay) and μ_t (momentum) per head and token, (B·H, T) each, or None without the option."""
         alpha = mu = None
+        key = self.config.decay_shape == "key"
         if self.config.decay == "softplus":
-            g = -self.A_log.to(x.dtype).exp() * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))
-            alpha = rearrange(g.exp(), "b t h -> (b h) t")
+            A = self.A_log.to(x.dtype).exp()
+            if key:  # one A per head, a rate per head and key feature
+                A = A.repeat_interleave(self.head_dim)
+            alpha = (-A * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))).exp()
         elif self.config.decay == "sigmoid":
-            alpha = rearrange(1 - torch.sigmoid(self.decay_proj(x)), "b t h -> (b h) t")
+            alpha = 1 - torch.sigmoid(self.decay_proj(x))
+        if alpha is not None:  # (B·H, T) per head, (B·H, T, d) per head and key feature
+            alpha = (rearrange(alpha, "b t (h d) -> (b h) t d", h=self.num_heads) if key
+                     else rearrange(alpha, "b t h -> (b h) t"))
         if self.config.momentum:
             mu = rearrange(torch.sigmoid(self.momentum_proj(x)), "b t h -> (b h) t")
         return alpha, mu
@@ -581,9 +603,18 @@ class TTTLayer(HeadProjections):
         grad = torch.func.vmap(torch.func.grad(lambda w, o, k, v: learner.loss({**w, **o}, k, v)))
         predict = torch.func.vmap(lambda w, o, q: learner.predict({**w, **o}, q))
         scale = lambda c, t: c.reshape(-1, *[1] * (t.ndim - 1)) * t  # a per-row scalar times (N, ...)
+        axes = getattr(learner, "key_axes", {})
+
+        def decay(a: Tensor, name: str, w: Tensor) -> Tensor:
+            if a.ndim == 1:
+                return scale(a, w)
+            shape = [a.shape[0]] + [1] * (w.ndim - 1)  # diag(α) along the weight's key axis
+            shape[1 + axes[name]] = a.shape[1]
+            return a.reshape(shape) * w
+
         Zs = []
         for t in range(XQ.shape[1]):
-            decayed = W if alpha is None else {n: scale(alpha[:, t], w) for n, w in W.items()}
+            decayed = W if alpha is None else {n: decay(alpha[:, t], n, w) for n, w in W.items()}
             g = grad(decayed if before else W, outer, XK[:, t], XV[:, t])
             S = {n: -scale(lr[:, t], g[n]) for n in W}
             if mu is not None:

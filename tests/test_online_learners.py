@@ -98,6 +98,63 @@ class _Linear(seqzoo.GradientLearner):
         return x @ params["W"]
 
 
+class _KeyLinear(_Linear):
+    key_axes = {"W": 0}  # f(x) = xW: the rows of W are the key features
+
+
+class _KeyMLP(seqzoo.GradientLearner):
+    key_axes = {"W1": 0, "W2": 1}
+
+    def init_params(self):
+        d = self.head_dim
+        return {"W1": 0.3 * torch.randn(d, 2 * d), "W2": 0.3 * torch.randn(2 * d, d)}
+
+    def predict(self, params, x):
+        return F.gelu(x @ params["W1"]) @ params["W2"]
+
+
+@pytest.mark.parametrize("kind", ["softplus", "sigmoid"])
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_key_decay_equals_a_plain_loop(kind, position):
+    """decay_shape='key': α_t ∈ R^d per head scales each weight along its key axis, diag(α) W."""
+    torch.manual_seed(3)
+    C, H, T = 16, 2, 7
+    d = C // H
+    layer = _KeyLinear.make_layer(C, num_heads=H, mini_batch_size=1, rope=False, token_idx=False, post_norm=False,
+                                  decay=kind, decay_shape="key", decay_position=position).double()
+    if kind == "softplus":
+        with torch.no_grad():
+            layer.A_log.fill_(-1.0)
+    x = torch.randn(1, T, C, dtype=torch.float64)
+    y, _ = layer(x)
+    with torch.no_grad():
+        q, k, v = (p(x)[0].view(T, H, d) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+        eta = torch.sigmoid(torch.einsum("tc,hc->th", x[0], layer.learnable_ttt_lr_weight[:, 0])
+                            + layer.learnable_ttt_lr_bias[:, 0]) / d
+        if kind == "softplus":
+            A = layer.A_log.exp().repeat_interleave(d)
+            alpha = torch.exp(-A * F.softplus(layer.a_proj(x[0]) + layer.dt_bias)).view(T, H, d)
+        else:
+            alpha = (1 - torch.sigmoid(layer.decay_proj(x[0]))).view(T, H, d)
+        zs = torch.zeros(T, H, d, dtype=torch.float64)
+        for h in range(H):
+            W = layer.W[h].clone()
+            for t in range(T):
+                decayed = alpha[t, h, :, None] * W
+                W_in = decayed if position == "before" else W
+                grad = torch.outer(k[t, h], k[t, h] @ W_in - v[t, h])  # ∇ ½‖kW − v‖²
+                W = decayed - eta[t, h] * grad
+                zs[t, h] = q[t, h] @ W
+    torch.testing.assert_close(y[0], layer.o_proj(zs.reshape(T, C)), rtol=0, atol=1e-12)
+
+
+def test_key_decay_needs_the_key_axes():
+    with pytest.raises(ValueError, match="key_axes"):
+        _Linear.make_layer(16, num_heads=2, mini_batch_size=1, decay="sigmoid", decay_shape="key")
+    layer = _KeyMLP.make_layer(16, num_heads=2, mini_batch_size=1, decay="sigmoid", decay_shape="key", momentum=True)
+    assert layer.decay_proj.weight.shape == (16, 16)
+
+
 class _MLP(seqzoo.GradientLearner):
     def init_params(self):
         d = self.head_dim
@@ -151,7 +208,8 @@ def test_decay_and_momentum_equal_a_plain_loop(learner, position, momentum):
                    decay="softplus")),
     (_MLP, dict(qk_norm="l2", decay="softplus", decay_position="after", momentum=True, use_gate=True,
                 output_norm="rmsnorm")),
-], ids=["linear_delta_options", "mlp_titans_options"])
+    (_KeyMLP, dict(decay="softplus", decay_shape="key", momentum=True, qk_norm="l2")),
+], ids=["linear_delta_options", "mlp_titans_options", "mlp_key_decay"])
 def test_online_learners_conform(learner, options):
     def factory(d, **config):
         return learner.make_layer(d, **{**dict(mini_batch_size=1, rope=False), **options, **config})
@@ -176,6 +234,7 @@ def test_fast_layers_give_way_to_the_generic_one():
     ({"output_norm": "batchnorm"}, "output_norm"),
     ({"short_conv": 4, "share_qk": True}, "short_conv and share_qk"),
     ({"short_conv": -1}, "short_conv"),
+    ({"decay_shape": "row", "mini_batch_size": 1, "decay": "sigmoid"}, "decay_shape"),
 ])
 def test_bad_online_options(options, match):
     with pytest.raises(ValueError, match=match):
