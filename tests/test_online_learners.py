@@ -102,17 +102,6 @@ class _KeyLinear(_Linear):
     key_axes = {"W": 0}  # f(x) = xW: the rows of W are the key features
 
 
-class _KeyMLP(seqzoo.GradientLearner):
-    key_axes = {"W1": 0, "W2": 1}
-
-    def init_params(self):
-        d = self.head_dim
-        return {"W1": 0.3 * torch.randn(d, 2 * d), "W2": 0.3 * torch.randn(2 * d, d)}
-
-    def predict(self, params, x):
-        return F.gelu(x @ params["W1"]) @ params["W2"]
-
-
 @pytest.mark.parametrize("kind", ["softplus", "sigmoid"])
 @pytest.mark.parametrize("position", ["before", "after"])
 def test_key_decay_equals_a_plain_loop(kind, position):
@@ -162,6 +151,10 @@ class _MLP(seqzoo.GradientLearner):
 
     def predict(self, params, x):
         return F.gelu(x @ params["W1"]) @ params["W2"]
+
+
+class _KeyMLP(_MLP):
+    key_axes = {"W1": 0, "W2": 1}  # the key features: W1's rows, W2's columns (its output)
 
 
 @pytest.mark.parametrize("learner", [_Linear, _MLP], ids=["linear_memory", "mlp_memory"])
