@@ -98,6 +98,15 @@ class _Linear(seqzoo.GradientLearner):
         return x @ params["W"]
 
 
+def _views_and_rate(layer, x, H, d):
+    """q, k, v (T, H, d) and η_t = σ(θ_lr x_t + b)/d (T, H) of one sequence x (T, C), written out."""
+    T = x.shape[0]
+    q, k, v = (p(x).view(T, H, d) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    eta = torch.sigmoid(torch.einsum("tc,hc->th", x, layer.learnable_ttt_lr_weight[:, 0])
+                        + layer.learnable_ttt_lr_bias[:, 0]) / d
+    return q, k, v, eta
+
+
 class _KeyLinear(_Linear):
     key_axes = {"W": 0}  # f(x) = xW: the rows of W are the key features
 
@@ -117,9 +126,7 @@ def test_key_decay_equals_a_plain_loop(kind, position):
     x = torch.randn(1, T, C, dtype=torch.float64)
     y, _ = layer(x)
     with torch.no_grad():
-        q, k, v = (p(x)[0].view(T, H, d) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-        eta = torch.sigmoid(torch.einsum("tc,hc->th", x[0], layer.learnable_ttt_lr_weight[:, 0])
-                            + layer.learnable_ttt_lr_bias[:, 0]) / d
+        q, k, v, eta = _views_and_rate(layer, x[0], H, d)
         if kind == "softplus":
             A = layer.A_log.exp().repeat_interleave(d)
             alpha = torch.exp(-A * F.softplus(layer.a_proj(x[0]) + layer.dt_bias)).view(T, H, d)
@@ -173,9 +180,7 @@ def test_decay_and_momentum_equal_a_plain_loop(learner, position, momentum):
     x = torch.randn(1, T, C, dtype=torch.float64)
     y, state = layer(x)
     with torch.no_grad():
-        q, k, v = (p(x)[0].view(T, H, d) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-        eta = torch.sigmoid(torch.einsum("tc,hc->th", x[0], layer.learnable_ttt_lr_weight[:, 0])
-                            + layer.learnable_ttt_lr_bias[:, 0]) / d
+        q, k, v, eta = _views_and_rate(layer, x[0], H, d)
         alpha = torch.exp(-layer.A_log.exp() * F.softplus(layer.a_proj(x[0]) + layer.dt_bias))
         mu = torch.sigmoid(layer.momentum_proj(x[0])) if momentum else torch.zeros(T, H, dtype=torch.float64)
     names = layer.inner_names
