@@ -22,6 +22,7 @@ Mini-batches are aligned to absolute positions [kb, (k+1)b), so a sequence may b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -98,36 +99,34 @@ class TTTConfig:
     rope: bool = field(default=True, metadata={"help": "RoPE on XQ and XK"})
     post_norm: bool = field(default=True, metadata={"help": "a norm on z before the output projection (output_norm)"})
     # the online learners' options (DeltaNet, Gated DeltaNet, Titans-style memories); the generic path
-    lr_gate: str = field(default="sigmoid", metadata={
+    lr_gate: str = field(default="sigmoid", metadata={"online": True,
         "help": "η's gate: 'sigmoid' σ(θ_lr x + b), or '2sigmoid' 2σ(θ_lr x + b) (eigenvalues of I − ηkkᵀ down to −1)"})
-    lr_per_dim: bool = field(default=True, metadata={"help": "divide η by head_dim (the TTT paper's 1/d)"})
-    qk_norm: str = field(default="none", metadata={"help": "'l2': q and k scaled to unit norm, x·rsqrt(Σx² + 1e-6)"})
-    short_conv: int = field(default=0, metadata={
+    lr_per_dim: bool = field(default=True, metadata={"online": True, "help": "divide η by head_dim (the TTT paper's 1/d)"})
+    qk_norm: str = field(default="none", metadata={"online": True, "help": "'l2': q and k scaled to unit norm, x·rsqrt(Σx² + 1e-6)"})
+    short_conv: int = field(default=0, metadata={"online": True,
         "help": "width of depthwise causal convs with SiLU on q, k and v (q_conv1d, k_conv1d, v_conv1d; 0: none)"})
-    output_norm: str = field(default="layernorm", metadata={
+    output_norm: str = field(default="layernorm", metadata={"online": True,
         "help": "post_norm's kind: 'layernorm' over d_model, or 'rmsnorm' per head (o_norm; gated by "
                 "SiLU(g_proj x) with use_gate)"})
-    decay: str = field(default="none", metadata={
+    decay: str = field(default="none", metadata={"online": True,
         "help": "a decay α_t of the weights per head and token (mini_batch_size 1): 'softplus' "
                 "α = exp(−exp(A_log)·softplus(a_proj x + dt_bias)) (Gated DeltaNet's), 'sigmoid' "
                 "α = 1 − σ(decay_proj x) (Titans')"})
-    decay_shape: str = field(default="head", metadata={
+    decay_shape: str = field(default="head", metadata={"online": True,
         "help": "'head': one α per head and token; 'key': a vector α over the key features (diag(α)W: the "
                 "learner names each weight's key axis in key_axes)"})
-    decay_position: str = field(default="before", metadata={
+    decay_position: str = field(default="before", metadata={"online": True,
         "help": "'before': W_t = αW − η∇ℓ(αW) (the gradient at the decayed weights); 'after': W_t = αW − η∇ℓ(W)"})
-    momentum: bool = field(default=False, metadata={
+    momentum: bool = field(default=False, metadata={"online": True,
         "help": "the step is a momentum S_t = μ_t S_{t−1} − η_t∇ℓ, μ_t = σ(momentum_proj x_t) (mini_batch_size 1)"})
-    head_gate: bool = field(default=False, metadata={
+    head_gate: bool = field(default=False, metadata={"online": True,
         "help": "each head's output times σ(head_gate_proj x), before o_proj (Titans' retrieve gate)"})
 
 
-#: the online learners' options of ``TTTConfig`` and their defaults: a layer class that does not
-#: implement them (``TTTLayer.online_options`` False) gives way to the generic ``TTTLayer`` when any is set
-ONLINE_OPTIONS = {"lr_gate": "sigmoid", "lr_per_dim": True, "qk_norm": "none", "short_conv": 0,
-                  "output_norm": "layernorm", "decay": "none", "decay_shape": "head", "decay_position": "before",
-                  "momentum": False,
-                  "head_gate": False}
+#: the online learners' options of ``TTTConfig`` (its fields marked ``online``) and their defaults: a
+#: layer class that does not implement them (``TTTLayer.online_options`` False) gives way to the generic
+#: ``TTTLayer`` when any is set
+ONLINE_OPTIONS = {f.name: f.default for f in dataclasses.fields(TTTConfig) if f.metadata.get("online")}
 
 
 def online_options(config: Any) -> list[str]:
