@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
 
@@ -16,7 +17,8 @@ T = TypeVar("T")
 
 __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
-    "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments",
+    "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
+    "softplus_log_decay",
 ]
 
 
@@ -89,6 +91,19 @@ class GatedRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def softplus_decay_init(heads: int, rows: int) -> tuple[Tensor, Tensor]:
+    """The initial ``A_log`` (heads,), A ~ U(0, 16), and ``dt_bias`` (rows,) = softplus⁻¹(Δt) with Δt
+    log-uniform in [0.001, 0.1] (floored at 1e-4), of the decay ``softplus_log_decay`` (Gated DeltaNet's)."""
+    A_log = torch.log(torch.empty(heads).uniform_(0, 16))
+    dt = torch.exp(torch.rand(rows) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
+    return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
+def softplus_log_decay(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
+    """g = log α = −exp(A_log)·softplus(a + dt_bias), computed in ``a``'s dtype (callers choose it)."""
+    return -A_log.to(a.dtype).exp() * F.softplus(a + dt_bias.to(a.dtype))
 
 
 def by_segments(fn: Callable[[Tensor, State], tuple[Tensor, State]], x: Tensor, state: State,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import torch
@@ -32,6 +31,8 @@ from .nn import (
     causal_conv_step,
     conv_state_shape,
     l2_normalize,
+    softplus_decay_init,
+    softplus_log_decay,
 )
 
 log = logging.getLogger(__name__)
@@ -263,9 +264,7 @@ class TTTLayer(HeadProjections):
             self.o_norm = GatedRMSNorm(d, eps=1e-5) if cfg.use_gate else RMSNorm(d, eps=1e-5)
         if cfg.decay == "softplus":  # initialised as Gated DeltaNet's: A ~ U(0, 16), softplus(dt_bias) in [1e-3, 0.1]
             self.a_proj = nn.Linear(C, rows, bias=False)
-            self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(0, 16)))
-            dt = torch.exp(torch.rand(rows) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+            self.A_log, self.dt_bias = map(nn.Parameter, softplus_decay_init(H, rows))
         elif cfg.decay == "sigmoid":
             self.decay_proj = nn.Linear(C, rows, bias=True)
         if cfg.momentum:
@@ -582,10 +581,8 @@ class TTTLayer(HeadProjections):
         alpha = mu = None
         key = self.config.decay_shape == "key"
         if self.config.decay == "softplus":
-            A = self.A_log.to(x.dtype).exp()
-            if key:  # one A per head, a rate per head and key feature
-                A = A.repeat_interleave(self.head_dim)
-            alpha = (-A * F.softplus(self.a_proj(x) + self.dt_bias.to(x.dtype))).exp()
+            A_log = self.A_log.repeat_interleave(self.head_dim) if key else self.A_log  # one A per head
+            alpha = softplus_log_decay(self.a_proj(x), A_log, self.dt_bias).exp()
         elif self.config.decay == "sigmoid":
             alpha = 1 - torch.sigmoid(self.decay_proj(x))
         if alpha is not None:  # (B·H, T) per head, (B·H, T, d) per head and key feature

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 import seqzoo
 from seqzoo import SequenceLayer, State, native
-from seqzoo.learner import LearnerLayerConfig
+from seqzoo.learner import LearnerLayerConfig, positive_int
 from seqzoo.nn import (
     GatedRMSNorm,
     RMSNorm,
@@ -43,6 +43,8 @@ from seqzoo.nn import (
     causal_conv_step,
     conv_state_shape,
     l2_normalize,
+    softplus_decay_init,
+    softplus_log_decay,
 )
 
 from . import ops
@@ -61,12 +63,6 @@ def _fla_ops() -> dict | None:
     return native.optional_kernels("flash-linear-attention kernels", "the torch chunked form",
                                    delta_rule="fla.ops.delta_rule:chunk_delta_rule",
                                    gated_delta_rule="fla.ops.gated_delta_rule:chunk_gated_delta_rule")
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
-    return value
 
 
 def _whole(name: str, value: float) -> int:
@@ -93,7 +89,7 @@ class _DeltaLayer(SequenceLayer):
         C = self.d_model
         if cfg.backend not in BACKENDS:
             raise ValueError(f"expected backend in {BACKENDS}, got {cfg.backend!r}")
-        _positive_int("chunk_size", cfg.chunk_size)
+        positive_int("chunk_size", cfg.chunk_size)
         if key_dim % num_heads or value_dim % num_v_heads:
             raise ValueError(f"expected key_dim {key_dim} divisible by num_heads {num_heads} and value_dim "
                              f"{value_dim} by the value heads {num_v_heads}")
@@ -106,7 +102,7 @@ class _DeltaLayer(SequenceLayer):
         self.k_proj = nn.Linear(C, key_dim, bias=False)
         self.v_proj = nn.Linear(C, value_dim, bias=False)
         if cfg.use_short_conv:
-            K = _positive_int("conv_size", cfg.conv_size)
+            K = positive_int("conv_size", cfg.conv_size)
             conv = lambda n: nn.Conv1d(n, n, K, groups=n, padding=K - 1, bias=cfg.conv_bias)
             self.q_conv1d, self.k_conv1d, self.v_conv1d = conv(key_dim), conv(key_dim), conv(value_dim)
         if cfg.use_gate:
@@ -280,7 +276,7 @@ class DeltaNet(_DeltaLayer):
             raise ValueError(f"expected qk_activation in {QK_ACTIVATIONS}, got {cfg.qk_activation!r}")
         if cfg.qk_norm not in QK_NORMS:
             raise ValueError(f"expected qk_norm in {QK_NORMS}, got {cfg.qk_norm!r}")
-        H = _positive_int("num_heads", cfg.num_heads)
+        H = positive_int("num_heads", cfg.num_heads)
         self._build(_whole("d_model·expand_k", d_model * cfg.expand_k), _whole("d_model·expand_v", d_model * cfg.expand_v),
                     H, H, cfg)
         if cfg.use_beta:
@@ -329,24 +325,22 @@ class GatedDeltaNet(_DeltaLayer):
     def __init__(self, d_model: int, **config):
         super().__init__(d_model)
         self.config = cfg = GatedDeltaNetConfig(**config)
-        H = _positive_int("num_heads", cfg.num_heads)
+        H = positive_int("num_heads", cfg.num_heads)
         if cfg.head_dim is None and d_model % H:
             raise ValueError(f"expected d_model divisible by num_heads, got d_model={d_model}, num_heads={H}")
-        hd = _positive_int("head_dim", d_model // H if cfg.head_dim is None else cfg.head_dim)
-        HV = H if cfg.num_v_heads is None else _positive_int("num_v_heads", cfg.num_v_heads)
+        hd = positive_int("head_dim", d_model // H if cfg.head_dim is None else cfg.head_dim)
+        HV = H if cfg.num_v_heads is None else positive_int("num_v_heads", cfg.num_v_heads)
         self.head_dim = hd
         self._build(H * hd, HV * _whole("head_dim·expand_v", hd * cfg.expand_v), H, HV, cfg)
         self.a_proj = nn.Linear(d_model, HV, bias=False)
         self.b_proj = nn.Linear(d_model, HV, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(HV).uniform_(0, 16)))
-        dt = torch.exp(torch.rand(HV) * (math.log(0.1) - math.log(0.001)) + math.log(0.001)).clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
+        self.A_log, self.dt_bias = map(nn.Parameter, softplus_decay_init(HV, HV))
         self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
 
     def _log_decay(self, x: Tensor) -> Tensor:
         """g = −exp(A_log)·softplus(a_proj x + dt_bias), in at least float32 (as fla's kernels)."""
-        dt = torch.promote_types(x.dtype, torch.float32)
-        return -self.A_log.to(dt).exp() * F.softplus(self.a_proj(x).to(dt) + self.dt_bias.to(dt))
+        return softplus_log_decay(self.a_proj(x).to(torch.promote_types(x.dtype, torch.float32)), self.A_log,
+                                  self.dt_bias)
 
 
 # --- MesaNet ---------------------------------------------------------------------------------------
@@ -382,12 +376,12 @@ class MesaNet(SequenceLayer):
     def __init__(self, d_model: int, **config):
         super().__init__(d_model)
         self.config = cfg = MesaNetConfig(**config)
-        H = _positive_int("num_heads", cfg.num_heads)
+        H = positive_int("num_heads", cfg.num_heads)
         if cfg.head_dim is None and d_model % H:
             raise ValueError(f"expected d_model divisible by num_heads, got d_model={d_model}, num_heads={H}")
-        d = _positive_int("head_dim", d_model // H if cfg.head_dim is None else cfg.head_dim)
-        _positive_int("chunk_size", cfg.chunk_size)
-        K = _positive_int("conv_size", cfg.conv_size)
+        d = positive_int("head_dim", d_model // H if cfg.head_dim is None else cfg.head_dim)
+        positive_int("chunk_size", cfg.chunk_size)
+        K = positive_int("conv_size", cfg.conv_size)
         if not cfg.lambda_lower_bound >= 0:
             raise ValueError(f"expected lambda_lower_bound >= 0, got {cfg.lambda_lower_bound!r}")
         self.num_heads, self.head_dim, self.key_dim = H, d, H * d

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seqzoo import SequenceLayer, State
+from seqzoo.learner import positive_int
 from seqzoo.nn import by_segments, causal_conv, causal_conv_step, conv_state_shape
 
 from .ops import longhorn_scan
@@ -59,9 +60,7 @@ class Longhorn(SequenceLayer):
         super().__init__(d_model)
         self.config = cfg = LonghornConfig(**config)
         for name in ("d_state", "d_conv", "expand", "chunk_size"):
-            value = getattr(cfg, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+            positive_int(name, getattr(cfg, name))
         rank = math.ceil(d_model / 16) if cfg.dt_rank == "auto" else cfg.dt_rank
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"expected dt_rank to be 'auto' or a positive int, got {cfg.dt_rank!r}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import seqzoo
-from seqzoo.learner import TTTConfig
+from seqzoo.learner import TTTConfig, positive_int
 
 __all__ = ["TitansConfig", "TitansMemory", "titans", "from_titans_pytorch"]
 
@@ -57,7 +57,7 @@ class TitansMemory(seqzoo.GradientLearner):
 
     def __init__(self, head_dim: int, **config):
         super().__init__(head_dim, **config)
-        self.depth = seqzoo.learner.positive_int("memory_depth", config.get("memory_depth", 2))
+        self.depth = positive_int("memory_depth", config.get("memory_depth", 2))
         hidden = config.get("memory_hidden")
         self.hidden = int(head_dim * config.get("memory_expansion", 4.0)) if hidden is None else hidden
         if self.hidden < 1:
