@@ -49,6 +49,7 @@ from seqzoo.nn import (
 
 from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
+from .reference import mesa_net_reference
 
 __all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig", "MesaLearner"]
 
@@ -448,19 +449,16 @@ class MesaNet(SequenceLayer):
         return self._output(x, o), new
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One token: the statistics' decay and rank-1 updates, then one K×K Cholesky solve per head."""
+        """One token of the recurrence (``mesa_net_reference``): the statistics' decay and rank-1 updates,
+        then one K×K solve per head."""
         state = self.check_input(x, state, step=True)
         features = self._features(x, state, step=True)  # (B, H, ·); half precision computes in float32
         dt = torch.promote_types(x.dtype, torch.float32)
-        (q, k, v, g, beta), new = [t.to(dt) for t in features[:5]], features[5]
-        alpha, bk = g.exp()[..., None, None], beta.unsqueeze(-1) * k
-        h_kk = alpha * state["h_kk"].to(dt) + bk.unsqueeze(-1) * k.unsqueeze(-2)
-        h_kv = alpha * state["h_kv"].to(dt) + bk.unsqueeze(-1) * v.unsqueeze(-2)
-        A = h_kk + torch.diag_embed(self._lamb(dt))
-        xq = torch.cholesky_solve(q.unsqueeze(-1), torch.linalg.cholesky(A)).squeeze(-1)
-        o = torch.einsum("bhkv,bhk->bhv", h_kv, xq).to(x.dtype)
+        (q, k, v, g, beta), new = [t.to(dt).unsqueeze(1) for t in features[:5]], features[5]  # T = 1
+        o, (h_kk, h_kv) = mesa_net_reference(q, k, v, g, beta, self._lamb(dt),
+                                             initial_state=(state["h_kk"].to(dt), state["h_kv"].to(dt)))
         new["h_kk"], new["h_kv"] = h_kk.to(state["h_kk"].dtype), h_kv.to(state["h_kv"].dtype)
-        return self._output(x, o), new
+        return self._output(x, o[:, 0].to(x.dtype)), new
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, {self.config}"

@@ -28,6 +28,7 @@ from seqzoo.learner import positive_int
 from seqzoo.nn import by_segments, causal_conv, causal_conv_step, conv_state_shape
 
 from .ops import longhorn_scan
+from .reference import longhorn_reference
 
 __all__ = ["Longhorn", "LonghornConfig", "SEGMENT_ELEMENTS"]
 
@@ -114,10 +115,9 @@ class Longhorn(SequenceLayer):
         state = self.check_input(x, state, step=True)
         xs, z, k, q, beta, conv_state = self._inputs(x, state["conv_state"], step=True)
         dt = torch.promote_types(x.dtype, torch.float32)  # half precision computes in float32, as forward
-        xs32, k, q, beta = xs.to(dt), k.to(dt), q.to(dt), beta.to(dt)
-        eps = beta / (1 + beta * k.square().sum(-1, keepdim=True))  # (B, E)
-        S = state["ssm_state"].to(dt) * (1 - eps[..., None] * k.square()[:, None]) + (eps * xs32)[..., None] * k[:, None]
-        y = torch.einsum("bdn,bn->bd", S, q).to(x.dtype)
+        one = lambda t: t.to(dt).unsqueeze(1)  # a sequence of one token
+        y, S = longhorn_reference(one(xs), one(k), one(q), one(beta), initial_state=state["ssm_state"].to(dt))
+        y = y[:, 0].to(x.dtype)
         y = torch.addcmul(y, xs, self.D.to(y.dtype)) * F.silu(z)
         return self.out_proj(y), {"conv_state": conv_state, "ssm_state": S.to(state["ssm_state"].dtype)}
 
