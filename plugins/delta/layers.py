@@ -489,7 +489,8 @@ class MesaLearner(seqzoo.Learner):
                 "h_kv": torch.zeros(batch_size, num_heads, d, d, device=device, dtype=dtype)}
 
     def init_outer_params(self) -> dict[str, Tensor]:
-        return {"lambda_params": torch.full((self.head_dim,), math.log(math.expm1(0.75)))}  # λ = 1
+        bound = MesaNetConfig.lambda_lower_bound
+        return {"lambda_params": torch.full((self.head_dim,), math.log(math.expm1(1.0 - bound)))}  # λ = 1
 
     def train(self, state: State, k: Tensor, v: Tensor, *, a: Tensor, b: Tensor, outer) -> State:
         alpha, bk = a[..., None, None], b.unsqueeze(-1) * k
@@ -497,7 +498,7 @@ class MesaLearner(seqzoo.Learner):
                 "h_kv": alpha * state["h_kv"] + bk.unsqueeze(-1) * v.unsqueeze(-2)}
 
     def predict(self, state: State, q: Tensor, *, outer) -> Tensor:
-        lamb = F.softplus(outer["lambda_params"]) + 0.25  # (H, d)
+        lamb = F.softplus(outer["lambda_params"]) + MesaNetConfig.lambda_lower_bound  # (H, d), as MesaNet's
         x = torch.linalg.solve(state["h_kk"] + torch.diag_embed(lamb), q)
         return torch.einsum("bhkv,bhk->bhv", state["h_kv"], x)
 
