@@ -8,14 +8,15 @@ lower-triangular system:
 
     (I + M) U = diag(β) (V − diag(Γ) K S0),    M[t, s] = β_t D[t, s] k_t·k_s  for s < t,
 
-so U = Uv − W S0 with Uv = (I + M)⁻¹ diag(β) V and W = (I + M)⁻¹ diag(βΓ) K, solved once per chunk
-for both right-hand sides. Then, with q already scaled and P = (Q Kᵀ) ⊙ D,
+so U = Uv − W S0 with Uv = (I + M)⁻¹ diag(β) V and W = (I + M)⁻¹ diag(βΓ) K ((I + M)⁻¹ formed once
+per chunk, applied to both right-hand sides in one product). Then, with q already scaled and P = (Q Kᵀ) ⊙ D,
 
     O     = P Uv + (diag(Γ) Q − P W) S0                          (the chunk's outputs)
     S_end = Γ_L S0 + K̃ᵀ U = (Γ_L I − K̃ᵀ W) S0 + K̃ᵀ Uv,   K̃ = diag(exp(γ_L − γ)) K.
 
 Everything but the last line is computed for many chunks at once; the state crosses the chunks in a
-loop of one (K×K)·(K×V) product each. A vector β (one rate per value column) makes each value
+loop of one (K×K)·(K×V) product each. Per chunk that is nine L×L×K-sized products (linear attention's
+chunked form has four) and one L×L triangular inverse. A vector β (one rate per value column) makes each value
 column a linear model of its own, so it runs as V heads of value width 1.
 """
 
@@ -138,21 +139,22 @@ def _chunked(q, k, v, g, beta, scale, S0, L):
         return v.new_zeros(B, 0, H, V), S.clone()
     n = -(-T // L)
     pad = n * L - T  # padded tokens have k = v = β = g = 0: u = 0 and no decay, so S is unchanged
-    chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (n l) h d -> b h n l d", l=L).contiguous()
-    qc, kc, vc = chunks(q * scale), chunks(k), chunks(v)
-    bc = rearrange(F.pad(beta, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
-    gc = None if g is None else rearrange(F.pad(g, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
+    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
+    chunks = lambda t: rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
+    qc, kc, vc, bc = chunks(q), chunks(k), chunks(v), chunks(beta)
+    qc = qc.mul_(scale) if qc.data_ptr() != q.data_ptr() else qc * scale
+    gc = None if g is None else chunks(g)
 
     per_chunk = B * H * L * max(L, K, V)
     group = max(1, GROUP_ELEMENTS // per_chunk)
     outs = []
     for lo in range(0, n, group):
         part = slice(lo, min(lo + group, n))
-        o, S = _chunk_group(qc[:, :, part], kc[:, :, part], vc[:, :, part], bc[:, :, part],
-                            None if gc is None else gc[:, :, part], S)
+        o, S = _chunk_group(qc[:, part], kc[:, part], vc[:, part], bc[:, part],
+                            None if gc is None else gc[:, part], S)
         outs.append(o)
-    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return rearrange(o, "b h n l v -> b (n l) h v")[:, :T], S
+    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return rearrange(o, "b n h l v -> b (n l) h v")[:, :T], S
 
 
 def decay_products(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,33 +173,40 @@ def decay_products(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _chunk_group(q, k, v, beta, g, S):
-    """Chunks (B, H, N, L, ·) of one group from the state S (B, H, K, V) at the first one's start."""
-    L = q.shape[3]
+    """Chunks (B, N, H, L, ·) of one group from the state S (B, H, K, V) at the first one's start.
+
+    Every chunk-local product is one ``bmm`` over the B·N·H chunks, transposes passed as strides (no
+    copies). (I + M)⁻¹ is formed once per chunk by a triangular solve against the identity and applied to
+    both right-hand sides by one product (faster here than solving for the L × (K + V) right-hand side).
+    """
+    B, N, H, L, K = q.shape
+    V = v.shape[-1]
+    flat = lambda t: t.reshape(B * N * H, *t.shape[3:])
+    q, k, v, beta = flat(q), flat(k), flat(v), flat(beta)
     if g is None:
         D = torch.ones(L, L, dtype=q.dtype, device=q.device).tril()  # no decay: D[t, s] = 1 for s ≤ t
         Gamma = to_end = None
     else:
-        D, Gamma, to_end = decay_products(g)
-    M = (k @ k.transpose(-1, -2)) * D * beta.unsqueeze(-1)  # β_t D[t, s] k_t·k_s; diagonal ignored below
-    beta_k = k * beta.unsqueeze(-1) if Gamma is None else k * (beta * Gamma).unsqueeze(-1)
-    K = k.shape[-1]
-    rhs = torch.cat([beta_k, v * beta.unsqueeze(-1)], dim=-1)  # [diag(βΓ) K | diag(β) V]
-    X = torch.linalg.solve_triangular(M, rhs, upper=False, unitriangular=True)  # (I + M)⁻¹ rhs = [W | Uv]
-    P = (q @ k.transpose(-1, -2)) * D  # (Q Kᵀ) ⊙ D
-    PX = P @ X  # [P W | P Uv]
-    O_intra = PX[..., K:]
+        D, Gamma, to_end = decay_products(flat(g))
+    b = beta.unsqueeze(-1)
+    M = torch.bmm(k, k.mT).mul_(D).mul_(b)  # β_t D[t, s] k_t·k_s; the diagonal is ignored below
+    eye = torch.eye(L, dtype=q.dtype, device=q.device).expand(M.shape)
+    T_inv = torch.linalg.solve_triangular(M, eye, upper=False, unitriangular=True)  # (I + M)⁻¹
+    rhs = torch.cat([k * (b if Gamma is None else b * Gamma.unsqueeze(-1)), v * b], dim=-1)  # [diag(βΓ)K | diag(β)V]
+    X = torch.bmm(T_inv, rhs)  # [W | Uv]
+    P = torch.bmm(q, k.mT).mul_(D)  # (Q Kᵀ) ⊙ D
+    PX = torch.bmm(P, X)  # [P W | P Uv]
     Q_state = (q if Gamma is None else q * Gamma.unsqueeze(-1)) - PX[..., :K]  # diag(Γ) Q − P W
     K_end = k if to_end is None else k * to_end.unsqueeze(-1)  # K̃
-    KX = K_end.transpose(-1, -2) @ X  # [K̃ᵀW | K̃ᵀUv]: S_end = A S0 + K̃ᵀ Uv, A = Γ_L I − K̃ᵀ W
-    eye = torch.eye(K, dtype=q.dtype, device=q.device)
-    A = (eye if Gamma is None else Gamma[..., -1, None, None] * eye) - KX[..., :K]
-    Bv = KX[..., K:]
-    starts = []
-    for c in range(q.shape[2]):
-        starts.append(S)
-        S = torch.baddbmm(Bv[:, :, c].flatten(0, 1), A[:, :, c].flatten(0, 1), S.flatten(0, 1)).view_as(S)
-    S_start = torch.stack(starts, dim=2)  # (B, H, N, K, V)
-    return O_intra + Q_state @ S_start, S
+    KX = torch.bmm(K_end.mT, X).view(B, N, H, K, K + V)  # [K̃ᵀW | K̃ᵀUv]: S_end = A S0 + K̃ᵀ Uv
+    decay_end = 1.0 if Gamma is None else Gamma[:, -1].view(B, N, H, 1, 1)
+    A = torch.eye(K, dtype=q.dtype, device=q.device) * decay_end - KX[..., :K]  # Γ_L I − K̃ᵀ W
+    S_start = q.new_empty(B, N, H, K, V)
+    for c in range(N):
+        S_start[:, c] = S
+        S = torch.baddbmm(KX[:, c, :, :, K:].flatten(0, 1), A[:, c].flatten(0, 1), S.flatten(0, 1)).view_as(S)
+    o = torch.baddbmm(PX[..., K:], Q_state, S_start.view(B * N * H, K, V))  # P Uv + (diag(Γ) Q − P W) S0
+    return o.view(B, N, H, L, V), S
 
 
 # --- MesaNet ---------------------------------------------------------------------------------------
