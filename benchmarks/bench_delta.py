@@ -7,7 +7,7 @@ Goals (measured in one run, every layer called in turn each repeat, medians afte
   forward (``gated_deltanet`` also at its default ``expand_v=2``, twice the value width, reported);
 - time per token at T = 16384 over T = 1024 ≤ 1.3 (the chunked form's cost does not grow with T);
 - decode: time per token at position 8192 over position 64 ≤ 1.3 (O(1) in the position).
-``mesanet`` (an exact K×K solve per token and head), ``longhorn`` and ``mamba`` (its Mamba-shaped
+``mesanet`` (an exact K×K solve per token and head, or 30 conjugate-gradient steps), ``longhorn`` and ``mamba`` (its Mamba-shaped
 neighbour, at the same d_state 16 and expand 2) are reported beside them, without a goal.
 """
 
@@ -36,6 +36,7 @@ LAYERS = {
     "gated_deltanet (expand_v=1)": ("gated_deltanet", {"expand_v": 1.0}),
     "gated_deltanet (default, expand_v=2)": ("gated_deltanet", {}),
     "mesanet": ("mesanet", {}),
+    "mesanet (solver=cg, 30 steps)": ("mesanet", {"solver": "cg"}),
     "longhorn": ("longhorn", {}),
     "mamba": ("mamba", {}),
 }

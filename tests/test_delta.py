@@ -21,6 +21,8 @@ from seqzoo_plugins.delta import (
     gated_delta_rule,
     gated_delta_rule_reference,
     mesa_net,
+    mesa_net_cg,
+    mesa_net_cg_reference,
     mesa_net_reference,
 )
 
@@ -30,7 +32,8 @@ from seqzoo.testing import CHECKS, check_layer
 
 DATA = Path(__file__).parent / "data" / "fla"
 OP_CASES = sorted(p for p in DATA.glob("op_*.safetensors") if "mesa" not in p.name)
-MESA_CASES = sorted(DATA.glob("op_mesa_net_*.safetensors"))
+MESA_CASES = sorted(p for p in DATA.glob("op_mesa_net_*.safetensors") if "_cg_" not in p.name)
+MESA_CG_CASES = sorted(DATA.glob("op_mesa_net_cg_*.safetensors"))
 LAYER_CASES = sorted(DATA.glob("layer_*.safetensors"))
 
 
@@ -250,6 +253,98 @@ def test_mesa_net_gradcheck_and_bad_input():
         mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], torch.ones(1, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="expected initial_state"):
         mesa_net(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], initial_state=t["initial_state"][0])
+
+
+# --- MesaNet's conjugate-gradient form (fla's kernels) -------------------------------------------------
+def _mesa_cg(t, **kw):
+    return mesa_net_cg(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], initial_state=t.get("initial_state"),
+                       output_final_state=True, **kw)
+
+
+@pytest.mark.parametrize("path", MESA_CG_CASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("chunk_size", [None, 5, 16])
+def test_mesa_net_cg_equals_fla_reference(path, chunk_size):
+    """fla's chunked CG (float32) against ours in float64, in any chunking: CG's steps from the same
+    start are the same per token however the statistics are chunked."""
+    golden = load_file(path)
+    meta = json.loads(safe_open(str(path), "pt").metadata()["config"])
+    t = {k: v.double() for k, v in golden.items()}
+    if "h_kk_init" in t:
+        t["initial_state"] = (t["h_kk_init"], t["h_kv_init"])
+    o, (h_kk, h_kv) = _mesa_cg(t, iterations=meta["max_CG_iteration"], chunk_size=chunk_size)
+    for ours, name in ((o, "o"), (h_kk, "h_kk"), (h_kv, "h_kv")):
+        ref = golden[name].double()
+        torch.testing.assert_close(ours, ref, rtol=0, atol=5e-6 * ref.abs().max().item())
+    exact, _ = _mesa(t, chunk_size=16)  # fla's guard ε = 1e-5 leaves CG short of the exact solve
+    assert (o - exact).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize(("shape", "chunk"), [((2, 37, 3, 8, 5), 8), ((1, 40, 2, 4, 4), 16), ((2, 3, 1, 4, 6), 16)])
+@pytest.mark.parametrize("init", [False, True], ids=["zero_state", "initial_state"])
+def test_mesa_cg_chunked_equals_token_loop(shape, chunk, init, monkeypatch):
+    from seqzoo_plugins.delta import ops
+
+    t = _mesa_inputs(*shape, init=init)
+    o_ref, (kk_ref, kv_ref) = mesa_net_cg_reference(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"],
+                                                    iterations=7, initial_state=t.get("initial_state"))
+    for group_elements in (ops.GROUP_ELEMENTS, 1):
+        monkeypatch.setattr(ops, "GROUP_ELEMENTS", group_elements)
+        o, (kk, kv) = _mesa_cg(t, iterations=7, chunk_size=chunk)
+        torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(kk, kk_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(kv, kv_ref, rtol=0, atol=1e-12)
+
+
+def test_mesa_cg_without_its_guard_is_the_exact_solve():
+    """With ε = 0 the iteration is textbook CG: K steps solve the K×K system (here to 1e-10 in float64),
+    fewer do not, and K² steps stay there (a finished token rests: 0/0 gives α = 0)."""
+    t = _mesa_inputs(2, 29, 2, 8, 5, init=True)
+    exact, _ = _mesa(t, chunk_size=8)
+    for chunk in (None, 8):
+        o, _ = _mesa_cg(t, iterations=8, eps=0.0, chunk_size=chunk)
+        torch.testing.assert_close(o, exact, rtol=0, atol=1e-10)
+        o, _ = _mesa_cg(t, iterations=64, eps=0.0, chunk_size=chunk)
+        torch.testing.assert_close(o, exact, rtol=0, atol=1e-10)
+    assert (_mesa_cg(t, iterations=3, eps=0.0, chunk_size=8)[0] - exact).abs().max() > 1e-4
+
+
+def test_mesa_cg_gradcheck_and_bad_input():
+    t = _mesa_inputs(1, 6, 1, 3, 2, init=True)
+    names = ["q", "k", "v", "g", "beta", "lamb"]
+
+    def f(*xs):
+        return mesa_net_cg(*xs, iterations=4, initial_state=t["initial_state"], chunk_size=4)[0]
+
+    assert torch.autograd.gradcheck(f, [t[n].clone().requires_grad_(True) for n in names])
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="iterations to be a non-negative int"):
+            mesa_net_cg(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], iterations=bad)
+    with pytest.raises(ValueError, match="eps >= 0"):
+        mesa_net_cg(t["q"], t["k"], t["v"], t["g"], t["beta"], t["lamb"], eps=-1.0)
+
+
+def test_mesanet_cg_solver_layer():
+    """``solver='cg'``: forward = step token by token (both CG from 0), = the op on the layer's features,
+    and close to the exact solver (fla's ε keeps them ~1e-3 apart); bad options are named."""
+    torch.manual_seed(0)
+    exact = seqzoo.create_layer("mesanet", 16, num_heads=2).double()
+    cg = seqzoo.create_layer("mesanet", 16, num_heads=2, solver="cg", max_cg_step_training=12,
+                             max_cg_step_decoding=12).double()
+    cg.load_state_dict(exact.state_dict())
+    x = torch.randn(2, 21, 16, dtype=torch.float64)
+    y, state = cg(x)
+    s, ys = cg.init_state(2, dtype=torch.float64), []
+    for t in range(x.shape[1]):
+        out, s = cg.step(x[:, t], s)
+        ys.append(out)
+    torch.testing.assert_close(torch.stack(ys, 1), y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s["h_kk"], state["h_kk"], rtol=0, atol=1e-12)
+    y_exact, _ = exact(x)
+    assert 0 < (y - y_exact).abs().max() < 0.05 * y_exact.abs().max()
+    for bad in ({"solver": "lu"}, {"max_cg_step_training": -1}, {"max_cg_step_decoding": -2},
+                {"backend": "cuda"}):
+        with pytest.raises(ValueError, match="expected"):
+            seqzoo.create_layer("mesanet", 16, num_heads=2, **bad)
 
 
 def test_mesanet_rule_as_a_general_learner():
@@ -546,25 +641,27 @@ def test_the_layers_are_registered_by_the_delta_plugin():
 
 def test_cpu_run_imports_nothing_of_fla():
     code = ("import sys, torch, seqzoo\n"
-            "for n in ('deltanet', 'gated_deltanet', 'mesanet', 'longhorn', 'titans'):\n"
-            "    layer = seqzoo.create_layer(n, 32)\n"
+            "for n, kw in [('deltanet', {}), ('gated_deltanet', {}), ('mesanet', {}), ('mesanet', {'solver': 'cg'}),\n"
+            "              ('longhorn', {}), ('titans', {})]:\n"
+            "    layer = seqzoo.create_layer(n, 32, **kw)\n"
             "    layer(torch.randn(1, 70, 32))\n"
             "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and flash-linear-attention)")
-@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
-def test_cuda_fla_kernels_equal_torch_path(name):
+@pytest.mark.parametrize(("name", "options", "state"), [("deltanet", {}, "S"), ("gated_deltanet", {}, "S"),
+                                                       ("mesanet", {"solver": "cg"}, "h_kk")])
+def test_cuda_fla_kernels_equal_torch_path(name, options, state):
     pytest.importorskip("fla")
     torch.manual_seed(0)
-    layer = seqzoo.create_layer(name, 256, num_heads=4).cuda()
+    layer = seqzoo.create_layer(name, 256, num_heads=4, **options).cuda()
     x = torch.randn(2, 300, 256, device="cuda")
     y_fla, s_fla = layer(x)
     layer.config.backend = "torch"
     y_torch, s_torch = layer(x)
     torch.testing.assert_close(y_fla, y_torch, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(s_fla["S"], s_torch["S"], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s_fla[state], s_torch[state], rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])

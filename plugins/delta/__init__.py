@@ -3,8 +3,8 @@ online (DeltaNet, Gated DeltaNet: one gradient step per token; Longhorn: an impl
 Titans: an MLP memory with momentum and weight decay) or solved exactly (MesaNet: the ridge regression
 of everything seen).
 
-``reference``: the math as token loops; ``ops``: ``delta_rule``, ``gated_delta_rule``, ``mesa_net`` and
-``longhorn_scan`` as plain functions, chunked; ``layers``: ``deltanet``, ``gated_deltanet`` and
+``reference``: the math as token loops; ``ops``: ``delta_rule``, ``gated_delta_rule``, ``mesa_net`` (exact),
+``mesa_net_cg`` (conjugate gradient, as fla's kernels) and ``longhorn_scan`` as plain functions, chunked; ``layers``: ``deltanet``, ``gated_deltanet`` and
 ``mesanet``, as flash-linear-attention's layers; ``longhorn``: as the official Longhorn layer; ``titans``
 (``titans``): titans-pytorch's neural memory, a learner on the generic TTT machinery."""
 
@@ -20,17 +20,19 @@ from .layers import (
     MesaNetConfig,
 )
 from .longhorn import Longhorn, LonghornConfig
-from .ops import delta_rule, gated_delta_rule, longhorn_scan, mesa_net
+from .ops import delta_rule, gated_delta_rule, longhorn_scan, mesa_net, mesa_net_cg
 from .reference import (
+    cg_solve,
     delta_rule_reference,
     gated_delta_rule_reference,
     longhorn_reference,
+    mesa_net_cg_reference,
     mesa_net_reference,
 )
 from .titans import TitansConfig, TitansMemory, from_titans_pytorch, titans
 
-__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "delta_rule_reference", "gated_delta_rule_reference",
-           "mesa_net_reference", "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet",
+__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "mesa_net_cg", "delta_rule_reference",
+           "gated_delta_rule_reference", "mesa_net_reference", "mesa_net_cg_reference", "cg_solve", "DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet",
            "MesaNetConfig", "Longhorn", "LonghornConfig", "longhorn_scan", "longhorn_reference", "TitansConfig", "TitansMemory",
            "from_titans_pytorch", "MesaLearner"]
 

@@ -49,7 +49,7 @@ from seqzoo.nn import (
 
 from . import ops
 from .ops import DEFAULT_CHUNK_SIZE, delta_rule, gated_delta_rule
-from .reference import mesa_net_reference
+from .reference import mesa_net_cg_reference, mesa_net_reference
 
 __all__ = ["DeltaNet", "DeltaNetConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "MesaNet", "MesaNetConfig", "MesaLearner"]
 
@@ -64,6 +64,13 @@ def _fla_ops() -> dict | None:
     return native.optional_kernels("flash-linear-attention kernels", "the torch chunked form",
                                    delta_rule="fla.ops.delta_rule:chunk_delta_rule",
                                    gated_delta_rule="fla.ops.gated_delta_rule:chunk_gated_delta_rule")
+
+
+@functools.cache
+def _fla_mesa() -> dict | None:
+    """flash-linear-attention's MesaNet CG kernel, or None unless it imports (only asked for CUDA tensors)."""
+    return native.optional_kernels("flash-linear-attention kernels", "the torch chunked form",
+                                   chunk_mesa_net="fla.ops.mesa_net:chunk_mesa_net")
 
 
 def _whole(name: str, value: float) -> int:
@@ -348,7 +355,10 @@ class GatedDeltaNet(_DeltaLayer):
 @dataclass
 class MesaNetConfig:
     """Options of ``mesanet`` (names as fla's ``MesaNet``; head_dim defaults to d_model / num_heads here,
-    128 there; fla's CG step counts are not options: the solve here is exact)."""
+    128 there). ``solver``: ``exact`` (one Cholesky solve per token and head, fla's
+    ``naive_mesa_net_exact``) or ``cg`` (conjugate gradient from 0 for ``max_cg_step_training`` steps in
+    ``forward`` and ``max_cg_step_decoding`` in ``step``, as fla's kernels; step = forward when the two
+    are equal)."""
 
     num_heads: int = field(default=4, metadata={"help": "number of heads"})
     head_dim: int | None = field(default=None, metadata={"help": "key and value features per head (default d_model // num_heads)"})
@@ -358,6 +368,10 @@ class MesaNetConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "eps of the output RMSNorm"})
     lambda_lower_bound: float = field(default=0.25, metadata={"help": "λ = softplus(lambda_params) + this bound"})
     chunk_size: int = field(default=ops.MESA_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked forward"})
+    solver: str = field(default="exact", metadata={"help": "exact (Cholesky per token) or cg (fla's conjugate gradient)"})
+    max_cg_step_training: int = field(default=30, metadata={"help": "CG steps in forward (solver cg)"})
+    max_cg_step_decoding: int = field(default=30, metadata={"help": "CG steps in step (solver cg)"})
+    backend: str = field(default="auto", metadata={"help": "auto: fla's CG kernel on CUDA (solver cg) when it imports; torch"})
 
 
 class MesaNet(SequenceLayer):
@@ -385,6 +399,14 @@ class MesaNet(SequenceLayer):
         K = positive_int("conv_size", cfg.conv_size)
         if not cfg.lambda_lower_bound >= 0:
             raise ValueError(f"expected lambda_lower_bound >= 0, got {cfg.lambda_lower_bound!r}")
+        if cfg.solver not in ("exact", "cg"):
+            raise ValueError(f"expected solver 'exact' or 'cg', got {cfg.solver!r}")
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"expected backend in {BACKENDS}, got {cfg.backend!r}")
+        for name in ("max_cg_step_training", "max_cg_step_decoding"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"expected {name} to be a non-negative int, got {value!r}")
         self.num_heads, self.head_dim, self.key_dim = H, d, H * d
         C = d_model
         self.q_proj = nn.Linear(C, H * d, bias=False)
@@ -415,12 +437,17 @@ class MesaNet(SequenceLayer):
         return 2 * self.num_heads * self.head_dim ** 2 + 2 * self.key_dim * (self.config.conv_size - 1)
 
     def flops(self, seq_len: int) -> float:
-        """2T·Σ(projection weights) + T·H·(2K² + K³/3 + 2K² + 4K²) + 4T·key_dim·conv_size (per token and
-        head: the two statistics' rank-1 updates, a Cholesky factorisation and its two triangular
-        solves, the read-out H^kvᵀx; the q and k convs)."""
-        d = self.head_dim
-        per_head = 2 * d * d + d ** 3 / 3 + 2 * d * d + 4 * d * d
-        return super().flops(seq_len) + seq_len * (self.num_heads * per_head + 4.0 * self.key_dim * self.config.conv_size)
+        """2T·Σ(projection weights) + T·H·(per token and head) + 4T·key_dim·conv_size (the q and k convs);
+        per token and head: the two statistics' rank-1 updates (4K²) and the read-out H^kvᵀx (2K²), plus for
+        ``exact`` a Cholesky factorisation and its two triangular solves (K³/3 + 2K²), for ``cg`` each step's
+        product (2K² + 4·chunk_size·K, the chunked form's)."""
+        d, cfg = self.head_dim, self.config
+        if cfg.solver == "cg":
+            solve = cfg.max_cg_step_training * (2 * d * d + 4 * cfg.chunk_size * d)
+        else:
+            solve = d ** 3 / 3 + 2 * d * d
+        per_head = 6 * d * d + solve
+        return super().flops(seq_len) + seq_len * (self.num_heads * per_head + 4.0 * self.key_dim * cfg.conv_size)
 
     def _lamb(self, dtype) -> Tensor:
         lamb = F.softplus(self.lambda_params.to(dtype)) + self.config.lambda_lower_bound
@@ -442,21 +469,36 @@ class MesaNet(SequenceLayer):
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)
         q, k, v, g, beta, new = self._features(x, state, step=False)
-        o, (h_kk, h_kv) = ops.mesa_net(
-            q, k, v, g, beta, self._lamb(q.dtype), initial_state=(state["h_kk"], state["h_kv"]),
-            output_final_state=True, chunk_size=self.config.chunk_size)
+        cfg, lamb, stats = self.config, self._lamb(q.dtype), (state["h_kk"], state["h_kv"])
+        if (cfg.solver == "cg" and q.is_cuda and cfg.backend == "auto" and q.dtype != torch.float64
+                and q.shape[1] > 0 and (kernels := _fla_mesa()) is not None):
+            o, h_kk, h_kv = kernels["chunk_mesa_net"](
+                q=q, k=k, v=v, g=g.float(), beta=beta.float(), lamb=lamb.float(), h_kk_init=stats[0].float(),
+                h_kv_init=stats[1].float(), output_final_state=True, max_CG_iteration=cfg.max_cg_step_training)
+            o = o.to(v.dtype)
+        elif cfg.solver == "cg":
+            o, (h_kk, h_kv) = ops.mesa_net_cg(q, k, v, g, beta, lamb, iterations=cfg.max_cg_step_training,
+                                              initial_state=stats, output_final_state=True, chunk_size=cfg.chunk_size)
+        else:
+            o, (h_kk, h_kv) = ops.mesa_net(q, k, v, g, beta, lamb, initial_state=stats, output_final_state=True,
+                                           chunk_size=cfg.chunk_size)
         new["h_kk"], new["h_kv"] = h_kk.to(state["h_kk"].dtype), h_kv.to(state["h_kv"].dtype)
         return self._output(x, o), new
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        """One token of the recurrence (``mesa_net_reference``): the statistics' decay and rank-1 updates,
-        then one K×K solve per head."""
+        """One token of the recurrence (``mesa_net_reference``, or ``mesa_net_cg_reference`` with
+        ``max_cg_step_decoding`` steps from 0): the statistics' decay and rank-1 updates, then one K×K
+        solve per head."""
         state = self.check_input(x, state, step=True)
         features = self._features(x, state, step=True)  # (B, H, ·); half precision computes in float32
         dt = torch.promote_types(x.dtype, torch.float32)
         (q, k, v, g, beta), new = [t.to(dt).unsqueeze(1) for t in features[:5]], features[5]  # T = 1
-        o, (h_kk, h_kv) = mesa_net_reference(q, k, v, g, beta, self._lamb(dt),
-                                             initial_state=(state["h_kk"].to(dt), state["h_kv"].to(dt)))
+        stats = (state["h_kk"].to(dt), state["h_kv"].to(dt))
+        if self.config.solver == "cg":
+            o, (h_kk, h_kv) = mesa_net_cg_reference(q, k, v, g, beta, self._lamb(dt), initial_state=stats,
+                                                    iterations=self.config.max_cg_step_decoding)
+        else:
+            o, (h_kk, h_kv) = mesa_net_reference(q, k, v, g, beta, self._lamb(dt), initial_state=stats)
         new["h_kk"], new["h_kv"] = h_kk.to(state["h_kk"].dtype), h_kv.to(state["h_kv"].dtype)
         return self._output(x, o[:, 0].to(x.dtype)), new
 

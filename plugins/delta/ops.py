@@ -22,18 +22,28 @@ column a linear model of its own, so it runs as V heads of value width 1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .reference import gated_delta_rule_reference, longhorn_reference, mesa_net_reference
+from .reference import (
+    CG_EPS,
+    cg_solve,
+    gated_delta_rule_reference,
+    longhorn_reference,
+    mesa_net_cg_reference,
+    mesa_net_reference,
+)
 
-__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "longhorn_scan", "DEFAULT_CHUNK_SIZE", "MESA_CHUNK_SIZE"]
+__all__ = ["delta_rule", "gated_delta_rule", "mesa_net", "mesa_net_cg", "longhorn_scan", "DEFAULT_CHUNK_SIZE",
+           "MESA_CHUNK_SIZE"]
 
 #: tokens per chunk of the chunked form
 DEFAULT_CHUNK_SIZE = 64
-#: tokens per chunk of MesaNet's chunked form (its per-token statistics cost L·K² per token to form)
+#: tokens per chunk of MesaNet's chunked forms (the exact one forms every token's statistics at L·K² a token)
 MESA_CHUNK_SIZE = 16
 #: elements of the largest per-group tensor (B·H·chunks·L·max(L, K)) of the chunked form: the chunks go
 #: in groups of this size, so memory and time per token do not grow with T (4 MiB in float32)
@@ -224,7 +234,33 @@ def mesa_net(
     one batched Cholesky solve for all the chunk's tokens, and H^kv's part as in linear attention,
     (X Kᵀ ⊙ D diag(β)) V + diag(Γ) X H^kv_0. Exact (no conjugate-gradient iterations).
     """
-    name = "mesa_net"
+    return _mesa_run("mesa_net", q, k, v, g, beta, lamb, initial_state, output_final_state, chunk_size, None)
+
+
+def mesa_net_cg(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tensor, *, iterations: int = 30,
+    eps: float = CG_EPS, initial_state: tuple[Tensor, Tensor] | None = None, output_final_state: bool = False,
+    chunk_size: int | None = MESA_CHUNK_SIZE,
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """MesaNet's fast form, as flash-linear-attention's kernels compute it: ``mesa_net`` with
+    (H^kk_t + diag λ)⁻¹ q_t replaced by ``iterations`` steps of conjugate gradient from x = 0
+    (``reference.cg_solve``, its divisions guarded by ``eps``: with fla's 1e-5 the iterate stalls near
+    √eps / λ_min from the solve; with eps = 0, K or more steps reach the exact solve to the precision the
+    conditioning allows). ``chunk_size`` None runs the token loop (``mesa_net_cg_reference``); an int the chunked
+    form, which applies H^kk_t + diag λ to all of a chunk's tokens' search directions at once without
+    forming the matrices (per step two (L×L)·(L×K)-sized products and one (L×K)·(K×K)), and reads
+    the outputs out as ``mesa_net``.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"mesa_net_cg: expected iterations to be a non-negative int, got {iterations!r}")
+    if not eps >= 0:
+        raise ValueError(f"mesa_net_cg: expected eps >= 0, got {eps!r}")
+    return _mesa_run("mesa_net_cg", q, k, v, g, beta, lamb, initial_state, output_final_state, chunk_size,
+                     (iterations, float(eps)))
+
+
+def _mesa_run(name, q, k, v, g, beta, lamb, initial_state, output_final_state, chunk_size, cg):
+    """Checks, casts and runs: the exact solve (``cg`` None) or CG (``cg`` = (iterations, eps))."""
     _check(name, q, k, v, g, beta, None, chunk_size)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -244,15 +280,19 @@ def mesa_net(
     state = None if initial_state is None else tuple(map(cast, initial_state))
     if chunk_size is None:
         given = state
-        o, state = mesa_net_reference(q, k, v, g, beta, lamb, initial_state=state)
+        if cg is None:
+            o, state = mesa_net_reference(q, k, v, g, beta, lamb, initial_state=state)
+        else:
+            o, state = mesa_net_cg_reference(q, k, v, g, beta, lamb, iterations=cg[0], eps=cg[1], initial_state=state)
         if given is not None and state[0] is given[0]:  # T = 0: states of their own
             state = (state[0].clone(), state[1].clone())
     else:
-        o, state = _mesa_chunked(q, k, v, g, beta, lamb, state, chunk_size)
+        o, state = _mesa_chunked(q, k, v, g, beta, lamb, state, chunk_size, cg)
     return o.to(out_dtype), (state if output_final_state else None)
 
 
-def _mesa_chunked(q, k, v, g, beta, lamb, state, L):
+def _mesa_chunked(q, k, v, g, beta, lamb, state, L, cg=None):
+    """The chunked form from ``state`` (or zeros): the exact solve, or CG (``cg`` = (iterations, eps))."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     Hkk, Hkv = (q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)) if state is None else state
@@ -263,41 +303,59 @@ def _mesa_chunked(q, k, v, g, beta, lamb, state, L):
     chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (n l) h d -> b h n l d", l=L).contiguous()
     per_token = lambda t: rearrange(F.pad(t, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
     qc, kc, vc, gc, bc = chunks(q), chunks(k), chunks(v), per_token(g), per_token(beta)
-    group = max(1, 4 * GROUP_ELEMENTS // (B * H * L * K * max(K, L)))
-    ridge = torch.diag_embed(lamb)[None, :, None, None]  # (1, H, 1, 1, K, K)
+    if cg is None:
+        group = max(1, 4 * GROUP_ELEMENTS // (B * H * L * K * max(K, L)))
+        solve = functools.partial(_mesa_exact_solve, ridge=torch.diag_embed(lamb)[None, :, None, None])
+    else:
+        group = max(1, GROUP_ELEMENTS // (B * H * L * max(K, L, V)))
+        solve = functools.partial(_mesa_cg_solve, lamb=lamb[None, :, None, None], cg=cg)
     outs = []
     for lo in range(0, n, group):
         part = slice(lo, min(lo + group, n))
-        o, Hkk, Hkv = _mesa_group(qc[:, :, part], kc[:, :, part], vc[:, :, part], gc[:, :, part], bc[:, :, part],
-                                  ridge, Hkk, Hkv)
-        outs.append(o)
+        k_, v_, g_, b_ = kc[:, :, part], vc[:, :, part], gc[:, :, part], bc[:, :, part]
+        Gamma, Wts, S_kk, S_kv, Hkk, Hkv = _mesa_statistics(k_, v_, g_, b_, Hkk, Hkv)
+        x = solve(qc[:, :, part], k_, Gamma, Wts, S_kk)  # ≈ (H^kk_t + Λ)⁻¹ q_t, (B, H, N, L, K)
+        outs.append(((x @ k_.transpose(-1, -2)) * Wts) @ v_ + Gamma.unsqueeze(-1) * (x @ S_kv))
     o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return rearrange(o, "b h n l v -> b (n l) h v")[:, :T], (Hkk, Hkv)
 
 
-def _mesa_group(q, k, v, g, beta, ridge, Hkk, Hkv):
-    """Chunks (B, H, N, L, ·) of one group from the statistics at the first chunk's start."""
-    B, H, N, L, K = q.shape
+def _mesa_statistics(k, v, g, beta, Hkk, Hkv):
+    """For chunks (B, H, N, L, ·) from the statistics (H^kk, H^kv) at the first one's start: Γ, the
+    weights Wts[t, s] = D[t, s] β_s, the statistics at every chunk's start (B, H, N, K, ·) and those at the
+    last one's end. Within a chunk H^kk_t = Γ_t H^kk_0 + Σ_{s≤t} Wts[t, s] k_s k_sᵀ (H^kv_t alike)."""
     D, Gamma, to_end = decay_products(g)
     Wts = D * beta.unsqueeze(-2)  # D[t, s] β_s
     end = (to_end * beta).unsqueeze(-1)  # e^{γ_L − γ_s} β_s
     kv_end, kk_end = (k * end).transpose(-1, -2) @ v, (k * end).transpose(-1, -2) @ k
     starts_kk, starts_kv = [], []
-    for c in range(N):  # the statistics at each chunk's start
+    for c in range(k.shape[2]):  # the statistics at each chunk's start
         starts_kk.append(Hkk)
         starts_kv.append(Hkv)
         decay = Gamma[:, :, c, -1, None, None]
         Hkk, Hkv = decay * Hkk + kk_end[:, :, c], decay * Hkv + kv_end[:, :, c]
-    S_kk, S_kv = torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2)  # (B, H, N, K, ·)
+    return Gamma, Wts, torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2), Hkk, Hkv
+
+
+def _mesa_exact_solve(q, k, Gamma, Wts, S_kk, *, ridge):
+    """Every token's H^kk_t + Λ formed as one (L×L)·(L×K²) product per chunk, then one batched Cholesky."""
+    B, H, N, L, K = q.shape
     outer = (k.unsqueeze(-1) * k.unsqueeze(-2)).reshape(-1, L, K * K)  # k_s k_sᵀ, (B·H·N, L, K²)
     base = torch.addcmul(ridge, Gamma[..., None, None], S_kk.unsqueeze(3))  # Γ_t H^kk_0 + Λ, (B, H, N, L, K, K)
     A = torch.baddbmm(base.view(-1, L, K * K), Wts.reshape(-1, L, L), outer).view(B, H, N, L, K, K)  # H^kk_t + Λ
     factor, info = torch.linalg.cholesky_ex(A)
     if info.any():
         raise ValueError("mesa_net: H^kk_t + diag(lamb) is not positive definite (expected lamb > 0 and beta >= 0)")
-    x = torch.cholesky_solve(q.unsqueeze(-1), factor).squeeze(-1)  # (H^kk_t + Λ)⁻¹ q_t
-    o = ((x @ k.transpose(-1, -2)) * Wts) @ v + Gamma.unsqueeze(-1) * (x @ S_kv)
-    return o, Hkk, Hkv
+    return torch.cholesky_solve(q.unsqueeze(-1), factor).squeeze(-1)
+
+
+def _mesa_cg_solve(q, k, Gamma, Wts, S_kk, *, lamb, cg):
+    """``cg_solve`` for every token of the chunks at once, (H^kk_t + Λ) p applied without forming H^kk_t:
+    Γ_t H^kk_0 p + Σ_{s≤t} Wts[t, s] k_s (k_s·p) + λ ⊙ p, per chunk two (L×L)·(L×K)-sized products and
+    one (L×K)·(K×K) (H^kk_0 is symmetric)."""
+    def apply(p):
+        return torch.addcmul(((p @ k.transpose(-1, -2)) * Wts) @ k, Gamma.unsqueeze(-1), p @ S_kk).addcmul_(lamb, p)
+    return cg_solve(apply, q, *cg)
 
 
 # --- Longhorn --------------------------------------------------------------------------------------

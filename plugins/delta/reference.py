@@ -20,7 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["delta_rule_reference", "gated_delta_rule_reference", "mesa_net_reference", "longhorn_reference"]
+__all__ = ["delta_rule_reference", "gated_delta_rule_reference", "mesa_net_reference", "mesa_net_cg_reference",
+           "cg_solve", "CG_EPS", "longhorn_reference"]
+
+#: the guard ε of the conjugate gradient's two divisions (flash-linear-attention's)
+CG_EPS = 1e-5
 
 
 def gated_delta_rule_reference(
@@ -82,6 +86,53 @@ def mesa_net_reference(
         outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, x))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o, (Hkk, Hkv)
+
+
+def mesa_net_cg_reference(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tensor, *, iterations: int,
+    eps: float = CG_EPS, initial_state: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``mesa_net_reference`` with the solve (H^kk_t + diag λ)⁻¹ q_t replaced by ``iterations`` steps of
+    ``cg_solve`` on the formed matrix (MesaNet's fast form, as flash-linear-attention's kernels)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    if initial_state is None:
+        Hkk, Hkv = q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)
+    else:
+        Hkk, Hkv = initial_state
+    outputs = []
+    for t in range(T):
+        alpha, bk = g[:, t].exp()[..., None, None], beta[:, t, :, None] * k[:, t]
+        Hkk = alpha * Hkk + torch.einsum("bhi,bhj->bhij", bk, k[:, t])
+        Hkv = alpha * Hkv + torch.einsum("bhi,bhj->bhij", bk, v[:, t])
+        A = Hkk + torch.diag_embed(lamb)
+        x = cg_solve(lambda p, A=A: torch.einsum("bhij,bhj->bhi", A, p), q[:, t], iterations, eps)
+        outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, x))
+    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
+    return o, (Hkk, Hkv)
+
+
+def cg_solve(apply, b: Tensor, iterations: int, eps: float = CG_EPS) -> Tensor:
+    """MesaNet's conjugate gradient for A x = b over the last dim (A symmetric positive definite, given as
+    ``apply(p) = A p`` on (..., K)): from x = 0, r = p = b, δ = r·r, each of ``iterations`` steps does
+
+        α = δ / (p·Ap + ε),  x += α p,  r −= α Ap,  δ' = r·r,  p = r + δ' / (δ + ε) · p,  δ = δ'
+
+    with ε = ``CG_EPS`` as flash-linear-attention's kernels (a finished or all-zero token, δ = 0, stays at
+    rest). The guard costs accuracy: once δ nears ε the steps shrink, so x stalls about √ε / λ_min from
+    the solution. With ε = 0 (a zero denominator then means δ = 0 and gives α = 0) this is textbook CG,
+    exact after K steps in exact arithmetic."""
+    nonzero = lambda d: torch.where(d > 0, d, torch.ones_like(d))  # d = 0 only where δ = 0: α = 0
+    x, r = torch.zeros_like(b), b
+    p, delta = r, (r * r).sum(-1, keepdim=True)
+    for _ in range(iterations):
+        Ap = apply(p)
+        alpha = delta / nonzero((p * Ap).sum(-1, keepdim=True) + eps)
+        x, r = torch.addcmul(x, alpha, p), torch.addcmul(r, alpha, Ap, value=-1.0)
+        delta_new = (r * r).sum(-1, keepdim=True)
+        p = torch.addcmul(r, delta_new / nonzero(delta + eps), p)
+        delta = delta_new
+    return x
 
 
 def longhorn_reference(

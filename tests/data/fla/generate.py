@@ -7,8 +7,9 @@ with DIR the installed package's parent (site-packages).
 - ``op_*``: fla's pure-torch references, loaded by path from the installed files:
   ``fla/ops/delta_rule/naive.py::delta_rule_recurrence`` (layout (B, H, T, ·), stored here as
   (B, T, H, ·)), ``fla/ops/gated_delta_rule/naive.py::naive_recurrent_gated_delta_rule`` and
-  ``fla/ops/mesa_net/naive.py::naive_mesa_net_exact``. All compute in float32 whatever their input;
-  the inputs are float32.
+  ``fla/ops/mesa_net/naive.py::naive_mesa_net_exact``; ``op_mesa_net_cg_*`` from
+  ``fla/ops/mesa_net/naive.py::naive_mesa_net_CG`` (the chunked conjugate gradient fla's kernels
+  compute; T a multiple of its chunk). All compute in float32 whatever their input; the inputs are float32.
 - ``layer_*``: fla's layers (``fla.layers.DeltaNet``, ``fla.layers.GatedDeltaNet``, ``fla.layers.MesaNet``) built with fla's
   own initialisation, parameters then moved away from it, run through their own ``forward`` in eval
   mode with the GPU-only pieces swapped for fla's torch references: the chunk / fused-recurrent ops
@@ -101,6 +102,27 @@ def mesa_cases(site: Path) -> None:
         tensors.update(o=o, h_kk=h_kk, h_kv=h_kv)
         save(f"op_mesa_net_B{B}_T{T}_H{H}_d{d}{'_init' if init else ''}", tensors,
              {"source": "fla 0.5.2 fla/ops/mesa_net/naive.py::naive_mesa_net_exact", "computed_in": "float32"})
+
+
+def mesa_cg_cases(site: Path) -> None:
+    mesa = load(site / "fla/ops/mesa_net/naive.py")
+    g = torch.Generator().manual_seed(2)
+    rand = lambda *s: torch.randn(*s, generator=g)
+    for B, T, H, d, chunk, steps, init in [(2, 48, 3, 16, 16, 30, False), (1, 32, 2, 8, 8, 5, True)]:
+        q, k, v = l2norm(rand(B, T, H, d)), l2norm(rand(B, T, H, d)), rand(B, T, H, d)
+        beta, gate = torch.sigmoid(rand(B, T, H)), F.logsigmoid(rand(B, T, H) + 2.0)
+        lamb = F.softplus(rand(H, d)) + 0.25
+        tensors = {"q": q, "k": k, "v": v, "beta": beta, "g": gate, "lamb": lamb}
+        h_kk0 = h_kv0 = None
+        if init:
+            a = rand(B, H, d, d)
+            h_kk0, h_kv0 = a @ a.transpose(-1, -2) / d, rand(B, H, d, d)
+            tensors.update(h_kk_init=h_kk0, h_kv_init=h_kv0)
+        o, h_kk, h_kv = mesa.naive_mesa_net_CG(q, k, v, gate, lamb, beta, chunk, steps, h_kk0, h_kv0)
+        tensors.update(o=o, h_kk=h_kk, h_kv=h_kv)
+        save(f"op_mesa_net_cg_B{B}_T{T}_H{H}_d{d}_steps{steps}{'_init' if init else ''}", tensors,
+             {"source": "fla 0.5.2 fla/ops/mesa_net/naive.py::naive_mesa_net_CG", "chunk_size": chunk,
+              "max_CG_iteration": steps, "computed_in": "float32"})
 
 
 def layer_cases(site: Path) -> None:
@@ -196,4 +218,5 @@ if __name__ == "__main__":
     site = Path(sys.argv[1])
     op_cases(site)
     mesa_cases(site)
+    mesa_cg_cases(site)
     layer_cases(site)
