@@ -18,7 +18,7 @@ T = TypeVar("T")
 __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
     "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
-    "softplus_log_decay",
+    "softplus_log_decay", "decay_products",
 ]
 
 
@@ -104,6 +104,21 @@ def softplus_decay_init(heads: int, rows: int) -> tuple[Tensor, Tensor]:
 def softplus_log_decay(a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tensor:
     """g = log α = −exp(A_log)·softplus(a + dt_bias), computed in ``a``'s dtype (callers choose it)."""
     return -A_log.to(a.dtype).exp() * F.softplus(a + dt_bias.to(a.dtype))
+
+
+def decay_products(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The decay products of chunks of log-decays g (..., L): D (..., L, L) with D[t, s] = exp(Σ_{s<r≤t} g_r)
+    for s ≤ t (else 0), Γ_t = exp(Σ_{r≤t} g_r) and exp(Σ_{r>s} g_r) (..., L), each exponent a sum of the
+    g's it spans, never a difference of two cumulative sums: exact for strong decays (a log-decay of −1e30
+    or −inf is a full reset) where differences would cancel."""
+    L = g.shape[-1]
+    later = torch.ones(L, L, dtype=torch.bool, device=g.device).triu(1)  # [s, r]: r > s
+    spans = g.unsqueeze(-2).expand(*g.shape[:-1], L, L).masked_fill(~later, 0.0).cumsum(-1)  # [s, t]: Σ_{s<r≤t} g_r
+    D = spans.transpose(-1, -2).exp().masked_fill(~later.t().logical_or(torch.eye(L, dtype=torch.bool,
+                                                                                   device=g.device)), 0.0)
+    Gamma = g.cumsum(-1).exp()
+    to_end = spans[..., -1].exp()  # Σ_{r>s} g_r: the row s of spans at t = L
+    return D, Gamma, to_end
 
 
 def by_segments(fn: Callable[[Tensor, State], tuple[Tensor, State]], x: Tensor, state: State,

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from seqzoo.nn import decay_products
+
 from .reference import (
     CG_EPS,
     cg_solve,
@@ -165,21 +167,6 @@ def _chunked(q, k, v, g, beta, scale, S0, L):
         outs.append(o)
     o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     return rearrange(o, "b n h l v -> b (n l) h v")[:, :T], S
-
-
-def decay_products(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The decay products of chunks of log-decays g (..., L): D (..., L, L) with D[t, s] = exp(Σ_{s<r≤t} g_r)
-    for s ≤ t (else 0), Γ_t = exp(Σ_{r≤t} g_r) and exp(Σ_{r>s} g_r) (..., L), each exponent a sum of the
-    g's it spans, never a difference of two cumulative sums: exact for strong decays (a log-decay of −1e30
-    or −inf is a full reset) where differences would cancel."""
-    L = g.shape[-1]
-    later = torch.ones(L, L, dtype=torch.bool, device=g.device).triu(1)  # [s, r]: r > s
-    spans = g.unsqueeze(-2).expand(*g.shape[:-1], L, L).masked_fill(~later, 0.0).cumsum(-1)  # [s, t]: Σ_{s<r≤t} g_r
-    D = spans.transpose(-1, -2).exp().masked_fill(~later.t().logical_or(torch.eye(L, dtype=torch.bool,
-                                                                                   device=g.device)), 0.0)
-    Gamma = g.cumsum(-1).exp()
-    to_end = spans[..., -1].exp()  # Σ_{r>s} g_r: the row s of spans at t = L
-    return D, Gamma, to_end
 
 
 def _chunk_group(q, k, v, beta, g, S):

@@ -1,0 +1,220 @@
+"""Decayed linear attention as plain functions, chunked for speed: ``simple_gla`` (a scalar log-decay per
+head and token: RetNet, Mamba-2's SSD) and ``gla`` (a log-decay per key feature: GLA, HGRN2).
+
+Both take flash-linear-attention's layout, (B, T, H, ·), and equal the token loops of ``reference`` (the
+math is there). Within a chunk of L tokens from the state S0 at its start, with γ_t = Σ_{r≤t} g_r,
+
+    o_t   = Σ_{s≤t} (q_t ⊙ e^{γ_t − γ_s})·k_s v_s + (q_t ⊙ e^{γ_t})ᵀ S0        (scale folded into q)
+    S_end = diag(e^{γ_L}) S0 + Σ_s (k_s ⊙ e^{γ_L − γ_s}) v_sᵀ.
+
+Every decay factor is e^{(a sum of the log-decays it spans)}, never of a difference of two cumulative
+sums: the log-decays are ≤ 0, so the sums cannot cancel, a log-decay of −inf is an exact reset, and
+nothing overflows. For a scalar decay the factors e^{γ_t − γ_s} form one L×L matrix (``decay_products``)
+and the chunk is two products. For a decay per key feature they differ per feature; the chunk is cut into
+sub-chunks of ``SUB_CHUNK`` tokens: a pair (t, s) in sub-chunks i > j factors through the sub-chunk
+boundaries between them,
+
+    e^{γ_t − γ_s} = e^{Σ(g over i up to t)} · e^{Σ(g over the whole sub-chunks between)} · e^{Σ(g after s in j)},
+
+so its block is a product (q ⊙ e^{…}) diag(e^{…}) (k ⊙ e^{…})ᵀ, and only the pairs within one sub-chunk
+need the factor per feature (a (c × c × K) tensor per sub-chunk, c = ``SUB_CHUNK``). The state crosses
+the chunks in a loop of one scaled (K×V) addition each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from seqzoo.nn import decay_products
+
+from .reference import gla_reference
+
+__all__ = ["simple_gla", "gla", "retention_log_decay", "DEFAULT_CHUNK_SIZE", "SUB_CHUNK"]
+
+#: tokens per chunk of the chunked forms
+DEFAULT_CHUNK_SIZE = 64
+#: tokens per sub-chunk of ``gla``'s chunked form (the pairs inside one need a decay factor per feature)
+SUB_CHUNK = 16
+#: ``gla``'s chunked form factors e^{Σ g} within a sub-chunk as e^{Σ to t}·e^{−Σ to s} (two products) when
+#: no sub-chunk's sum of log-decays falls below −FACTOR_SAFE (so no factor exceeds e^20); otherwise it forms
+#: the factors per pair and feature from the spans themselves
+FACTOR_SAFE = 20.0
+#: elements of the largest per-group tensor (B·H·chunks·L·max(L, K, V)): the chunks go in groups of this
+#: size, so memory and time per token do not grow with T (4 MiB in float32)
+GROUP_ELEMENTS = 2**20
+
+
+def simple_gla(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """S_t = exp(g_t) S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ(scale·q_t): linear attention with a scalar decay.
+
+    q, k (B, T, H, K); v (B, T, H, V); g (B, T, H) log-decays; initial_state (B, H, K, V) or None (zeros);
+    scale defaults to K^−½. Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) when
+    ``output_final_state`` (else None). ``chunk_size`` None runs the token loop; an int the chunked form
+    with chunks of that many tokens (any T). Half precision is computed in float32; float32 and float64
+    in their own dtype.
+    """
+    return _run("simple_gla", q, k, v, g, (3,), scale, initial_state, output_final_state, chunk_size)
+
+
+def gla(
+    q: Tensor, k: Tensor, v: Tensor, gk: Tensor, *, scale: float | None = None,
+    initial_state: Tensor | None = None, output_final_state: bool = False,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """S_t = diag(exp(gk_t)) S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ(scale·q_t): gated linear attention.
+
+    As ``simple_gla`` with gk (B, T, H, K), a log-decay per key feature.
+    """
+    return _run("gla", q, k, v, gk, (4,), scale, initial_state, output_final_state, chunk_size)
+
+
+def retention_log_decay(num_heads: int, *, dtype=torch.float32, device=None) -> Tensor:
+    """RetNet's fixed per-head log-decays log γ_h, γ_h = 1 − 2^(−5−h) for h = 0 … num_heads − 1 (Sun et al.
+    2023; fla's retention ops): the g of ``simple_gla`` for every token."""
+    h = torch.arange(num_heads, dtype=torch.float64, device=device)
+    return torch.log1p(-torch.exp2(-5.0 - h)).to(dtype)
+
+
+def _check(name, q, k, v, g, g_ndim, initial_state, chunk_size) -> None:
+    for label, t in (("q", q), ("k", k), ("v", v), ("g", g), ("initial_state", initial_state)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected {label} to be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point {label}, got dtype {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected {label} on {q.device} (q's device), got {t.device}")
+    if q.ndim != 4:
+        raise ValueError(f"{name}: expected q of shape (B, T, H, K), got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"{name}: expected k of q's shape {(B, T, H, K)}, got {tuple(k.shape)}")
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"{name}: expected v of shape {(B, T, H)} + (V,), got {tuple(v.shape)}")
+    want = (B, T, H) if g_ndim == (3,) else (B, T, H, K)
+    if tuple(g.shape) != want:
+        raise ValueError(f"{name}: expected the log-decays of shape {want}, got {tuple(g.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
+        raise ValueError(f"{name}: expected initial_state of shape {(B, H, K, v.shape[-1])}, "
+                         f"got {tuple(initial_state.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name}: expected chunk_size to be None or a positive int, got {chunk_size!r}")
+
+
+def _run(name, q, k, v, g, g_ndim, scale, initial_state, output_final_state, chunk_size):
+    _check(name, q, k, v, g, g_ndim, initial_state, chunk_size)
+    out_dtype = v.dtype
+    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    S0 = None if initial_state is None else initial_state.to(dtype)
+    K = q.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    if chunk_size is None:
+        o, S = gla_reference(q, k, v, g, scale=scale, initial_state=S0)
+        S = S.clone() if S is S0 else S  # T = 0: a state of its own, never the caller's tensor
+    else:
+        o, S = _chunked(q, k, v, g, scale, S0, chunk_size)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _chunked(q, k, v, g, scale, S0, L):
+    """The chunked form on (B, T, H, ·) tensors; g (B, T, H) or (B, T, H, K)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), S.clone()
+    n = -(-T // L)
+    pad = n * L - T  # padded tokens have k = v = g = 0: no decay and nothing added, so S is unchanged
+    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
+    chunks = lambda t: rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
+    qc, kc, vc, gc = chunks(q), chunks(k), chunks(v), chunks(g)
+    qc = qc.mul_(scale) if qc.data_ptr() != q.data_ptr() else qc * scale
+    group_fn = _scalar_group if g.ndim == 3 else _vector_group
+    group = max(1, GROUP_ELEMENTS // (B * H * L * max(L, K, V)))
+    outs = []
+    for lo in range(0, n, group):
+        part = slice(lo, min(lo + group, n))
+        o, S = group_fn(qc[:, part], kc[:, part], vc[:, part], gc[:, part], S)
+        outs.append(o)
+    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return rearrange(o, "b n h l v -> b (n l) h v")[:, :T], S
+
+
+def _pass_state(k_end: Tensor, v: Tensor, decay_end: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """The states at every chunk's start and after the last: S ← decay_end ⊙ S + k_endᵀ V per chunk.
+    k_end, v (B, N, H, L, ·); decay_end (B, N, H, K, 1) or (B, N, H, 1, 1); S (B, H, K, V)."""
+    B, N, H, L, K = k_end.shape
+    V = v.shape[-1]
+    kv = torch.bmm(k_end.reshape(-1, L, K).mT, v.reshape(-1, L, V)).view(B, N, H, K, V)
+    starts = S.new_empty(B, N, H, K, V)
+    for c in range(N):
+        starts[:, c] = S
+        S = torch.addcmul(kv[:, c], decay_end[:, c], S)
+    return starts, S
+
+
+def _scalar_group(q, k, v, g, S):
+    """Chunks (B, N, H, L, ·) with a scalar log-decay g (B, N, H, L), from the state S at the first one's start."""
+    B, N, H, L, K = q.shape
+    V = v.shape[-1]
+    D, Gamma, to_end = decay_products(g)  # (B, N, H, L, L), (B, N, H, L), (B, N, H, L)
+    starts, S = _pass_state(k * to_end.unsqueeze(-1), v, Gamma[..., -1, None, None], S)
+    flat = lambda t: t.reshape(B * N * H, *t.shape[3:])
+    P = torch.bmm(flat(q), flat(k).mT).mul_(flat(D))  # (Q Kᵀ) ⊙ D
+    o = torch.baddbmm(torch.bmm(P, flat(v)), flat(q * Gamma.unsqueeze(-1)), flat(starts))
+    return o.view(B, N, H, L, V), S
+
+
+def _vector_group(q, k, v, g, S):
+    """Chunks (B, N, H, L, ·) with a log-decay per key feature g (B, N, H, L, K) (module docstring)."""
+    B, N, H, L, K = q.shape
+    V = v.shape[-1]
+    c = SUB_CHUNK if L % SUB_CHUNK == 0 else L
+    m = L // c  # sub-chunks per chunk
+    # the state: q ⊙ e^{γ_t}, k ⊙ e^{Σ_{r>s} g_r}, and e^{Σ g} over the chunk
+    gamma = g.cumsum(-2)
+    after = F.pad(g.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r
+    starts, S = _pass_state(k * after.exp(), v, gamma[..., -1, :].exp().unsqueeze(-1), S)
+    flat = lambda t: t.reshape(B * N * H, *t.shape[3:])
+    o = torch.bmm(flat(q * gamma.exp()), flat(starts))  # the state's part, (B·N·H, L, V)
+
+    # within the chunk, by sub-chunks: x (…, m, c, K)
+    sub = lambda t: t.reshape(B * N * H, m, c, K)
+    qs, ks, gs = sub(q), sub(k), sub(g)
+    upto = gs.cumsum(-2)  # Σ of g from the sub-chunk's start to t (inclusive)
+    total = upto[..., -1, :]  # (…, m, K): each sub-chunk's Σ g
+    idx = torch.arange(m, device=q.device)
+    between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None])  # [i, j, l]: j<l<i
+    span = total[:, None, None].expand(-1, m, m, m, K).masked_fill(~between[..., None], 0.0).sum(-2)  # (…, i, j, K)
+    q_in = qs * upto.exp()  # q_t ⊙ e^{Σ g from its sub-chunk's start to t}
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
+    if bool(upto.amin() >= -FACTOR_SAFE):
+        # every e^{−Σ g} within a sub-chunk is at most e^FACTOR_SAFE: e^{Σ_{s<r≤t} g_r} = e^{upto_t}·e^{−upto_s},
+        # and the pairs in sub-chunks j < i add e^{Σ g over j's end and the sub-chunks between}
+        k_in = ks * (-upto).exp()
+        earlier, same = (idx[None, :] < idx[:, None])[..., None], (idx[None, :] == idx[:, None])[..., None]
+        span = torch.where(earlier, span + total.unsqueeze(1), torch.where(same, 0.0, float("-inf")))
+        blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
+        blocks = blocks.masked_fill(~(causal | ~torch.eye(m, dtype=torch.bool, device=q.device)[:, :, None, None]), 0.0)
+    else:
+        # the factors per pair and feature as sums of the g's they span (exact for any log-decay ≤ 0)
+        past = F.pad(gs.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r within s's sub-chunk
+        span = span.masked_fill(~(idx[None, :] < idx[:, None])[..., None], float("-inf"))  # sub-chunks j ≥ i: none
+        k_in = ks * past.exp()  # k_s ⊙ e^{Σ g after s to its sub-chunk's end}
+        blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
+        later = ~causal  # [s, r]: r > s
+        factors = torch.where(later[..., None], gs.exp().unsqueeze(-3), 1.0).cumprod(-2)  # [s, t]: Π_{s<r≤t} e^{g_r}
+        inner = torch.linalg.vecdot(qs.unsqueeze(-2) * ks.unsqueeze(-3), factors.transpose(-2, -3)).masked_fill(~causal, 0.0)
+        blocks = blocks + torch.eye(m, dtype=q.dtype, device=q.device)[:, :, None, None] * inner.unsqueeze(2)
+    A = blocks.transpose(2, 3).reshape(B * N * H, L, L)  # (…, i, c, j, c) -> (L, L)
+    o = torch.baddbmm(o, A, flat(v))
+    return o.view(B, N, H, L, V), S
