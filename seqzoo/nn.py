@@ -18,7 +18,7 @@ T = TypeVar("T")
 __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
     "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
-    "softplus_log_decay", "decay_products",
+    "softplus_log_decay", "decay_products", "apply_rope_halves",
 ]
 
 
@@ -224,6 +224,21 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float = 10000.0, *, inplace:
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2)
+
+
+def apply_rope_halves(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
+    """Rotate x (B, T, H, d) by positions (B, T) · theta^(−2i/d) in the GPT-NeoX / flash-attention layout
+    (feature i pairs with i + d/2, not with its neighbour as ``apply_rope``), computed in at least float32."""
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {d}")
+    ctype = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=ctype) / d))
+    angle = (positions.to(ctype)[..., None] * inv_freq).unsqueeze(-2)  # (B, T, 1, d/2)
+    cos, sin = angle.cos(), angle.sin()
+    h = x.to(ctype)
+    x1, x2 = h[..., : d // 2], h[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class HeadProjections(SequenceLayer):

@@ -147,3 +147,147 @@ def test_bad_input_is_named():
         simple_gla(q, k, v.long(), g)
     o, S = simple_gla(q[:, :0], k[:, :0], v[:, :0], g[:, :0], initial_state=S0, output_final_state=True)
     assert o.shape == (1, 0, 2, 3) and torch.equal(S, S0) and S is not S0
+
+
+# --- the layers ------------------------------------------------------------------------------------
+LAYER_CASES = sorted(DATA.glob("layer_*.safetensors"))
+LAYER_NAMES = {"MultiScaleRetention": "retnet", "GatedLinearAttention": "gla", "HGRN2Attention": "hgrn2"}
+
+
+def test_layers_are_registered_with_their_golden_cases():
+    import seqzoo
+
+    assert {"retnet", "gla", "hgrn2"} <= set(seqzoo.list_layers())
+    names = {LAYER_NAMES[_meta(p)["source"].rsplit(".", 1)[1]] for p in LAYER_CASES}
+    assert names == {"retnet", "gla", "hgrn2"} and len(LAYER_CASES) == 7
+
+
+@pytest.mark.parametrize("path", LAYER_CASES, ids=lambda p: p.stem)
+def test_layer_equals_fla_layer(path):
+    """fla's layer (its own forward, GPU kernels swapped for fla's torch references) against ours with its
+    state dict loaded strictly, in float64 within float32 rounding; and ours cut in two equals ours whole."""
+    import seqzoo
+
+    meta = _meta(path)
+    golden = load_file(path)
+    config = dict(meta["layer_config"])
+    d = config.pop("hidden_size")
+    layer = seqzoo.create_layer(LAYER_NAMES[meta["source"].rsplit(".", 1)[1]], d, **config).double()
+    params = {k.removeprefix("param."): v.double() for k, v in golden.items() if k.startswith("param.")}
+    layer.load_state_dict(params, strict=True)
+    x = golden["input"].double()
+    with torch.no_grad():
+        y, _ = layer(x)
+        _close(y, golden["output"], rel=2e-5)
+        a, state = layer(x[:, :13])
+        b, _ = layer(x[:, 13:], state)
+    torch.testing.assert_close(torch.cat([a, b], 1), y, rtol=0, atol=1e-12)
+
+
+def test_gla_without_decay_is_the_linear_attention_layers_op():
+    """gla with gk ≡ 0 equals ``linear_attention``'s own chunked op (identity feature map, unnormalised)
+    on q scaled by K^−½: the same layer family, one decay apart."""
+    from seqzoo_plugins.attention import linear_attention_chunked
+
+    q, k, v, _, S0 = _inputs(2, 70, 3, 8, 5, vector=True)
+    o, S = gla(q, k, v, torch.zeros_like(q), initial_state=S0, output_final_state=True)
+    hm = lambda t: t.transpose(1, 2)
+    y, S_la, _ = linear_attention_chunked(hm(q * 8 ** -0.5), hm(k), hm(v), S0, None, 16)
+    torch.testing.assert_close(o, hm(y), rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, S_la, rtol=0, atol=1e-12)
+
+
+def test_hgrn2_is_gla_with_the_key_tied_to_the_forget_gate():
+    """The hgrn2 layer's output = a token loop written here from its projections: per head
+    S_t = diag(α_t) S_{t−1} + (1 − α_t) i_tᵀ, α = σ(f_proj x), o_t = S_tᵀ swish(q_proj x)/√K, then the
+    width-wide RMSNorm and o_proj."""
+    import seqzoo
+
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer("hgrn2", 24, num_heads=3).double()
+    x = torch.randn(2, 19, 24, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = layer(x)
+        heads = lambda t: t.unflatten(-1, (3, -1))
+        q, alpha, i = heads(F.silu(layer.q_proj(x))), heads(torch.sigmoid(layer.f_proj(x))), heads(layer.i_proj(x))
+        S, outs = torch.zeros(2, 3, 8, 8, dtype=torch.float64), []
+        for t in range(19):
+            S = alpha[:, t, :, :, None] * S + (1 - alpha[:, t, :, :, None]) * i[:, t, :, None, :]
+            outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t] / 8 ** 0.5))
+        want = layer.o_proj(layer.g_norm(torch.stack(outs, 1).flatten(-2)))
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+
+
+def test_retnet_decays_by_its_fixed_gammas():
+    """retnet's state after T tokens of zero keys decays by exactly γ_h^T per head (γ_h = 1 − 2^(−5−h))."""
+    import seqzoo
+
+    layer = seqzoo.create_layer("retnet", 16, num_heads=4).double()
+    with torch.no_grad():
+        layer.k_proj.weight.zero_()
+        S0 = torch.randn(1, 4, 4, 8, dtype=torch.float64)
+        state = {**layer.init_state(1, dtype=torch.float64), "S": S0}
+        _, state = layer(torch.randn(1, 10, 16, dtype=torch.float64), state)
+    gamma = 1 - 2.0 ** (-5.0 - torch.arange(4, dtype=torch.float64))
+    torch.testing.assert_close(state["S"], S0 * gamma[None, :, None, None] ** 10, rtol=1e-13, atol=0)
+    assert int(state["position"]) == 10
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "mamba"])
+@pytest.mark.parametrize("name", ["retnet", "gla", "hgrn2"])
+def test_language_model_in_both_backbones(name, backbone):
+    """The layers drop into both backbones; a model's step and a forward cut in two equal its forward; a
+    training step's gradients reach every parameter."""
+    import seqzoo
+
+    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, num_heads=2).double()
+    ids = torch.randint(0, 13, (2, 70))
+    with torch.no_grad():
+        want, _ = lm(ids)
+        a, st = lm(ids[:, :33])
+        b, _ = lm(ids[:, 33:], st)
+        torch.testing.assert_close(torch.cat([a, b], 1), want, rtol=0, atol=1e-10)
+        st = lm.init_state(2)
+        for t in range(5):
+            logit, st = lm.step(ids[:, t], st)
+            torch.testing.assert_close(logit, want[:, t], rtol=0, atol=1e-10)
+    logits, _ = lm(ids)
+    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
+
+
+def test_bad_layer_options_are_named():
+    import seqzoo
+
+    for name, bad in [("retnet", {"num_kv_heads": 3}), ("retnet", {"gate_fn": "tanh"}), ("gla", {"feature_map": "x"}),
+                      ("gla", {"elementwise_affine": False}), ("gla", {"gate_logit_normalizer": 0}),
+                      ("hgrn2", {"num_heads": 5}), ("hgrn2", {"expand_ratio": 64}), ("retnet", {"expand_k": 0.3})]:
+        with pytest.raises(ValueError, match="expected"):
+            seqzoo.create_layer(name, 32, **bad)
+
+
+def test_cpu_run_imports_nothing_of_fla():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, seqzoo\n"
+            "for n in ('retnet', 'gla', 'hgrn2'):\n"
+            "    seqzoo.create_layer(n, 32)(torch.randn(1, 70, 32))\n"
+            "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and flash-linear-attention)")
+@pytest.mark.parametrize("name", ["retnet", "gla", "hgrn2"])
+def test_cuda_fla_kernels_equal_torch_path(name):
+    import seqzoo
+
+    pytest.importorskip("fla")
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer(name, 256, num_heads=4).cuda()
+    x = torch.randn(2, 300, 256, device="cuda")
+    y_fla, s_fla = layer(x)
+    layer.config.backend = "torch"
+    y_torch, s_torch = layer(x)
+    torch.testing.assert_close(y_fla, y_torch, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s_fla["S"], s_torch["S"], rtol=2e-3, atol=2e-3)

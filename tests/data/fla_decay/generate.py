@@ -9,7 +9,14 @@ DIR the installed package's parent (site-packages).
   ``fla/ops/retention/naive.py::naive_retention`` (layout (B, H, T, ·), stored here as (B, T, H, ·); no
   state) and ``fla/ops/gla/naive.py::naive_recurrent_gla``. All compute in float32 whatever their input;
   the inputs are float32.
-- ``layer_*``: fla's layers (written by ``layer_cases``; see there).
+- ``layer_*``: fla's layers (``fla.layers.MultiScaleRetention``, ``GatedLinearAttention``,
+  ``HGRN2Attention``) built with fla's own initialisation, parameters then moved away from it, run through
+  their own ``forward`` in eval mode with the GPU-only pieces swapped for fla's torch references: the
+  retention ops for ``naive_retention``, the GLA ops for ``naive_recurrent_gla``, ``RotaryEmbedding`` for
+  its own cos/sin cache and ``rotary_embedding_ref``, ``ShortConvolution`` for ``nn.Conv1d``'s forward plus
+  its activation, fla's Triton ``swish`` (HGRN2's, the feature map's, the unfused gate's) for SiLU, the norms for ``fla.modules.layernorm.rms_norm_ref`` /
+  ``fla.modules.layernorm_gated.rms_norm_ref`` and HGRN2's ``rms_norm_linear`` for ``rms_norm_ref`` then
+  the linear. Computed in float32.
 """
 
 from __future__ import annotations
@@ -87,8 +94,95 @@ def op_cases(site: Path) -> None:
             "computed_in": "float32"})
 
 
+def layer_cases(site: Path) -> None:
+    import fla.layers.gla as gla_layer
+    import fla.layers.hgrn2 as hgrn2_layer
+    import fla.layers.multiscale_retention as ret_layer
+    from fla.modules import FusedRMSNormGated, RMSNorm, ShortConvolution
+    from fla.modules.layernorm import rms_norm_ref
+    from fla.modules.layernorm_gated import rms_norm_ref as gated_rms_norm_ref
+    from fla.modules.rotary import RotaryEmbedding, rotary_embedding_ref
+
+    ret = load(site / "fla/ops/retention/naive.py")
+    gla = load(site / "fla/ops/gla/naive.py")
+
+    def retention_op(q, k, v, initial_state=None, output_final_state=False, **_):
+        assert initial_state is None
+        hm = lambda t: t.transpose(1, 2).contiguous()
+        return ret.naive_retention(hm(q), hm(k), hm(v)).transpose(1, 2), None
+
+    def gla_op(q, k, v, g=None, gk=None, initial_state=None, output_final_state=False, **_):
+        return gla.naive_recurrent_gla(q, k, v, gk if g is None else g, initial_state, output_final_state)
+
+    def rotary_forward(self, q, k, seqlen_offset=0, max_seqlen=None, **_):
+        assert seqlen_offset == 0
+        T = q.shape[1]
+        self._update_cos_sin_cache(T, device=q.device, dtype=q.dtype)
+        cos, sin = self._cos_cached[:T], self._sin_cached[:T]
+        return rotary_embedding_ref(q, cos, sin), rotary_embedding_ref(k, cos, sin)
+
+    def conv_forward(self, x, cache=None, output_final_state=False, **_):
+        T = x.shape[1]
+        y = torch.nn.Conv1d.forward(self, x.transpose(1, 2))[..., :T].transpose(1, 2)
+        return (F.silu(y) if self.activation in ("silu", "swish") else y), None
+
+    for name in ("chunk_retention", "fused_chunk_retention", "parallel_retention", "fused_recurrent_retention"):
+        setattr(ret_layer, name, retention_op)
+    for name in ("chunk_gla", "fused_chunk_gla", "fused_recurrent_gla"):
+        setattr(gla_layer, name, gla_op)
+        setattr(hgrn2_layer, name, gla_op)
+    hgrn2_layer.swish = F.silu
+    hgrn2_layer.rms_norm_linear = lambda x, w, b, lw, lb: F.linear(rms_norm_ref(x, w, b, eps=1e-5, upcast=True), lw, lb)
+    RotaryEmbedding.forward = rotary_forward
+    ShortConvolution.forward = conv_forward
+    RMSNorm.forward = lambda self, x: rms_norm_ref(x, self.weight, None, eps=self.eps, upcast=True)
+    FusedRMSNormGated.forward = lambda self, x, g: gated_rms_norm_ref(x, self.weight, None, z=g, eps=self.eps)
+
+    def perturb(layer, gen):
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name.endswith("conv1d.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                elif name.endswith("norm.weight") or name.endswith("swish_gate.weight"):
+                    p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+                elif name.endswith("bias"):
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+    cases = [
+        ("layer_retnet_d64_h4_T37", ret_layer.MultiScaleRetention, dict(hidden_size=64, num_heads=4)),
+        ("layer_retnet_gqa_conv_nofuse_d32_h4_T70", ret_layer.MultiScaleRetention,
+         dict(hidden_size=32, num_heads=4, num_kv_heads=2, use_short_conv=True, fuse_norm=False, expand_v=1.0)),
+        ("layer_gla_d64_h4_T37", gla_layer.GatedLinearAttention, dict(hidden_size=64, num_heads=4)),
+        ("layer_gla_gqa_conv_swish_clamp_d48_h4_T29", gla_layer.GatedLinearAttention,
+         dict(hidden_size=48, num_heads=4, num_kv_heads=2, use_short_conv=True, feature_map="swish",
+              clamp_min=-0.05, gate_low_rank_dim=8)),
+        ("layer_gla_nogate_d32_h2_T20", gla_layer.GatedLinearAttention,
+         dict(hidden_size=32, num_heads=2, use_output_gate=False, expand_k=1.0)),
+        ("layer_hgrn2_d64_h4_T37", hgrn2_layer.HGRN2Attention, dict(hidden_size=64, num_heads=4, expand_ratio=None)),
+        ("layer_hgrn2_ratio8_conv_d32_T70", hgrn2_layer.HGRN2Attention,
+         dict(hidden_size=32, expand_ratio=8, use_short_conv=True)),
+    ]
+    for i, (name, cls, config) in enumerate(cases):
+        torch.manual_seed(100 + i)
+        layer = cls(**config).eval()
+        perturb(layer, torch.Generator().manual_seed(200 + i))
+        torch_fns = {"swish": torch.nn.SiLU()}  # fla's Triton activations, as torch modules
+        if getattr(layer, "feature_map_fn", None) is not None:
+            layer.feature_map_fn = torch_fns[config["feature_map"]]
+        if hasattr(layer, "gate_fn"):
+            layer.gate_fn = torch_fns[config.get("gate_fn", "swish")]
+        T = int(name.rsplit("_T", 1)[1])
+        x = torch.randn(2, T, config["hidden_size"], generator=torch.Generator().manual_seed(300 + i))
+        with torch.no_grad():
+            y = layer(x)[0]
+        tensors = {"input": x, "output": y}
+        tensors.update({f"param.{k}": v for k, v in layer.state_dict().items()})
+        save(name, tensors, {"source": f"fla 0.5.2 fla.layers.{cls.__name__}", "layer_config": config,
+                             "computed_in": "float32",
+                             "ops": "fla/ops/*/naive.py, rotary_embedding_ref, rms_norm_ref, Conv1d.forward"})
+
+
 if __name__ == "__main__":
     site = Path(sys.argv[1])
     op_cases(site)
-    if "--ops-only" not in sys.argv:
-        from layers_golden import layer_cases  # noqa: F401  (written with the layers)
+    layer_cases(site)
