@@ -50,9 +50,11 @@ def build(name: str, cfg: dict, extra: dict):
 
 
 @torch.no_grad()
-def bench(cfg: dict) -> dict:
+def bench(cfg: dict, rows: dict | None = None) -> dict:
+    """Forward, per-token and decode times of ``rows`` (label -> (layer, options); default ``LAYERS``),
+    which must include ``linear_attention``, the reference of the ratios."""
     C, out = cfg["d_model"], {"config": cfg, "forward": {}, "per_token": {}, "decode": {}}
-    layers = {label: build(name, cfg, extra) for label, (name, extra) in LAYERS.items()}
+    layers = {label: build(name, cfg, extra) for label, (name, extra) in (rows or LAYERS).items()}
     x = torch.randn(1, cfg["T"], C)
     progress(f"forward at T={cfg['T']}")
     t = time_in_turn({label: (lambda lay=lay: lay(x)) for label, lay in layers.items()}, repeats=cfg["repeats"])
@@ -91,7 +93,7 @@ def bench(cfg: dict) -> dict:
     return out
 
 
-def report(res: dict) -> None:
+def report(res: dict, goal_layers: list[str] | None = None) -> None:
     cfg = res["config"]
     print(f"\nd_model {cfg['d_model']}, {cfg['num_heads']} heads, batch 1, float32, threads {torch.get_num_threads()}")
     print(f"\n{'layer':40s} {'fwd ms @T=' + str(cfg['T']):>16s} {'/ lin.attn':>11s} "
@@ -104,7 +106,7 @@ def report(res: dict) -> None:
         print(f"{label:40s} {f['ms']:16.1f} {f['ratio_to_linear_attention']:11.2f} {pt:>22s} {p['growth']:7.2f} "
               f"{dc:>20s} {d['growth']:7.2f}")
     print()
-    for label in GOAL_LAYERS:
+    for label in GOAL_LAYERS if goal_layers is None else goal_layers:
         f, p, d = res["forward"][label], res["per_token"][label], res["decode"][label]
         for goal, value, limit in (("forward / linear_attention", f["ratio_to_linear_attention"], GOALS["forward_ratio"]),
                                    ("per-token growth", p["growth"], GOALS["per_token_growth"]),
@@ -112,8 +114,8 @@ def report(res: dict) -> None:
             print(f"goal {label}: {goal} {value:.2f} ≤ {limit}: {'met' if value <= limit else 'NOT met'}")
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, rows: dict | None = None, goal_layers: list[str] | None = None, doc: str = __doc__) -> None:
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cpu-time", action="store_true", help="time with process CPU time instead of wall time")
@@ -123,8 +125,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
         set_clock("cpu")
-    res = bench(QUICK if args.quick else FULL)
-    report(res)
+    res = bench(QUICK if args.quick else FULL, rows)
+    report(res, goal_layers)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
 
