@@ -291,3 +291,13 @@ def test_cuda_fla_kernels_equal_torch_path(name):
     y_torch, s_torch = layer(x)
     torch.testing.assert_close(y_fla, y_torch, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(s_fla["S"], s_torch["S"], rtol=2e-3, atol=2e-3)
+
+
+def test_default_comparison_keeps_its_layers_and_decay_has_a_preset():
+    import seqzoo
+    from seqzoo.bench.presets import DECAY_LAYERS, PAPER_LAYERS, preset
+
+    assert preset("default")["layers"] == PAPER_LAYERS
+    assert preset("decay")["layers"] == DECAY_LAYERS and preset("decay")["tasks"] == preset("default")["tasks"]
+    assert all(name in seqzoo.list_layers() for name in DECAY_LAYERS)
+    assert not set(PAPER_LAYERS) & {"retnet", "gla", "hgrn2"}

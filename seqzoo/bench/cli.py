@@ -313,17 +313,18 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--layers", nargs="*",
         help="layer names (comma or space separated; default: the preset's layers, the TTT paper's seven for "
-             "quick, default and paper, the delta-rule family for delta)"
+             "quick, default and paper, the delta-rule family for delta, decayed linear attention for decay)"
     )
     p.add_argument("--backbones", nargs="*", help="transformer, mamba (default: both)")
     p.add_argument("--tasks", nargs="*", help="registered tasks (default: the preset's, mqar and lm)")
     p.add_argument(
         "--preset",
         default="default",
-        choices=["quick", "default", "ladder", "paper", "delta"],
+        choices=["quick", "default", "ladder", "paper", "delta", "decay"],
         help="quick: seconds (tests); default: the comparison on a CPU (about 3 h on 2 cores; --resume continues it); ladder: the "
         "TTT paper's ablation ladder (Table 1) on the byte LM; paper: the published recipes (GPU); delta: the "
-        "delta-rule family beside linear and softmax attention on the default recipe",
+        "delta-rule family beside linear and softmax attention on the default recipe; decay: RetNet, GLA and HGRN2 "
+        "beside them on the same recipe",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(

@@ -1,5 +1,5 @@
 """The recipes of ``seqzoo compare``: one dict per preset (``quick``, ``default``, ``ladder``, ``paper``,
-``delta``).
+``delta``, ``decay``).
 
 A preset names its tasks; each task entry says what to train and how to spend the budget:
 
@@ -16,7 +16,8 @@ A preset names its tasks; each task entry says what to train and how to spend th
 ``task_defaults``: the recipe of a task the preset does not name (``--tasks`` with a plugin's task).
 ``claims``: the known results the run checks (``KNOWN_CLAIMS``; evaluated by ``seqzoo.bench.claims``).
 ``reference_layer``: the layer whose transformer-backbone model sets every cell's parameter target.
-``layers``: the layers compared unless ``--layers`` names others (``PAPER_LAYERS``, ``DELTA_LAYERS``).
+``layers``: the layers compared unless ``--layers`` names others (``PAPER_LAYERS``, ``DELTA_LAYERS``,
+``DECAY_LAYERS``).
 
 A preset may instead of layers × backbones list ``variants``: named rows, each a layer, a backbone and
 options (the ``ladder`` preset: the ablation rows of the TTT paper's Table 1).
@@ -28,7 +29,7 @@ import copy
 from typing import Any
 
 __all__ = ["PRESETS", "RECIPE", "preset", "widths", "LADDER_PAPER_PERPLEXITY", "KNOWN_CLAIMS", "PAPER_LAYERS",
-           "DELTA_LAYERS"]
+           "DELTA_LAYERS", "DECAY_LAYERS"]
 
 RECIPE = {
     "optimizer": "AdamW",
@@ -164,6 +165,10 @@ PAPER_LAYERS = ["rnn", "linear_attention", "self_attention", "mamba", "ttt_nw", 
 #: generic per-token path trains at about 1.7 s a step at the default MQAR size (30× linear attention).
 DELTA_LAYERS = ["linear_attention", "self_attention", "deltanet", "gated_deltanet", "mesanet", "longhorn"]
 
+#: The ``decay`` preset's layers: linear attention with a decay (fixed per head, data-dependent per key
+#: feature, tied to the key) beside linear attention (no decay) and softmax attention.
+DECAY_LAYERS = ["linear_attention", "self_attention", "retnet", "gla", "hgrn2"]
+
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
         "description": "seconds-long smoke run (tests): tiny widths, a few steps; numbers are not meaningful",
@@ -298,6 +303,15 @@ PRESETS["delta"] = {
 }
 
 
+# decayed linear attention on the same recipe
+PRESETS["decay"] = {
+    **copy.deepcopy(PRESETS["default"]),
+    "description": "decayed linear attention (RetNet, GLA, HGRN2) beside linear and softmax attention, on the "
+    "default recipe",
+    "layers": DECAY_LAYERS,
+}
+
+
 # A task a preset does not name (a plugin's, with --tasks) trains with the preset's language-model recipe and
 # the task's own data defaults.
 for _p in PRESETS.values():
@@ -305,7 +319,7 @@ for _p in PRESETS.values():
 
 
 def preset(name: str) -> dict[str, Any]:
-    """A deep copy of a preset (``quick``, ``default``, ``ladder``, ``paper``, ``delta``)."""
+    """A deep copy of a preset (``quick``, ``default``, ``ladder``, ``paper``, ``delta``, ``decay``)."""
     if name not in PRESETS:
         raise ValueError(f"expected --preset in {sorted(PRESETS)}, got {name!r}")
     return copy.deepcopy(PRESETS[name])
