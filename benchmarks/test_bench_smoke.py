@@ -12,7 +12,7 @@ from seqzoo.bench.speed import bench_layer, layer_flops, matmul_peak, timeit
 from seqzoo.cli import main
 
 BUILTIN = {"rnn", "self_attention", "ttt_nw", "linear_attention", "mamba", "ttt_linear", "ttt_mlp", "deltanet",
-           "gated_deltanet", "mesanet", "longhorn", "titans", "retnet", "gla", "hgrn2"}
+           "gated_deltanet", "mesanet", "longhorn", "titans", "retnet", "gla", "hgrn2", "mamba2"}
 
 
 def test_timeit_statistics():
@@ -25,7 +25,7 @@ def test_flop_counts_scale_as_stated():
     layers = {name: seqzoo.create_layer(name, d) for name in seqzoo.list_layers() if name in BUILTIN}
     assert set(layers) == BUILTIN  # every built-in layer declares its count
     for name in ("rnn", "linear_attention", "mamba", "ttt_linear", "ttt_mlp", "deltanet", "gated_deltanet", "mesanet",
-                 "longhorn", "titans", "retnet", "gla", "hgrn2"):
+                 "longhorn", "titans", "retnet", "gla", "hgrn2", "mamba2"):
         f1, f2 = layer_flops(layers[name], 1000)[0], layer_flops(layers[name], 2000)[0]
         assert f2 == pytest.approx(2 * f1), name  # linear in T
     for name in ("self_attention", "ttt_nw"):

@@ -157,7 +157,7 @@ LAYER_NAMES = {"MultiScaleRetention": "retnet", "GatedLinearAttention": "gla", "
 def test_layers_are_registered_with_their_golden_cases():
     import seqzoo
 
-    assert {"retnet", "gla", "hgrn2"} <= set(seqzoo.list_layers())
+    assert {"retnet", "gla", "hgrn2", "mamba2"} <= set(seqzoo.list_layers())
     names = {LAYER_NAMES[_meta(p)["source"].rsplit(".", 1)[1]] for p in LAYER_CASES}
     assert names == {"retnet", "gla", "hgrn2"} and len(LAYER_CASES) == 7
 
@@ -234,13 +234,14 @@ def test_retnet_decays_by_its_fixed_gammas():
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-@pytest.mark.parametrize("name", ["retnet", "gla", "hgrn2"])
+@pytest.mark.parametrize("name", ["retnet", "gla", "hgrn2", "mamba2"])
 def test_language_model_in_both_backbones(name, backbone):
     """The layers drop into both backbones; a model's step and a forward cut in two equal its forward; a
     training step's gradients reach every parameter."""
     import seqzoo
 
-    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, num_heads=2).double()
+    options = {"d_state": 8} if name == "mamba2" else {"num_heads": 2}
+    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, **options).double()
     ids = torch.randint(0, 13, (2, 70))
     with torch.no_grad():
         want, _ = lm(ids)
@@ -271,9 +272,10 @@ def test_cpu_run_imports_nothing_of_fla():
     import sys
 
     code = ("import sys, torch, seqzoo\n"
-            "for n in ('retnet', 'gla', 'hgrn2'):\n"
+            "for n in ('retnet', 'gla', 'hgrn2', 'mamba2'):\n"
             "    seqzoo.create_layer(n, 32)(torch.randn(1, 70, 32))\n"
-            "assert not [m for m in sys.modules if m == 'fla' or m.startswith('fla.')], 'fla was imported'\n")
+            "loaded = [m for m in sys.modules if m.split('.')[0] in ('fla', 'mamba_ssm')]\n"
+            "assert not loaded, f'imported on a CPU run: {loaded}'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -301,3 +303,90 @@ def test_default_comparison_keeps_its_layers_and_decay_has_a_preset():
     assert preset("decay")["layers"] == DECAY_LAYERS and preset("decay")["tasks"] == preset("default")["tasks"]
     assert all(name in seqzoo.list_layers() for name in DECAY_LAYERS)
     assert not set(PAPER_LAYERS) & {"retnet", "gla", "hgrn2"}
+
+
+# --- Mamba-2 -----------------------------------------------------------------------------------------
+MAMBA2 = Path(__file__).parent / "data" / "hf_mamba2"
+MIXER_CASES = sorted(MAMBA2.glob("mixer_*.safetensors"))
+
+
+def test_mamba2_golden_vectors_are_present():
+    assert len(MIXER_CASES) == 2 and (MAMBA2 / "model_d32_L2_T29.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", MIXER_CASES, ids=lambda p: p.stem)
+def test_mamba2_equals_hf_mixer(path):
+    """HF's ``Mamba2Mixer`` (torch path, float32) against ``mamba2`` with its state dict loaded strictly, in
+    float64; whole and cut in two."""
+    import seqzoo
+
+    golden = load_file(path)
+    hf = _meta(path)["hf_config"]
+    layer = seqzoo.create_layer(
+        "mamba2", hf["hidden_size"], d_state=hf["state_size"], headdim=hf["head_dim"], expand=hf["expand"],
+        ngroups=hf["n_groups"], d_conv=hf["conv_kernel"], bias=hf["use_bias"], conv_bias=hf["use_conv_bias"],
+        dt_limit=tuple(hf["time_step_limit"]), rmsnorm_eps=hf["layer_norm_epsilon"]).double()
+    layer.load_state_dict({k.removeprefix("param."): v.double() for k, v in golden.items() if k.startswith("param.")},
+                          strict=True)
+    x = golden["input"].double()
+    with torch.no_grad():
+        y, _ = layer(x)
+        a, state = layer(x[:, :20])
+        b, _ = layer(x[:, 20:], state)
+    _close(y, golden["output"], rel=2e-5)
+    torch.testing.assert_close(torch.cat([a, b], 1), y, rtol=0, atol=1e-12)
+
+
+def test_hf_mamba2_checkpoint_converts_and_equals_its_logits():
+    """``seqzoo.interop.from_mamba_ssm`` on an HF ``Mamba2ForCausalLM`` state dict and config: the same
+    logits (float64 against HF's float32), and the converted model's steps equal its forward."""
+    import seqzoo.interop
+
+    golden = load_file(MAMBA2 / "model_d32_L2_T29.safetensors")
+    hf = _meta(MAMBA2 / "model_d32_L2_T29.safetensors")["hf_config"]
+    sd = {k.removeprefix("param."): v.double() for k, v in golden.items() if k.startswith("param.")}
+    model = seqzoo.interop.from_mamba_ssm(sd, hf)
+    assert type(model.layers[0].seq_modeling_block).__name__ == "Mamba2"
+    with torch.no_grad():
+        logits, _ = model(golden["input_ids"])
+    _close(logits, golden["logits"], rel=2e-5)
+    with torch.no_grad():
+        state = model.init_state(2)
+        for t in range(4):
+            step_logits, state = model.step(golden["input_ids"][:, t], state)
+            torch.testing.assert_close(step_logits, logits[:, t], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="n_groups"):
+        seqzoo.interop.from_mamba_ssm(sd, {**hf, "n_groups": 2})
+
+
+def test_mamba2_scan_is_simple_gla():
+    """The layer's state after a forward = ``simple_gla`` run by hand on its inputs: q = C, k = B,
+    v = Δ·x, g = Δ·A, scale 1 (state transposed); and ngroups > 1 shares B and C within each group."""
+    import seqzoo
+
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer("mamba2", 16, d_state=8, headdim=8, ngroups=2).double()
+    x = torch.randn(2, 41, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        init = layer.init_state(2, dtype=torch.float64)
+        z, xs, Bm, Cm, dt, A, _ = layer._inputs(x, init["conv"], step=False)
+        o, S = simple_gla_reference(Cm, Bm, xs * dt.unsqueeze(-1), dt * A, scale=1.0)
+    torch.testing.assert_close(state["ssm"], S.transpose(-1, -2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(y, layer._output(o + layer.D[:, None] * xs, z), rtol=0, atol=1e-12)
+    assert torch.equal(Bm[:, :, 0], Bm[:, :, 1]) and not torch.equal(Bm[:, :, 0], Bm[:, :, 2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (and mamba-ssm)")
+def test_cuda_mamba_ssm_kernel_equals_torch_path():
+    import seqzoo
+
+    pytest.importorskip("mamba_ssm")
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer("mamba2", 256, d_state=64, ngroups=2).cuda()
+    x = torch.randn(2, 300, 256, device="cuda")
+    y_k, s_k = layer(x)
+    layer.config.backend = "torch"
+    y_t, s_t = layer(x)
+    torch.testing.assert_close(y_k, y_t, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s_k["ssm"], s_t["ssm"], rtol=2e-3, atol=2e-3)

@@ -405,8 +405,10 @@ def test_from_mamba_ssm_config_names_and_errors():
     model = from_mamba_ssm(_hf_style(params), ssm_style)
     with torch.no_grad():
         assert_close(model(tensors["input_ids"])[0], tensors["logits"], 2e-7, "mamba-ssm config names")
-    with pytest.raises(ValueError, match="Mamba2"):
-        from_mamba_ssm(params, {**ssm_style, "ssm_cfg": {"layer": "Mamba2"}})
+    with pytest.raises(ValueError, match="Mamba1 or Mamba2"):
+        from_mamba_ssm(params, {**ssm_style, "ssm_cfg": {"layer": "Mamba3"}})
+    with pytest.raises(RuntimeError, match="in_proj"):  # a Mamba (v1) checkpoint under a Mamba-2 config
+        from_mamba_ssm(params, {**ssm_style, "ssm_cfg": {"layer": "Mamba2", "headdim": 32}})
     with pytest.raises(ValueError, match="rms_norm"):
         from_mamba_ssm(params, {**ssm_style, "rms_norm": False})
     with pytest.raises(ValueError, match="lm_head"):
