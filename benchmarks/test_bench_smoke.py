@@ -12,7 +12,8 @@ from seqzoo.bench.speed import bench_layer, layer_flops, matmul_peak, timeit
 from seqzoo.cli import main
 
 BUILTIN = {"rnn", "self_attention", "ttt_nw", "linear_attention", "mamba", "ttt_linear", "ttt_mlp", "deltanet",
-           "gated_deltanet", "mesanet", "longhorn", "titans", "retnet", "gla", "hgrn2", "mamba2"}
+           "gated_deltanet", "mesanet", "longhorn", "titans", "retnet", "gla", "hgrn2", "mamba2",
+           "sliding_window_attention"}
 
 
 def test_timeit_statistics():

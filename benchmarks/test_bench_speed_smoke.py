@@ -15,6 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_decay  # noqa: E402
 import bench_delta  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_ttt  # noqa: E402
@@ -197,6 +198,15 @@ def test_bench_delta_quick_writes_json(tmp_path):
     assert set(result["forward"]) == set(bench_delta.LAYERS)
     assert all(r["ms"] > 0 for r in result["forward"].values())
     assert all(r["growth"] > 0 for r in result["decode"].values())
+
+
+def test_bench_decay_quick_writes_json(tmp_path, capsys):
+    out = tmp_path / "decay.json"
+    bench_decay.run(["--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["forward"]) == set(bench_decay.ROWS)
+    assert all(r["ms"] > 0 for r in result["forward"].values())
+    assert "goal mamba2: forward / HF Mamba2Mixer" in capsys.readouterr().out
 
 
 def test_bench_layers_quick_writes_json(tmp_path):

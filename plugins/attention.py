@@ -7,6 +7,8 @@ In the TTT paper's terms both are "an initial state, an update rule, an output r
   is exactly TTT-Linear with one step of batch GD from W0 = 0 (Theorem 1).
 - ``self_attention``: state = every key and value so far; output y_t = softmax(q_t Kᵀ/√d) V.
   It is the Nadaraya-Watson learner with an exp kernel (Theorem 2).
+- ``sliding_window_attention``: the same over the last ``window_size`` keys only; state = a FIFO of
+  those keys and values (the non-parametric learner with a bounded memory).
 
 Both share the projections of ttt-lm-pytorch (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, no bias)
 and its Mamba-backbone options: ``share_qk`` (one ``q_proj`` then depthwise causal convs ``conv_q`` and
@@ -34,6 +36,9 @@ __all__ = [
     "SelfAttentionConfig",
     "FEATURE_MAPS",
     "linear_attention_chunked",
+    "SlidingWindowAttention",
+    "SlidingWindowAttentionConfig",
+    "windowed_attention",
 ]
 
 
@@ -366,6 +371,118 @@ class SelfAttention(HeadProjections):
         return self.o_proj(self._gate(x, rearrange(y, "b h t e -> b t (h e)"))), new
 
 
+# --- sliding-window attention --------------------------------------------------------------------
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window_size: int, *, scale: float | None = None,
+                       past_k: Tensor | None = None, past_v: Tensor | None = None) -> Tensor:
+    """Causal softmax attention in which query i sees the keys at positions i − window_size + 1 … i.
+
+    q, k (B, H, T, d); v (B, H, T, e); ``past_k``/``past_v`` (B, H, P, ·), P ≤ window_size: the keys and
+    values just before these (their positions −P … −1). Computed by blocks of ``window_size`` queries, each
+    against the 2·window_size keys that can reach it (one masked SDPA call for all blocks): time and memory
+    O(T·window_size), not O(T²).
+    """
+    B, H, T, d = q.shape
+    W = window_size
+    scale = d ** -0.5 if scale is None else scale
+    P = 0 if past_k is None else past_k.shape[2]
+    if P > W:
+        raise ValueError(f"expected at most window_size = {W} past keys, got {P}")
+    if T == 0:
+        return v.new_zeros(B, H, 0, v.shape[-1])
+    nb = -(-T // W)
+    pad = nb * W - T
+    # the key slots: W before the first query (the past, left-padded), then the new keys (right-padded)
+    lead = lambda new, old: torch.cat(
+        [new.new_zeros(B, H, W - P, new.shape[-1])] + ([old] if P else []) + [new, new.new_zeros(B, H, pad, new.shape[-1])],
+        dim=2)
+    K, V = lead(k, past_k), lead(v, past_v)
+    windows = lambda t: t.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb, 2W, ·): block b's keys
+    r, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
+    mask = (j > r) & (j <= W + r)  # query r of a block sees key slots r + 1 … W + r of its window
+    first = mask & (j >= W - P)  # block 0's window starts with W − P slots of padding
+    mask = torch.cat([first[None], mask.expand(nb - 1, W, 2 * W)])
+    qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, W))
+    y = F.scaled_dot_product_attention(qb, windows(K), windows(V), attn_mask=mask, scale=scale)
+    return y.flatten(2, 3)[:, :, :T]
+
+
+@dataclass
+class SlidingWindowAttentionConfig(SelfAttentionConfig):
+    window_size: int = field(default=64, metadata={"help": "keys each query sees, its own included"})
+
+
+class SlidingWindowAttention(SelfAttention):
+    """``self_attention`` over the last ``window_size`` keys: y_t = Σ_{t−W<s≤t} softmax_s(q_t·k_s/√d) v_s, with
+    the same projections, RoPE at absolute positions and weight names as ``self_attention`` (whose
+    weights it loads); with W ≥ T it is ``self_attention``.
+
+    State: ``k``, ``v`` (B, H, min(t, W), d), the rotated keys and values of the last W tokens (a FIFO),
+    ``position`` (B,) int64 (tokens seen: RoPE's offset), ``conv`` with share_qk. ``forward`` is
+    ``windowed_attention``: O(T·W).
+    """
+
+    Config = SlidingWindowAttentionConfig
+
+    def __init__(self, d_model: int, **config):
+        cfg = SlidingWindowAttentionConfig(**config)
+        if isinstance(cfg.window_size, bool) or not isinstance(cfg.window_size, int) or cfg.window_size < 1:
+            raise ValueError(f"expected window_size to be a positive int, got {cfg.window_size!r}")
+        super().__init__(d_model, **{k: v for k, v in vars(cfg).items() if k != "window_size"})
+        self.config = cfg
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        state = super().init_state(batch_size, device=device, dtype=dtype)
+        state["position"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return state
+
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.num_heads * self.head_dim * min(seq_len, self.config.window_size) + self._conv_state_size() + 1
+
+    def flops(self, seq_len: int) -> float:
+        """2T·Σ(projection weights) + 4·C·Σ_t min(t + 1, W): token t reads min(t + 1, W) keys and values."""
+        W = self.config.window_size
+        keys = sum(min(t + 1, W) for t in range(seq_len)) if seq_len <= W else W * (W + 1) / 2 + (seq_len - W) * W
+        return HeadProjections.flops(self, seq_len) + 4.0 * self.d_model * keys
+
+    def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:
+        state = super().check_input(x, state, step=step)
+        if state["k"].shape[2] > self.config.window_size:
+            raise ValueError(f"expected at most window_size = {self.config.window_size} cached keys, "
+                             f"got {state['k'].shape[2]}")
+        return state
+
+    def _position(self, state: State) -> int:
+        """The position of the next token (one for the batch)."""
+        pos = state["position"]
+        if pos.numel() and bool((pos != pos[0]).any()):
+            raise ValueError("expected every sequence of the batch at the same position")
+        return int(pos[0]) if pos.numel() else 0
+
+    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
+        state = self.check_input(x, state, step=True)
+        q, k, v, new = self._qkv_step(x, state)
+        q, k = self._rotate(q.unsqueeze(2), k.unsqueeze(2), self._position(state))
+        W = self.config.window_size
+        new["k"] = torch.cat([state["k"], k], dim=2)[:, :, -W:]  # the FIFO: append, drop the oldest
+        new["v"] = torch.cat([state["v"], v.unsqueeze(2)], dim=2)[:, :, -W:]
+        new["position"] = state["position"] + 1
+        y = F.scaled_dot_product_attention(q, new["k"], new["v"], scale=self.scale)
+        return self.o_proj(self._gate(x, rearrange(y, "b h 1 e -> b (h e)"))), new
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        state = self.check_input(x, state)
+        q, k, v, new = self._qkv(x, state)
+        T, W = x.shape[1], self.config.window_size
+        q, k = self._rotate(q, k, self._position(state))
+        past_k, past_v = state["k"], state["v"]
+        y = windowed_attention(q, k, v, W, scale=self.scale, past_k=past_k if past_k.shape[2] else None,
+                               past_v=past_v if past_v.shape[2] else None)
+        new["k"] = torch.cat([past_k, k], dim=2)[:, :, -W:].contiguous()
+        new["v"] = torch.cat([past_v, v], dim=2)[:, :, -W:].contiguous()
+        new["position"] = state["position"] + T
+        return self.o_proj(self._gate(x, rearrange(y, "b h t e -> b t (h e)"))), new
+
+
 @seqzoo.hookimpl
 def register_layers(register):
     register(
@@ -377,4 +494,9 @@ def register_layers(register):
         "self_attention",
         SelfAttention,
         description="causal softmax attention with RoPE and a KV cache (SDPA forward)",
+    )
+    register(
+        "sliding_window_attention",
+        SlidingWindowAttention,
+        description="softmax attention over the last window_size keys (a FIFO cache; blockwise forward)",
     )

@@ -157,7 +157,7 @@ LAYER_NAMES = {"MultiScaleRetention": "retnet", "GatedLinearAttention": "gla", "
 def test_layers_are_registered_with_their_golden_cases():
     import seqzoo
 
-    assert {"retnet", "gla", "hgrn2", "mamba2"} <= set(seqzoo.list_layers())
+    assert {"retnet", "gla", "hgrn2", "mamba2", "sliding_window_attention"} <= set(seqzoo.list_layers())
     names = {LAYER_NAMES[_meta(p)["source"].rsplit(".", 1)[1]] for p in LAYER_CASES}
     assert names == {"retnet", "gla", "hgrn2"} and len(LAYER_CASES) == 7
 
@@ -234,13 +234,14 @@ def test_retnet_decays_by_its_fixed_gammas():
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "mamba"])
-@pytest.mark.parametrize("name", ["retnet", "gla", "hgrn2", "mamba2"])
+@pytest.mark.parametrize("name", ["retnet", "gla", "hgrn2", "mamba2", "sliding_window_attention"])
 def test_language_model_in_both_backbones(name, backbone):
     """The layers drop into both backbones; a model's step and a forward cut in two equal its forward; a
     training step's gradients reach every parameter."""
     import seqzoo
 
-    options = {"d_state": 8} if name == "mamba2" else {"num_heads": 2}
+    options = {"mamba2": {"d_state": 8}, "sliding_window_attention": {"num_heads": 2, "window_size": 9}}.get(
+        name, {"num_heads": 2})
     lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, **options).double()
     ids = torch.randint(0, 13, (2, 70))
     with torch.no_grad():
@@ -390,3 +391,57 @@ def test_cuda_mamba_ssm_kernel_equals_torch_path():
     y_t, s_t = layer(x)
     torch.testing.assert_close(y_k, y_t, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(s_k["ssm"], s_t["ssm"], rtol=2e-3, atol=2e-3)
+
+
+# --- sliding-window attention ------------------------------------------------------------------------
+WINDOW_CASES = sorted(DATA.glob("op_window_attn_*.safetensors"))
+
+
+@pytest.mark.parametrize("path", WINDOW_CASES, ids=lambda p: p.stem)
+def test_windowed_attention_equals_fla_reference(path):
+    """fla's ``naive_parallel_attn(window_size=W)`` against ``windowed_attention`` (blockwise), whole and
+    continued from the cached last ≤ W keys of a first part."""
+    from seqzoo_plugins.attention import windowed_attention
+
+    t = {k: v.double() for k, v in load_file(path).items()}
+    W = _meta(path)["window_size"]
+    q, k, v = (t[n].transpose(1, 2) for n in ("q", "k", "v"))
+    o = windowed_attention(q, k, v, W)
+    _close(o.transpose(1, 2), t["o"])
+    cut = 13
+    P = min(W, cut)
+    rest = windowed_attention(q[:, :, cut:], k[:, :, cut:], v[:, :, cut:], W,
+                              past_k=k[:, :, cut - P:cut], past_v=v[:, :, cut - P:cut])
+    torch.testing.assert_close(rest, o[:, :, cut:], rtol=0, atol=1e-12)
+    assert len(WINDOW_CASES) == 4
+
+
+def test_sliding_window_attention_layer():
+    """With W ≥ T it is ``self_attention`` (the same weights); with W < T its FIFO state holds the last W
+    rotated keys, its forward cut anywhere equals the whole, and it differs from full attention."""
+    import seqzoo
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    full = seqzoo.create_layer("self_attention", 32).double()
+    for W in (45, 200):
+        swa = seqzoo.create_layer("sliding_window_attention", 32, window_size=W).double()
+        swa.load_state_dict(full.state_dict(), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(swa(x)[0], full(x)[0], rtol=0, atol=1e-12)
+    swa = seqzoo.create_layer("sliding_window_attention", 32, window_size=8).double()
+    swa.load_state_dict(full.state_dict(), strict=True)
+    with torch.no_grad():
+        y, state = swa(x)
+        _, full_state = full(x)
+        assert state["k"].shape[2] == 8 and int(state["position"][0]) == 45
+        torch.testing.assert_close(state["k"], full_state["k"][:, :, -8:], rtol=0, atol=0)
+        for cut in (1, 7, 8, 30):
+            a, s = swa(x[:, :cut])
+            b, _ = swa(x[:, cut:], s)
+            torch.testing.assert_close(torch.cat([a, b], 1), y, rtol=0, atol=1e-12)
+        assert (y[:, 8:] - full(x)[0][:, 8:]).abs().max() > 1e-3
+        torch.testing.assert_close(y[:, :8], full(x)[0][:, :8], rtol=0, atol=1e-12)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="window_size"):
+            seqzoo.create_layer("sliding_window_attention", 32, window_size=bad)

@@ -7,7 +7,8 @@ DIR the installed package's parent (site-packages).
 - ``op_*``: fla's pure-torch references, loaded by path from the installed files:
   ``fla/ops/simple_gla/naive.py::naive_recurrent_simple_gla`` and ``::naive_chunk_simple_gla``,
   ``fla/ops/retention/naive.py::naive_retention`` (layout (B, H, T, ·), stored here as (B, T, H, ·); no
-  state) and ``fla/ops/gla/naive.py::naive_recurrent_gla``. All compute in float32 whatever their input;
+  state) and ``fla/ops/gla/naive.py::naive_recurrent_gla``; ``op_window_attn_*`` from
+  ``fla/ops/attn/naive.py::naive_parallel_attn`` with ``window_size`` (sliding-window attention). All compute in float32 whatever their input;
   the inputs are float32.
 - ``layer_*``: fla's layers (``fla.layers.MultiScaleRetention``, ``GatedLinearAttention``,
   ``HGRN2Attention``) built with fla's own initialisation, parameters then moved away from it, run through
@@ -92,6 +93,18 @@ def op_cases(site: Path) -> None:
         save(f"op_gla_B{B}_T{T}_H{H}_K{K}_V{V}{'_init' if init else ''}", tensors, {
             "source": "fla 0.5.2 fla/ops/gla/naive.py::naive_recurrent_gla", "scale": K ** -0.5,
             "computed_in": "float32"})
+
+
+def window_cases(site: Path) -> None:
+    attn = load(site / "fla/ops/attn/naive.py")
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=g)
+    for B, T, H, D, W in [(2, 37, 3, 16, 8), (1, 70, 2, 8, 16), (2, 20, 1, 8, 1), (1, 33, 2, 16, 50)]:
+        q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
+        o, _ = attn.naive_parallel_attn(q, k, v, window_size=W)
+        save(f"op_window_attn_B{B}_T{T}_H{H}_D{D}_W{W}", {"q": q, "k": k, "v": v, "o": o},
+             {"source": "fla 0.5.2 fla/ops/attn/naive.py::naive_parallel_attn", "window_size": W,
+              "scale": D ** -0.5, "computed_in": "float32"})
 
 
 def layer_cases(site: Path) -> None:
@@ -185,4 +198,5 @@ def layer_cases(site: Path) -> None:
 if __name__ == "__main__":
     site = Path(sys.argv[1])
     op_cases(site)
+    window_cases(site)
     layer_cases(site)
