@@ -323,8 +323,8 @@ def add_commands(sub) -> None:
         choices=["quick", "default", "ladder", "paper", "delta", "decay"],
         help="quick: seconds (tests); default: the comparison on a CPU (about 3 h on 2 cores; --resume continues it); ladder: the "
         "TTT paper's ablation ladder (Table 1) on the byte LM; paper: the published recipes (GPU); delta: the "
-        "delta-rule family beside linear and softmax attention on the default recipe; decay: RetNet, GLA and HGRN2 "
-        "beside them on the same recipe",
+        "delta-rule family beside linear and softmax attention on the default recipe; decay: RetNet, GLA, HGRN2, Mamba-2 "
+        "and sliding-window attention beside them on the same recipe",
     )
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument(

@@ -166,8 +166,10 @@ PAPER_LAYERS = ["rnn", "linear_attention", "self_attention", "mamba", "ttt_nw", 
 DELTA_LAYERS = ["linear_attention", "self_attention", "deltanet", "gated_deltanet", "mesanet", "longhorn"]
 
 #: The ``decay`` preset's layers: linear attention with a decay (fixed per head, data-dependent per key
-#: feature, tied to the key) beside linear attention (no decay) and softmax attention.
-DECAY_LAYERS = ["linear_attention", "self_attention", "retnet", "gla", "hgrn2"]
+#: feature, tied to the key; Mamba-2's scalar decay per head) beside linear attention (no decay), softmax
+#: attention and softmax attention over a sliding window (a FIFO memory: 64 keys, the whole of an MQAR
+#: sequence, an eighth of an LM window).
+DECAY_LAYERS = ["linear_attention", "self_attention", "retnet", "gla", "hgrn2", "mamba2", "sliding_window_attention"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -306,8 +308,8 @@ PRESETS["delta"] = {
 # decayed linear attention on the same recipe
 PRESETS["decay"] = {
     **copy.deepcopy(PRESETS["default"]),
-    "description": "decayed linear attention (RetNet, GLA, HGRN2) beside linear and softmax attention, on the "
-    "default recipe",
+    "description": "decayed linear attention (RetNet, GLA, HGRN2, Mamba-2) and sliding-window attention beside "
+    "linear and softmax attention, on the default recipe",
     "layers": DECAY_LAYERS,
 }
 
