@@ -27,7 +27,7 @@ from torch import Tensor
 
 import seqzoo
 from seqzoo import State
-from seqzoo.nn import HeadProjections, apply_rope
+from seqzoo.nn import HeadProjections, apply_rope, by_segments
 
 __all__ = [
     "LinearAttention",
@@ -406,6 +406,10 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window_size: int, *, sca
     return y.flatten(2, 3)[:, :, :T]
 
 
+#: tokens per segment of ``sliding_window_attention``'s CPU forward (at least one window)
+SEGMENT_TOKENS = 2048
+
+
 @dataclass
 class SlidingWindowAttentionConfig(SelfAttentionConfig):
     window_size: int = field(default=64, metadata={"help": "keys each query sees, its own included"})
@@ -470,7 +474,15 @@ class SlidingWindowAttention(SelfAttention):
         return self.o_proj(self._gate(x, rearrange(y, "b h 1 e -> b (h e)"))), new
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """``windowed_attention`` on the CPU by segments of ``SEGMENT_TOKENS`` (at least one window), each from
+        the FIFO the previous one leaves, so the blocks' scores stay small; elsewhere one segment."""
         state = self.check_input(x, state)
+        segment = max(x.shape[1], 1)
+        if x.device.type == "cpu":
+            segment = max(self.config.window_size, SEGMENT_TOKENS)
+        return by_segments(self._forward_segment, x, state, segment)
+
+    def _forward_segment(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         q, k, v, new = self._qkv(x, state)
         T, W = x.shape[1], self.config.window_size
         q, k = self._rotate(q, k, self._position(state))

@@ -416,7 +416,7 @@ def test_windowed_attention_equals_fla_reference(path):
     assert len(WINDOW_CASES) == 4
 
 
-def test_sliding_window_attention_layer():
+def test_sliding_window_attention_layer(monkeypatch):
     """With W ≥ T it is ``self_attention`` (the same weights); with W < T its FIFO state holds the last W
     rotated keys, its forward cut anywhere equals the whole, and it differs from full attention."""
     import seqzoo
@@ -442,6 +442,10 @@ def test_sliding_window_attention_layer():
             torch.testing.assert_close(torch.cat([a, b], 1), y, rtol=0, atol=1e-12)
         assert (y[:, 8:] - full(x)[0][:, 8:]).abs().max() > 1e-3
         torch.testing.assert_close(y[:, :8], full(x)[0][:, :8], rtol=0, atol=1e-12)
+        import seqzoo_plugins.attention as attention
+
+        monkeypatch.setattr(attention, "SEGMENT_TOKENS", 10)  # the CPU forward by segments of 10 tokens
+        torch.testing.assert_close(swa(x)[0], y, rtol=0, atol=1e-12)
     for bad in (0, -3):
         with pytest.raises(ValueError, match="window_size"):
             seqzoo.create_layer("sliding_window_attention", 32, window_size=bad)
