@@ -18,7 +18,7 @@ T = TypeVar("T")
 __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
     "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
-    "softplus_log_decay", "decay_products", "apply_rope_halves",
+    "softplus_log_decay", "decay_products", "apply_rope_halves", "check_head_tensors",
 ]
 
 
@@ -119,6 +119,32 @@ def decay_products(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Gamma = g.cumsum(-1).exp()
     to_end = spans[..., -1].exp()  # Σ_{r>s} g_r: the row s of spans at t = L
     return D, Gamma, to_end
+
+
+def check_head_tensors(name: str, q: Tensor, k: Tensor, v: Tensor, chunk_size, **others: Tensor | None
+                       ) -> tuple[int, int, int, int, int]:
+    """The checks every op on flash-linear-attention's (B, T, H, ·) layout makes: q, k, v and each of
+    ``others`` that is not None a floating-point tensor on q's device; q (B, T, H, K), k of q's shape, v
+    (B, T, H, V); ``chunk_size`` None or a positive int. Returns (B, T, H, K, V); ``name`` starts the errors."""
+    for label, t in (("q", q), ("k", k), ("v", v), *others.items()):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected {label} to be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point {label}, got dtype {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: expected {label} on {q.device} (q's device), got {t.device}")
+    if q.ndim != 4:
+        raise ValueError(f"{name}: expected q of shape (B, T, H, K), got {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise ValueError(f"{name}: expected k of q's shape {(B, T, H, K)}, got {tuple(k.shape)}")
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"{name}: expected v of shape {(B, T, H)} + (V,), got {tuple(v.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name}: expected chunk_size to be None or a positive int, got {chunk_size!r}")
+    return B, T, H, K, v.shape[-1]
 
 
 def by_segments(fn: Callable[[Tensor, State], tuple[Tensor, State]], x: Tensor, state: State,

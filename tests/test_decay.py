@@ -34,12 +34,14 @@ def test_golden_vectors_are_present():
     assert len(SIMPLE_CASES) == 4 and len(RETENTION_CASES) == 2 and len(GLA_CASES) == 3
 
 
-@pytest.mark.parametrize("path", SIMPLE_CASES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SIMPLE_CASES + GLA_CASES, ids=lambda p: p.stem)
 @pytest.mark.parametrize("chunk_size", [None, 5, 16, 64])
-def test_simple_gla_equals_fla_reference(path, chunk_size):
+def test_ops_equal_fla_reference(path, chunk_size):
+    """fla's simple_gla (recurrent and chunked) and gla references against ``simple_gla`` / ``gla``."""
     t = {k: v.double() for k, v in load_file(path).items()}
-    o, S = simple_gla(t["q"], t["k"], t["v"], t["g"], initial_state=t.get("initial_state"), output_final_state=True,
-                      chunk_size=chunk_size)
+    op, decay = (gla, t["gk"]) if "gk" in t else (simple_gla, t["g"])
+    o, S = op(t["q"], t["k"], t["v"], decay, initial_state=t.get("initial_state"), output_final_state=True,
+              chunk_size=chunk_size)
     _close(o, t["o"])
     _close(S, t["final_state"])
     assert _meta(path)["scale"] == t["q"].shape[-1] ** -0.5
@@ -53,16 +55,6 @@ def test_retention_is_simple_gla_with_fixed_decays(path):
     g = retention_log_decay(H, dtype=torch.float64).expand(B, T, H)
     o, _ = simple_gla(t["q"], t["k"], t["v"], g, chunk_size=16)
     _close(o, t["o"])
-
-
-@pytest.mark.parametrize("path", GLA_CASES, ids=lambda p: p.stem)
-@pytest.mark.parametrize("chunk_size", [None, 5, 16, 64])
-def test_gla_equals_fla_reference(path, chunk_size):
-    t = {k: v.double() for k, v in load_file(path).items()}
-    o, S = gla(t["q"], t["k"], t["v"], t["gk"], initial_state=t.get("initial_state"), output_final_state=True,
-               chunk_size=chunk_size)
-    _close(o, t["o"])
-    _close(S, t["final_state"])
 
 
 def _inputs(B, T, H, K, V, *, vector, strength=2.0, seed=0, dtype=torch.float64):

@@ -197,15 +197,13 @@ class _DecayAttention(SequenceLayer):
         return f"d_model={self.d_model}, {self.config}"
 
 
-# --- RetNet ----------------------------------------------------------------------------------------
+# --- the options RetNet and GLA share (fla's names) --------------------------------------------------
 @dataclass
-class RetNetConfig:
-    """Options of ``retnet`` (fla's ``MultiScaleRetention`` names and defaults; num_heads 4 here, 8 there)."""
-
-    num_heads: int = field(default=4, metadata={"help": "number of heads (head h decays by 1 − 2^(−5−h))"})
+class _FlaAttentionConfig:
+    num_heads: int = field(default=4, metadata={"help": "number of heads"})
     num_kv_heads: int | None = field(default=None, metadata={"help": "key/value heads (GQA); default num_heads"})
-    expand_k: float = field(default=1.0, metadata={"help": "key_dim = d_model·expand_k"})
-    expand_v: float = field(default=2.0, metadata={"help": "value_dim = d_model·expand_v"})
+    expand_k: float = field(default=0.5, metadata={"help": "key_dim = d_model·expand_k"})
+    expand_v: float = field(default=1.0, metadata={"help": "value_dim = d_model·expand_v"})
     feature_map: str | None = field(default=None, metadata={"help": "q/k feature map (None: identity)"})
     use_short_conv: bool = field(default=False, metadata={"help": "depthwise causal convs (SiLU) on q, k, v"})
     conv_size: int = field(default=4, metadata={"help": "width of the short convs"})
@@ -215,11 +213,20 @@ class RetNetConfig:
     elementwise_affine: bool = field(default=True, metadata={"help": "the output norm has a weight (must be True)"})
     norm_eps: float = field(default=1e-5, metadata={"help": "eps of the output RMSNorm"})
     fuse_norm: bool = field(default=True, metadata={"help": "swish gate inside the norm (g_norm_swish_gate)"})
-    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base (fla's RotaryEmbedding default)"})
     chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked forward"})
     backend: str = field(default="auto", metadata={
         "help": "'auto': fla's chunk kernels for CUDA tensors when flash-linear-attention is installed, else "
                 "the torch chunked form; 'torch': always the torch chunked form"})
+
+
+# --- RetNet ----------------------------------------------------------------------------------------
+@dataclass
+class RetNetConfig(_FlaAttentionConfig):
+    """Options of ``retnet`` (fla's ``MultiScaleRetention`` names and defaults; num_heads 4 here, 8 there)."""
+
+    expand_k: float = field(default=1.0, metadata={"help": "key_dim = d_model·expand_k"})
+    expand_v: float = field(default=2.0, metadata={"help": "value_dim = d_model·expand_v"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base (fla's RotaryEmbedding default)"})
 
 
 class RetNet(_DecayAttention):
@@ -277,29 +284,12 @@ class RetNet(_DecayAttention):
 
 # --- GLA -------------------------------------------------------------------------------------------
 @dataclass
-class GLAConfig:
+class GLAConfig(_FlaAttentionConfig):
     """Options of ``gla`` (fla's ``GatedLinearAttention`` names and defaults)."""
 
-    num_heads: int = field(default=4, metadata={"help": "number of heads"})
-    num_kv_heads: int | None = field(default=None, metadata={"help": "key/value heads (GQA); default num_heads"})
-    expand_k: float = field(default=0.5, metadata={"help": "key_dim = d_model·expand_k"})
-    expand_v: float = field(default=1.0, metadata={"help": "value_dim = d_model·expand_v"})
-    feature_map: str | None = field(default=None, metadata={"help": "q/k feature map (None: identity)"})
-    use_short_conv: bool = field(default=False, metadata={"help": "depthwise causal convs (SiLU) on q, k, v"})
-    conv_size: int = field(default=4, metadata={"help": "width of the short convs"})
-    conv_bias: bool = field(default=False, metadata={"help": "bias in the short convs"})
-    use_output_gate: bool = field(default=True, metadata={"help": "output gated by gate_fn(g_proj x)"})
-    gate_fn: str = field(default="swish", metadata={"help": f"output gate activation: {sorted(GATE_FNS)}"})
-    elementwise_affine: bool = field(default=True, metadata={"help": "the output norm has a weight (must be True)"})
-    norm_eps: float = field(default=1e-5, metadata={"help": "eps of the output RMSNorm"})
     gate_logit_normalizer: int = field(default=16, metadata={"help": "gk = logsigmoid(gk_proj x) / this"})
     gate_low_rank_dim: int = field(default=16, metadata={"help": "rank of gk_proj"})
     clamp_min: float | None = field(default=None, metadata={"help": "lower bound of gk (None: none)"})
-    fuse_norm: bool = field(default=True, metadata={"help": "swish gate inside the norm (g_norm_swish_gate)"})
-    chunk_size: int = field(default=DEFAULT_CHUNK_SIZE, metadata={"help": "tokens per chunk of the chunked forward"})
-    backend: str = field(default="auto", metadata={
-        "help": "'auto': fla's chunk kernels for CUDA tensors when flash-linear-attention is installed, else "
-                "the torch chunked form; 'torch': always the torch chunked form"})
 
 
 class GLA(_DecayAttention):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from seqzoo.nn import decay_products
+from seqzoo.nn import check_head_tensors, decay_products
 
 from .reference import gla_reference
 
@@ -83,30 +83,12 @@ def retention_log_decay(num_heads: int, *, dtype=torch.float32, device=None) -> 
 
 
 def _check(name, q, k, v, g, g_ndim, initial_state, chunk_size) -> None:
-    for label, t in (("q", q), ("k", k), ("v", v), ("g", g), ("initial_state", initial_state)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected {label} to be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point {label}, got dtype {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected {label} on {q.device} (q's device), got {t.device}")
-    if q.ndim != 4:
-        raise ValueError(f"{name}: expected q of shape (B, T, H, K), got {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    if tuple(k.shape) != (B, T, H, K):
-        raise ValueError(f"{name}: expected k of q's shape {(B, T, H, K)}, got {tuple(k.shape)}")
-    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"{name}: expected v of shape {(B, T, H)} + (V,), got {tuple(v.shape)}")
+    B, T, H, K, V = check_head_tensors(name, q, k, v, chunk_size, g=g, initial_state=initial_state)
     want = (B, T, H) if g_ndim == (3,) else (B, T, H, K)
     if tuple(g.shape) != want:
         raise ValueError(f"{name}: expected the log-decays of shape {want}, got {tuple(g.shape)}")
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, v.shape[-1]):
-        raise ValueError(f"{name}: expected initial_state of shape {(B, H, K, v.shape[-1])}, "
-                         f"got {tuple(initial_state.shape)}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"{name}: expected chunk_size to be None or a positive int, got {chunk_size!r}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
+        raise ValueError(f"{name}: expected initial_state of shape {(B, H, K, V)}, got {tuple(initial_state.shape)}")
 
 
 def _run(name, q, k, v, g, g_ndim, scale, initial_state, output_final_state, chunk_size):

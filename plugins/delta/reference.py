@@ -70,6 +70,11 @@ def mesa_net_reference(
 
     with α_t = exp(g_t), λ (H, K) > 0. q, k (B, T, H, K), v (B, T, H, V), g, β (B, T, H); the state is
     (H^kk (B, H, K, K), H^kv (B, H, K, V)). No scale on q: the solve sets the output's size."""
+    return _mesa_loop(q, k, v, g, beta, lamb, initial_state, torch.linalg.solve)  # (H^kk + diag λ)⁻¹ q_t
+
+
+def _mesa_loop(q, k, v, g, beta, lamb, initial_state, solve):
+    """MesaNet's token loop with ``solve(H^kk_t + diag λ, q_t)`` for the per-token solve."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     if initial_state is None:
@@ -82,8 +87,7 @@ def mesa_net_reference(
         alpha, bk = g[:, t].exp()[..., None, None], beta[:, t, :, None] * k[:, t]
         Hkk = alpha * Hkk + torch.einsum("bhi,bhj->bhij", bk, k[:, t])
         Hkv = alpha * Hkv + torch.einsum("bhi,bhj->bhij", bk, v[:, t])
-        x = torch.linalg.solve(Hkk + ridge, q[:, t])  # (H^kk + diag λ)⁻¹ q_t
-        outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, x))
+        outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, solve(Hkk + ridge, q[:, t])))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
     return o, (Hkk, Hkv)
 
@@ -94,22 +98,10 @@ def mesa_net_cg_reference(
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """``mesa_net_reference`` with the solve (H^kk_t + diag λ)⁻¹ q_t replaced by ``iterations`` steps of
     ``cg_solve`` on the formed matrix (MesaNet's fast form, as flash-linear-attention's kernels)."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    if initial_state is None:
-        Hkk, Hkv = q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)
-    else:
-        Hkk, Hkv = initial_state
-    outputs = []
-    for t in range(T):
-        alpha, bk = g[:, t].exp()[..., None, None], beta[:, t, :, None] * k[:, t]
-        Hkk = alpha * Hkk + torch.einsum("bhi,bhj->bhij", bk, k[:, t])
-        Hkv = alpha * Hkv + torch.einsum("bhi,bhj->bhij", bk, v[:, t])
-        A = Hkk + torch.diag_embed(lamb)
-        x = cg_solve(lambda p, A=A: torch.einsum("bhij,bhj->bhi", A, p), q[:, t], iterations, eps)
-        outputs.append(torch.einsum("bhkv,bhk->bhv", Hkv, x))
-    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(B, 0, H, V)
-    return o, (Hkk, Hkv)
+    def solve(A, b):
+        return cg_solve(lambda p: torch.einsum("bhij,bhj->bhi", A, p), b, iterations, eps)
+
+    return _mesa_loop(q, k, v, g, beta, lamb, initial_state, solve)
 
 
 def cg_solve(apply, b: Tensor, iterations: int, eps: float = CG_EPS) -> Tensor:
