@@ -350,6 +350,14 @@ def test_hf_mamba2_checkpoint_converts_and_equals_its_logits():
             torch.testing.assert_close(step_logits, logits[:, t], rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="n_groups"):
         seqzoo.interop.from_mamba_ssm(sd, {**hf, "n_groups": 2})
+    # the same weights under mamba-ssm's names and config (its mixer norm's eps is 1e-5, as HF's here)
+    ssm_sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in sd.items()}
+    ssm_cfg = {"d_model": 32, "n_layer": 2, "vocab_size": 50, "rms_norm": True, "residual_in_fp32": True,
+               "tie_embeddings": True, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 1,
+                                                   "chunk_size": 256}}
+    with torch.no_grad():
+        torch.testing.assert_close(seqzoo.interop.from_mamba_ssm(ssm_sd, ssm_cfg)(golden["input_ids"])[0], logits,
+                                   rtol=0, atol=1e-12)
 
 
 def test_mamba2_scan_is_simple_gla():
