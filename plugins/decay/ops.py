@@ -156,12 +156,20 @@ def _scalar_group(q, k, v, g, S):
     return o.view(B, N, H, L, V), S
 
 
+def _between_sums(total: Tensor) -> Tensor:
+    """span[i, j] = Σ_{j<l<i} total_l for sub-chunk totals (n, m, K): (n, m, m, K) (0 where i ≤ j + 1), each
+    a sum of the totals it spans."""
+    n, m, K = total.shape
+    idx = torch.arange(m, device=total.device)
+    after = (idx[None, :] > idx[:, None])[..., None]  # [j, l]: l > j
+    upto = total.unsqueeze(1).expand(n, m, m, K).masked_fill(~after, 0.0).cumsum(2)  # [j, i']: Σ_{j<l≤i'}
+    return F.pad(upto.transpose(1, 2)[:, :-1], (0, 0, 0, 0, 1, 0))  # [i, j] = [j, i − 1] transposed
+
+
 def _vector_group(q, k, v, g, S):
     """Chunks (B, N, H, L, ·) with a log-decay per key feature g (B, N, H, L, K) (module docstring)."""
     B, N, H, L, K = q.shape
     V = v.shape[-1]
-    c = SUB_CHUNK if L % SUB_CHUNK == 0 else L
-    m = L // c  # sub-chunks per chunk
     # the state: q ⊙ e^{γ_t}, k ⊙ e^{Σ_{r>s} g_r}, and e^{Σ g} over the chunk
     gamma = g.cumsum(-2)
     after = F.pad(g.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r
@@ -169,34 +177,52 @@ def _vector_group(q, k, v, g, S):
     flat = lambda t: t.reshape(B * N * H, *t.shape[3:])
     o = torch.bmm(flat(q * gamma.exp()), flat(starts))  # the state's part, (B·N·H, L, V)
 
-    # within the chunk, by sub-chunks: x (…, m, c, K)
-    sub = lambda t: t.reshape(B * N * H, m, c, K)
-    qs, ks, gs = sub(q), sub(k), sub(g)
-    upto = gs.cumsum(-2)  # Σ of g from the sub-chunk's start to t (inclusive)
-    total = upto[..., -1, :]  # (…, m, K): each sub-chunk's Σ g
-    idx = torch.arange(m, device=q.device)
-    between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < idx[:, None, None])  # [i, j, l]: j<l<i
-    span = total[:, None, None].expand(-1, m, m, m, K).masked_fill(~between[..., None], 0.0).sum(-2)  # (…, i, j, K)
-    q_in = qs * upto.exp()  # q_t ⊙ e^{Σ g from its sub-chunk's start to t}
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
-    if bool(upto.amin() >= -FACTOR_SAFE):
-        # every e^{−Σ g} within a sub-chunk is at most e^FACTOR_SAFE: e^{Σ_{s<r≤t} g_r} = e^{upto_t}·e^{−upto_s},
-        # and the pairs in sub-chunks j < i add e^{Σ g over j's end and the sub-chunks between}
-        k_in = ks * (-upto).exp()
-        earlier, same = (idx[None, :] < idx[:, None])[..., None], (idx[None, :] == idx[:, None])[..., None]
-        span = torch.where(earlier, span + total.unsqueeze(1), torch.where(same, 0.0, float("-inf")))
-        blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
-        blocks = blocks.masked_fill(~(causal | ~torch.eye(m, dtype=torch.bool, device=q.device)[:, :, None, None]), 0.0)
+    # within the chunk, by sub-chunks of c tokens: the largest c (of SUB_CHUNK, /2, /4) whose sums of
+    # log-decays all stay above −FACTOR_SAFE takes the factorised path; none: the per-pair path at SUB_CHUNK
+    sizes = [c for c in (SUB_CHUNK, SUB_CHUNK // 2, SUB_CHUNK // 4) if c >= 1 and L % c == 0 and c < L] or [L]
+    for c in sizes:
+        upto = g.reshape(B * N * H, L // c, c, K).cumsum(-2)  # Σ of g from the sub-chunk's start to t (inclusive)
+        if bool(upto.amin() >= -FACTOR_SAFE):
+            A = _factored_blocks(q, k, upto, c)
+            break
     else:
-        # the factors per pair and feature as sums of the g's they span (exact for any log-decay ≤ 0)
-        past = F.pad(gs.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r within s's sub-chunk
-        span = span.masked_fill(~(idx[None, :] < idx[:, None])[..., None], float("-inf"))  # sub-chunks j ≥ i: none
-        k_in = ks * past.exp()  # k_s ⊙ e^{Σ g after s to its sub-chunk's end}
-        blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
-        later = ~causal  # [s, r]: r > s
-        factors = torch.where(later[..., None], gs.exp().unsqueeze(-3), 1.0).cumprod(-2)  # [s, t]: Π_{s<r≤t} e^{g_r}
-        inner = torch.linalg.vecdot(qs.unsqueeze(-2) * ks.unsqueeze(-3), factors.transpose(-2, -3)).masked_fill(~causal, 0.0)
-        blocks = blocks + torch.eye(m, dtype=q.dtype, device=q.device)[:, :, None, None] * inner.unsqueeze(2)
-    A = blocks.transpose(2, 3).reshape(B * N * H, L, L)  # (…, i, c, j, c) -> (L, L)
+        c = sizes[0]
+        A = _pairwise_blocks(q, k, g, g.reshape(B * N * H, L // c, c, K).cumsum(-2), c)
     o = torch.baddbmm(o, A, flat(v))
     return o.view(B, N, H, L, V), S
+
+
+def _factored_blocks(q, k, upto, c):
+    """The chunk's L × L weights when every e^{−Σ g} within a sub-chunk is at most e^FACTOR_SAFE: a pair
+    in one sub-chunk is e^{upto_t}·e^{−upto_s}, a pair in sub-chunks j < i adds e^{Σ g over the rest of j
+    and the sub-chunks between}."""
+    n, m, _, K = upto.shape
+    L = m * c
+    qs, ks = q.reshape(n, m, c, K), k.reshape(n, m, c, K)
+    total = upto[..., -1, :]
+    idx = torch.arange(m, device=q.device)
+    earlier, same = (idx[None, :] < idx[:, None])[..., None], (idx[None, :] == idx[:, None])[..., None]
+    span = torch.where(earlier, _between_sums(total) + total.unsqueeze(1), torch.where(same, 0.0, float("-inf")))
+    q_in, k_in = qs * upto.exp(), ks * (-upto).exp()
+    blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
+    blocks = blocks.masked_fill(~(causal | ~torch.eye(m, dtype=torch.bool, device=q.device)[:, :, None, None]), 0.0)
+    return blocks.transpose(2, 3).reshape(n, L, L)  # (…, i, c, j, c) -> (L, L)
+
+
+def _pairwise_blocks(q, k, g, upto, c):
+    """The chunk's L × L weights with the factors of pairs in one sub-chunk formed per pair and feature as
+    products of the e^{g} they span (exact for any log-decay ≤ 0, −inf included)."""
+    n, m, _, K = upto.shape
+    L = m * c
+    qs, ks, gs = q.reshape(n, m, c, K), k.reshape(n, m, c, K), g.reshape(n, m, c, K)
+    idx = torch.arange(m, device=q.device)
+    past = F.pad(gs.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r within s's sub-chunk
+    span = _between_sums(upto[..., -1, :]).masked_fill(~(idx[None, :] < idx[:, None])[..., None], float("-inf"))
+    q_in, k_in = qs * upto.exp(), ks * past.exp()
+    blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
+    factors = torch.where(~causal[..., None], gs.exp().unsqueeze(-3), 1.0).cumprod(-2)  # [s, t]: Π_{s<r≤t} e^{g_r}
+    inner = torch.linalg.vecdot(qs.unsqueeze(-2) * ks.unsqueeze(-3), factors.transpose(-2, -3)).masked_fill(~causal, 0.0)
+    blocks = blocks + torch.eye(m, dtype=q.dtype, device=q.device)[:, :, None, None] * inner.unsqueeze(2)
+    return blocks.transpose(2, 3).reshape(n, L, L)
