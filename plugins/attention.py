@@ -377,9 +377,9 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window_size: int, *, sca
     """Causal softmax attention in which query i sees the keys at positions i − window_size + 1 … i.
 
     q, k (B, H, T, d); v (B, H, T, e); ``past_k``/``past_v`` (B, H, P, ·), P ≤ window_size: the keys and
-    values just before these (their positions −P … −1). Computed by blocks of ``window_size`` queries, each
-    against the 2·window_size keys that can reach it (one masked SDPA call for all blocks): time and memory
-    O(T·window_size), not O(T²).
+    values just before these (their positions −P … −1). Computed by blocks of b = min(window_size,
+    ``WINDOW_BLOCK``) queries, each against the window_size + b keys that can reach it (one masked SDPA
+    call for all blocks): time and memory O(T·(window_size + b)), not O(T²).
     """
     B, H, T, d = q.shape
     W = window_size
@@ -389,21 +389,27 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window_size: int, *, sca
         raise ValueError(f"expected at most window_size = {W} past keys, got {P}")
     if T == 0:
         return v.new_zeros(B, H, 0, v.shape[-1])
-    nb = -(-T // W)
-    pad = nb * W - T
+    b = min(W, WINDOW_BLOCK)
+    nb = -(-T // b)
+    pad = nb * b - T
     # the key slots: W before the first query (the past, left-padded), then the new keys (right-padded)
     lead = lambda new, old: torch.cat(
         [new.new_zeros(B, H, W - P, new.shape[-1])] + ([old] if P else []) + [new, new.new_zeros(B, H, pad, new.shape[-1])],
         dim=2)
-    K, V = lead(k, past_k), lead(v, past_v)
-    windows = lambda t: t.unfold(2, 2 * W, W).transpose(-1, -2)  # (B, H, nb, 2W, ·): block b's keys
-    r, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
-    mask = (j > r) & (j <= W + r)  # query r of a block sees key slots r + 1 … W + r of its window
-    first = mask & (j >= W - P)  # block 0's window starts with W − P slots of padding
-    mask = torch.cat([first[None], mask.expand(nb - 1, W, 2 * W)])
-    qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, W))
-    y = F.scaled_dot_product_attention(qb, windows(K), windows(V), attn_mask=mask, scale=scale)
+    windows = lambda t: t.unfold(2, W + b, b).transpose(-1, -2)  # (B, H, nb, W + b, ·): block i's keys
+    i = torch.arange(nb, device=q.device)[:, None, None]
+    r = torch.arange(b, device=q.device)[None, :, None]
+    j = torch.arange(W + b, device=q.device)[None, None, :]
+    # query r of block i (slot W + i·b + r) sees the slots i·b + r + 1 … i·b + W + r that are not padding
+    mask = (j > r) & (j <= W + r) & (i * b + j >= W - P)
+    qb = F.pad(q, (0, 0, 0, pad)).unflatten(2, (nb, b))
+    y = F.scaled_dot_product_attention(qb, windows(lead(k, past_k)), windows(lead(v, past_v)), attn_mask=mask,
+                                       scale=scale)
     return y.flatten(2, 3)[:, :, :T]
+
+
+#: queries per block of ``windowed_attention`` (each block reads window_size + this many keys)
+WINDOW_BLOCK = 128
 
 
 #: tokens per segment of ``sliding_window_attention``'s CPU forward (at least one window)

@@ -81,18 +81,19 @@ def test_chunked_equals_token_loop(shape, chunk, vector, strength, monkeypatch):
 
 
 def test_gla_sub_chunk_sizes_all_equal_the_loop(monkeypatch):
-    """Each intra-chunk path of ``gla`` (factorised at sub-chunks of 16, 8 or 4 tokens, or per pair) equals
+    """Each intra-chunk path of ``gla`` (factorised over the whole chunk or sub-chunks of 16, 8 or 4 tokens, or
+    per pair) equals
     the token loop; which one runs is set by how strong the decays are against FACTOR_SAFE."""
-    q, k, v, g, S0 = _inputs(2, 96, 2, 8, 4, vector=True, strength=1.0)
+    q, k, v, g, S0 = _inputs(2, 128, 2, 8, 4, vector=True, strength=1.0)
     o_ref, _ = gla_reference(q, k, v, g, initial_state=S0)
     used = []
     factored = decay_ops._factored_blocks
     monkeypatch.setattr(decay_ops, "_factored_blocks", lambda *a: used.append(a[-1]) or factored(*a))
     deepest = {c: -g.unflatten(1, (-1, c)).sum(2).min().item() for c in (16, 8, 4)}  # per sub-chunk size
-    for safe in (100.0, 1.01 * deepest[8], 1.01 * deepest[4], -1.0):
+    for safe in (1.01 * deepest[16], 1.01 * deepest[8], 1.01 * deepest[4], -1.0, 1e4):
         monkeypatch.setattr(decay_ops, "FACTOR_SAFE", safe)
         torch.testing.assert_close(gla(q, k, v, g, initial_state=S0)[0], o_ref, rtol=0, atol=1e-12)
-    assert used == [16, 8, 4]
+    assert used == [16, 8, 4, 64]  # the last: the whole chunk of 64 at once
 
 
 def test_gla_takes_both_paths_and_resets_exactly(monkeypatch):
@@ -413,11 +414,14 @@ WINDOW_CASES = sorted(DATA.glob("op_window_attn_*.safetensors"))
 
 
 @pytest.mark.parametrize("path", WINDOW_CASES, ids=lambda p: p.stem)
-def test_windowed_attention_equals_fla_reference(path):
-    """fla's ``naive_parallel_attn(window_size=W)`` against ``windowed_attention`` (blockwise), whole and
-    continued from the cached last ≤ W keys of a first part."""
+@pytest.mark.parametrize("block", [128, 3, 7])
+def test_windowed_attention_equals_fla_reference(path, block, monkeypatch):
+    """fla's ``naive_parallel_attn(window_size=W)`` against ``windowed_attention`` (blocks of min(W, block)
+    queries), whole and continued from the cached last ≤ W keys of a first part."""
+    import seqzoo_plugins.attention as attention
     from seqzoo_plugins.attention import windowed_attention
 
+    monkeypatch.setattr(attention, "WINDOW_BLOCK", block)
     t = {k: v.double() for k, v in load_file(path).items()}
     W = _meta(path)["window_size"]
     q, k, v = (t[n].transpose(1, 2) for n in ("q", "k", "v"))

@@ -10,15 +10,18 @@ math is there). Within a chunk of L tokens from the state S0 at its start, with 
 Every decay factor is e^{(a sum of the log-decays it spans)}, never of a difference of two cumulative
 sums: the log-decays are ≤ 0, so the sums cannot cancel, a log-decay of −inf is an exact reset, and
 nothing overflows. For a scalar decay the factors e^{γ_t − γ_s} form one L×L matrix (``decay_products``)
-and the chunk is two products. For a decay per key feature they differ per feature; the chunk is cut into
-sub-chunks of ``SUB_CHUNK`` tokens: a pair (t, s) in sub-chunks i > j factors through the sub-chunk
-boundaries between them,
+and the chunk is two products. For a decay per key feature they differ per feature; while the chunk's
+log-decays sum to no less than −``FACTOR_SAFE`` they factor as e^{γ_t}·e^{−γ_s} (no factor above e^20)
+and the chunk is again two products. Stronger decays cut the chunk into sub-chunks (of 16, else 8, else
+4 tokens) that each pass that test: a pair (t, s) in sub-chunks i > j factors through the boundaries
+between them,
 
     e^{γ_t − γ_s} = e^{Σ(g over i up to t)} · e^{Σ(g over the whole sub-chunks between)} · e^{Σ(g after s in j)},
 
-so its block is a product (q ⊙ e^{…}) diag(e^{…}) (k ⊙ e^{…})ᵀ, and only the pairs within one sub-chunk
-need the factor per feature (a (c × c × K) tensor per sub-chunk, c = ``SUB_CHUNK``). The state crosses
-the chunks in a loop of one scaled (K×V) addition each.
+so its block is a product (q ⊙ e^{…}) diag(e^{…}) (k ⊙ e^{…})ᵀ; pairs within one sub-chunk factor about
+its start. Past even that (a log-decay below −5 a token) the pairs within a sub-chunk of 16 take their
+factors per feature from the e^{g} they span (a (c × c × K) tensor per sub-chunk): slower, exact for any
+decay. The state crosses the chunks in a loop of one scaled (K×V) addition each.
 """
 
 from __future__ import annotations
@@ -177,16 +180,17 @@ def _vector_group(q, k, v, g, S):
     flat = lambda t: t.reshape(B * N * H, *t.shape[3:])
     o = torch.bmm(flat(q * gamma.exp()), flat(starts))  # the state's part, (B·N·H, L, V)
 
-    # within the chunk, by sub-chunks of c tokens: the largest c (of SUB_CHUNK, /2, /4) whose sums of
-    # log-decays all stay above −FACTOR_SAFE takes the factorised path; none: the per-pair path at SUB_CHUNK
-    sizes = [c for c in (SUB_CHUNK, SUB_CHUNK // 2, SUB_CHUNK // 4) if c >= 1 and L % c == 0 and c < L] or [L]
+    # within the chunk, by sub-chunks of c tokens: the largest c (the whole chunk, SUB_CHUNK, /2, /4) whose
+    # sums of log-decays all stay above −FACTOR_SAFE takes the factorised path (the whole chunk: one product,
+    # as linear attention's); none: the per-pair path at SUB_CHUNK
+    sizes = [L] + [c for c in (SUB_CHUNK, SUB_CHUNK // 2, SUB_CHUNK // 4) if c >= 1 and L % c == 0 and c < L]
     for c in sizes:
         upto = g.reshape(B * N * H, L // c, c, K).cumsum(-2)  # Σ of g from the sub-chunk's start to t (inclusive)
         if bool(upto.amin() >= -FACTOR_SAFE):
             A = _factored_blocks(q, k, upto, c)
             break
     else:
-        c = sizes[0]
+        c = sizes[1] if len(sizes) > 1 else L
         A = _pairwise_blocks(q, k, g, g.reshape(B * N * H, L // c, c, K).cumsum(-2), c)
     o = torch.baddbmm(o, A, flat(v))
     return o.view(B, N, H, L, V), S
