@@ -81,19 +81,19 @@ def test_chunked_equals_token_loop(shape, chunk, vector, strength, monkeypatch):
 
 
 def test_gla_sub_chunk_sizes_all_equal_the_loop(monkeypatch):
-    """Each intra-chunk path of ``gla`` (factorised over the whole chunk or sub-chunks of 16, 8 or 4 tokens, or
-    per pair) equals
-    the token loop; which one runs is set by how strong the decays are against FACTOR_SAFE."""
+    """Each intra-chunk path of ``gla`` (factorised over the whole chunk or sub-chunks of 16, 8, 4 or 2
+    tokens, or per pair) equals the token loop; which one runs is set by how strong the decays are against
+    FACTOR_SAFE (the sums after each sub-chunk's first token)."""
     q, k, v, g, S0 = _inputs(2, 128, 2, 8, 4, vector=True, strength=1.0)
     o_ref, _ = gla_reference(q, k, v, g, initial_state=S0)
     used = []
     factored = decay_ops._factored_blocks
-    monkeypatch.setattr(decay_ops, "_factored_blocks", lambda *a: used.append(a[-1]) or factored(*a))
-    deepest = {c: -g.unflatten(1, (-1, c)).sum(2).min().item() for c in (16, 8, 4)}  # per sub-chunk size
-    for safe in (1.01 * deepest[16], 1.01 * deepest[8], 1.01 * deepest[4], -1.0, 1e4):
+    monkeypatch.setattr(decay_ops, "_factored_blocks", lambda *a: used.append(a[2].shape[2]) or factored(*a))
+    deepest = {c: -g.unflatten(1, (-1, c))[:, :, 1:].sum(2).min().item() for c in (16, 8, 4, 2)}
+    for safe in (1.01 * deepest[16], 1.01 * deepest[8], 1.01 * deepest[4], 1.01 * deepest[2], -1.0, 1e4):
         monkeypatch.setattr(decay_ops, "FACTOR_SAFE", safe)
         torch.testing.assert_close(gla(q, k, v, g, initial_state=S0)[0], o_ref, rtol=0, atol=1e-12)
-    assert used == [16, 8, 4, 64]  # the last: the whole chunk of 64 at once
+    assert used == [16, 8, 4, 2, 64]  # −1.0: the per-pair path; the last: the whole chunk of 64 at once
 
 
 def test_gla_takes_both_paths_and_resets_exactly(monkeypatch):

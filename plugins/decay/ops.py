@@ -12,16 +12,16 @@ sums: the log-decays are ≤ 0, so the sums cannot cancel, a log-decay of −inf
 nothing overflows. For a scalar decay the factors e^{γ_t − γ_s} form one L×L matrix (``decay_products``)
 and the chunk is two products. For a decay per key feature they differ per feature; while the chunk's
 log-decays sum to no less than −``FACTOR_SAFE`` they factor as e^{γ_t}·e^{−γ_s} (no factor above e^20)
-and the chunk is again two products. Stronger decays cut the chunk into sub-chunks (of 16, else 8, else
-4 tokens) that each pass that test: a pair (t, s) in sub-chunks i > j factors through the boundaries
-between them,
+and the chunk is again two products. Stronger decays cut the chunk into sub-chunks (of 16, else 8, 4 or
+2 tokens) whose log-decays after their first token pass that test: a pair (t, s) in sub-chunks i > j
+factors through the boundaries between them (every term ≤ 1, so this part never overflows),
 
     e^{γ_t − γ_s} = e^{Σ(g over i up to t)} · e^{Σ(g over the whole sub-chunks between)} · e^{Σ(g after s in j)},
 
 so its block is a product (q ⊙ e^{…}) diag(e^{…}) (k ⊙ e^{…})ᵀ; pairs within one sub-chunk factor about
-its start. Past even that (a log-decay below −5 a token) the pairs within a sub-chunk of 16 take their
-factors per feature from the e^{g} they span (a (c × c × K) tensor per sub-chunk): slower, exact for any
-decay. The state crosses the chunks in a loop of one scaled (K×V) addition each.
+its first token. Only a single log-decay below −FACTOR_SAFE (or −inf) leaves the pairs of 2-token
+sub-chunks to take their factors per pair and feature from the e^{g} they span: exact for any decay.
+The state crosses the chunks in a loop of one scaled (K×V) addition each.
 """
 
 from __future__ import annotations
@@ -180,53 +180,61 @@ def _vector_group(q, k, v, g, S):
     flat = lambda t: t.reshape(B * N * H, *t.shape[3:])
     o = torch.bmm(flat(q * gamma.exp()), flat(starts))  # the state's part, (B·N·H, L, V)
 
-    # within the chunk, by sub-chunks of c tokens: the largest c (the whole chunk, SUB_CHUNK, /2, /4) whose
-    # sums of log-decays all stay above −FACTOR_SAFE takes the factorised path (the whole chunk: one product,
-    # as linear attention's); none: the per-pair path at SUB_CHUNK
-    sizes = [L] + [c for c in (SUB_CHUNK, SUB_CHUNK // 2, SUB_CHUNK // 4) if c >= 1 and L % c == 0 and c < L]
+    # within the chunk, by sub-chunks of c tokens: the largest c (the whole chunk, SUB_CHUNK, /2, /4, 2) whose
+    # sums of log-decays after each sub-chunk's first token all stay above −FACTOR_SAFE factors its pairs
+    # (the whole chunk: one product, as linear attention's); none (a log-decay below −FACTOR_SAFE): the
+    # per-pair path at the smallest sub-chunks
+    sizes = [L] + [c for c in (SUB_CHUNK, SUB_CHUNK // 2, SUB_CHUNK // 4, 2) if c >= 2 and L % c == 0 and c < L]
     for c in sizes:
-        upto = g.reshape(B * N * H, L // c, c, K).cumsum(-2)  # Σ of g from the sub-chunk's start to t (inclusive)
-        if bool(upto.amin() >= -FACTOR_SAFE):
-            A = _factored_blocks(q, k, upto, c)
+        gs = g.reshape(B * N * H, L // c, c, K)
+        inside = F.pad(gs[..., 1:, :], (0, 0, 1, 0)).cumsum(-2)  # Σ_{first<r≤t} g_r within t's sub-chunk
+        if bool(inside.amin() >= -FACTOR_SAFE):
+            A = _factored_blocks(q, k, gs, inside)
             break
     else:
-        c = sizes[1] if len(sizes) > 1 else L
-        A = _pairwise_blocks(q, k, g, g.reshape(B * N * H, L // c, c, K).cumsum(-2), c)
+        A = _pairwise_blocks(q, k, g.reshape(B * N * H, L // sizes[-1], sizes[-1], K))
     o = torch.baddbmm(o, A, flat(v))
     return o.view(B, N, H, L, V), S
 
 
-def _factored_blocks(q, k, upto, c):
-    """The chunk's L × L weights when every e^{−Σ g} within a sub-chunk is at most e^FACTOR_SAFE: a pair
-    in one sub-chunk is e^{upto_t}·e^{−upto_s}, a pair in sub-chunks j < i adds e^{Σ g over the rest of j
-    and the sub-chunks between}."""
-    n, m, _, K = upto.shape
-    L = m * c
+def _cross_blocks(q: Tensor, k: Tensor, gs: Tensor) -> tuple[Tensor, Tensor]:
+    """The pairs of tokens in different sub-chunks (n, m, m, c, c), each factor a product of terms ≤ 1: for
+    t in sub-chunk i and s in j < i, e^{Σ g over i up to t} · e^{Σ g over the sub-chunks between} ·
+    e^{Σ g after s in j}; zero blocks for j ≥ i. Also returns the causal mask (c, c) of a sub-chunk."""
+    n, m, c, K = gs.shape
     qs, ks = q.reshape(n, m, c, K), k.reshape(n, m, c, K)
-    total = upto[..., -1, :]
+    upto = gs.cumsum(-2)  # Σ of g from the sub-chunk's start to t (inclusive)
+    past = F.pad(gs.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r within s's sub-chunk
     idx = torch.arange(m, device=q.device)
-    earlier, same = (idx[None, :] < idx[:, None])[..., None], (idx[None, :] == idx[:, None])[..., None]
-    span = torch.where(earlier, _between_sums(total) + total.unsqueeze(1), torch.where(same, 0.0, float("-inf")))
-    q_in, k_in = qs * upto.exp(), ks * (-upto).exp()
-    blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
-    blocks = blocks.masked_fill(~(causal | ~torch.eye(m, dtype=torch.bool, device=q.device)[:, :, None, None]), 0.0)
-    return blocks.transpose(2, 3).reshape(n, L, L)  # (…, i, c, j, c) -> (L, L)
+    span = _between_sums(upto[..., -1, :]).masked_fill(~(idx[None, :] < idx[:, None])[..., None], float("-inf"))
+    blocks = torch.matmul((qs * upto.exp()).unsqueeze(2) * span.exp().unsqueeze(-2), (ks * past.exp()).unsqueeze(1).mT)
+    return blocks, torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
 
 
-def _pairwise_blocks(q, k, g, upto, c):
+def _with_diagonal(blocks: Tensor, inner: Tensor) -> Tensor:
+    """The chunk's L × L weights from the cross blocks (n, m, m, c, c) and the pairs within each sub-chunk
+    (n, m, c, c)."""
+    n, m, _, c, _ = blocks.shape
+    blocks = blocks + torch.eye(m, dtype=blocks.dtype, device=blocks.device)[:, :, None, None] * inner.unsqueeze(2)
+    return blocks.transpose(2, 3).reshape(n, m * c, m * c)  # (…, i, c, j, c) -> (L, L)
+
+
+def _factored_blocks(q, k, gs, inside):
+    """The chunk's L × L weights when every e^{−Σ g} after a sub-chunk's first token is at most
+    e^FACTOR_SAFE: a pair in one sub-chunk is e^{inside_t}·e^{−inside_s} (one product per sub-chunk)."""
+    n, m, c, K = gs.shape
+    blocks, causal = _cross_blocks(q, k, gs)
+    qs, ks = q.reshape(n, m, c, K), k.reshape(n, m, c, K)
+    inner = torch.matmul(qs * inside.exp(), (ks * (-inside).exp()).mT).masked_fill(~causal, 0.0)
+    return _with_diagonal(blocks, inner)
+
+
+def _pairwise_blocks(q, k, gs):
     """The chunk's L × L weights with the factors of pairs in one sub-chunk formed per pair and feature as
     products of the e^{g} they span (exact for any log-decay ≤ 0, −inf included)."""
-    n, m, _, K = upto.shape
-    L = m * c
-    qs, ks, gs = q.reshape(n, m, c, K), k.reshape(n, m, c, K), g.reshape(n, m, c, K)
-    idx = torch.arange(m, device=q.device)
-    past = F.pad(gs.flip(-2).cumsum(-2).flip(-2)[..., 1:, :], (0, 0, 0, 1))  # Σ_{r>s} g_r within s's sub-chunk
-    span = _between_sums(upto[..., -1, :]).masked_fill(~(idx[None, :] < idx[:, None])[..., None], float("-inf"))
-    q_in, k_in = qs * upto.exp(), ks * past.exp()
-    blocks = torch.matmul(q_in.unsqueeze(2) * span.exp().unsqueeze(-2), k_in.unsqueeze(1).mT)  # (…, i, j, c, c)
-    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # [t, s]: s ≤ t
+    n, m, c, K = gs.shape
+    blocks, causal = _cross_blocks(q, k, gs)
+    qs, ks = q.reshape(n, m, c, K), k.reshape(n, m, c, K)
     factors = torch.where(~causal[..., None], gs.exp().unsqueeze(-3), 1.0).cumprod(-2)  # [s, t]: Π_{s<r≤t} e^{g_r}
     inner = torch.linalg.vecdot(qs.unsqueeze(-2) * ks.unsqueeze(-3), factors.transpose(-2, -3)).masked_fill(~causal, 0.0)
-    blocks = blocks + torch.eye(m, dtype=q.dtype, device=q.device)[:, :, None, None] * inner.unsqueeze(2)
-    return blocks.transpose(2, 3).reshape(n, L, L)
+    return _with_diagonal(blocks, inner)
