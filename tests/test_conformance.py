@@ -1,5 +1,7 @@
 """The conformance suite on every registered layer, and the suite's own teeth."""
 
+import types
+
 import pytest
 import torch
 
@@ -79,3 +81,24 @@ def test_the_suite_catches_flaws(flaw, caught_by):
     with pytest.raises(AssertionError) as info:
         check_layer(lambda d, **c: _Leaky(d, flaw=flaw))
     assert caught_by in str(info.value)
+
+
+def test_check_language_model_catches_a_parameter_without_gradient():
+    """``seqzoo.testing.check_language_model`` passes a correct layer and names a parameter no gradient reaches."""
+    from seqzoo.testing import check_language_model
+
+    class _Unused(_Leaky):
+        def __init__(self, d_model, flaw="none"):
+            super().__init__(d_model, flaw)
+            self.unused = torch.nn.Parameter(torch.ones(3))
+
+    for name, cls in (("tmp_ok", _Leaky), ("tmp_unused", _Unused)):
+        plugin = types.SimpleNamespace(register_layers=seqzoo.hookimpl(lambda register, n=name, c=cls: register(n, c)))
+        seqzoo.register_plugin(plugin, name=f"{name}-plugin")
+    try:
+        check_language_model("tmp_ok", "transformer", length=12)
+        with pytest.raises(AssertionError, match="unused"):
+            check_language_model("tmp_unused", "mamba", length=12)
+    finally:
+        seqzoo.unregister_plugin("tmp_ok-plugin")
+        seqzoo.unregister_plugin("tmp_unused-plugin")

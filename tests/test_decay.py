@@ -246,24 +246,12 @@ def test_retnet_decays_by_its_fixed_gammas():
 def test_language_model_in_both_backbones(name, backbone):
     """The layers drop into both backbones; a model's step and a forward cut in two equal its forward; a
     training step's gradients reach every parameter."""
-    import seqzoo
+
+    from seqzoo.testing import check_language_model
 
     options = {"mamba2": {"d_state": 8}, "sliding_window_attention": {"num_heads": 2, "window_size": 9}}.get(
         name, {"num_heads": 2})
-    lm = seqzoo.create_model(name, backbone, vocab_size=13, d_model=16, n_layers=2, **options).double()
-    ids = torch.randint(0, 13, (2, 70))
-    with torch.no_grad():
-        want, _ = lm(ids)
-        a, st = lm(ids[:, :33])
-        b, _ = lm(ids[:, 33:], st)
-        torch.testing.assert_close(torch.cat([a, b], 1), want, rtol=0, atol=1e-10)
-        st = lm.init_state(2)
-        for t in range(5):
-            logit, st = lm.step(ids[:, t], st)
-            torch.testing.assert_close(logit, want[:, t], rtol=0, atol=1e-10)
-    logits, _ = lm(ids)
-    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lm.parameters())
+    check_language_model(name, backbone, **options)
 
 
 def test_bad_layer_options_are_named():

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ..contract import SequenceLayer
 
-__all__ = ["check_layer", "CHECKS", "Check", "conformance_params", "LENGTHS", "assert_close", "scan_steps"]
+__all__ = ["check_layer", "CHECKS", "Check", "conformance_params", "LENGTHS", "assert_close", "scan_steps",
+           "check_language_model"]
 
 LENGTHS = (1, 7, 37, 100)
 BATCH = 2
@@ -354,3 +355,33 @@ def check_layer(name_or_factory, d_model: int | None = None, *, checks: list[str
         lines += [f"  - {c}: {msg}" for c, msg in failures.items()]
         raise AssertionError("\n".join(lines))
     return {c: "ok" for c in selected}
+
+
+def check_language_model(name: str, backbone: str, *, vocab_size: int = 13, d_model: int = 16, n_layers: int = 2,
+                         length: int = 70, **layer_options):
+    """A registered layer dropped into a backbone (``transformer`` or ``mamba``), in float64: the model's
+    forward cut in two equals its forward, its first steps equal the forward's logits (1e-10), and one
+    training step's gradients reach every parameter. Returns the model (for further checks)."""
+    import torch.nn.functional as F
+
+    from ..backbones import create_model
+
+    lm = create_model(name, backbone, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                      **layer_options).double()
+    ids = torch.randint(0, vocab_size, (2, length))
+    cut = length // 2
+    with torch.no_grad():
+        want, _ = lm(ids)
+        a, state = lm(ids[:, :cut])
+        b, _ = lm(ids[:, cut:], state)
+        torch.testing.assert_close(torch.cat([a, b], 1), want, rtol=0, atol=1e-10)
+        state = lm.init_state(2)
+        for t in range(5):
+            logit, state = lm.step(ids[:, t], state)
+            torch.testing.assert_close(logit, want[:, t], rtol=0, atol=1e-10)
+    logits, _ = lm(ids)
+    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    missing = [n for n, p in lm.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    if missing:
+        raise AssertionError(f"{name} in the {backbone} backbone: no gradient reaches {missing}")
+    return lm
