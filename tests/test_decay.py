@@ -376,6 +376,7 @@ def test_mamba2_scan_is_simple_gla():
         y, state = layer(x)
         init = layer.init_state(2, dtype=torch.float64)
         z, xs, Bm, Cm, dt, A, _ = layer._inputs(x, init["conv"], step=False)
+        Bm, Cm = layer._per_head(Bm), layer._per_head(Cm)
         o, S = simple_gla_reference(Cm, Bm, xs * dt.unsqueeze(-1), dt * A, scale=1.0)
     torch.testing.assert_close(state["ssm"], S.transpose(-1, -2), rtol=0, atol=1e-12)
     torch.testing.assert_close(y, layer._output(o + layer.D[:, None] * xs, z), rtol=0, atol=1e-12)
@@ -456,3 +457,35 @@ def test_sliding_window_attention_layer(monkeypatch):
     for bad in (0, -3):
         with pytest.raises(ValueError, match="window_size"):
             seqzoo.create_layer("sliding_window_attention", 32, window_size=bad)
+
+
+@pytest.mark.parametrize(("shape", "chunk"), [((2, 37, 4, 8, 2, 5), 16), ((1, 130, 6, 4, 1, 16), 64),
+                                              ((2, 3, 2, 3, 2, 4), 5)])
+def test_ssd_equals_simple_gla_loop(shape, chunk, monkeypatch):
+    """``ssd`` (C·Bᵀ once per group, the heads' states side by side) = the token loop of ``simple_gla`` with
+    q = C, k = B, v = Δ·x, g = Δ·A, scale 1 per head (state transposed), one group or a group per chunk;
+    gradients through it equal the loop's."""
+    from seqzoo_plugins.decay.ops import ssd
+
+    b, T, H, P, G, N = shape
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    x, dt, A = rand(b, T, H, P), F.softplus(rand(b, T, H)), -torch.rand(H, generator=gen, dtype=torch.float64) * 3
+    B, C, S0 = rand(b, T, G, N), rand(b, T, G, N), rand(b, H, P, N)
+    per_head = lambda t: t.repeat_interleave(H // G, dim=2)
+    y_ref, S_ref = gla_reference(per_head(C), per_head(B), x * dt[..., None], dt * A, scale=1.0,
+                                 initial_state=S0.transpose(-1, -2))
+    for group_elements in (decay_ops.GROUP_ELEMENTS, 1):
+        monkeypatch.setattr(decay_ops, "GROUP_ELEMENTS", group_elements)
+        y, S = ssd(x, dt, A, B, C, initial_state=S0, output_final_state=True, chunk_size=chunk)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(S, S_ref.transpose(-1, -2), rtol=0, atol=1e-12)
+    leaves = [t.clone().requires_grad_(True) for t in (x, dt, B, C, S0)]
+    ssd(*leaves[:2], A, *leaves[2:4], initial_state=leaves[4], chunk_size=chunk)[0].square().sum().backward()
+    ref = [t.clone().requires_grad_(True) for t in (x, dt, B, C, S0)]
+    gla_reference(per_head(ref[3]), per_head(ref[2]), ref[0] * ref[1][..., None], ref[1] * A, scale=1.0,
+                  initial_state=ref[4].transpose(-1, -2))[0].square().sum().backward()
+    for a, r in zip(leaves, ref):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="G dividing H"):
+        ssd(x, dt, A, B[:, :, :1].expand(b, T, 3, N) if H % 3 else B[..., :2, :].repeat(1, 1, 5, 1), C, chunk_size=chunk)

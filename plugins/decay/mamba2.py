@@ -8,7 +8,8 @@ group), with x, B, C from one short causal conv (SiLU) and Δ_t = softplus(dt_t 
     S_t = exp(Δ_t A_h) S_{t−1} + Δ_t x_t B_tᵀ     (S ∈ R^{P×N})
     y_t = S_t C_t + D_h x_t
 
-that is ``simple_gla`` with q = C, k = B, v = Δ·x, g = Δ·A and scale 1 (its state transposed). Then
+that is ``simple_gla`` with q = C, k = B, v = Δ·x, g = Δ·A and scale 1 (its state transposed); the
+forward runs ``ops.ssd``, its chunked form with C·Bᵀ computed once per group of heads. Then
 RMSNorm(y · SiLU(z)) per group of d_inner / ngroups channels (mamba-ssm's ``RMSNormGated`` with
 ``norm_before_gate=False``) and ``out_proj``.
 """
@@ -28,7 +29,7 @@ from seqzoo.learner import positive_int
 from seqzoo.nn import by_segments, causal_conv, causal_conv_step, conv_state_shape
 
 from . import ops
-from .ops import simple_gla
+from .ops import ssd
 
 __all__ = ["Mamba2", "Mamba2Config"]
 
@@ -131,7 +132,7 @@ class Mamba2(SequenceLayer):
 
     # --- pieces -------------------------------------------------------------------------------------
     def _inputs(self, x: Tensor, conv_state: Tensor, step: bool):
-        """z, x (…, H, P), B, C (…, H, N) per head, Δ (…, H) and A (H,), and the new conv window."""
+        """z, x (…, H, P), B, C (…, G, N) per group, Δ (…, H) and A (H,), and the new conv window."""
         G, N, H, P, d = self.ngroups, self.d_state, self.nheads, self.headdim, self.d_inner
         z, xBC, dt = self.in_proj(x).split([d, self.conv_dim, H], dim=-1)
         conv = causal_conv_step if step else causal_conv
@@ -139,8 +140,12 @@ class Mamba2(SequenceLayer):
         xs, Bm, Cm = F.silu(xBC).split([d, G * N, G * N], dim=-1)
         ctype = torch.promote_types(x.dtype, torch.float32)
         dt = F.softplus(dt.to(ctype) + self.dt_bias.to(ctype)).clamp(*self.config.dt_limit)
-        per_head = lambda t: t.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=-2)
-        return z, xs.unflatten(-1, (H, P)), per_head(Bm), per_head(Cm), dt, -self.A_log.to(ctype).exp(), conv_state
+        return z, xs.unflatten(-1, (H, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N)), dt, \
+            -self.A_log.to(ctype).exp(), conv_state
+
+    def _per_head(self, t: Tensor) -> Tensor:
+        """(…, G, N) per group -> (…, H, N) per head (the heads of a group share it)."""
+        return t.repeat_interleave(self.nheads // self.ngroups, dim=-2)
 
     def _output(self, y: Tensor, z: Tensor) -> Tensor:
         y = y.flatten(-2)
@@ -149,7 +154,7 @@ class Mamba2(SequenceLayer):
 
     # --- the contract -------------------------------------------------------------------------------
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """The chunked scan (``simple_gla``) segment by segment on the CPU, so activations stay in cache;
+        """The chunked scan (``ops.ssd``) segment by segment on the CPU, so activations stay in cache;
         elsewhere one segment (mamba-ssm's SSD kernel on CUDA when it imports)."""
         state = self.check_input(x, state)
         B, T = x.shape[:2]
@@ -164,15 +169,11 @@ class Mamba2(SequenceLayer):
         S0 = state["ssm"]
         if (x.is_cuda and self.config.backend == "auto" and x.dtype != torch.float64 and x.shape[1] > 0
                 and (kernels := _mamba_ssm_ops()) is not None):
-            G = self.ngroups
-            group = lambda t: t.unflatten(-2, (G, -1))[..., 0, :]  # per group again (heads of a group agree)
-            y, S = kernels["chunk_scan"](xs, dt, A, group(Bm), group(Cm), chunk_size=256, D=self.D,
-                                         initial_states=S0.float(), return_final_states=True)
+            y, S = kernels["chunk_scan"](xs, dt, A, Bm, Cm, chunk_size=256, D=self.D, initial_states=S0.float(),
+                                         return_final_states=True)
         else:
-            y, S = simple_gla(Cm, Bm, xs * dt.unsqueeze(-1).to(xs.dtype), dt * A, scale=1.0,
-                              initial_state=S0.transpose(-1, -2), output_final_state=True,
-                              chunk_size=self.config.chunk_size)
-            y, S = y + self.D.to(y.dtype)[:, None] * xs, S.transpose(-1, -2)
+            y, S = ssd(xs, dt, A, Bm, Cm, initial_state=S0, output_final_state=True, chunk_size=self.config.chunk_size)
+            y = y + self.D.to(y.dtype)[:, None] * xs
         return self._output(y, z), {"conv": conv, "ssm": S.to(S0.dtype)}
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
@@ -180,7 +181,7 @@ class Mamba2(SequenceLayer):
         state = self.check_input(x, state, step=True)
         z, xs, Bm, Cm, dt, A, conv = self._inputs(x, state["conv"], step=True)  # (B, H, ·)
         ct = dt.dtype
-        xs, Bm, Cm, S = xs.to(ct), Bm.to(ct), Cm.to(ct), state["ssm"].to(ct)
+        xs, Bm, Cm, S = xs.to(ct), self._per_head(Bm).to(ct), self._per_head(Cm).to(ct), state["ssm"].to(ct)
         S = torch.addcmul(S * (dt * A).exp()[..., None, None], (xs * dt.unsqueeze(-1)).unsqueeze(-1), Bm.unsqueeze(-2))
         y = torch.einsum("bhpn,bhn->bhp", S, Cm) + self.D.to(ct)[:, None] * xs
         return self._output(y.to(x.dtype), z), {"conv": conv, "ssm": S.to(state["ssm"].dtype)}

@@ -35,7 +35,7 @@ from seqzoo.nn import check_head_tensors, decay_products
 
 from .reference import gla_reference
 
-__all__ = ["simple_gla", "gla", "retention_log_decay", "DEFAULT_CHUNK_SIZE", "SUB_CHUNK"]
+__all__ = ["simple_gla", "gla", "ssd", "retention_log_decay", "DEFAULT_CHUNK_SIZE", "SUB_CHUNK"]
 
 #: tokens per chunk of the chunked forms
 DEFAULT_CHUNK_SIZE = 64
@@ -76,6 +76,83 @@ def gla(
     As ``simple_gla`` with gk (B, T, H, K), a log-decay per key feature.
     """
     return _run("gla", q, k, v, gk, (4,), scale, initial_state, output_final_state, chunk_size)
+
+
+def ssd(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, initial_state: Tensor | None = None,
+    output_final_state: bool = False, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor | None]:
+    """Mamba-2's scan (SSD) with B and C shared by the heads of a group: per head h of group G(h),
+    S_t = exp(Δ_t A_h) S_{t−1} + Δ_t x_t B_tᵀ, y_t = S_t C_t (no D term).
+
+    x (b, T, H, P); dt = Δ (b, T, H) (after its softplus); A (H,); B, C (b, T, G, N) with H a multiple of
+    G; initial_state (b, H, P, N) (mamba-ssm's layout) or None. Returns y (b, T, H, P) and the final state
+    when ``output_final_state``. It is ``simple_gla`` with q = C, k = B, v = Δ·x, g = Δ·A, scale 1 and the
+    state transposed (``chunk_size`` None runs that token loop); the chunked form uses the sharing: C·Bᵀ
+    once per group and chunk, and the state's read-out and update as one product per group over all its
+    heads' states side by side.
+    """
+    name = "ssd"
+    if x.ndim != 4 or dt.shape != x.shape[:3] or A.shape != (x.shape[2],):
+        raise ValueError(f"{name}: expected x (b, T, H, P), dt (b, T, H) and A (H,), got {tuple(x.shape)}, "
+                         f"{tuple(dt.shape)}, {tuple(A.shape)}")
+    b, T, H, P = x.shape
+    if B.ndim != 4 or B.shape[:2] != (b, T) or C.shape != B.shape or H % B.shape[2]:
+        raise ValueError(f"{name}: expected B and C of shape (b, T, G, N) with G dividing H = {H}, got "
+                         f"{tuple(B.shape)} and {tuple(C.shape)}")
+    G, N = B.shape[2], B.shape[3]
+    if initial_state is not None and tuple(initial_state.shape) != (b, H, P, N):
+        raise ValueError(f"{name}: expected initial_state of shape {(b, H, P, N)}, got {tuple(initial_state.shape)}")
+    check_head_tensors(name, C, B, x.unflatten(2, (G, H // G)).flatten(3), chunk_size, dt=dt, A=A,
+                       initial_state=initial_state)
+    out_dtype = x.dtype
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
+    S = x.new_zeros(b, H, P, N) if initial_state is None else initial_state.to(dtype)
+    if chunk_size is None or T == 0:
+        per_head = lambda t: t.repeat_interleave(H // G, dim=2)
+        y, S_kv = gla_reference(per_head(C), per_head(B), x * dt.unsqueeze(-1), dt * A, scale=1.0,
+                                initial_state=S.transpose(-1, -2))
+        return y.to(out_dtype), (S_kv.transpose(-1, -2).contiguous() if output_final_state else None)
+    L = chunk_size
+    n = -(-T // L)
+    pad = n * L - T  # padded tokens: Δ = 0 (no decay, nothing added), C = 0 (y = 0)
+    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
+    chunks = lambda t: rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
+    vc, gc, Bc, Cc = chunks(x * dt.unsqueeze(-1)), chunks(dt * A), chunks(B), chunks(C)
+    group = max(1, GROUP_ELEMENTS // (b * H * L * max(L, P, N)))
+    outs = []
+    for lo in range(0, n, group):
+        part = slice(lo, min(lo + group, n))
+        y, S = _ssd_group(vc[:, part], gc[:, part], Bc[:, part], Cc[:, part], S)
+        outs.append(y)
+    y = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return rearrange(y, "b n h l p -> b (n l) h p")[:, :T].to(out_dtype), (S if output_final_state else None)
+
+
+def _ssd_group(v, g, B, C, S):
+    """Chunks of one group: v = Δ·x (b, n, H, L, P), g = Δ·A (b, n, H, L), B, C (b, n, G, L, N), from the
+    state S (b, H, P, N) at the first chunk's start."""
+    b, n, H, L, P = v.shape
+    G, N = B.shape[2], B.shape[-1]
+    hpg = H // G
+    D, Gamma, to_end = decay_products(g)  # (b, n, H, L, L), (b, n, H, L), (b, n, H, L)
+    heads = lambda t: t.unflatten(2, (G, hpg))  # (b, n, H, …) -> (b, n, G, hpg, …)
+    side_by_side = lambda t: t.permute(0, 1, 2, 4, 3, 5).flatten(-2)  # (b, n, G, hpg, L, P) -> (b, n, G, L, hpg·P)
+    # the state at every chunk's start: S ← Γ_L S + Σ_s e^{γ_L − γ_s} v_s B_sᵀ, one product per group
+    kv = side_by_side(heads(v * to_end.unsqueeze(-1))).mT @ B  # (b, n, G, hpg·P, N)
+    kv = kv.unflatten(3, (hpg, P)).flatten(2, 3)  # (b, n, H, P, N)
+    starts = S.new_empty(b, n, H, P, N)
+    decay_end = Gamma[..., -1, None, None]
+    for c in range(n):
+        starts[:, c] = S
+        S = torch.addcmul(kv[:, c], decay_end[:, c], S)
+    # the outputs: ((C Bᵀ) ⊙ D_h) v_h within the chunk, plus Γ_t S_h C_t from the start state
+    CB = (C @ B.mT).unsqueeze(3)  # (b, n, G, 1, L, L): once per group
+    y = (CB * heads(D)) @ heads(v)  # (b, n, G, hpg, L, P)
+    read = C @ heads(starts).permute(0, 1, 2, 5, 3, 4).flatten(-2)  # (b, n, G, L, hpg·P): C_t · S_h for all h
+    y = y + read.unflatten(-1, (hpg, P)).transpose(3, 4) * heads(Gamma).unsqueeze(-1)
+    return y.flatten(2, 3), S
 
 
 def retention_log_decay(num_heads: int, *, dtype=torch.float32, device=None) -> Tensor:
