@@ -455,7 +455,8 @@ class SlidingWindowAttention(SelfAttention):
     def flops(self, seq_len: int) -> float:
         """2T·Σ(projection weights) + 4·C·Σ_t min(t + 1, W): token t reads min(t + 1, W) keys and values."""
         W = self.config.window_size
-        keys = sum(min(t + 1, W) for t in range(seq_len)) if seq_len <= W else W * (W + 1) / 2 + (seq_len - W) * W
+        full = min(seq_len, W)  # tokens 0 … W − 1 read t + 1 keys, the rest W each
+        keys = full * (full + 1) / 2 + (seq_len - full) * W
         return HeadProjections.flops(self, seq_len) + 4.0 * self.d_model * keys
 
     def check_input(self, x: Tensor, state: State | None = None, *, step: bool = False) -> State:

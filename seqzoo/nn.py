@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ T = TypeVar("T")
 __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
     "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
-    "softplus_log_decay", "decay_products", "apply_rope_halves", "check_head_tensors",
+    "softplus_log_decay", "decay_products", "apply_rope_halves", "check_head_tensors", "scan_chunk_groups",
 ]
 
 
@@ -145,6 +145,32 @@ def check_head_tensors(name: str, q: Tensor, k: Tensor, v: Tensor, chunk_size, *
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{name}: expected chunk_size to be None or a positive int, got {chunk_size!r}")
     return B, T, H, K, v.shape[-1]
+
+
+def scan_chunk_groups(group_fn: Callable, tensors: Sequence[Tensor | None], L: int, S, *, width: int,
+                      group_elements: int, scale: float = 1.0) -> tuple[Tensor, Any]:
+    """The outer loop of a chunked form over (B, T, H, ·) tensors (T > 0): each of ``tensors`` zero-padded to
+    whole chunks of L tokens and laid out (B, N, H, L, ·) (None passes through); the chunks in groups of
+    ``group_elements // (B·H·L·width)`` (at least one), each group ``group_fn(*parts, S) -> (o (B, n, H, L,
+    ·), S)`` from the state the previous one ends in. The first tensor's chunks are multiplied by ``scale``
+    (in place where they are a copy). Returns o (B, T, H, ·) and the last state."""
+    first = tensors[0]
+    B, T, H = first.shape[:3]
+    n = -(-T // L)
+    pad = n * L - T
+    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
+    chunks = [None if t is None else rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
+              for t in tensors]
+    if scale != 1.0:
+        chunks[0] = chunks[0].mul_(scale) if chunks[0].data_ptr() != first.data_ptr() else chunks[0] * scale
+    group = max(1, group_elements // (B * H * L * width))
+    outs = []
+    for lo in range(0, n, group):
+        part = slice(lo, min(lo + group, n))
+        o, S = group_fn(*(None if c is None else c[:, part] for c in chunks), S)
+        outs.append(o)
+    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    return rearrange(o, "b n h l d -> b (n l) h d")[:, :T], S
 
 
 def by_segments(fn: Callable[[Tensor, State], tuple[Tensor, State]], x: Tensor, state: State,

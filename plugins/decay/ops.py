@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
-from seqzoo.nn import check_head_tensors, decay_products
+from seqzoo.nn import check_head_tensors, decay_products, scan_chunk_groups
 
 from .reference import gla_reference
 
@@ -114,20 +113,10 @@ def ssd(
         y, S_kv = gla_reference(per_head(C), per_head(B), x * dt.unsqueeze(-1), dt * A, scale=1.0,
                                 initial_state=S.transpose(-1, -2))
         return y.to(out_dtype), (S_kv.transpose(-1, -2).contiguous() if output_final_state else None)
-    L = chunk_size
-    n = -(-T // L)
-    pad = n * L - T  # padded tokens: Δ = 0 (no decay, nothing added), C = 0 (y = 0)
-    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
-    chunks = lambda t: rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
-    vc, gc, Bc, Cc = chunks(x * dt.unsqueeze(-1)), chunks(dt * A), chunks(B), chunks(C)
-    group = max(1, GROUP_ELEMENTS // (b * H * L * max(L, P, N)))
-    outs = []
-    for lo in range(0, n, group):
-        part = slice(lo, min(lo + group, n))
-        y, S = _ssd_group(vc[:, part], gc[:, part], Bc[:, part], Cc[:, part], S)
-        outs.append(y)
-    y = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    return rearrange(y, "b n h l p -> b (n l) h p")[:, :T].to(out_dtype), (S if output_final_state else None)
+    # padded tokens: Δ = 0 (no decay, nothing added), C = 0 (y = 0); B and C stand in the head axis per group
+    y, S = scan_chunk_groups(_ssd_group, (x * dt.unsqueeze(-1), dt * A, B, C), chunk_size, S,
+                             width=max(chunk_size, P, N), group_elements=GROUP_ELEMENTS)
+    return y.to(out_dtype), (S if output_final_state else None)
 
 
 def _ssd_group(v, g, B, C, S):
@@ -188,27 +177,15 @@ def _run(name, q, k, v, g, g_ndim, scale, initial_state, output_final_state, chu
 
 
 def _chunked(q, k, v, g, scale, S0, L):
-    """The chunked form on (B, T, H, ·) tensors; g (B, T, H) or (B, T, H, K)."""
+    """The chunked form on (B, T, H, ·) tensors; g (B, T, H) or (B, T, H, K). Padded tokens have k = v = g = 0:
+    no decay and nothing added, so S is unchanged."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V) if S0 is None else S0
     if T == 0:
         return v.new_zeros(B, 0, H, V), S.clone()
-    n = -(-T // L)
-    pad = n * L - T  # padded tokens have k = v = g = 0: no decay and nothing added, so S is unchanged
-    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
-    chunks = lambda t: rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
-    qc, kc, vc, gc = chunks(q), chunks(k), chunks(v), chunks(g)
-    qc = qc.mul_(scale) if qc.data_ptr() != q.data_ptr() else qc * scale
-    group_fn = _scalar_group if g.ndim == 3 else _vector_group
-    group = max(1, GROUP_ELEMENTS // (B * H * L * max(L, K, V)))
-    outs = []
-    for lo in range(0, n, group):
-        part = slice(lo, min(lo + group, n))
-        o, S = group_fn(qc[:, part], kc[:, part], vc[:, part], gc[:, part], S)
-        outs.append(o)
-    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    return rearrange(o, "b n h l v -> b (n l) h v")[:, :T], S
+    return scan_chunk_groups(_scalar_group if g.ndim == 3 else _vector_group, (q, k, v, g), L, S,
+                             width=max(L, K, V), group_elements=GROUP_ELEMENTS, scale=scale)
 
 
 def _pass_state(k_end: Tensor, v: Tensor, decay_end: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:

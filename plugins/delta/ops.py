@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from seqzoo.nn import check_head_tensors, decay_products
+from seqzoo.nn import check_head_tensors, decay_products, scan_chunk_groups
 
 from .reference import (
     CG_EPS,
@@ -125,30 +125,15 @@ def _vector_beta(q, k, v, g, beta, scale, S0, chunk_size):
 
 # --- the chunked form ------------------------------------------------------------------------------
 def _chunked(q, k, v, g, beta, scale, S0, L):
-    """The chunked form (module docstring) on (B, T, H, ·) tensors with a scalar β per head."""
+    """The chunked form (module docstring) on (B, T, H, ·) tensors with a scalar β per head. Padded tokens
+    have k = v = β = g = 0: u = 0 and no decay, so S is unchanged."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = q.new_zeros(B, H, K, V) if S0 is None else S0
     if T == 0:
         return v.new_zeros(B, 0, H, V), S.clone()
-    n = -(-T // L)
-    pad = n * L - T  # padded tokens have k = v = β = g = 0: u = 0 and no decay, so S is unchanged
-    padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t
-    chunks = lambda t: rearrange(padded(t), "b (n l) h ... -> b n h l ...", l=L).contiguous()
-    qc, kc, vc, bc = chunks(q), chunks(k), chunks(v), chunks(beta)
-    qc = qc.mul_(scale) if qc.data_ptr() != q.data_ptr() else qc * scale
-    gc = None if g is None else chunks(g)
-
-    per_chunk = B * H * L * max(L, K, V)
-    group = max(1, GROUP_ELEMENTS // per_chunk)
-    outs = []
-    for lo in range(0, n, group):
-        part = slice(lo, min(lo + group, n))
-        o, S = _chunk_group(qc[:, part], kc[:, part], vc[:, part], bc[:, part],
-                            None if gc is None else gc[:, part], S)
-        outs.append(o)
-    o = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-    return rearrange(o, "b n h l v -> b (n l) h v")[:, :T], S
+    return scan_chunk_groups(_chunk_group, (q, k, v, beta, g), L, S, width=max(L, K, V),
+                             group_elements=GROUP_ELEMENTS, scale=scale)
 
 
 def _chunk_group(q, k, v, beta, g, S):
