@@ -30,6 +30,7 @@ of reaching the kernel.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import hashlib
 import logging
@@ -51,7 +52,7 @@ from .contract import Decoder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "trainable", "plain_float32", "require_float32_cpu",
+__all__ = ["Library", "signature", "I32", "I64", "F32", "PTR", "usable", "trainable", "plain_float32", "over_rows", "require_float32_cpu",
            "plain", "keeps_methods", "step_fits", "address", "cache_dir", "trusted", "NativeDecoder",
            "optional_kernels"]
 
@@ -257,6 +258,24 @@ def address(t: Tensor | None) -> int | None:
 
 
 _PLAIN_TYPES = (Tensor, nn.Parameter)  # no subclass (FakeTensor, DTensor, ...): those may have no memory
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def over_rows(call, rows: int) -> list:
+    """``call(row0, row1)`` on disjoint ranges covering [0, rows), one per torch thread, in parallel: a
+    kernel call through ctypes releases the GIL, so single-threaded kernels over independent rows (heads,
+    batch elements) use every core torch would. Returns each call's result, in order of the ranges."""
+    global _POOL
+    threads = max(1, min(torch.get_num_threads(), rows))
+    bounds = [rows * i // threads for i in range(threads + 1)]
+    if threads == 1:
+        return [call(0, rows)]
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="seqzoo-native")
+    futures = [_POOL.submit(call, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    return [f.result() for f in futures]
 
 
 def plain_float32(*tensors: Tensor | None) -> bool:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from seqzoo.learner import GradientLearner, TTTConfig
 
-from . import native_kernels
+from . import native_kernels, scan_grad
 from .common import InnerNormTTT, kernel, ln_l2_bwd_centered
 from .reference import LN_EPS, causal_eta, ln_fwd, ln_l2_bwd
 
@@ -298,6 +298,8 @@ class TTTLinear(InnerNormTTT):
             Z, W1, b1 = fn(*args, **({"checkpoint_group": group} if group else {}))
         elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1 = native_kernels.ttt_linear_dual(*args[:9], self.mini_batch_size, LN_EPS)
+        elif norm and scan_grad.applies(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
+            Z, W1, b1 = scan_grad.ttt_linear_train(*args, group)
         else:
             Z, W1, b1 = ttt_linear_dual(*args, checkpoint_group=group)
         flat = lambda t: t.reshape(B * H, *t.shape[2:])

@@ -16,13 +16,15 @@ from torch import Tensor
 from seqzoo import native
 from seqzoo.native import F32, I64, PTR, address, require_float32_cpu
 
-__all__ = ["LIB", "MAX_DIM", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual"]
+__all__ = ["LIB", "MAX_DIM", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual",
+           "ttt_linear_dual_bwd"]
 
 MAX_DIM = 1024  # MAX_DIM of csrc/ttt.c: the longest head the decode kernels take
 
 LIB = native.Library("ttt", [Path(__file__).parent / "csrc" / "ttt.c"], {
     "sz_ttt_linear_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 3),
     "sz_ttt_mlp_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 5),
+    "sz_ttt_linear_dual_bwd": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 12 + [I64] * 2),
     "sz_ttt_mlp_token": (native.I32, [I64] * 4 + [PTR] * 6 + [F32, PTR, PTR, I64] + [PTR] * 10
                          + [F32, PTR, PTR, F32] + [PTR] * 9),
     "sz_ttt_linear_token": (native.I32, [I64] * 4 + [PTR] * 6 + [F32, PTR, PTR, I64] + [PTR] * 6
@@ -216,3 +218,32 @@ def ttt_mlp_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W1
     if status:
         raise MemoryError("ttt_mlp_dual: the kernel could not allocate its workspace")
     return Z.transpose(1, 2), W1_out, b1_out, W2_out, b2_out
+
+
+def ttt_linear_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W0: Tensor, b0: Tensor,
+                        ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, eps: float, dZ: Tensor, dW: Tensor,
+                        db: Tensor) -> tuple[Tensor, ...]:
+    """The backward of ``ttt_linear_dual`` (its inputs, W0/b0 the start weights): dZ (B, H, T, d) the
+    gradient of Z, dW/db that of the end weights. Returns the gradients of XQ, XK, XV, lr, tok, W0, b0,
+    ln_w, ln_b, in their shapes."""
+    Bsz, H, T, d = XQ.shape
+    XQ, XK, XV, lr, tok, ln_w, ln_b = _dual_inputs(
+        "ttt_linear_dual_bwd", XQ, XK, XV, lr, tok,
+        {"W0": (W0, (Bsz, H, d, d)), "b0": (b0, (Bsz, H, 1, d)), "dW": (dW, (Bsz, H, d, d)),
+         "db": (db, (Bsz, H, 1, d)), "dZ": (dZ, (Bsz, H, T, d))}, ln_w, ln_b, mini_batch_size)
+    W0, b0 = W0.contiguous(), b0.contiguous()
+    dZ = dZ.transpose(1, 2).contiguous()  # (B, T, H, d), the layout the forward wrote Z in
+    dW, db = (t.clone(memory_format=torch.contiguous_format) for t in (dW, db))
+    dXQ, dXK, dXV = (XQ.new_empty((Bsz, H, T, d)) for _ in range(3))
+    dlr = lr.new_empty((Bsz, H, T))
+    dtok = tok.new_empty((Bsz * H, mini_batch_size))
+    dgamma, dbeta = ln_w.new_empty((Bsz, H, d)), ln_b.new_empty((Bsz, H, d))
+    sB, sH, sT, _ = XQ.stride()
+    args = (Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
+            tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W0.data_ptr(), b0.data_ptr(), dZ.data_ptr(),
+            dW.data_ptr(), db.data_ptr(), dXQ.data_ptr(), dXK.data_ptr(), dXV.data_ptr(), dlr.data_ptr(),
+            dtok.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr())
+    # the heads are independent: one range of them per thread
+    if any(native.over_rows(lambda lo, hi: LIB.sz_ttt_linear_dual_bwd(*args, lo, hi), Bsz * H)):
+        raise MemoryError(f"ttt_linear_dual_bwd: the kernel could not allocate {(T // mini_batch_size + 1) * d * d * 4 / 2**20:.0f} MB")
+    return dXQ, dXK, dXV, dlr, dtok.sum(0), dW, db, dgamma.sum(0), dbeta.sum(0)

@@ -604,3 +604,235 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
     free(work);
     return 0;
 }
+
+/* ---- training: the dual form's backward (seqzoo_plugins.ttt.scan_grad) -----------------------------
+ *
+ * Per head: the weights at every mini-batch start are replayed first (the forward's updates only), then
+ * the mini-batches are taken last to first: each recomputes its forward from its start weights and runs
+ * the backward, carrying (dW, db), the gradient of the weights after it. The math is written out in
+ * scan_grad.py's docstring, in its names. */
+
+/* dst (cols × rows) = −srcᵀ for src (rows × cols, row stride lds). */
+static inline void transpose_neg(int64_t rows, int64_t cols, const float *src, int64_t lds, float *dst) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c = 0; c < cols; c++) dst[c * rows + r] = -src[r * lds + c];
+}
+
+/* C (K × N) += Aᵀ · B for A (b × K, row stride lda), B (b × N); At (K × b) is a workspace. */
+static inline void add_tn(int64_t b, int64_t K, int64_t N, const float *A, int64_t lda, const float *B, float *C,
+                          float *At) {
+    transpose_neg(b, K, A, lda, At);
+    rank_update(K, N, b, C, At, B);
+}
+
+/* out (rows × N) = A (rows × K, row stride lda) · Mᵀ for M (N × K); Mt (K × N) is a workspace. */
+static inline void matmul_nt(int64_t rows, int64_t K, int64_t N, const float *A, int64_t lda, const float *M,
+                             float *Mt, float *out) {
+    transpose_scaled(N, K, M, K, NULL, Mt);
+    matmul_rows(rows, K, N, A, lda, Mt, NULL, out);
+}
+
+/* The backward of y = x̂·rstd-normalised rows (a LayerNorm without affine) for one row: dx = rstd·(dy −
+ * mean dy − x̂·mean(dy ⊙ x̂)). */
+static inline void ln_bwd_row(int64_t d, const float *dy, const float *x_hat, float rstd, float *dx) {
+    float m = 0.0f, mx = 0.0f;
+#pragma omp simd reduction(+ : m, mx)
+    for (int64_t j = 0; j < d; j++) m += dy[j], mx += dy[j] * x_hat[j];
+    m /= (float)d, mx /= (float)d;
+    for (int64_t j = 0; j < d; j++) dx[j] = rstd * (dy[j] - m - x_hat[j] * mx);
+}
+
+/* The forward of one mini-batch's key side, kept for the backward: Zk = k·W + b, per row x̂, rstd,
+ * u = γ²x̂ + γβ + γ(k − v), g = rstd·P(u) and mean(u ⊙ x̂). */
+static inline void key_side(int64_t d, int64_t b, const float *k, const float *v, int64_t sT, const float *gamma,
+                            const float *beta, float eps, const float *Zk, float *x_hat, float *rstd, float *u,
+                            float *m_u, float *g) {
+    for (int64_t i = 0; i < b; i++) {
+        const float *ki = k + i * sT, *vi = v + i * sT;
+        float *xh = x_hat + i * d, *ui = u + i * d;
+        const float r = rstd[i] = normalize(Zk + i * d, xh, d, eps);
+        float mean = 0.0f, mean_x = 0.0f;
+        for (int64_t j = 0; j < d; j++) {
+            ui[j] = gamma[j] * gamma[j] * xh[j] + (gamma[j] * beta[j] + gamma[j] * (ki[j] - vi[j]));
+            mean += ui[j], mean_x += ui[j] * xh[j];
+        }
+        mean /= (float)d, mean_x /= (float)d;
+        m_u[i] = mean_x;
+        for (int64_t j = 0; j < d; j++) g[i * d + j] = (ui[j] - mean - xh[j] * mean_x) * r;
+    }
+}
+
+/* The backward of g = rstd·P(u(x̂)) for one row (dg given): dZk, du. */
+static inline void key_side_bwd_row(int64_t d, const float *dg, const float *x_hat, float rstd, const float *u,
+                                    float m_u, const float *g, const float *gamma, float *du, float *dx_hat,
+                                    float *dZk) {
+    ln_bwd_row(d, dg, x_hat, rstd, du);
+    float m_dg = 0.0f, dgg = 0.0f;
+    for (int64_t j = 0; j < d; j++) m_dg += dg[j] * x_hat[j], dgg += dg[j] * g[j];
+    m_dg /= (float)d;
+    const float drstd = dgg / rstd;
+    for (int64_t j = 0; j < d; j++) dx_hat[j] = gamma[j] * gamma[j] * du[j] - rstd * (dg[j] * m_u + u[j] * m_dg);
+    ln_bwd_row(d, dx_hat, x_hat, rstd, dZk);
+    const float s = drstd * rstd * rstd / (float)d;
+    for (int64_t j = 0; j < d; j++) dZk[j] -= s * x_hat[j];
+}
+
+/* The backward of one head of sz_ttt_linear_dual. q, k, v rows at stride sT; lr (n·b), tok (b); dz rows at
+ * stride ldz; dW, db hold the gradient of the end weights and receive that of W0, b0; dq, dk, dv (n·b × d),
+ * dlr (n·b) are written, dtok, dgamma, dbeta (b, d, d) accumulated. Ws holds (n + 1)(d² + d) floats. */
+static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const float *k, const float *v,
+                            int64_t sT, const float *lr, const float *tok, const float *gamma, const float *beta,
+                            float eps, const float *W0, const float *b0, const float *dz, int64_t ldz, float *dW,
+                            float *db, float *dq, float *dk, float *dv, float *dlr, float *dtok, float *dgamma,
+                            float *dbeta, float *Ws, float *work) {
+    const int64_t bd = b * d, dd = d * d, bb = b * b;
+    float *Zk = work, *x_hat = Zk + bd, *u = x_hat + bd, *g = u + bd, *Zb = g + bd, *z_hat = Zb + bd;
+    float *dZb = z_hat + bd, *dg = dZb + bd, *R = dg + bd, *dZk = R + bd, *tmp = dZk + bd, *du = tmp + bd;
+    float *dx_hat = du + bd, *kt = dx_hat + d, *Wt = kt + bd, *dWt = Wt + dd, *S = dWt + dd, *eta = S + bb;
+    float *M = eta + bb, *dM = M + bb, *last = dM + bb, *rstd = last + b, *rstd_z = rstd + b, *m_u = rstd_z + b;
+    /* the weights at every mini-batch start */
+    memcpy(Ws, W0, dd * sizeof(float));
+    memcpy(Ws + dd, b0, d * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        const float *W = Ws + i * (dd + d), *bias = W + dd, *ki = k + i * b * sT, *vi = v + i * b * sT;
+        float *Wn = Ws + (i + 1) * (dd + d);
+        matmul_rows(b, d, d, ki, sT, W, bias, Zk);
+        for (int64_t r = 0; r < b; r++)
+            ln_l2_grad_row(Zk + r * d, ki + r * sT, vi + r * sT, gamma, beta, 1.0f, eps, d, x_hat, g + r * d);
+        for (int64_t j = 0; j < b; j++) last[j] = tok[b - 1] * lr[i * b + j];
+        memcpy(Wn, W, (dd + d) * sizeof(float));
+        dual_update(b, d, d, ki, sT, last, g, Wn, Wn + dd, kt);
+    }
+    for (int64_t i = n - 1; i >= 0; i--) {
+        const float *W = Ws + i * (dd + d), *bias = W + dd;
+        const float *qi = q + i * b * sT, *ki = k + i * b * sT, *vi = v + i * b * sT, *lri = lr + i * b;
+        const float *dzi = dz + i * b * ldz;
+        float *dqi = dq + i * bd, *dki = dk + i * bd, *dvi = dv + i * bd, *dlri = dlr + i * b;
+        /* the forward, again */
+        matmul_rows(b, d, d, ki, sT, W, bias, Zk);
+        key_side(d, b, ki, vi, sT, gamma, beta, eps, Zk, x_hat, rstd, u, m_u, g);
+        transpose_scaled(b, d, ki, sT, NULL, kt);
+        matmul_rows(b, d, b, qi, sT, kt, NULL, S);
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j < b; j++) {
+                eta[r * b + j] = j <= r ? tok[r] * lri[j] : 0.0f;
+                M[r * b + j] = eta[r * b + j] * (S[r * b + j] + 1.0f);
+            }
+        matmul_rows(b, d, d, qi, sT, W, bias, Zb);
+        subtract_causal(b, d, b, M, g, Zb);
+        /* the output LayerNorm: dZ̄ */
+        for (int64_t r = 0; r < b; r++) {
+            const float *dzr = dzi + r * ldz;
+            float *zh = z_hat + r * d;
+            rstd_z[r] = normalize(Zb + r * d, zh, d, eps);
+            for (int64_t j = 0; j < d; j++) {
+                dgamma[j] += dzr[j] * zh[j];
+                dbeta[j] += dzr[j];
+                tmp[r * d + j] = dzr[j] * gamma[j];
+            }
+            ln_bwd_row(d, tmp + r * d, zh, rstd_z[r], dZb + r * d);
+        }
+        /* Z̄ = XQ·W + b − M·g: dXQ = dz + dZ̄·Wᵀ + dS·XK, dM = −dZ̄·gᵀ, dg = −Mᵀ·dZ̄ */
+        matmul_nt(b, d, d, dZb, d, W, Wt, dqi);
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j < d; j++) dqi[r * d + j] += dzi[r * ldz + j];
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t c = 0; c < d; c++) s += dZb[r * d + c] * g[j * d + c];
+                dM[r * b + j] = -s;
+            }
+        memset(dki, 0, bd * sizeof(float));
+        memset(dg, 0, bd * sizeof(float));
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                const float dS = dM[r * b + j] * eta[r * b + j], m = M[r * b + j];
+                const float *kj = ki + j * sT, *qr = qi + r * sT;
+                for (int64_t c = 0; c < d; c++) {
+                    dqi[r * d + c] += dS * kj[c];
+                    dki[j * d + c] += dS * qr[c];
+                    dg[j * d + c] -= m * dZb[r * d + c];
+                }
+            }
+        /* the update W' = W − XKᵀ(e ⊙ g), b' = b − eᵀg reads the carried (dW, db): R = −(XK·dW + db) */
+        matmul_rows(b, d, d, ki, sT, dW, db, R);
+        transpose_scaled(d, d, dW, d, NULL, dWt);
+        matmul_rows(b, d, d, g, d, dWt, NULL, tmp);  /* g·dWᵀ */
+        float *de = dM; /* (dM is spent) the gradient of η: its lower triangle, row by row */
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) de[r * b + j] *= S[r * b + j] + 1.0f;
+        for (int64_t j = 0; j < b; j++) {
+            const float e = eta[(b - 1) * b + j];
+            float s = 0.0f;
+            for (int64_t c = 0; c < d; c++) {
+                R[j * d + c] = -R[j * d + c];
+                s += g[j * d + c] * R[j * d + c];
+                dg[j * d + c] += e * R[j * d + c];
+                dki[j * d + c] -= e * tmp[j * d + c];
+            }
+            de[(b - 1) * b + j] += s;
+        }
+        /* the key side: dZk and du, row by row */
+        for (int64_t r = 0; r < b; r++) {
+            const float *kr = ki + r * sT, *vr = vi + r * sT, *xh = x_hat + r * d;
+            float *dur = du + r * d;
+            key_side_bwd_row(d, dg + r * d, xh, rstd[r], u + r * d, m_u[r], g + r * d, gamma, dur, dx_hat,
+                             dZk + r * d);
+            for (int64_t j = 0; j < d; j++) {
+                const float gdu = gamma[j] * dur[j];
+                dki[r * d + j] += gdu;
+                dvi[r * d + j] = -gdu;
+                dgamma[j] += dur[j] * (2.0f * gamma[j] * xh[j] + beta[j] + kr[j] - vr[j]);
+                dbeta[j] += gdu;
+            }
+        }
+        matmul_rows(b, d, d, dZk, d, Wt, NULL, tmp);  /* dZk·Wᵀ */
+        for (int64_t j = 0; j < bd; j++) dki[j] += tmp[j];
+        /* the gradient of the weights at the mini-batch start */
+        add_tn(b, d, d, qi, sT, dZb, dW, kt);
+        add_tn(b, d, d, ki, sT, dZk, dW, kt);
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j < d; j++) db[j] += dZb[r * d + j] + dZk[r * d + j];
+        /* η[r, j] = tok[r]·lr[j] (j ≤ r) */
+        for (int64_t j = 0; j < b; j++) dlri[j] = 0.0f;
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                dlri[j] += de[r * b + j] * tok[r];
+                dtok[r] += de[r * b + j] * lri[j];
+            }
+    }
+}
+
+/* The backward of sz_ttt_linear_dual (its inputs as there; W0, b0 the start weights), per head:
+ * dz (B, T, H, d) the gradient of Z; dW, db (B, H, d, d), (B, H, 1, d) hold the gradient of the end weights
+ * and receive that of the start weights; dXQ, dXK, dXV (B, H, T, d), dlr (B, H, T) are written; dtok
+ * (B·H, b), dgamma, dbeta (B·H, d) are written per head (the caller sums them). Only the heads row0 ≤
+ * bi·H + h < row1 are handled (the caller runs disjoint ranges on threads). Returns 0, or 1 when the
+ * workspace can't be allocated. */
+int32_t sz_ttt_linear_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ,
+                               const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
+                               const float *tok, const float *ln_w, const float *ln_b, float eps, const float *W0,
+                               const float *b0, const float *dz, float *dW, float *db, float *dXQ, float *dXK,
+                               float *dXV, float *dlr, float *dtok, float *dgamma, float *dbeta, int64_t row0,
+                               int64_t row1) {
+    const int64_t n = T / b;
+    float *Ws = malloc((size_t)(n + 1) * (d * d + d) * sizeof(float));
+    float *work = malloc((size_t)(14 * b * d + d + 2 * d * d + 4 * b * b + 4 * b) * sizeof(float));
+    if (!Ws || !work) {
+        free(Ws), free(work);
+        return 1;
+    }
+    for (int64_t row = row0; row < row1 && row < B * H; row++) {
+        const int64_t bi = row / H, h = row % H, base = bi * sB + h * sH;
+        memset(dtok + row * b, 0, b * sizeof(float));
+        memset(dgamma + row * d, 0, d * sizeof(float));
+        memset(dbeta + row * d, 0, d * sizeof(float));
+        linear_bwd_head(d, b, n, XQ + base, XK + base, XV + base, sT, lr + row * T, tok, ln_w + h * d,
+                        ln_b + h * d, eps, W0 + row * d * d, b0 + row * d, dz + bi * T * H * d + h * d, H * d,
+                        dW + row * d * d, db + row * d, dXQ + row * T * d, dXK + row * T * d, dXV + row * T * d,
+                        dlr + row * T, dtok + row * b, dgamma + row * d, dbeta + row * d, Ws, work);
+    }
+    free(Ws), free(work);
+    return 0;
+}

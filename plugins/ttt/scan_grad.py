@@ -1,0 +1,257 @@
+"""The TTT dual form's backward, written for it: TTT-Linear and TTT-MLP train through these
+``torch.autograd.Function``s instead of autograd's record of the mini-batch loop.
+
+Autograd through the loop records some forty small ops per mini-batch and replays them one by one,
+second-order LayerNorm terms included. Here the forward runs without autograd (the native CPU kernel
+where it applies) and keeps only the weights at the start of every group of mini-batches. The backward
+takes the groups last to first; for each it
+
+1. replays the group's *sequential core* from its start weights: per mini-batch only what the next
+   weights need (the inner gradients g at the keys and the update), a few ops per mini-batch;
+2. computes everything else of the group in a handful of batched ops over all its mini-batches at
+   once (the outputs Z̄, their LayerNorm, and every gradient that does not depend on the weights'
+   gradient carried from later mini-batches);
+3. runs the carried gradient (dW, db) backwards through the group's mini-batches, the only part that
+   is sequential: dW_i = dW_{i+1} + XQ_iᵀ dZ̄_i + XK_iᵀ dZ_i^k, where dZ_i^k is the gradient through the
+   inner LayerNorm's fused L2 backward (a second-order LayerNorm term, in closed form below).
+
+The math, per head, for one mini-batch with start weights (W, b), η its causal rates and e = η[b, :]
+the rates of the end-of-mini-batch update (the notation of ``linear.py``):
+
+    Z^k = XK·W + b,  x̂, rstd = LN(Z^k),  u = γ²x̂ + γβ + γ(XK − XV),  g = rstd·P(u)
+    P(u) = u − mean(u) − x̂·mean(u ⊙ x̂)          (the LayerNorm backward without affine)
+    M = η ⊙ (XQ·XKᵀ + 1),  Z̄ = XQ·W + b − M·g,  z = XQ + γ·LN(Z̄) + β
+    W' = W − XKᵀ(e ⊙ g),  b' = b − eᵀg
+
+and the backward of g = rstd·P(u) for an incoming dg:
+
+    du = rstd·P(dg),   dx̂ = γ²du − rstd·(dg·mean(u ⊙ x̂) + u·mean(dg ⊙ x̂)),
+    drstd = Σ dg ⊙ g / rstd,   dZ^k = rstd·P(dx̂) − drstd·rstd²·x̂ / d.
+
+Every result equals autograd's gradients through ``ttt_linear_dual`` / ``ttt_mlp_dual`` (float64 in
+tests/test_ttt_backward.py). The backward is not itself differentiable (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from seqzoo import native
+
+from . import native_kernels
+from .reference import LN_EPS
+
+__all__ = ["ttt_linear_train", "ttt_mlp_train", "applies", "native_applies", "DEFAULT_GROUP"]
+
+#: mini-batches per group when ``scan_checkpoint_group_size`` is 0: the weights are kept at each group's
+#: start, and a group's intermediates live only while the backward handles it
+DEFAULT_GROUP = 32
+
+
+def applies(*tensors: Tensor | None) -> bool:
+    """Whether the written backward may stand in for autograd: autograd records and no ``torch.func``
+    transform, tracing or compiling is active (the Functions have no vmap rule)."""
+    return torch.is_grad_enabled() and native.trainable() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+def native_applies(*tensors: Tensor | None) -> bool:
+    """Whether the native backward kernels take these tensors (plain float32 CPU, a C compiler)."""
+    return native_kernels.LIB.available() and native.plain_float32(*tensors)
+
+
+def _ln_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x̂, mean, rstd of a LayerNorm without affine over the last dim (mean/rstd keep a trailing 1)."""
+    return torch.native_layer_norm(x, x.shape[-1:], None, None, LN_EPS)
+
+
+def _ln_bwd(grad: Tensor, x: Tensor, mean: Tensor, rstd: Tensor) -> Tensor:
+    """rstd·P(grad): the backward of x ↦ x̂ (a LayerNorm without affine) at x."""
+    return torch.ops.aten.native_layer_norm_backward(grad, x, x.shape[-1:], mean, rstd, None, None,
+                                                     [True, False, False])[0]
+
+
+def _ln_l2_bwd_grad(dg: Tensor, x: Tensor, x_hat: Tensor, mean: Tensor, rstd: Tensor, u: Tensor, g: Tensor,
+                    gamma2: Tensor) -> tuple[Tensor, Tensor]:
+    """The backward of g = rstd·P(u(x̂)) (``ln_l2_bwd``, u = γ²x̂ + c) for dg: (dx, du)."""
+    d = x.shape[-1]
+    du = _ln_bwd(dg, x, mean, rstd)
+    m_u = (u * x_hat).mean(-1, keepdim=True)
+    m_dg = (dg * x_hat).mean(-1, keepdim=True)
+    # dx̂ = γ²·du − rstd·(dg·m_u + u·m_dg)
+    dx_hat = torch.addcmul(dg * m_u, u, m_dg).mul_(-rstd).addcmul_(gamma2, du)
+    drstd = (dg * g).sum(-1, keepdim=True) / rstd
+    dx = _ln_bwd(dx_hat, x, mean, rstd).addcmul_(x_hat, drstd * rstd * rstd, value=-1.0 / d)
+    return dx, du
+
+
+# --- TTT-Linear ------------------------------------------------------------------------------------
+
+
+def _linear_core(k: Tensor, c: Tensor, e: Tensor, W: Tensor, bias: Tensor, gamma2: Tensor, keep: bool):
+    """The sequential core over a group: k, c = γβ + γ(XK − XV) (G, N, b, d), e (G, N, b, 1) the update
+    rates, W (N, d, d) and bias (N, 1, d) the start weights. Returns the weights at every mini-batch
+    start (G + 1 of each, the last the end weights) and, with ``keep``, the key-side tensors (Z^k, x̂,
+    mean, rstd, u, g) stacked over the group."""
+    G = k.shape[0]
+    Ws = W.new_empty((G + 1, *W.shape))
+    bs = bias.new_empty((G + 1, *bias.shape))
+    Ws[0], bs[0] = W, bias
+    kept = [] if keep else None
+    for i in range(G):
+        Zk = torch.baddbmm(bs[i], k[i], Ws[i])
+        x_hat, mean, rstd = _ln_stats(Zk)
+        u = torch.addcmul(c[i], gamma2, x_hat)
+        g = _ln_bwd(u, Zk, mean, rstd)
+        torch.baddbmm(Ws[i], k[i].transpose(-1, -2), g * e[i], alpha=-1.0, out=Ws[i + 1])
+        torch.baddbmm(bs[i], e[i].transpose(-1, -2), g, alpha=-1.0, out=bs[i + 1])
+        if keep:
+            kept.append((Zk, x_hat, mean, rstd, u, g))
+    if not keep:
+        return Ws, bs, None
+    return Ws, bs, tuple(torch.stack(t) for t in zip(*kept))
+
+
+class _TTTLinearScan(torch.autograd.Function):
+    """Whole mini-batches of TTT-Linear with the inner LayerNorm: inputs in the (n, N, b, ·) layout
+    (``ttt_linear_train`` lays them out), outputs z = XQ + LN(Z̄) (n, N, b, d) and the end weights."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, eta, W, bias, gamma, beta, group: int):
+        n, N, b, d = q.shape
+        e = eta[:, :, -1, :, None]  # (n, N, b, 1)
+        gamma2 = gamma * gamma
+        starts_W, starts_b, outs = [], [], []
+        for lo in range(0, n, group):
+            hi = min(lo + group, n)
+            starts_W.append(W)
+            starts_b.append(bias)
+            c = torch.addcmul(gamma * beta, gamma, k[lo:hi] - v[lo:hi])
+            Ws, bs, (Zk, x_hat, mean, rstd, u, g) = _linear_core(k[lo:hi], c, e[lo:hi], W, bias, gamma2, True)
+            Z_bar = _linear_outputs(q[lo:hi], k[lo:hi], eta[lo:hi], Ws[:-1], bs[:-1], g)[0]
+            outs.append(torch.addcmul(beta, gamma, _ln_stats(Z_bar)[0]).add_(q[lo:hi]))
+            W, bias = Ws[-1].clone(), bs[-1].clone()
+        ctx.group = group
+        ctx.save_for_backward(q, k, v, eta, gamma, beta, torch.stack(starts_W), torch.stack(starts_b))
+        return torch.cat(outs) if len(outs) > 1 else outs[0], W, bias
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dz, dW_end, db_end):
+        q, k, v, eta, gamma, beta, starts_W, starts_b = ctx.saved_tensors
+        group = ctx.group
+        n, N, b, d = q.shape
+        e = eta[:, :, -1, :, None]
+        gamma2 = gamma * gamma
+        dW = torch.zeros_like(starts_W[0]) if dW_end is None else dW_end.clone()
+        db = torch.zeros_like(starts_b[0]) if db_end is None else db_end.clone()
+        dz = torch.zeros_like(q) if dz is None else dz.contiguous()
+        dq, dk, dv, deta = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(eta)
+        dgamma, dbeta = torch.zeros_like(gamma), torch.zeros_like(beta)
+        flat = lambda t: t.reshape(-1, *t.shape[2:])  # (G, N, ...) -> (G·N, ...)
+        for j in reversed(range(0, (n + group - 1) // group)):
+            lo, hi = j * group, min((j + 1) * group, n)
+            G = hi - lo
+            qg, kg, vg, etag, eg, dzg = q[lo:hi], k[lo:hi], v[lo:hi], eta[lo:hi], e[lo:hi], dz[lo:hi]
+            c = torch.addcmul(gamma * beta, gamma, kg - vg)
+            Ws, bs, (Zk, x_hat, mean, rstd, u, g) = _linear_core(kg, c, eg, starts_W[j], starts_b[j], gamma2, True)
+            Wi, bi = Ws[:-1], bs[:-1]
+            Z_bar, A, M = _linear_outputs(qg, kg, etag, Wi, bi, g)
+            z_hat, z_mean, z_rstd = _ln_stats(Z_bar)
+            # the output LayerNorm and the residual
+            dgamma += (dzg * z_hat).sum((0, 2)).unsqueeze(-2)
+            dbeta += dzg.sum((0, 2)).unsqueeze(-2)
+            dZ_bar = _ln_bwd(dzg * gamma, Z_bar, z_mean, z_rstd)
+            # Z̄ = XQ·W + b − M·g, M = η ⊙ (XQ·XKᵀ + 1): every term but the carried weights' gradient
+            dqg = torch.baddbmm(flat(dzg), flat(dZ_bar), flat(Wi).transpose(-1, -2)).view_as(qg)
+            dW_local = torch.bmm(flat(qg).transpose(-1, -2), flat(dZ_bar)).view_as(Wi)
+            db_local = dZ_bar.sum(-2, keepdim=True)
+            dM = torch.bmm(flat(dZ_bar), flat(g).transpose(-1, -2)).neg_().view_as(A)
+            deta[lo:hi] = dM * (A + 1.0)
+            dA = flat(dM * etag)
+            dqg = dqg.add_(torch.bmm(dA, flat(kg)).view_as(qg))
+            dkg = torch.bmm(dA.transpose(-1, -2), flat(qg)).view_as(kg)
+            dg = torch.bmm(flat(M).transpose(-1, -2), flat(dZ_bar)).neg_().view_as(g)
+            # the carried gradient, last mini-batch first: (dW, db) is the gradient of the weights
+            # after mini-batch i, the update W' = W − XKᵀ(e ⊙ g), b' = b − eᵀg reads it
+            carries = torch.empty_like(Wi)
+            dZk = torch.empty_like(Zk)
+            du = torch.empty_like(u)
+            for i in reversed(range(G)):
+                carries[i] = dW
+                R = torch.baddbmm(db, kg[i], dW).neg_()  # −(XK·dW + db): the gradient of e ⊙ g
+                deta[lo + i, :, -1, :] += (g[i] * R).sum(-1)
+                dg_i = dg[i].addcmul_(eg[i], R)
+                dZk[i], du[i] = _ln_l2_bwd_grad(dg_i, Zk[i], x_hat[i], mean[i], rstd[i], u[i], g[i], gamma2)
+                dW = dW.add_(dW_local[i]).baddbmm_(kg[i].transpose(-1, -2), dZk[i])
+                db = db.add_(db_local[i]).add_(dZk[i].sum(-2, keepdim=True))
+            # what reads the stored per-mini-batch tensors, batched again: the update's XK term, the
+            # keys' forward, and the constant c = γβ + γ(XK − XV) of u
+            dkg -= torch.bmm(flat(g * eg), flat(carries).transpose(-1, -2)).view_as(kg)
+            dkg += torch.bmm(flat(dZk), flat(Wi).transpose(-1, -2)).view_as(kg)
+            gdu = du * gamma
+            dkg += gdu
+            dq[lo:hi], dk[lo:hi], dv[lo:hi] = dqg, dkg, -gdu
+            dgamma += (du * (2.0 * gamma * x_hat + beta + kg - vg)).sum((0, 2)).unsqueeze(-2)
+            dbeta += gdu.sum((0, 2)).unsqueeze(-2)
+        return dq, dk, dv, deta, dW, db, dgamma, dbeta, None
+
+
+def _linear_outputs(q, k, eta, Wi, bi, g):
+    """Z̄ = XQ·W_i + b_i − M·g with M = η ⊙ (XQ·XKᵀ + 1), batched over a group (G, N, ...): (Z̄, XQ·XKᵀ, M)."""
+    flat = lambda t: t.reshape(-1, *t.shape[2:])
+    A = torch.bmm(flat(q), flat(k).transpose(-1, -2)).view(*q.shape[:2], q.shape[2], k.shape[2])
+    M = eta * (A + 1.0)
+    Z_bar = torch.baddbmm(flat(bi), flat(q), flat(Wi)).baddbmm_(flat(M), flat(g), alpha=-1.0)
+    return Z_bar.view_as(q), A, M
+
+
+class _TTTLinearNative(torch.autograd.Function):
+    """``_TTTLinearScan`` on float32 CPU tensors through the native kernels: the forward is the prefill
+    kernel (``sz_ttt_linear_dual``) and keeps only its inputs; the backward kernel
+    (``sz_ttt_linear_dual_bwd``) replays each head's weights at every mini-batch start, then runs its
+    mini-batches last to first as ``_TTTLinearScan.backward`` does, in cache."""
+
+    @staticmethod
+    def forward(ctx, XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b, mini_batch_size: int):
+        ctx.mini_batch_size = mini_batch_size
+        ctx.save_for_backward(XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b)
+        return native_kernels.ttt_linear_dual(XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b, mini_batch_size, LN_EPS)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dZ, dW, db):
+        XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b = ctx.saved_tensors
+        dZ = torch.zeros_like(XQ) if dZ is None else dZ
+        dW = torch.zeros_like(W1) if dW is None else dW
+        db = torch.zeros_like(b1) if db is None else db
+        grads = native_kernels.ttt_linear_dual_bwd(XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b, ctx.mini_batch_size,
+                                                   LN_EPS, dZ, dW, db)
+        return (*grads, None)
+
+
+def ttt_linear_train(XQ: Tensor, XK: Tensor, XV: Tensor, lr_eta: Tensor, token_eta: Tensor, W1: Tensor, b1: Tensor,
+                     ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, group: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """``ttt_linear_dual`` with the inner norm, for T a whole number of mini-batches, through the written
+    backward: XQ/XK/XV (B, H, T, d), lr_eta (B, H, T), token_eta (b,), W1 (B, H, d, d), b1 (B, H, 1, d),
+    ln_w/ln_b (H, d); ``group``: mini-batches per kept weight (0: ``DEFAULT_GROUP``). Returns
+    z = XQ + LN(Z̄) as (B, H, T, d) and the end weights (B, H, d, d), (B, H, 1, d)."""
+    from .reference import causal_eta
+
+    B, H, T, d = XQ.shape
+    b = mini_batch_size
+    n, N = T // b, B * H
+    if n * b != T:
+        raise ValueError(f"ttt_linear_train: T = {T} is not a whole number of mini-batches of {b}")
+    if native_applies(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b):
+        return _TTTLinearNative.apply(XQ, XK, XV, lr_eta, token_eta, W1, b1, ln_w, ln_b, b)
+    lay = lambda t: t.reshape(N, n, b, *t.shape[3:]).transpose(0, 1).contiguous()  # (n, N, b, ·)
+    eta = causal_eta(token_eta, lr_eta.reshape(N, n, b).transpose(0, 1))  # (n, N, b, b)
+    gamma = ln_w.expand(B, H, d).reshape(N, 1, d)
+    beta = ln_b.expand(B, H, d).reshape(N, 1, d)
+    z, W, bias = _TTTLinearScan.apply(lay(XQ), lay(XK), lay(XV), eta, W1.reshape(N, d, d), b1.reshape(N, 1, d),
+                                      gamma, beta, group or DEFAULT_GROUP)
+    z = z.transpose(0, 1).reshape(B, H, T, d)
+    return z, W.view(B, H, d, d), bias.view(B, H, 1, d)
+
