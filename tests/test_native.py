@@ -190,9 +190,10 @@ def test_ttt_native_prefill_equals_torch_path(name, config, batch, length, prefi
     torch.testing.assert_close(y, y_ref)
     for key in new_ref:
         torch.testing.assert_close(new[key], new_ref[key])
-    with torch.enable_grad():  # training: the torch path (the kernel has no backward)
+    with torch.enable_grad():  # training: the same kernel, inside the written backward's Function
         y_grad, _ = layer(x[:, prefix:], state)
-    assert len(calls) == 1 and y_grad.requires_grad
+    assert len(calls) == 2 and y_grad.requires_grad
+    torch.testing.assert_close(y_grad, y_ref)
 
 
 @needs_native

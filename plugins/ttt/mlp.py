@@ -20,7 +20,7 @@ from torch import Tensor
 from seqzoo.learner import GradientLearner, TTTConfig
 from seqzoo.nn import gelu_tanh
 
-from . import native_kernels
+from . import native_kernels, scan_grad
 from .common import InnerNormTTT, gelu_tanh_grad_into, gelu_tanh_into, kernel, ln_l2_bwd_centered
 from .reference import LN_EPS, causal_eta, ln_fwd
 
@@ -314,6 +314,8 @@ class TTTMLP(InnerNormTTT):
             Z, W1, b1, W2, b2 = fn(*args, **({"checkpoint_group": group} if group else {}))
         elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1, W2, b2 = native_kernels.ttt_mlp_dual(*args[:11], self.mini_batch_size, LN_EPS)
+        elif norm and scan_grad.applies(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
+            Z, W1, b1, W2, b2 = scan_grad.ttt_mlp_train(*args, group)
         else:
             Z, W1, b1, W2, b2 = ttt_mlp_dual(*args, checkpoint_group=group)
         flat = lambda t: t.reshape(B * H, *t.shape[2:])

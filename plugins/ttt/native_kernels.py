@@ -17,7 +17,7 @@ from seqzoo import native
 from seqzoo.native import F32, I64, PTR, address, require_float32_cpu
 
 __all__ = ["LIB", "MAX_DIM", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_dual", "ttt_mlp_dual",
-           "ttt_linear_dual_bwd"]
+           "ttt_linear_dual_bwd", "ttt_mlp_dual_bwd"]
 
 MAX_DIM = 1024  # MAX_DIM of csrc/ttt.c: the longest head the decode kernels take
 
@@ -25,6 +25,7 @@ LIB = native.Library("ttt", [Path(__file__).parent / "csrc" / "ttt.c"], {
     "sz_ttt_linear_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 3),
     "sz_ttt_mlp_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 5),
     "sz_ttt_linear_dual_bwd": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 12 + [I64] * 2),
+    "sz_ttt_mlp_dual_bwd": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 10 + [I64] * 2),
     "sz_ttt_mlp_token": (native.I32, [I64] * 4 + [PTR] * 6 + [F32, PTR, PTR, I64] + [PTR] * 10
                          + [F32, PTR, PTR, F32] + [PTR] * 9),
     "sz_ttt_linear_token": (native.I32, [I64] * 4 + [PTR] * 6 + [F32, PTR, PTR, I64] + [PTR] * 6
@@ -247,3 +248,37 @@ def ttt_linear_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Ten
     if any(native.over_rows(lambda lo, hi: LIB.sz_ttt_linear_dual_bwd(*args, lo, hi), Bsz * H)):
         raise MemoryError(f"ttt_linear_dual_bwd: the kernel could not allocate {(T // mini_batch_size + 1) * d * d * 4 / 2**20:.0f} MB")
     return dXQ, dXK, dXV, dlr, dtok.sum(0), dW, db, dgamma.sum(0), dbeta.sum(0)
+
+
+def ttt_mlp_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W1: Tensor, b1: Tensor, W2: Tensor,
+                     b2: Tensor, ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, eps: float, dZ: Tensor,
+                     dW1: Tensor, db1: Tensor, dW2: Tensor, db2: Tensor) -> tuple[Tensor, ...]:
+    """The backward of ``ttt_mlp_dual`` (its inputs, W1..b2 the start weights): dZ (B, H, T, d) the gradient
+    of Z, dW1..db2 that of the end weights. Returns the gradients of XQ, XK, XV, lr, tok, W1, b1, W2, b2,
+    ln_w, ln_b, in their shapes."""
+    Bsz, H, T, d = XQ.shape
+    F = 4 * d
+    shapes = [(Bsz, H, d, F), (Bsz, H, 1, F), (Bsz, H, F, d), (Bsz, H, 1, d)]
+    named = {**{n: (t, s) for n, t, s in zip(("W1", "b1", "W2", "b2"), (W1, b1, W2, b2), shapes)},
+             **{n: (t, s) for n, t, s in zip(("dW1", "db1", "dW2", "db2"), (dW1, db1, dW2, db2), shapes)},
+             "dZ": (dZ, (Bsz, H, T, d))}
+    XQ, XK, XV, lr, tok, ln_w, ln_b = _dual_inputs("ttt_mlp_dual_bwd", XQ, XK, XV, lr, tok, named, ln_w, ln_b,
+                                                   mini_batch_size)
+    pack = lambda ts: torch.cat([t.reshape(Bsz, H, -1) for t in ts], dim=-1).contiguous()  # (B, H, 2dF + F + d)
+    W0, dW = pack((W1, b1, W2, b2)), pack((dW1, db1, dW2, db2))
+    dZ = dZ.transpose(1, 2).contiguous()  # (B, T, H, d), the layout the forward wrote Z in
+    dXQ, dXK, dXV = (XQ.new_empty((Bsz, H, T, d)) for _ in range(3))
+    dlr = lr.new_empty((Bsz, H, T))
+    dtok = tok.new_empty((Bsz * H, mini_batch_size))
+    dgamma, dbeta = ln_w.new_empty((Bsz, H, d)), ln_b.new_empty((Bsz, H, d))
+    sB, sH, sT, _ = XQ.stride()
+    args = (Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
+            tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W0.data_ptr(), dZ.data_ptr(), dW.data_ptr(),
+            dXQ.data_ptr(), dXK.data_ptr(), dXV.data_ptr(), dlr.data_ptr(), dtok.data_ptr(), dgamma.data_ptr(),
+            dbeta.data_ptr())
+    if any(native.over_rows(lambda lo, hi: LIB.sz_ttt_mlp_dual_bwd(*args, lo, hi), Bsz * H)):
+        mb = (T // mini_batch_size + 1) * W0.shape[-1] * 4 / 2**20
+        raise MemoryError(f"ttt_mlp_dual_bwd: the kernel could not allocate {mb:.0f} MB")
+    sizes = [d * F, F, F * d, d]
+    grads = [g.reshape(s) for g, s in zip(dW.split(sizes, dim=-1), shapes)]
+    return (dXQ, dXK, dXV, dlr, dtok.sum(0), *grads, dgamma.sum(0), dbeta.sum(0))

@@ -326,9 +326,17 @@ static inline void rank_update(int64_t rows, int64_t N, int64_t b, float *W, con
  * (or not, when scale is NULL): dst[c][r] = scale[r] · src[r][c]. */
 static inline void transpose_scaled(int64_t rows, int64_t cols, const float *src, int64_t lds, const float *scale,
                              float *dst) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float s = scale ? scale[r] : 1.0f, *x = src + r * lds;
-        for (int64_t c = 0; c < cols; c++) dst[c * rows + r] = s * x[c];
+    /* 16 source rows at a time, so that each column of them is one contiguous 64-byte store (one row per
+     * store would scatter the stores a row apart: 4K aliasing for rows of 256 floats) */
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
+        float s[16];
+        for (int64_t r = 0; r < nr; r++) s[r] = scale ? scale[r0 + r] : 1.0f;
+        for (int64_t c = 0; c < cols; c++) {
+            float *out = dst + c * rows + r0;
+            const float *x = src + r0 * lds + c;
+            for (int64_t r = 0; r < nr; r++) out[r] = s[r] * x[r * lds];
+        }
     }
 }
 
@@ -614,8 +622,14 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
 
 /* dst (cols × rows) = −srcᵀ for src (rows × cols, row stride lds). */
 static inline void transpose_neg(int64_t rows, int64_t cols, const float *src, int64_t lds, float *dst) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t c = 0; c < cols; c++) dst[c * rows + r] = -src[r * lds + c];
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) { /* as transpose_scaled */
+        const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
+        for (int64_t c = 0; c < cols; c++) {
+            float *out = dst + c * rows + r0;
+            const float *x = src + r0 * lds + c;
+            for (int64_t r = 0; r < nr; r++) out[r] = -x[r * lds];
+        }
+    }
 }
 
 /* C (K × N) += Aᵀ · B for A (b × K, row stride lda), B (b × N); At (K × b) is a workspace. */
@@ -832,6 +846,240 @@ int32_t sz_ttt_linear_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64
                         ln_b + h * d, eps, W0 + row * d * d, b0 + row * d, dz + bi * T * H * d + h * d, H * d,
                         dW + row * d * d, db + row * d, dXQ + row * T * d, dXK + row * T * d, dXV + row * T * d,
                         dlr + row * T, dtok + row * b, dgamma + row * d, dbeta + row * d, Ws, work);
+    }
+    free(Ws), free(work);
+    return 0;
+}
+
+/* gelu_tanh and its first two derivatives for n values: with t = tanh u, u = √(2/π)(x + 0.044715x³),
+ * u' = √(2/π)(1 + 3·0.044715x²): φ = ½x(1 + t), φ' = ½(1 + t) + ½x(1 − t²)u',
+ * φ'' = (1 − t²)(u' − x·t·u'² + 3·0.044715·√(2/π)·x²). */
+static inline void gelu_parts_rows(int64_t n, const float *x, float *y, float *dy, float *d2y) {
+    const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+    for (int64_t i = 0; i < n; i++) {
+        const float xi = x[i], x2 = xi * xi, t = 1.0f - 2.0f / (exp_poly(2.0f * k0 * (xi + k1 * x2 * xi)) + 1.0f);
+        const float du = k0 * (1.0f + 3.0f * k1 * x2), one_t2 = 1.0f - t * t;
+        y[i] = 0.5f * xi * (1.0f + t);
+        dy[i] = 0.5f * (1.0f + t) + 0.5f * xi * one_t2 * du;
+        d2y[i] = one_t2 * (du - xi * t * du * du + 3.0f * k1 * k0 * x2);
+    }
+}
+
+/* The backward of one head of sz_ttt_mlp_dual, as linear_bwd_head (F = 4d hidden units; the weights W1
+ * (d × F), b1 (F), W2 (F × d), b2 (d) laid end to end, dW the same for their gradients). Ws holds
+ * (n + 1)(2dF + F + d) floats. The names are scan_grad.py's (TTT-MLP section). */
+static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const float *k, const float *v,
+                         int64_t sT, const float *lr, const float *tok, const float *gamma, const float *beta,
+                         float eps, const float *W0, const float *dz, int64_t ldz, float *dW, float *dq, float *dk,
+                         float *dv, float *dlr, float *dtok, float *dgamma, float *dbeta, float *Ws, float *work) {
+    const int64_t F = 4 * d, bF = b * F, bd = b * d, bb = b * b, size = 2 * d * F + F + d;
+    float *Z1 = work, *X2 = Z1 + bF, *dphi = X2 + bF, *d2phi = dphi + bF, *h = d2phi + bF, *g1 = h + bF;
+    float *Z1b = g1 + bF, *X2b = Z1b + bF, *dphib = X2b + bF, *dX2b = dphib + bF, *dZ1b = dX2b + bF;
+    float *dg1 = dZ1b + bF, *R1 = dg1 + bF, *dX2 = R1 + bF, *dZ1 = dX2 + bF, *dh = dZ1 + bF, *tmpF = dh + bF;
+    float *X2t = tmpF + bF, *At = X2t + bF, *Z2 = At + bF, *x_hat = Z2 + bd, *u = x_hat + bd, *g2 = u + bd;
+    float *Z2b = g2 + bd, *z_hat = Z2b + bd, *dZ2b = z_hat + bd, *dg2 = dZ2b + bd, *R2 = dg2 + bd;
+    float *dZ2 = R2 + bd, *du = dZ2 + bd, *tmpd = du + bd, *kt = tmpd + bd, *dx_hat = kt + bd;
+    float *W1t = dx_hat + d, *W2t = W1t + F * d, *dW1t = W2t + F * d, *dW2t = dW1t + F * d;
+    float *S1 = dW2t + F * d, *S2 = S1 + bb, *eta = S2 + bb, *M1 = eta + bb, *M2 = M1 + bb, *dM = M2 + bb;
+    float *rstd = dM + bb, *rstd_z = rstd + b, *m_u = rstd_z + b, *last = m_u + b;
+    float *dW1 = dW, *db1 = dW1 + d * F, *dW2 = db1 + F, *db2 = dW2 + F * d;
+    /* the weights at every mini-batch start */
+    memcpy(Ws, W0, size * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        const float *W1 = Ws + i * size, *b1 = W1 + d * F, *W2 = b1 + F, *b2 = W2 + F * d;
+        const float *ki = k + i * b * sT, *vi = v + i * b * sT;
+        float *Wn = Ws + (i + 1) * size;
+        matmul_rows(b, d, F, ki, sT, W1, b1, Z1);
+        gelu_rows(bF, Z1, X2, dphi);
+        matmul_rows(b, F, d, X2, F, W2, b2, Z2);
+        for (int64_t r = 0; r < b; r++)
+            ln_l2_grad_row(Z2 + r * d, ki + r * sT, vi + r * sT, gamma, beta, 1.0f, eps, d, x_hat, g2 + r * d);
+        matmul_nt(b, d, F, g2, d, W2, W2t, h);
+        for (int64_t j = 0; j < bF; j++) g1[j] = h[j] * dphi[j];
+        for (int64_t j = 0; j < b; j++) last[j] = tok[b - 1] * lr[i * b + j];
+        memcpy(Wn, W1, size * sizeof(float));
+        dual_update(b, d, F, ki, sT, last, g1, Wn, Wn + d * F, kt);
+        dual_update(b, F, d, X2, F, last, g2, Wn + d * F + F, Wn + 2 * d * F + F, X2t);
+    }
+    for (int64_t i = n - 1; i >= 0; i--) {
+        const float *W1 = Ws + i * size, *b1 = W1 + d * F, *W2 = b1 + F, *b2 = W2 + F * d;
+        const float *qi = q + i * b * sT, *ki = k + i * b * sT, *vi = v + i * b * sT, *lri = lr + i * b;
+        const float *dzi = dz + i * b * ldz;
+        float *dqi = dq + i * bd, *dki = dk + i * bd, *dvi = dv + i * bd, *dlri = dlr + i * b;
+        /* the forward, again: the key side, then the query side */
+        matmul_rows(b, d, F, ki, sT, W1, b1, Z1);
+        gelu_parts_rows(bF, Z1, X2, dphi, d2phi);
+        matmul_rows(b, F, d, X2, F, W2, b2, Z2);
+        key_side(d, b, ki, vi, sT, gamma, beta, eps, Z2, x_hat, rstd, u, m_u, g2);
+        matmul_nt(b, d, F, g2, d, W2, W2t, h);
+        for (int64_t j = 0; j < bF; j++) g1[j] = h[j] * dphi[j];
+        transpose_scaled(b, d, ki, sT, NULL, kt);
+        matmul_rows(b, d, b, qi, sT, kt, NULL, S1);
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j < b; j++) {
+                eta[r * b + j] = j <= r ? tok[r] * lri[j] : 0.0f;
+                M1[r * b + j] = eta[r * b + j] * (S1[r * b + j] + 1.0f);
+            }
+        matmul_rows(b, d, F, qi, sT, W1, b1, Z1b);
+        subtract_causal(b, F, b, M1, g1, Z1b);
+        gelu_rows(bF, Z1b, X2b, dphib);
+        transpose_scaled(b, F, X2, F, NULL, X2t);
+        matmul_rows(b, F, b, X2b, F, X2t, NULL, S2);
+        for (int64_t j = 0; j < bb; j++) M2[j] = eta[j] * (S2[j] + 1.0f);
+        matmul_rows(b, F, d, X2b, F, W2, b2, Z2b);
+        subtract_causal(b, d, b, M2, g2, Z2b);
+        /* the output LayerNorm: dZ̄2 */
+        for (int64_t r = 0; r < b; r++) {
+            const float *dzr = dzi + r * ldz;
+            float *zh = z_hat + r * d;
+            rstd_z[r] = normalize(Z2b + r * d, zh, d, eps);
+            for (int64_t j = 0; j < d; j++) {
+                dgamma[j] += dzr[j] * zh[j];
+                dbeta[j] += dzr[j];
+                tmpd[r * d + j] = dzr[j] * gamma[j];
+            }
+            ln_bwd_row(d, tmpd + r * d, zh, rstd_z[r], dZ2b + r * d);
+        }
+        /* Z̄2 = X̄2·W2 + b2 − M2·g2 */
+        matmul_rows(b, d, F, dZ2b, d, W2t, NULL, dX2b);
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t c = 0; c < d; c++) s += dZ2b[r * d + c] * g2[j * d + c];
+                dM[r * b + j] = -s;
+            }
+        memset(dX2, 0, bF * sizeof(float));
+        memset(dg2, 0, bd * sizeof(float));
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                const float dS = dM[r * b + j] * eta[r * b + j], m = M2[r * b + j];
+                for (int64_t c = 0; c < F; c++) {
+                    dX2b[r * F + c] += dS * X2[j * F + c];
+                    dX2[j * F + c] += dS * X2b[r * F + c];
+                }
+                for (int64_t c = 0; c < d; c++) dg2[j * d + c] -= m * dZ2b[r * d + c];
+                dM[r * b + j] *= S2[r * b + j] + 1.0f; /* now the gradient of η */
+            }
+        float *de = S2; /* (S2 is spent) the gradient of η, lower triangle */
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) de[r * b + j] = dM[r * b + j];
+        /* X̄2 = φ(Z̄1), Z̄1 = XQ·W1 + b1 − M1·g1 */
+        for (int64_t j = 0; j < bF; j++) dZ1b[j] = dX2b[j] * dphib[j];
+        matmul_nt(b, F, d, dZ1b, F, W1, W1t, dqi);
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j < d; j++) dqi[r * d + j] += dzi[r * ldz + j];
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t c = 0; c < F; c++) s += dZ1b[r * F + c] * g1[j * F + c];
+                dM[r * b + j] = -s;
+            }
+        memset(dki, 0, bd * sizeof(float));
+        memset(dg1, 0, bF * sizeof(float));
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                const float dS = dM[r * b + j] * eta[r * b + j], m = M1[r * b + j];
+                const float *kj = ki + j * sT, *qr = qi + r * sT;
+                for (int64_t c = 0; c < d; c++) {
+                    dqi[r * d + c] += dS * kj[c];
+                    dki[j * d + c] += dS * qr[c];
+                }
+                for (int64_t c = 0; c < F; c++) dg1[j * F + c] -= m * dZ1b[r * F + c];
+                de[r * b + j] += dM[r * b + j] * (S1[r * b + j] + 1.0f);
+            }
+        /* the updates read the carried gradients: R1 = −(XK·dW1 + db1), R2 = −(X2·dW2 + db2) */
+        matmul_rows(b, d, F, ki, sT, dW1, db1, R1);
+        matmul_rows(b, F, d, X2, F, dW2, db2, R2);
+        matmul_nt(b, F, d, g1, F, dW1, dW1t, tmpd);  /* g1·dW1ᵀ */
+        matmul_nt(b, d, F, g2, d, dW2, dW2t, tmpF);  /* g2·dW2ᵀ */
+        for (int64_t j = 0; j < b; j++) {
+            const float e = eta[(b - 1) * b + j];
+            float s = 0.0f;
+            for (int64_t c = 0; c < F; c++) {
+                const float r1 = -R1[j * F + c];
+                s += g1[j * F + c] * r1;
+                dg1[j * F + c] += e * r1;
+                dX2[j * F + c] -= e * tmpF[j * F + c];
+            }
+            for (int64_t c = 0; c < d; c++) {
+                const float r2 = -R2[j * d + c];
+                s += g2[j * d + c] * r2;
+                dg2[j * d + c] += e * r2;
+                dki[j * d + c] -= e * tmpd[j * d + c];
+            }
+            de[(b - 1) * b + j] += s;
+        }
+        /* g1 = h ⊙ φ'(Z1), h = g2·W2ᵀ */
+        for (int64_t j = 0; j < bF; j++) dh[j] = dg1[j] * dphi[j];
+        matmul_rows(b, F, d, dh, F, W2, NULL, tmpd);
+        for (int64_t j = 0; j < bd; j++) dg2[j] += tmpd[j];
+        /* the key side's LayerNorm: dZ2 and du, row by row */
+        for (int64_t r = 0; r < b; r++) {
+            const float *kr = ki + r * sT, *vr = vi + r * sT, *xh = x_hat + r * d;
+            float *dur = du + r * d;
+            key_side_bwd_row(d, dg2 + r * d, xh, rstd[r], u + r * d, m_u[r], g2 + r * d, gamma, dur, dx_hat,
+                             dZ2 + r * d);
+            for (int64_t j = 0; j < d; j++) {
+                const float gdu = gamma[j] * dur[j];
+                dki[r * d + j] += gdu;
+                dvi[r * d + j] = -gdu;
+                dgamma[j] += dur[j] * (2.0f * gamma[j] * xh[j] + beta[j] + kr[j] - vr[j]);
+                dbeta[j] += gdu;
+            }
+        }
+        /* Z2 = X2·W2 + b2, X2 = φ(Z1), Z1 = XK·W1 + b1 */
+        matmul_rows(b, d, F, dZ2, d, W2t, NULL, tmpF);
+        for (int64_t j = 0; j < bF; j++) {
+            dX2[j] += tmpF[j];
+            dZ1[j] = dX2[j] * dphi[j] + dg1[j] * h[j] * d2phi[j];
+        }
+        matmul_rows(b, F, d, dZ1, F, W1t, NULL, tmpd);
+        for (int64_t j = 0; j < bd; j++) dki[j] += tmpd[j];
+        /* the gradient of the weights at the mini-batch start */
+        add_tn(b, d, F, qi, sT, dZ1b, dW1, At);
+        add_tn(b, d, F, ki, sT, dZ1, dW1, At);
+        add_tn(b, F, d, X2b, F, dZ2b, dW2, At);
+        add_tn(b, F, d, dh, F, g2, dW2, At);
+        add_tn(b, F, d, X2, F, dZ2, dW2, At);
+        for (int64_t r = 0; r < b; r++) {
+            for (int64_t j = 0; j < F; j++) db1[j] += dZ1b[r * F + j] + dZ1[r * F + j];
+            for (int64_t j = 0; j < d; j++) db2[j] += dZ2b[r * d + j] + dZ2[r * d + j];
+        }
+        for (int64_t j = 0; j < b; j++) dlri[j] = 0.0f;
+        for (int64_t r = 0; r < b; r++)
+            for (int64_t j = 0; j <= r; j++) {
+                dlri[j] += de[r * b + j] * tok[r];
+                dtok[r] += de[r * b + j] * lri[j];
+            }
+    }
+}
+
+/* The backward of sz_ttt_mlp_dual, as sz_ttt_linear_dual_bwd: W0 the start weights (B·H heads of W1, b1,
+ * W2, b2 laid end to end, 2dF + F + d floats each, F = 4d), dW the same layout (the end weights' gradient
+ * in, the start weights' out). */
+int32_t sz_ttt_mlp_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
+                            const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
+                            const float *ln_w, const float *ln_b, float eps, const float *W0, const float *dz,
+                            float *dW, float *dXQ, float *dXK, float *dXV, float *dlr, float *dtok, float *dgamma,
+                            float *dbeta, int64_t row0, int64_t row1) {
+    const int64_t n = T / b, F = 4 * d, size = 2 * d * F + F + d;
+    float *Ws = malloc((size_t)(n + 1) * size * sizeof(float));
+    float *work = malloc((size_t)(19 * b * F + 13 * b * d + d + 4 * F * d + 6 * b * b + 4 * b) * sizeof(float));
+    if (!Ws || !work) {
+        free(Ws), free(work);
+        return 1;
+    }
+    for (int64_t row = row0; row < row1 && row < B * H; row++) {
+        const int64_t bi = row / H, h = row % H, base = bi * sB + h * sH;
+        memset(dtok + row * b, 0, b * sizeof(float));
+        memset(dgamma + row * d, 0, d * sizeof(float));
+        memset(dbeta + row * d, 0, d * sizeof(float));
+        mlp_bwd_head(d, b, n, XQ + base, XK + base, XV + base, sT, lr + row * T, tok, ln_w + h * d, ln_b + h * d,
+                     eps, W0 + row * size, dz + bi * T * H * d + h * d, H * d, dW + row * size, dXQ + row * T * d,
+                     dXK + row * T * d, dXV + row * T * d, dlr + row * T, dtok + row * b, dgamma + row * d,
+                     dbeta + row * d, Ws, work);
     }
     free(Ws), free(work);
     return 0;
