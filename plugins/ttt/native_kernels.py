@@ -22,8 +22,8 @@ __all__ = ["LIB", "MAX_DIM", "ttt_linear_token", "ttt_mlp_token", "ttt_linear_du
 MAX_DIM = 1024  # MAX_DIM of csrc/ttt.c: the longest head the decode kernels take
 
 LIB = native.Library("ttt", [Path(__file__).parent / "csrc" / "ttt.c"], {
-    "sz_ttt_linear_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 3),
-    "sz_ttt_mlp_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 5),
+    "sz_ttt_linear_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 3 + [I64] * 2),
+    "sz_ttt_mlp_dual": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 5 + [I64] * 2),
     "sz_ttt_linear_dual_bwd": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 12 + [I64] * 2),
     "sz_ttt_mlp_dual_bwd": (native.I32, [I64] * 5 + [PTR] * 3 + [I64] * 3 + [PTR] * 4 + [F32] + [PTR] * 10 + [I64] * 2),
     "sz_ttt_mlp_token": (native.I32, [I64] * 4 + [PTR] * 6 + [F32, PTR, PTR, I64] + [PTR] * 10
@@ -188,10 +188,9 @@ def ttt_linear_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor,
     W_out, b_out = (t.clone(memory_format=torch.contiguous_format) for t in (W, b))
     Z = XQ.new_empty((Bsz, T, H, d))
     sB, sH, sT, _ = XQ.stride()
-    status = LIB.sz_ttt_linear_dual(
-        Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
-        tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W_out.data_ptr(), b_out.data_ptr(), Z.data_ptr())
-    if status:
+    args = (Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
+            tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W_out.data_ptr(), b_out.data_ptr(), Z.data_ptr())
+    if any(native.over_rows(lambda lo, hi: LIB.sz_ttt_linear_dual(*args, lo, hi), Bsz * H)):
         raise MemoryError("ttt_linear_dual: the kernel could not allocate its workspace")
     return Z.transpose(1, 2), W_out, b_out
 
@@ -212,11 +211,10 @@ def ttt_mlp_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W1
     W1_out, b1_out, W2_out, b2_out = (t.clone(memory_format=torch.contiguous_format) for t in (W1, b1, W2, b2))
     Z = XQ.new_empty((Bsz, T, H, d))
     sB, sH, sT, _ = XQ.stride()
-    status = LIB.sz_ttt_mlp_dual(
-        Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
-        tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W1_out.data_ptr(), b1_out.data_ptr(),
-        W2_out.data_ptr(), b2_out.data_ptr(), Z.data_ptr())
-    if status:
+    args = (Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
+            tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W1_out.data_ptr(), b1_out.data_ptr(),
+            W2_out.data_ptr(), b2_out.data_ptr(), Z.data_ptr())
+    if any(native.over_rows(lambda lo, hi: LIB.sz_ttt_mlp_dual(*args, lo, hi), Bsz * H)):
         raise MemoryError("ttt_mlp_dual: the kernel could not allocate its workspace")
     return Z.transpose(1, 2), W1_out, b1_out, W2_out, b2_out
 

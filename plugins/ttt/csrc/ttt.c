@@ -431,17 +431,20 @@ typedef void (*dual_head_fn)(int64_t d, int64_t b, const float *q, const float *
                              float *const *weights, float *out, int64_t ld_out, float *work);
 
 /* Mini-batch by mini-batch, every head of it: the tokens' rows are read in order, and the heads' weights
- * stay in cache from one mini-batch to the next. weights[i] holds B·H heads of sizes[i] floats. */
+ * stay in cache from one mini-batch to the next. weights[i] holds B·H heads of sizes[i] floats. Only the
+ * heads row0 ≤ bi·H + h < row1 are handled (the caller runs disjoint ranges on threads). */
 static int32_t dual_scan(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
                          const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
                          const float *ln_w, const float *ln_b, float eps, int n_weights, float *const *weights,
-                         const int64_t *sizes, float *Z, size_t work_floats, dual_head_fn head) {
+                         const int64_t *sizes, float *Z, size_t work_floats, dual_head_fn head, int64_t row0,
+                         int64_t row1) {
     float *work = malloc(work_floats * sizeof(float));
     if (!work) return 1;
     float *w[8];
-    for (int64_t bi = 0; bi < B; bi++) {
+    for (int64_t bi = row0 / H; bi < B && bi * H < row1; bi++) {
+        const int64_t h0 = bi * H < row0 ? row0 - bi * H : 0, h1 = (bi + 1) * H > row1 ? row1 - bi * H : H;
         for (int64_t t0 = 0; t0 + b <= T; t0 += b) {
-            for (int64_t h = 0; h < H; h++) {
+            for (int64_t h = h0; h < h1; h++) {
                 const int64_t base = bi * sB + h * sH + t0 * sT, row = bi * H + h;
                 for (int i = 0; i < n_weights; i++) w[i] = weights[i] + row * sizes[i];
                 head(d, b, XQ + base, XK + base, XV + base, sT, lr + row * T + t0, tok, ln_w + h * d, ln_b + h * d,
@@ -471,16 +474,16 @@ static void linear_head(int64_t d, int64_t b, const float *q, const float *k, co
  *   W ← W − (η[b−1, :] ⊙ XK)ᵀ·g,  b ← b − η[b−1, :]·g.
  * XQ, XK, XV (after RoPE) share the strides (sB, sH, sT) (elements; unit stride within a head); lr (B, H, T)
  * and tok (b,) contiguous; W (B, H, d, d) and bias (B, H, 1, d) are updated in place; Z is written as
- * (B, T, H, d), the layout of the output projection's input. Returns 0, or 1 when the workspace can't be
- * allocated. */
+ * (B, T, H, d), the layout of the output projection's input; only the heads row0 ≤ bi·H + h < row1. Returns 0,
+ * or 1 when the workspace can't be allocated. */
 int32_t sz_ttt_linear_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ,
                            const float *XK, const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr,
                            const float *tok, const float *ln_w, const float *ln_b, float eps, float *W,
-                           float *bias, float *Z) {
+                           float *bias, float *Z, int64_t row0, int64_t row1) {
     float *weights[2] = {W, bias};
     const int64_t sizes[2] = {d * d, d};
     return dual_scan(B, H, T, d, b, XQ, XK, XV, sB, sH, sT, lr, tok, ln_w, ln_b, eps, 2, weights, sizes, Z,
-                     (size_t)(4 * b * d + 3 * b * b + d), linear_head);
+                     (size_t)(4 * b * d + 3 * b * b + d), linear_head, row0, row1);
 }
 
 /* gelu_tanh(x) = ½x(1 + t), t = tanh u, u = √(2/π)(x + 0.044715x³), and (when dy is given) its
@@ -548,12 +551,12 @@ static void mlp_head(int64_t d, int64_t b, const float *q, const float *k, const
 int32_t sz_ttt_mlp_dual(int64_t B, int64_t H, int64_t T, int64_t d, int64_t b, const float *XQ, const float *XK,
                         const float *XV, int64_t sB, int64_t sH, int64_t sT, const float *lr, const float *tok,
                         const float *ln_w, const float *ln_b, float eps, float *W1, float *b1, float *W2, float *b2,
-                        float *Z) {
+                        float *Z, int64_t row0, int64_t row1) {
     const int64_t F = 4 * d;
     float *weights[4] = {W1, b1, W2, b2};
     const int64_t sizes[4] = {d * F, F, F * d, d};
     return dual_scan(B, H, T, d, b, XQ, XK, XV, sB, sH, sT, lr, tok, ln_w, ln_b, eps, 4, weights, sizes, Z,
-                     (size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d), mlp_head);
+                     (size_t)(8 * b * F + 3 * b * d + d * b + 3 * b * b + d), mlp_head, row0, row1);
 }
 
 /* One token of TTT-MLP with the inner LayerNorm (f(x) = x + LN(gelu_tanh(x·W1 + b1)·W2 + b2), hidden F = 4d),
@@ -620,23 +623,28 @@ int32_t sz_ttt_mlp_token(int64_t N, int64_t H, int64_t d, int64_t C, const float
  * the backward, carrying (dW, db), the gradient of the weights after it. The math is written out in
  * scan_grad.py's docstring, in its names. */
 
-/* dst (cols × rows) = −srcᵀ for src (rows × cols, row stride lds). */
-static inline void transpose_neg(int64_t rows, int64_t cols, const float *src, int64_t lds, float *dst) {
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) { /* as transpose_scaled */
+/* dst (cols × rows, row stride ldd) = −srcᵀ for src (rows × cols, row stride lds). */
+static inline void transpose_neg(int64_t rows, int64_t cols, const float *src, int64_t lds, float *dst, int64_t ldd) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) { /* as transpose_scaled; dst (cols × rows) has row stride ldd */
         const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
         for (int64_t c = 0; c < cols; c++) {
-            float *out = dst + c * rows + r0;
+            float *out = dst + c * ldd + r0;
             const float *x = src + r0 * lds + c;
             for (int64_t r = 0; r < nr; r++) out[r] = -x[r * lds];
         }
     }
 }
 
-/* C (K × N) += Aᵀ · B for A (b × K, row stride lda), B (b × N); At (K × b) is a workspace. */
-static inline void add_tn(int64_t b, int64_t K, int64_t N, const float *A, int64_t lda, const float *B, float *C,
-                          float *At) {
-    transpose_neg(b, K, A, lda, At);
-    rank_update(K, N, b, C, At, B);
+/* C (K × N) += Σ_p A_pᵀ · B_p over p < parts, for A_p (b × K, row stride lda[p]) and B_p (b × N, contiguous):
+ * one update of rank parts·b, so C is read and written once. At (K × parts·b) and Bs (parts·b × N) are
+ * workspaces. */
+static inline void add_tn(int parts, int64_t b, int64_t K, int64_t N, const float *const *A, const int64_t *lda,
+                          const float *const *B, float *C, float *At, float *Bs) {
+    for (int p = 0; p < parts; p++) {
+        transpose_neg(b, K, A[p], lda[p], At + p * b, parts * b);
+        if (parts > 1) memcpy(Bs + p * b * N, B[p], b * N * sizeof(float));
+    }
+    rank_update(K, N, parts * b, C, At, parts > 1 ? Bs : B[0]);
 }
 
 /* out (rows × N) = A (rows × K, row stride lda) · Mᵀ for M (N × K); Mt (K × N) is a workspace. */
@@ -704,6 +712,7 @@ static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, con
     float *dZb = z_hat + bd, *dg = dZb + bd, *R = dg + bd, *dZk = R + bd, *tmp = dZk + bd, *du = tmp + bd;
     float *dx_hat = du + bd, *kt = dx_hat + d, *Wt = kt + bd, *dWt = Wt + dd, *S = dWt + dd, *eta = S + bb;
     float *M = eta + bb, *dM = M + bb, *last = dM + bb, *rstd = last + b, *rstd_z = rstd + b, *m_u = rstd_z + b;
+    float *At = m_u + b, *Bs = At + 2 * bd;
     /* the weights at every mini-batch start */
     memcpy(Ws, W0, dd * sizeof(float));
     memcpy(Ws + dd, b0, d * sizeof(float));
@@ -804,8 +813,8 @@ static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, con
         matmul_rows(b, d, d, dZk, d, Wt, NULL, tmp);  /* dZk·Wᵀ */
         for (int64_t j = 0; j < bd; j++) dki[j] += tmp[j];
         /* the gradient of the weights at the mini-batch start */
-        add_tn(b, d, d, qi, sT, dZb, dW, kt);
-        add_tn(b, d, d, ki, sT, dZk, dW, kt);
+        add_tn(2, b, d, d, (const float *[]){qi, ki}, (const int64_t[]){sT, sT}, (const float *[]){dZb, dZk}, dW, At,
+               Bs);
         for (int64_t r = 0; r < b; r++)
             for (int64_t j = 0; j < d; j++) db[j] += dZb[r * d + j] + dZk[r * d + j];
         /* η[r, j] = tok[r]·lr[j] (j ≤ r) */
@@ -832,7 +841,7 @@ int32_t sz_ttt_linear_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64
                                int64_t row1) {
     const int64_t n = T / b;
     float *Ws = malloc((size_t)(n + 1) * (d * d + d) * sizeof(float));
-    float *work = malloc((size_t)(14 * b * d + d + 2 * d * d + 4 * b * b + 4 * b) * sizeof(float));
+    float *work = malloc((size_t)(18 * b * d + d + 2 * d * d + 4 * b * b + 4 * b) * sizeof(float));
     if (!Ws || !work) {
         free(Ws), free(work);
         return 1;
@@ -867,21 +876,24 @@ static inline void gelu_parts_rows(int64_t n, const float *x, float *y, float *d
 
 /* The backward of one head of sz_ttt_mlp_dual, as linear_bwd_head (F = 4d hidden units; the weights W1
  * (d × F), b1 (F), W2 (F × d), b2 (d) laid end to end, dW the same for their gradients). Ws holds
- * (n + 1)(2dF + F + d) floats. The names are scan_grad.py's (TTT-MLP section). */
+ * (n + 1)(2dF + F + d) floats, Ks n(2bF + bd): the replay keeps each mini-batch's Z1, h and Z2 there, and
+ * the backward recomputes only the elementwise rest of the key side. The names are scan_grad.py's (TTT-MLP
+ * section). */
 static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const float *k, const float *v,
                          int64_t sT, const float *lr, const float *tok, const float *gamma, const float *beta,
                          float eps, const float *W0, const float *dz, int64_t ldz, float *dW, float *dq, float *dk,
-                         float *dv, float *dlr, float *dtok, float *dgamma, float *dbeta, float *Ws, float *work) {
+                         float *dv, float *dlr, float *dtok, float *dgamma, float *dbeta, float *Ws, float *Ks,
+                         float *work) {
     const int64_t F = 4 * d, bF = b * F, bd = b * d, bb = b * b, size = 2 * d * F + F + d;
-    float *Z1 = work, *X2 = Z1 + bF, *dphi = X2 + bF, *d2phi = dphi + bF, *h = d2phi + bF, *g1 = h + bF;
+    float *X2 = work, *dphi = X2 + bF, *d2phi = dphi + bF, *g1 = d2phi + bF;
     float *Z1b = g1 + bF, *X2b = Z1b + bF, *dphib = X2b + bF, *dX2b = dphib + bF, *dZ1b = dX2b + bF;
     float *dg1 = dZ1b + bF, *R1 = dg1 + bF, *dX2 = R1 + bF, *dZ1 = dX2 + bF, *dh = dZ1 + bF, *tmpF = dh + bF;
-    float *X2t = tmpF + bF, *At = X2t + bF, *Z2 = At + bF, *x_hat = Z2 + bd, *u = x_hat + bd, *g2 = u + bd;
+    float *X2t = tmpF + bF, *At = X2t + bF, *x_hat = At + 3 * bF, *u = x_hat + bd, *g2 = u + bd;
     float *Z2b = g2 + bd, *z_hat = Z2b + bd, *dZ2b = z_hat + bd, *dg2 = dZ2b + bd, *R2 = dg2 + bd;
     float *dZ2 = R2 + bd, *du = dZ2 + bd, *tmpd = du + bd, *kt = tmpd + bd, *dx_hat = kt + bd;
     float *W1t = dx_hat + d, *W2t = W1t + F * d, *dW1t = W2t + F * d, *dW2t = dW1t + F * d;
     float *S1 = dW2t + F * d, *S2 = S1 + bb, *eta = S2 + bb, *M1 = eta + bb, *M2 = M1 + bb, *dM = M2 + bb;
-    float *rstd = dM + bb, *rstd_z = rstd + b, *m_u = rstd_z + b, *last = m_u + b;
+    float *rstd = dM + bb, *rstd_z = rstd + b, *m_u = rstd_z + b, *last = m_u + b, *Bs = last + b;
     float *dW1 = dW, *db1 = dW1 + d * F, *dW2 = db1 + F, *db2 = dW2 + F * d;
     /* the weights at every mini-batch start */
     memcpy(Ws, W0, size * sizeof(float));
@@ -889,6 +901,7 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
         const float *W1 = Ws + i * size, *b1 = W1 + d * F, *W2 = b1 + F, *b2 = W2 + F * d;
         const float *ki = k + i * b * sT, *vi = v + i * b * sT;
         float *Wn = Ws + (i + 1) * size;
+        float *Z1 = Ks + i * (2 * bF + bd), *h = Z1 + bF, *Z2 = h + bF; /* kept for the backward */
         matmul_rows(b, d, F, ki, sT, W1, b1, Z1);
         gelu_rows(bF, Z1, X2, dphi);
         matmul_rows(b, F, d, X2, F, W2, b2, Z2);
@@ -906,12 +919,11 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
         const float *qi = q + i * b * sT, *ki = k + i * b * sT, *vi = v + i * b * sT, *lri = lr + i * b;
         const float *dzi = dz + i * b * ldz;
         float *dqi = dq + i * bd, *dki = dk + i * bd, *dvi = dv + i * bd, *dlri = dlr + i * b;
-        /* the forward, again: the key side, then the query side */
-        matmul_rows(b, d, F, ki, sT, W1, b1, Z1);
+        /* the forward, again: the key side from what the replay kept, then the query side */
+        const float *Z1 = Ks + i * (2 * bF + bd), *h = Z1 + bF, *Z2 = h + bF;
         gelu_parts_rows(bF, Z1, X2, dphi, d2phi);
-        matmul_rows(b, F, d, X2, F, W2, b2, Z2);
         key_side(d, b, ki, vi, sT, gamma, beta, eps, Z2, x_hat, rstd, u, m_u, g2);
-        matmul_nt(b, d, F, g2, d, W2, W2t, h);
+        transpose_scaled(F, d, W2, d, NULL, W2t);
         for (int64_t j = 0; j < bF; j++) g1[j] = h[j] * dphi[j];
         transpose_scaled(b, d, ki, sT, NULL, kt);
         matmul_rows(b, d, b, qi, sT, kt, NULL, S1);
@@ -1038,11 +1050,10 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
         matmul_rows(b, F, d, dZ1, F, W1t, NULL, tmpd);
         for (int64_t j = 0; j < bd; j++) dki[j] += tmpd[j];
         /* the gradient of the weights at the mini-batch start */
-        add_tn(b, d, F, qi, sT, dZ1b, dW1, At);
-        add_tn(b, d, F, ki, sT, dZ1, dW1, At);
-        add_tn(b, F, d, X2b, F, dZ2b, dW2, At);
-        add_tn(b, F, d, dh, F, g2, dW2, At);
-        add_tn(b, F, d, X2, F, dZ2, dW2, At);
+        add_tn(2, b, d, F, (const float *[]){qi, ki}, (const int64_t[]){sT, sT}, (const float *[]){dZ1b, dZ1}, dW1,
+               At, Bs);
+        add_tn(3, b, F, d, (const float *[]){X2b, dh, X2}, (const int64_t[]){F, F, F}, (const float *[]){dZ2b, g2, dZ2},
+               dW2, At, Bs);
         for (int64_t r = 0; r < b; r++) {
             for (int64_t j = 0; j < F; j++) db1[j] += dZ1b[r * F + j] + dZ1[r * F + j];
             for (int64_t j = 0; j < d; j++) db2[j] += dZ2b[r * d + j] + dZ2[r * d + j];
@@ -1066,9 +1077,11 @@ int32_t sz_ttt_mlp_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64_t 
                             float *dbeta, int64_t row0, int64_t row1) {
     const int64_t n = T / b, F = 4 * d, size = 2 * d * F + F + d;
     float *Ws = malloc((size_t)(n + 1) * size * sizeof(float));
-    float *work = malloc((size_t)(19 * b * F + 13 * b * d + d + 4 * F * d + 6 * b * b + 4 * b) * sizeof(float));
-    if (!Ws || !work) {
-        free(Ws), free(work);
+    float *Ks = malloc((size_t)n * (2 * b * F + b * d) * sizeof(float));
+    float *work = malloc((size_t)(21 * b * F + 13 * b * d + d + 4 * F * d + 6 * b * b + 4 * b + 3 * b * F)
+                         * sizeof(float));
+    if (!Ws || !Ks || !work) {
+        free(Ws), free(Ks), free(work);
         return 1;
     }
     for (int64_t row = row0; row < row1 && row < B * H; row++) {
@@ -1079,8 +1092,8 @@ int32_t sz_ttt_mlp_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64_t 
         mlp_bwd_head(d, b, n, XQ + base, XK + base, XV + base, sT, lr + row * T, tok, ln_w + h * d, ln_b + h * d,
                      eps, W0 + row * size, dz + bi * T * H * d + h * d, H * d, dW + row * size, dXQ + row * T * d,
                      dXK + row * T * d, dXV + row * T * d, dlr + row * T, dtok + row * b, dgamma + row * d,
-                     dbeta + row * d, Ws, work);
+                     dbeta + row * d, Ws, Ks, work);
     }
-    free(Ws), free(work);
+    free(Ws), free(Ks), free(work);
     return 0;
 }
