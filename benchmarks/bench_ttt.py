@@ -11,6 +11,9 @@ At 125M widths (d_model 768, 12 heads, mini-batch 16, batch 1, fp32) it measures
   positions in turn, 21 repeats);
 - achieved GFLOP/s of the TTT-Linear forward from the layer's ``flops(T)`` (analytic, the official algorithm's) as a
   fraction of the fp32 matmul peak measured in the same run (2048² @ 2048², median of repeats);
+- a training step (forward then ``y.sum().backward()``) at T = 2048: seqzoo through its written backward,
+  seqzoo through autograd's record of the mini-batch loop (the path before it), the official algorithm
+  under autograd, seqzoo's no-grad forward and the four projections alone, in turn;
 - peak memory of prefill (RSS high-water mark above the after-setup baseline, one fresh subprocess per
   measurement) for each T, and of training (forward + backward) at T = 8192 with and without
   ``scan_checkpoint_group_size``.
@@ -53,6 +56,7 @@ FULL = dict(
     decode_repeats=21,
     train_T=8192,
     train_group=4,
+    step_T=2048,
     repeats=3,
     memory_lengths=[1024, 4096, 16384],
     peak_n=2048,
@@ -67,6 +71,7 @@ QUICK = dict(
     decode_repeats=3,
     train_T=512,
     train_group=4,
+    step_T=256,
     repeats=3,
     memory_lengths=[256, 1024],
     peak_n=512,
@@ -79,6 +84,9 @@ GOALS = {
     "decode_ms": 0.5,  # ttt_linear decode, ms per token
     "fraction_of_peak": 0.40,  # TTT-Linear forward GFLOP/s / fp32 matmul peak
     "train_memory_mb": 4096.0,  # forward + backward at train_T with checkpointing
+    "train_ratio_linear": 0.25,  # ttt_linear forward + backward / official's, at step_T
+    "train_ratio_mlp": 0.5,  # ttt_mlp forward + backward / official's, at step_T
+    "train_over_forward": 4.0,  # forward + backward / the layer's own no-grad forward
 }
 
 
@@ -228,6 +236,57 @@ def bench_prefill(kind: str, cfg: dict, official, ours, peak: float | None) -> l
     return rows
 
 
+def bench_train(kind: str, cfg: dict, official, ours) -> list[dict]:
+    """A training step's layer work at step_T: forward then ``y.sum().backward()``, called in turn within
+    each repeat — seqzoo through its written backward, seqzoo through autograd's record of the mini-batch
+    loop (the path before the written backward), the official algorithm under autograd, seqzoo's no-grad
+    forward, and the four C×C projections alone (q, k, v, o forward + backward: a floor every
+    implementation pays)."""
+    from seqzoo_plugins.ttt import scan_grad
+
+    T, C = cfg["step_T"], cfg["d_model"]
+    x = torch.randn(1, T, C, generator=torch.Generator().manual_seed(T))
+    official.train()
+    ours.train()
+
+    def step(module):
+        def run():
+            xx = x.clone().requires_grad_()
+            _forward(module)(xx).sum().backward()
+        return run
+
+    def autograd_loop():
+        written = scan_grad.applies
+        scan_grad.applies = lambda *tensors: False
+        try:
+            step(ours)()
+        finally:
+            scan_grad.applies = written
+
+    def forward():
+        with torch.no_grad():
+            _forward(ours)(x)
+
+    weights = [getattr(ours, n).weight.detach().clone().requires_grad_() for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
+    def projections():
+        xx = x.clone().requires_grad_()
+        sum(torch.nn.functional.linear(xx, w).sum() for w in weights).backward()
+
+    fns = {"seqzoo": step(ours), "seqzoo_autograd_loop": autograd_loop, "official": step(official),
+           "seqzoo_forward_no_grad": forward, "projections": projections}
+    progress(f"train step ttt_{kind} T={T}: {cfg['repeats']} rounds after a warm-up, in turn")
+    res = time_in_turn(fns, repeats=cfg["repeats"], warmup=1)
+    official.eval()
+    ours.eval()
+    med = {k: v["median"] for k, v in res.items()}
+    return [{"layer": f"ttt_{kind}", "T": T, "seconds": res,
+             "ratio_vs_official": med["seqzoo"] / med["official"],
+             "autograd_loop_ratio_vs_official": med["seqzoo_autograd_loop"] / med["official"],
+             "over_forward": med["seqzoo"] / med["seqzoo_forward_no_grad"],
+             "projections_ratio_vs_official": med["projections"] / med["official"]}]
+
+
 def bench_decode(kind: str, cfg: dict, ours) -> list[dict]:
     """seqzoo ``step`` per token from the state after P tokens, over one whole mini-batch of steps (one
     commit of W̄ each); the positions are timed in turn within each repeat, so a slow phase of the
@@ -361,7 +420,8 @@ def _pick(rows, **match):
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
 
-def evaluate(cfg: dict, prefill: list[dict], decode: list[dict], memory: list[dict]) -> list[dict]:
+def evaluate(cfg: dict, prefill: list[dict], decode: list[dict], memory: list[dict],
+             train: list[dict] | None = None) -> list[dict]:
     """Each goal: measured value, target, met (None when it could not be measured)."""
     goals = []
 
@@ -424,6 +484,13 @@ def evaluate(cfg: dict, prefill: list[dict], decode: list[dict], memory: list[di
         r[0].get("error", "") if r else "",
     )
     for kind in ("linear", "mlp"):
+        r = _pick(train or [], layer=f"ttt_{kind}")
+        goal(f"ttt_{kind} forward+backward / official's at T={cfg['step_T']}",
+             r[0]["ratio_vs_official"] if r else None, GOALS[f"train_ratio_{kind}"], "lower",
+             f"the projections alone: {r[0]['projections_ratio_vs_official']:.2f}" if r else "")
+        goal(f"ttt_{kind} forward+backward / its no-grad forward at T={cfg['step_T']}",
+             r[0]["over_forward"] if r else None, GOALS["train_over_forward"], "lower")
+    for kind in ("linear", "mlp"):
         m = sorted(_pick(memory, mode="prefill", impl="seqzoo", kind=kind), key=lambda r: r["T"])
         m = [r for r in m if "peak_mb" in r]
         if len(m) >= 2:
@@ -473,6 +540,15 @@ def report(result: dict) -> str:
         for r in result["decode"]:
             floor = f"{r['matvecs_ms_per_token']:.3f}" if "matvecs_ms_per_token" in r else ""
             lines.append(f"{r['layer']:<12}{r['position']:>9}  {r['ms_per_token']:>9.3f}  {floor:>23}")
+    if result.get("train"):
+        lines.append("")
+        lines.append(f"{'train step':<12}{'T':>6}  {'seqzoo':>9}{'autograd loop':>15}{'official':>10}{'no-grad fwd':>13}"
+                     f"{'projections':>13}{'ratio':>7}{'/fwd':>6}")
+        for r in result["train"]:
+            t = {k: v["median"] * 1e3 for k, v in r["seconds"].items()}
+            lines.append(f"{r['layer']:<12}{r['T']:>6}  {t['seqzoo']:>9.1f}{t['seqzoo_autograd_loop']:>15.1f}"
+                         f"{t['official']:>10.1f}{t['seqzoo_forward_no_grad']:>13.1f}{t['projections']:>13.1f}"
+                         f"{r['ratio_vs_official']:>7.2f}{r['over_forward']:>6.2f}")
     if result["memory"]:
         lines.append("")
         lines.append(
@@ -511,6 +587,7 @@ def run(cfg: dict, *, sections: set[str]) -> dict:
         "goals_targets": GOALS,
         "prefill": [],
         "decode": [],
+        "train": [],
         "memory": [],
         "unavailable": {},
         "flops_formula": {f"ttt_{kind}": flops_per_token(kind, cfg)[1] for kind in ("linear", "mlp")},
@@ -529,6 +606,8 @@ def run(cfg: dict, *, sections: set[str]) -> dict:
             result["prefill"] += bench_prefill(kind, cfg, official, ours, peak_now)
         if "decode" in sections and ours is not None:
             result["decode"] += bench_decode(kind, cfg, ours)
+        if "train" in sections and ours is not None:
+            result["train"] += bench_train(kind, cfg, official, ours)
     result["matmul_peak_end"] = matmul_peak(cfg["peak_n"])
     # the larger of the two peak measurements: the fraction of peak is then a lower bound
     result["peak_gflops"] = max(
@@ -538,7 +617,7 @@ def run(cfg: dict, *, sections: set[str]) -> dict:
         r["fraction_of_peak"] = r["gflops"] / result["peak_gflops"]
     if "memory" in sections:
         result["memory"] = bench_memory(cfg, {k: pairs[k][1] is not None for k in pairs})
-    result["goals"] = evaluate(cfg, result["prefill"], result["decode"], result["memory"])
+    result["goals"] = evaluate(cfg, result["prefill"], result["decode"], result["memory"], result["train"])
     return result
 
 
@@ -557,8 +636,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["prefill", "decode", "memory"],
-        choices=["prefill", "decode", "memory"],
+        default=["prefill", "decode", "train", "memory"],
+        choices=["prefill", "decode", "train", "memory"],
         help="what to measure",
     )
     parser.add_argument(

@@ -181,10 +181,12 @@ def test_linear_attention_chunked_forward(benchmark, x):
 def test_bench_ttt_quick_writes_json(tmp_path):
     out = tmp_path / "ttt.json"
     bench_ttt.main(
-        ["--quick", "--lengths", "32", "64", "--sections", "prefill", "decode", "--json", str(out)]
+        ["--quick", "--lengths", "32", "64", "--sections", "prefill", "decode", "train", "--json", str(out)]
     )
     result = json.loads(out.read_text())
     assert result["peak_gflops"] > 0
+    assert {r["layer"] for r in result["train"]} == {"ttt_linear", "ttt_mlp"}
+    assert all(r["ratio_vs_official"] > 0 and r["over_forward"] > 0 for r in result["train"])
     impls = {(r["layer"], r["impl"]) for r in result["prefill"]}
     assert ("ttt_linear", "official") in impls and ("ttt_mlp", "official") in impls
     assert all(r["us_per_token"] > 0 for r in result["prefill"])
