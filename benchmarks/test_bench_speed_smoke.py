@@ -234,3 +234,14 @@ def test_memory_probe_in_subprocess():
     assert "error" not in r, r.get("error")
     # the (B, T, C) activations alone are 2048 · 64 · 4 bytes = 0.5 MiB each, and several are alive at once
     assert 0.5 < r["peak_mb"] < 200, r
+
+
+def test_bench_train_quick(tmp_path, capsys):
+    import bench_train
+
+    out = tmp_path / "train.json"
+    rows = bench_train.main(["--quick", "--layers", "rnn", "ttt_linear", "--json", str(out)])
+    assert [r["layer"] for r in rows] == ["rnn", "ttt_linear"]
+    assert all(r["tokens_per_s_fused"] > 0 and r["tokens_per_s_for-loop"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"][0]["layer"] == "rnn"
+    assert "fused AdamW" in capsys.readouterr().out

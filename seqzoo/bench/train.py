@@ -148,16 +148,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, *, implementation: str = "auto") -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (ndim ≥ 2), none on vectors (norms, biases, per-head scalars) nor
     on the parameters a module names in its ``no_weight_decay`` attribute or marks ``_no_weight_decay``
-    (mamba-ssm's conventions: Mamba's A_log and D)."""
+    (mamba-ssm's conventions: Mamba's A_log and D).
+
+    ``implementation``: ``"fused"`` (one kernel updates every parameter), ``"foreach"``, ``"for-loop"``
+    (a few small ops per parameter), or ``"auto"``: fused where torch has it for the parameters' device
+    (CPU and CUDA), else torch's default. The same updates to float32 rounding; the fused one saves the
+    small models of the harness their per-parameter dispatches (benchmarks/bench_train.py)."""
+    if implementation not in ("auto", "fused", "foreach", "for-loop"):
+        raise ValueError(f"expected implementation 'auto', 'fused', 'foreach' or 'for-loop', got {implementation!r}")
     exempt = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
     decays = lambda p: p.ndim >= 2 and id(p) not in exempt and not getattr(p, "_no_weight_decay", False)
     decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    options: dict[str, bool] = {}
+    if implementation == "auto":
+        devices = {p.device.type for p in decay + no_decay}
+        dtypes = {p.dtype for p in decay + no_decay}
+        if devices <= {"cpu", "cuda"} and dtypes <= {torch.float32, torch.float64, torch.float16, torch.bfloat16}:
+            options["fused"] = True
+    elif implementation == "fused":
+        options["fused"] = True
+    else:
+        options["foreach"] = implementation == "foreach"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, **options)
 
 
 # --- distributed ----------------------------------------------------------------------------------------
