@@ -219,6 +219,15 @@ def ttt_mlp_dual(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W1
     return Z.transpose(1, 2), W1_out, b1_out, W2_out, b2_out
 
 
+def _bwd_outputs(XQ: Tensor, lr: Tensor, tok: Tensor, ln_w: Tensor, dZ: Tensor, mini_batch_size: int):
+    """The backward kernels' gradient buffers and dZ in the (B, T, H, d) layout the forward wrote Z in:
+    (dZ, dXQ, dXK, dXV, dlr, dtok per head, dgamma per head, dbeta per head)."""
+    Bsz, H, T, d = XQ.shape
+    dXQ, dXK, dXV = (XQ.new_empty((Bsz, H, T, d)) for _ in range(3))
+    return (dZ.transpose(1, 2).contiguous(), dXQ, dXK, dXV, lr.new_empty((Bsz, H, T)),
+            tok.new_empty((Bsz * H, mini_batch_size)), ln_w.new_empty((Bsz, H, d)), ln_w.new_empty((Bsz, H, d)))
+
+
 def ttt_linear_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor, W0: Tensor, b0: Tensor,
                         ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, eps: float, dZ: Tensor, dW: Tensor,
                         db: Tensor) -> tuple[Tensor, ...]:
@@ -231,12 +240,8 @@ def ttt_linear_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Ten
         {"W0": (W0, (Bsz, H, d, d)), "b0": (b0, (Bsz, H, 1, d)), "dW": (dW, (Bsz, H, d, d)),
          "db": (db, (Bsz, H, 1, d)), "dZ": (dZ, (Bsz, H, T, d))}, ln_w, ln_b, mini_batch_size)
     W0, b0 = W0.contiguous(), b0.contiguous()
-    dZ = dZ.transpose(1, 2).contiguous()  # (B, T, H, d), the layout the forward wrote Z in
     dW, db = (t.clone(memory_format=torch.contiguous_format) for t in (dW, db))
-    dXQ, dXK, dXV = (XQ.new_empty((Bsz, H, T, d)) for _ in range(3))
-    dlr = lr.new_empty((Bsz, H, T))
-    dtok = tok.new_empty((Bsz * H, mini_batch_size))
-    dgamma, dbeta = ln_w.new_empty((Bsz, H, d)), ln_b.new_empty((Bsz, H, d))
+    dZ, dXQ, dXK, dXV, dlr, dtok, dgamma, dbeta = _bwd_outputs(XQ, lr, tok, ln_w, dZ, mini_batch_size)
     sB, sH, sT, _ = XQ.stride()
     args = (Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
             tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W0.data_ptr(), b0.data_ptr(), dZ.data_ptr(),
@@ -244,7 +249,8 @@ def ttt_linear_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Ten
             dtok.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr())
     # the heads are independent: one range of them per thread
     if any(native.over_rows(lambda lo, hi: LIB.sz_ttt_linear_dual_bwd(*args, lo, hi), Bsz * H)):
-        raise MemoryError(f"ttt_linear_dual_bwd: the kernel could not allocate {(T // mini_batch_size + 1) * d * d * 4 / 2**20:.0f} MB")
+        mb = (T // mini_batch_size + 1) * d * d * 4 / 2**20
+        raise MemoryError(f"ttt_linear_dual_bwd: the kernel could not allocate {mb:.0f} MB")
     return dXQ, dXK, dXV, dlr, dtok.sum(0), dW, db, dgamma.sum(0), dbeta.sum(0)
 
 
@@ -264,11 +270,7 @@ def ttt_mlp_dual_bwd(XQ: Tensor, XK: Tensor, XV: Tensor, lr: Tensor, tok: Tensor
                                                    mini_batch_size)
     pack = lambda ts: torch.cat([t.reshape(Bsz, H, -1) for t in ts], dim=-1).contiguous()  # (B, H, 2dF + F + d)
     W0, dW = pack((W1, b1, W2, b2)), pack((dW1, db1, dW2, db2))
-    dZ = dZ.transpose(1, 2).contiguous()  # (B, T, H, d), the layout the forward wrote Z in
-    dXQ, dXK, dXV = (XQ.new_empty((Bsz, H, T, d)) for _ in range(3))
-    dlr = lr.new_empty((Bsz, H, T))
-    dtok = tok.new_empty((Bsz * H, mini_batch_size))
-    dgamma, dbeta = ln_w.new_empty((Bsz, H, d)), ln_b.new_empty((Bsz, H, d))
+    dZ, dXQ, dXK, dXV, dlr, dtok, dgamma, dbeta = _bwd_outputs(XQ, lr, tok, ln_w, dZ, mini_batch_size)
     sB, sH, sT, _ = XQ.stride()
     args = (Bsz, H, T, d, mini_batch_size, XQ.data_ptr(), XK.data_ptr(), XV.data_ptr(), sB, sH, sT, lr.data_ptr(),
             tok.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), eps, W0.data_ptr(), dZ.data_ptr(), dW.data_ptr(),

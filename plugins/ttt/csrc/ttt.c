@@ -699,9 +699,99 @@ static inline void key_side_bwd_row(int64_t d, const float *dg, const float *x_h
     for (int64_t j = 0; j < d; j++) dZk[j] -= s * x_hat[j];
 }
 
+/* The key side's backward for b rows (dg given): dZk and du written, and what du reaches through
+ * u = γ²x̂ + γβ + γ(k − v): dk += γ·du (dk accumulated), dv = −γ·du, dγ and dβ accumulated. */
+static inline void key_side_bwd(int64_t d, int64_t b, const float *k, const float *v, int64_t sT, const float *dg,
+                                const float *x_hat, const float *rstd, const float *u, const float *m_u,
+                                const float *g, const float *gamma, const float *beta, float *du, float *dx_hat,
+                                float *dZk, float *dk, float *dv, float *dgamma, float *dbeta) {
+    for (int64_t r = 0; r < b; r++) {
+        const float *kr = k + r * sT, *vr = v + r * sT, *xh = x_hat + r * d;
+        float *dur = du + r * d;
+        key_side_bwd_row(d, dg + r * d, xh, rstd[r], u + r * d, m_u[r], g + r * d, gamma, dur, dx_hat, dZk + r * d);
+        for (int64_t j = 0; j < d; j++) {
+            const float gdu = gamma[j] * dur[j];
+            dk[r * d + j] += gdu;
+            dv[r * d + j] = -gdu;
+            dgamma[j] += dur[j] * (2.0f * gamma[j] * xh[j] + beta[j] + kr[j] - vr[j]);
+            dbeta[j] += gdu;
+        }
+    }
+}
+
+/* η[r, j] = tok[r]·lr[j] (j ≤ r) and M = η ⊙ (S + 1), for one mini-batch. */
+static inline void causal_rates(int64_t b, const float *tok, const float *lr, const float *S, float *eta, float *M) {
+    for (int64_t r = 0; r < b; r++)
+        for (int64_t j = 0; j < b; j++) {
+            eta[r * b + j] = j <= r ? tok[r] * lr[j] : 0.0f;
+            M[r * b + j] = eta[r * b + j] * (S[r * b + j] + 1.0f);
+        }
+}
+
+/* The backward of η[r, j] = tok[r]·lr[j] (j ≤ r) for de (its lower triangle): dlr written, dtok accumulated. */
+static inline void causal_rates_bwd(int64_t b, const float *de, const float *tok, const float *lr, float *dlr,
+                                    float *dtok) {
+    for (int64_t j = 0; j < b; j++) dlr[j] = 0.0f;
+    for (int64_t r = 0; r < b; r++)
+        for (int64_t j = 0; j <= r; j++) {
+            dlr[j] += de[r * b + j] * tok[r];
+            dtok[r] += de[r * b + j] * lr[j];
+        }
+}
+
+/* The backward of the layer's output z = XQ + LN(Z̄)·γ + β for b rows (dz rows at stride ldz): dZ̄ written,
+ * dγ and dβ accumulated; z_hat (b × d) and tmp (b × d) are workspaces. */
+static inline void output_ln_bwd(int64_t b, int64_t d, const float *Zb, const float *dz, int64_t ldz,
+                                 const float *gamma, float eps, float *z_hat, float *tmp, float *dZb, float *dgamma,
+                                 float *dbeta) {
+    for (int64_t r = 0; r < b; r++) {
+        const float *dzr = dz + r * ldz;
+        float *zh = z_hat + r * d;
+        const float rstd = normalize(Zb + r * d, zh, d, eps);
+        for (int64_t j = 0; j < d; j++) {
+            dgamma[j] += dzr[j] * zh[j];
+            dbeta[j] += dzr[j];
+            tmp[r * d + j] = dzr[j] * gamma[j];
+        }
+        ln_bwd_row(d, tmp + r * d, zh, rstd, dZb + r * d);
+    }
+}
+
+/* The backward of one dual-form layer's output Z̄ = X·W + b − M·G with M = η ⊙ (X·Yᵀ + 1) (lower
+ * triangular), for dZ̄ given: dX = dZ̄·Wᵀ + dS·Y, dY = dSᵀ·X and dG = −Mᵀ·dZ̄ are written (dS = dM ⊙ η,
+ * dM = −dZ̄·Gᵀ), the gradient of η, dM ⊙ (X·Yᵀ + 1), is added to de (lower triangle). X, Y (b × K, row
+ * strides ldx, ldy), W (K × N), G and dZ̄ (b × N), S = X·Yᵀ; Wt (N × K) receives Wᵀ, dM (b × b) is a
+ * workspace. */
+static inline void dual_output_bwd(int64_t b, int64_t K, int64_t N, const float *X, int64_t ldx, const float *Y,
+                                   int64_t ldy, const float *W, float *Wt, const float *G, const float *eta,
+                                   const float *M, const float *S, const float *dZ, float *dX, float *dY, float *dG,
+                                   float *de, float *dM) {
+    matmul_nt(b, N, K, dZ, N, W, Wt, dX);
+    for (int64_t r = 0; r < b; r++)
+        for (int64_t j = 0; j <= r; j++) {
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < N; c++) s += dZ[r * N + c] * G[j * N + c];
+            dM[r * b + j] = -s;
+        }
+    memset(dY, 0, b * K * sizeof(float));
+    memset(dG, 0, b * N * sizeof(float));
+    for (int64_t r = 0; r < b; r++)
+        for (int64_t j = 0; j <= r; j++) {
+            const float dS = dM[r * b + j] * eta[r * b + j], m = M[r * b + j];
+            const float *yj = Y + j * ldy, *xr = X + r * ldx;
+            for (int64_t c = 0; c < K; c++) {
+                dX[r * K + c] += dS * yj[c];
+                dY[j * K + c] += dS * xr[c];
+            }
+            for (int64_t c = 0; c < N; c++) dG[j * N + c] -= m * dZ[r * N + c];
+            de[r * b + j] += dM[r * b + j] * (S[r * b + j] + 1.0f);
+        }
+}
+
 /* The backward of one head of sz_ttt_linear_dual. q, k, v rows at stride sT; lr (n·b), tok (b); dz rows at
  * stride ldz; dW, db hold the gradient of the end weights and receive that of W0, b0; dq, dk, dv (n·b × d),
- * dlr (n·b) are written, dtok, dgamma, dbeta (b, d, d) accumulated. Ws holds (n + 1)(d² + d) floats. */
+ * dlr (n·b), dtok, dgamma, dbeta (b, d, d) are written. Ws holds (n + 1)(d² + d) floats. */
 static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const float *k, const float *v,
                             int64_t sT, const float *lr, const float *tok, const float *gamma, const float *beta,
                             float eps, const float *W0, const float *b0, const float *dz, int64_t ldz, float *dW,
@@ -712,7 +802,10 @@ static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, con
     float *dZb = z_hat + bd, *dg = dZb + bd, *R = dg + bd, *dZk = R + bd, *tmp = dZk + bd, *du = tmp + bd;
     float *dx_hat = du + bd, *kt = dx_hat + d, *Wt = kt + bd, *dWt = Wt + dd, *S = dWt + dd, *eta = S + bb;
     float *M = eta + bb, *dM = M + bb, *last = dM + bb, *rstd = last + b, *rstd_z = rstd + b, *m_u = rstd_z + b;
-    float *At = m_u + b, *Bs = At + 2 * bd;
+    float *At = m_u + b, *Bs = At + 2 * bd, *de = Bs + 2 * bd; /* de: the gradient of η */
+    memset(dtok, 0, b * sizeof(float));
+    memset(dgamma, 0, d * sizeof(float));
+    memset(dbeta, 0, d * sizeof(float));
     /* the weights at every mini-batch start */
     memcpy(Ws, W0, dd * sizeof(float));
     memcpy(Ws + dd, b0, d * sizeof(float));
@@ -736,55 +829,19 @@ static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, con
         key_side(d, b, ki, vi, sT, gamma, beta, eps, Zk, x_hat, rstd, u, m_u, g);
         transpose_scaled(b, d, ki, sT, NULL, kt);
         matmul_rows(b, d, b, qi, sT, kt, NULL, S);
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j < b; j++) {
-                eta[r * b + j] = j <= r ? tok[r] * lri[j] : 0.0f;
-                M[r * b + j] = eta[r * b + j] * (S[r * b + j] + 1.0f);
-            }
+        causal_rates(b, tok, lri, S, eta, M);
         matmul_rows(b, d, d, qi, sT, W, bias, Zb);
         subtract_causal(b, d, b, M, g, Zb);
-        /* the output LayerNorm: dZ̄ */
-        for (int64_t r = 0; r < b; r++) {
-            const float *dzr = dzi + r * ldz;
-            float *zh = z_hat + r * d;
-            rstd_z[r] = normalize(Zb + r * d, zh, d, eps);
-            for (int64_t j = 0; j < d; j++) {
-                dgamma[j] += dzr[j] * zh[j];
-                dbeta[j] += dzr[j];
-                tmp[r * d + j] = dzr[j] * gamma[j];
-            }
-            ln_bwd_row(d, tmp + r * d, zh, rstd_z[r], dZb + r * d);
-        }
-        /* Z̄ = XQ·W + b − M·g: dXQ = dz + dZ̄·Wᵀ + dS·XK, dM = −dZ̄·gᵀ, dg = −Mᵀ·dZ̄ */
-        matmul_nt(b, d, d, dZb, d, W, Wt, dqi);
+        output_ln_bwd(b, d, Zb, dzi, ldz, gamma, eps, z_hat, tmp, dZb, dgamma, dbeta);
+        /* Z̄ = XQ·W + b − M·g, and the residual */
+        memset(de, 0, bb * sizeof(float));
+        dual_output_bwd(b, d, d, qi, sT, ki, sT, W, Wt, g, eta, M, S, dZb, dqi, dki, dg, de, dM);
         for (int64_t r = 0; r < b; r++)
             for (int64_t j = 0; j < d; j++) dqi[r * d + j] += dzi[r * ldz + j];
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t c = 0; c < d; c++) s += dZb[r * d + c] * g[j * d + c];
-                dM[r * b + j] = -s;
-            }
-        memset(dki, 0, bd * sizeof(float));
-        memset(dg, 0, bd * sizeof(float));
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                const float dS = dM[r * b + j] * eta[r * b + j], m = M[r * b + j];
-                const float *kj = ki + j * sT, *qr = qi + r * sT;
-                for (int64_t c = 0; c < d; c++) {
-                    dqi[r * d + c] += dS * kj[c];
-                    dki[j * d + c] += dS * qr[c];
-                    dg[j * d + c] -= m * dZb[r * d + c];
-                }
-            }
         /* the update W' = W − XKᵀ(e ⊙ g), b' = b − eᵀg reads the carried (dW, db): R = −(XK·dW + db) */
         matmul_rows(b, d, d, ki, sT, dW, db, R);
         transpose_scaled(d, d, dW, d, NULL, dWt);
         matmul_rows(b, d, d, g, d, dWt, NULL, tmp);  /* g·dWᵀ */
-        float *de = dM; /* (dM is spent) the gradient of η: its lower triangle, row by row */
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) de[r * b + j] *= S[r * b + j] + 1.0f;
         for (int64_t j = 0; j < b; j++) {
             const float e = eta[(b - 1) * b + j];
             float s = 0.0f;
@@ -796,20 +853,9 @@ static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, con
             }
             de[(b - 1) * b + j] += s;
         }
-        /* the key side: dZk and du, row by row */
-        for (int64_t r = 0; r < b; r++) {
-            const float *kr = ki + r * sT, *vr = vi + r * sT, *xh = x_hat + r * d;
-            float *dur = du + r * d;
-            key_side_bwd_row(d, dg + r * d, xh, rstd[r], u + r * d, m_u[r], g + r * d, gamma, dur, dx_hat,
-                             dZk + r * d);
-            for (int64_t j = 0; j < d; j++) {
-                const float gdu = gamma[j] * dur[j];
-                dki[r * d + j] += gdu;
-                dvi[r * d + j] = -gdu;
-                dgamma[j] += dur[j] * (2.0f * gamma[j] * xh[j] + beta[j] + kr[j] - vr[j]);
-                dbeta[j] += gdu;
-            }
-        }
+        /* the key side: dZk and du */
+        key_side_bwd(d, b, ki, vi, sT, dg, x_hat, rstd, u, m_u, g, gamma, beta, du, dx_hat, dZk, dki, dvi, dgamma,
+                     dbeta);
         matmul_rows(b, d, d, dZk, d, Wt, NULL, tmp);  /* dZk·Wᵀ */
         for (int64_t j = 0; j < bd; j++) dki[j] += tmp[j];
         /* the gradient of the weights at the mini-batch start */
@@ -817,13 +863,7 @@ static void linear_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, con
                Bs);
         for (int64_t r = 0; r < b; r++)
             for (int64_t j = 0; j < d; j++) db[j] += dZb[r * d + j] + dZk[r * d + j];
-        /* η[r, j] = tok[r]·lr[j] (j ≤ r) */
-        for (int64_t j = 0; j < b; j++) dlri[j] = 0.0f;
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                dlri[j] += de[r * b + j] * tok[r];
-                dtok[r] += de[r * b + j] * lri[j];
-            }
+        causal_rates_bwd(b, de, tok, lri, dlri, dtok);
     }
 }
 
@@ -841,16 +881,13 @@ int32_t sz_ttt_linear_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64
                                int64_t row1) {
     const int64_t n = T / b;
     float *Ws = malloc((size_t)(n + 1) * (d * d + d) * sizeof(float));
-    float *work = malloc((size_t)(18 * b * d + d + 2 * d * d + 4 * b * b + 4 * b) * sizeof(float));
+    float *work = malloc((size_t)(18 * b * d + d + 2 * d * d + 5 * b * b + 4 * b) * sizeof(float));
     if (!Ws || !work) {
         free(Ws), free(work);
         return 1;
     }
     for (int64_t row = row0; row < row1 && row < B * H; row++) {
         const int64_t bi = row / H, h = row % H, base = bi * sB + h * sH;
-        memset(dtok + row * b, 0, b * sizeof(float));
-        memset(dgamma + row * d, 0, d * sizeof(float));
-        memset(dbeta + row * d, 0, d * sizeof(float));
         linear_bwd_head(d, b, n, XQ + base, XK + base, XV + base, sT, lr + row * T, tok, ln_w + h * d,
                         ln_b + h * d, eps, W0 + row * d * d, b0 + row * d, dz + bi * T * H * d + h * d, H * d,
                         dW + row * d * d, db + row * d, dXQ + row * T * d, dXK + row * T * d, dXV + row * T * d,
@@ -894,7 +931,11 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
     float *W1t = dx_hat + d, *W2t = W1t + F * d, *dW1t = W2t + F * d, *dW2t = dW1t + F * d;
     float *S1 = dW2t + F * d, *S2 = S1 + bb, *eta = S2 + bb, *M1 = eta + bb, *M2 = M1 + bb, *dM = M2 + bb;
     float *rstd = dM + bb, *rstd_z = rstd + b, *m_u = rstd_z + b, *last = m_u + b, *Bs = last + b;
+    float *de = Bs + 3 * bF; /* the gradient of η */
     float *dW1 = dW, *db1 = dW1 + d * F, *dW2 = db1 + F, *db2 = dW2 + F * d;
+    memset(dtok, 0, b * sizeof(float));
+    memset(dgamma, 0, d * sizeof(float));
+    memset(dbeta, 0, d * sizeof(float));
     /* the weights at every mini-batch start */
     memcpy(Ws, W0, size * sizeof(float));
     for (int64_t i = 0; i < n; i++) {
@@ -923,15 +964,10 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
         const float *Z1 = Ks + i * (2 * bF + bd), *h = Z1 + bF, *Z2 = h + bF;
         gelu_parts_rows(bF, Z1, X2, dphi, d2phi);
         key_side(d, b, ki, vi, sT, gamma, beta, eps, Z2, x_hat, rstd, u, m_u, g2);
-        transpose_scaled(F, d, W2, d, NULL, W2t);
         for (int64_t j = 0; j < bF; j++) g1[j] = h[j] * dphi[j];
         transpose_scaled(b, d, ki, sT, NULL, kt);
         matmul_rows(b, d, b, qi, sT, kt, NULL, S1);
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j < b; j++) {
-                eta[r * b + j] = j <= r ? tok[r] * lri[j] : 0.0f;
-                M1[r * b + j] = eta[r * b + j] * (S1[r * b + j] + 1.0f);
-            }
+        causal_rates(b, tok, lri, S1, eta, M1);
         matmul_rows(b, d, F, qi, sT, W1, b1, Z1b);
         subtract_causal(b, F, b, M1, g1, Z1b);
         gelu_rows(bF, Z1b, X2b, dphib);
@@ -940,67 +976,14 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
         for (int64_t j = 0; j < bb; j++) M2[j] = eta[j] * (S2[j] + 1.0f);
         matmul_rows(b, F, d, X2b, F, W2, b2, Z2b);
         subtract_causal(b, d, b, M2, g2, Z2b);
-        /* the output LayerNorm: dZ̄2 */
-        for (int64_t r = 0; r < b; r++) {
-            const float *dzr = dzi + r * ldz;
-            float *zh = z_hat + r * d;
-            rstd_z[r] = normalize(Z2b + r * d, zh, d, eps);
-            for (int64_t j = 0; j < d; j++) {
-                dgamma[j] += dzr[j] * zh[j];
-                dbeta[j] += dzr[j];
-                tmpd[r * d + j] = dzr[j] * gamma[j];
-            }
-            ln_bwd_row(d, tmpd + r * d, zh, rstd_z[r], dZ2b + r * d);
-        }
-        /* Z̄2 = X̄2·W2 + b2 − M2·g2 */
-        matmul_rows(b, d, F, dZ2b, d, W2t, NULL, dX2b);
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t c = 0; c < d; c++) s += dZ2b[r * d + c] * g2[j * d + c];
-                dM[r * b + j] = -s;
-            }
-        memset(dX2, 0, bF * sizeof(float));
-        memset(dg2, 0, bd * sizeof(float));
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                const float dS = dM[r * b + j] * eta[r * b + j], m = M2[r * b + j];
-                for (int64_t c = 0; c < F; c++) {
-                    dX2b[r * F + c] += dS * X2[j * F + c];
-                    dX2[j * F + c] += dS * X2b[r * F + c];
-                }
-                for (int64_t c = 0; c < d; c++) dg2[j * d + c] -= m * dZ2b[r * d + c];
-                dM[r * b + j] *= S2[r * b + j] + 1.0f; /* now the gradient of η */
-            }
-        float *de = S2; /* (S2 is spent) the gradient of η, lower triangle */
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) de[r * b + j] = dM[r * b + j];
-        /* X̄2 = φ(Z̄1), Z̄1 = XQ·W1 + b1 − M1·g1 */
+        output_ln_bwd(b, d, Z2b, dzi, ldz, gamma, eps, z_hat, tmpd, dZ2b, dgamma, dbeta);
+        /* Z̄2 = X̄2·W2 + b2 − M2·g2, X̄2 = φ(Z̄1), Z̄1 = XQ·W1 + b1 − M1·g1, and the residual */
+        memset(de, 0, bb * sizeof(float));
+        dual_output_bwd(b, F, d, X2b, F, X2, F, W2, W2t, g2, eta, M2, S2, dZ2b, dX2b, dX2, dg2, de, dM);
         for (int64_t j = 0; j < bF; j++) dZ1b[j] = dX2b[j] * dphib[j];
-        matmul_nt(b, F, d, dZ1b, F, W1, W1t, dqi);
+        dual_output_bwd(b, d, F, qi, sT, ki, sT, W1, W1t, g1, eta, M1, S1, dZ1b, dqi, dki, dg1, de, dM);
         for (int64_t r = 0; r < b; r++)
             for (int64_t j = 0; j < d; j++) dqi[r * d + j] += dzi[r * ldz + j];
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t c = 0; c < F; c++) s += dZ1b[r * F + c] * g1[j * F + c];
-                dM[r * b + j] = -s;
-            }
-        memset(dki, 0, bd * sizeof(float));
-        memset(dg1, 0, bF * sizeof(float));
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                const float dS = dM[r * b + j] * eta[r * b + j], m = M1[r * b + j];
-                const float *kj = ki + j * sT, *qr = qi + r * sT;
-                for (int64_t c = 0; c < d; c++) {
-                    dqi[r * d + c] += dS * kj[c];
-                    dki[j * d + c] += dS * qr[c];
-                }
-                for (int64_t c = 0; c < F; c++) dg1[j * F + c] -= m * dZ1b[r * F + c];
-                de[r * b + j] += dM[r * b + j] * (S1[r * b + j] + 1.0f);
-            }
         /* the updates read the carried gradients: R1 = −(XK·dW1 + db1), R2 = −(X2·dW2 + db2) */
         matmul_rows(b, d, F, ki, sT, dW1, db1, R1);
         matmul_rows(b, F, d, X2, F, dW2, db2, R2);
@@ -1027,20 +1010,9 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
         for (int64_t j = 0; j < bF; j++) dh[j] = dg1[j] * dphi[j];
         matmul_rows(b, F, d, dh, F, W2, NULL, tmpd);
         for (int64_t j = 0; j < bd; j++) dg2[j] += tmpd[j];
-        /* the key side's LayerNorm: dZ2 and du, row by row */
-        for (int64_t r = 0; r < b; r++) {
-            const float *kr = ki + r * sT, *vr = vi + r * sT, *xh = x_hat + r * d;
-            float *dur = du + r * d;
-            key_side_bwd_row(d, dg2 + r * d, xh, rstd[r], u + r * d, m_u[r], g2 + r * d, gamma, dur, dx_hat,
-                             dZ2 + r * d);
-            for (int64_t j = 0; j < d; j++) {
-                const float gdu = gamma[j] * dur[j];
-                dki[r * d + j] += gdu;
-                dvi[r * d + j] = -gdu;
-                dgamma[j] += dur[j] * (2.0f * gamma[j] * xh[j] + beta[j] + kr[j] - vr[j]);
-                dbeta[j] += gdu;
-            }
-        }
+        /* the key side's LayerNorm: dZ2 and du */
+        key_side_bwd(d, b, ki, vi, sT, dg2, x_hat, rstd, u, m_u, g2, gamma, beta, du, dx_hat, dZ2, dki, dvi, dgamma,
+                     dbeta);
         /* Z2 = X2·W2 + b2, X2 = φ(Z1), Z1 = XK·W1 + b1 */
         matmul_rows(b, d, F, dZ2, d, W2t, NULL, tmpF);
         for (int64_t j = 0; j < bF; j++) {
@@ -1058,12 +1030,7 @@ static void mlp_bwd_head(int64_t d, int64_t b, int64_t n, const float *q, const 
             for (int64_t j = 0; j < F; j++) db1[j] += dZ1b[r * F + j] + dZ1[r * F + j];
             for (int64_t j = 0; j < d; j++) db2[j] += dZ2b[r * d + j] + dZ2[r * d + j];
         }
-        for (int64_t j = 0; j < b; j++) dlri[j] = 0.0f;
-        for (int64_t r = 0; r < b; r++)
-            for (int64_t j = 0; j <= r; j++) {
-                dlri[j] += de[r * b + j] * tok[r];
-                dtok[r] += de[r * b + j] * lri[j];
-            }
+        causal_rates_bwd(b, de, tok, lri, dlri, dtok);
     }
 }
 
@@ -1078,7 +1045,7 @@ int32_t sz_ttt_mlp_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64_t 
     const int64_t n = T / b, F = 4 * d, size = 2 * d * F + F + d;
     float *Ws = malloc((size_t)(n + 1) * size * sizeof(float));
     float *Ks = malloc((size_t)n * (2 * b * F + b * d) * sizeof(float));
-    float *work = malloc((size_t)(21 * b * F + 13 * b * d + d + 4 * F * d + 6 * b * b + 4 * b + 3 * b * F)
+    float *work = malloc((size_t)(21 * b * F + 13 * b * d + d + 4 * F * d + 7 * b * b + 4 * b + 3 * b * F)
                          * sizeof(float));
     if (!Ws || !Ks || !work) {
         free(Ws), free(Ks), free(work);
@@ -1086,9 +1053,6 @@ int32_t sz_ttt_mlp_dual_bwd(int64_t B, int64_t H, int64_t T, int64_t d, int64_t 
     }
     for (int64_t row = row0; row < row1 && row < B * H; row++) {
         const int64_t bi = row / H, h = row % H, base = bi * sB + h * sH;
-        memset(dtok + row * b, 0, b * sizeof(float));
-        memset(dgamma + row * d, 0, d * sizeof(float));
-        memset(dbeta + row * d, 0, d * sizeof(float));
         mlp_bwd_head(d, b, n, XQ + base, XK + base, XV + base, sT, lr + row * T, tok, ln_w + h * d, ln_b + h * d,
                      eps, W0 + row * size, dz + bi * T * H * d + h * d, H * d, dW + row * size, dXQ + row * T * d,
                      dXK + row * T * d, dXV + row * T * d, dlr + row * T, dtok + row * b, dgamma + row * d,
