@@ -603,3 +603,27 @@ def test_generate_decodes_through_the_layers_decoders(monkeypatch, name):
             tokens.append(logits.argmax(-1))
     assert torch.equal(out[:, 5:], torch.stack(tokens, 1))
     assert len(calls) == 2 * 6
+
+
+def test_over_rows_covers_every_row_once_also_after_a_fork():
+    """native.over_rows: disjoint ranges covering [0, rows), in order, also in a forked child (a DataLoader
+    worker, say) of a process whose pool has run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = native.over_rows(lambda lo, hi: list(range(lo, hi)), 7)
+        one = native.over_rows(lambda lo, hi: (lo, hi), 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r for part in seen for r in part] == list(range(7)) and len(seen) == 2
+    assert one == [(0, 1)]
+    if not hasattr(os, "fork") or threads < 2:
+        return
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the calls ran
+        try:
+            ok = native.over_rows(lambda lo, hi: hi - lo, 4) == [2, 2]
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
