@@ -79,3 +79,30 @@ def test_check_exit_1_and_plugins_report_for_third_party_packages(tmp_path):
     assert "rnn" in r.stdout
     r = run("list", env=env)
     assert r.returncode == 0 and "zoo_peek" in r.stdout and "rnn" in r.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--layer", "rnn", "--steps", "-5"], "argument --steps: expected an integer >= 1, got -5"),
+    (["train", "--layer", "rnn", "--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["train", "--layer", "rnn", "--lr", "nan"], "argument --lr: expected a positive finite number"),
+    (["train", "--layer", "rnn", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["bench", "--lengths", "1k,0"], "argument --lengths: expected comma-separated positive integers"),
+    (["bench", "--repeats", "two"], "argument --repeats: expected an integer, got 'two'"),
+    (["compare", "--jobs", "0"], "argument --jobs: expected an integer >= 1, got 0"),
+])
+def test_bad_numbers_are_refused_with_what_was_expected(args, message, capsys):
+    """Out-of-range or malformed numbers stop the command before any work, with usage exit status 2 and a
+    message naming the argument and what it takes (instead of a crash deep in training)."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_train_refuses_a_bad_config_from_the_api():
+    from seqzoo.bench.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="expected steps an integer >= 1, got -5"):
+        train(TrainConfig(layer="rnn", steps=-5))
+    with pytest.raises(ValueError, match="expected lr a positive finite number"):
+        train(TrainConfig(layer="rnn", lr=0.0))

@@ -16,7 +16,36 @@ def _csv(text: str) -> list[str]:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(_size(t)) for t in _csv(text)]
+    values = [int(_size(t)) for t in _csv(text)]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _count(low: int):
+    """An argparse type: an integer ≥ ``low``, refused with a message saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "positive integer" if low == 1 else f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -344,9 +373,9 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--override", default=None, help=argparse.SUPPRESS)  # JSON merged into the preset (tests)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on CPU)")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads (default: 1 on CPU)")
     p.add_argument(
-        "--jobs", type=int, default=None,
+        "--jobs", type=_count(1), default=None,
         help="training runs at once, in worker processes (default on CPU: cores / threads; the speed sweep "
         "always runs alone, first)",
     )
@@ -363,21 +392,21 @@ def add_commands(sub) -> None:
     p.add_argument("--task-config", nargs="*", metavar="KEY=VALUE", help="task options, e.g. seq_len=256")
     p.add_argument("--data", default=None, help="text file or folder (lm task)")
     p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="layer config options")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (split over torchrun processes)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 10%% of steps)")
+    p.add_argument("--d-model", type=_count(1), default=64)
+    p.add_argument("--n-layers", type=_count(1), default=2)
+    p.add_argument("--intermediate-size", type=_count(1), default=None)
+    p.add_argument("--steps", type=_count(1), default=200)
+    p.add_argument("--batch-size", type=_count(1), default=32, help="global batch (split over torchrun processes)")
+    p.add_argument("--lr", type=_positive_float, default=3e-3)
+    p.add_argument("--warmup", type=_count(0), default=None, help="warmup steps (default: 10%% of steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="folder for checkpoints, log.jsonl, metrics.json")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (checkpointed)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--checkpoint-every", type=_count(0), default=0)
+    p.add_argument("--log-every", type=_count(1), default=10)
+    p.add_argument("--stop-after", type=_count(1), default=None, help="stop after this many steps (checkpointed)")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
@@ -386,9 +415,9 @@ def add_commands(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--layers", nargs="*", help="layer names (default: all registered)")
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--d-model", type=_count(1), default=64)
+    p.add_argument("--heads", type=_count(1), default=4)
+    p.add_argument("--batch", type=_count(1), default=1)
     p.add_argument(
         "--lengths",
         type=_ints,
@@ -396,15 +425,15 @@ def add_commands(sub) -> None:
         help="comma-separated context lengths (k = ×1024)",
     )
     p.add_argument("--decode-positions", type=_ints, default=[64, 8192], help="positions for decode timing")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=_count(1), default=5)
+    p.add_argument("--warmup", type=_count(0), default=1)
     p.add_argument(
-        "--max-seconds", type=float, default=20.0, help="skip longer lengths once one call is slower"
+        "--max-seconds", type=_positive_float, default=20.0, help="skip longer lengths once one call is slower"
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-backward", action="store_true", help="skip forward+backward timing")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory subprocesses")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", default="seqzoo-bench")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=_cmd_bench)

@@ -320,6 +320,13 @@ def train(
     if dist.active and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    for name, low in (("steps", 1), ("batch_size", 1), ("d_model", 1), ("n_layers", 1), ("warmup_steps", 0),
+                      ("log_every", 0), ("checkpoint_every", 0), ("eval_batch_size", 1)):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"expected {name} an integer >= {low}, got {value!r}")
+    if not (isinstance(cfg.lr, (int, float)) and 0 < cfg.lr < float("inf")):
+        raise ValueError(f"expected lr a positive finite number, got {cfg.lr!r}")
     if cfg.eval_every < 0:
         raise ValueError(f"expected eval_every >= 0, got {cfg.eval_every}")
     if cfg.stop_at is not None and cfg.eval_every == 0:
