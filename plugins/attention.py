@@ -27,7 +27,7 @@ from torch import Tensor
 
 import seqzoo
 from seqzoo import State
-from seqzoo.nn import HeadProjections, apply_rope, by_segments
+from seqzoo.nn import CHUNK_GRAIN, HeadProjections, apply_rope, by_segments
 
 __all__ = [
     "LinearAttention",
@@ -127,7 +127,8 @@ def _linear_attention_group(
     q: Tensor, k: Tensor, v: Tensor, S0: Tensor, z0: Tensor | None, chunk_size: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``linear_attention_chunked`` on one group: all its chunks at once."""
-    T, L = q.shape[2], chunk_size
+    T = q.shape[2]
+    L = min(chunk_size, max(1, -(-T // CHUNK_GRAIN)) * CHUNK_GRAIN)  # a short sequence: one chunk of its length
     n = -(-T // L)
     pad = n * L - T  # zero features add nothing to S or z; the padded rows are cut off
     chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, pad)), "b h (n l) d -> b h n l d", l=L)

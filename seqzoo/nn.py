@@ -147,15 +147,23 @@ def check_head_tensors(name: str, q: Tensor, k: Tensor, v: Tensor, chunk_size, *
     return B, T, H, K, v.shape[-1]
 
 
+#: a chunk shortened to a short sequence stays a multiple of this (the sub-chunks of 16, 8, 4, 2 divide it)
+CHUNK_GRAIN = 16
+
+
 def scan_chunk_groups(group_fn: Callable, tensors: Sequence[Tensor | None], L: int, S, *, width: int,
                       group_elements: int, scale: float = 1.0) -> tuple[Tensor, Any]:
     """The outer loop of a chunked form over (B, T, H, ·) tensors (T > 0): each of ``tensors`` zero-padded to
-    whole chunks of L tokens and laid out (B, N, H, L, ·) (None passes through); the chunks in groups of
+    whole chunks of L tokens (at most T rounded up to ``CHUNK_GRAIN``) and laid out (B, N, H, L, ·) (None
+    passes through); the chunks in groups of
     ``group_elements // (B·H·L·width)`` (at least one), each group ``group_fn(*parts, S) -> (o (B, n, H, L,
     ·), S)`` from the state the previous one ends in. The first tensor's chunks are multiplied by ``scale``
     (in place where they are a copy). Returns o (B, T, H, ·) and the last state."""
     first = tensors[0]
     B, T, H = first.shape[:3]
+    # a sequence shorter than a chunk is one chunk of T tokens rounded up to 16 (a chunk's length is the
+    # form's choice, not the math's; padding 32 tokens to 64 doubled a short training sequence's work)
+    L = min(L, -(-T // CHUNK_GRAIN) * CHUNK_GRAIN)
     n = -(-T // L)
     pad = n * L - T
     padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t

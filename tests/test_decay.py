@@ -489,3 +489,26 @@ def test_ssd_equals_simple_gla_loop(shape, chunk, monkeypatch):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="G dividing H"):
         ssd(x, dt, A, B[:, :, :1].expand(b, T, 3, N) if H % 3 else B[..., :2, :].repeat(1, 1, 5, 1), C, chunk_size=chunk)
+
+
+@pytest.mark.parametrize(("T", "L", "seen"), [(32, 64, 32), (37, 64, 48), (5, 64, 16), (200, 64, 64), (50, 7, 7)])
+def test_a_short_sequence_is_one_chunk_of_its_own_length(T, L, seen):
+    """seqzoo.nn.scan_chunk_groups shortens the chunk to T rounded up to CHUNK_GRAIN (16) when the sequence is
+    shorter than a chunk (no padding of a 32-token training sequence to 64), and the result still equals
+    the token loop."""
+    from seqzoo.nn import scan_chunk_groups
+
+    lengths = []
+
+    def group(q, S):
+        lengths.append(q.shape[3])
+        return q, S
+
+    x = torch.randn(1, T, 2, 3)
+    y, _ = scan_chunk_groups(group, (x,), L, None, width=8, group_elements=2**20)
+    assert set(lengths) == {seen} and torch.equal(y, x)
+    q, k, v, g, S0 = _inputs(1, T, 2, 8, 4, vector=True)
+    o, S = gla(q, k, v, g, initial_state=S0, output_final_state=True, chunk_size=L)
+    o_ref, S_ref = gla_reference(q, k, v, g, initial_state=S0)
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=1e-12)

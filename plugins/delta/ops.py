@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from seqzoo.nn import check_head_tensors, decay_products, scan_chunk_groups
+from seqzoo.nn import CHUNK_GRAIN, check_head_tensors, decay_products, scan_chunk_groups
 
 from .reference import (
     CG_EPS,
@@ -252,6 +252,7 @@ def _mesa_chunked(q, k, v, g, beta, lamb, state, L, cg=None):
     Hkk, Hkv = (q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)) if state is None else state
     if T == 0:
         return v.new_zeros(B, 0, H, V), (Hkk.clone(), Hkv.clone())
+    L = min(L, -(-T // CHUNK_GRAIN) * CHUNK_GRAIN)  # a short sequence: one chunk of its length (scan_chunk_groups)
     n = -(-T // L)
     pad = n * L - T  # padded tokens: β = k = v = g = 0 leave the statistics unchanged; q = 0 gives o = 0
     chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (n l) h d -> b h n l d", l=L).contiguous()
