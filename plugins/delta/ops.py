@@ -25,11 +25,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from seqzoo.nn import CHUNK_GRAIN, check_head_tensors, decay_products, scan_chunk_groups
+from seqzoo.nn import check_head_tensors, decay_products, scan_chunk_groups
 
 from .reference import (
     CG_EPS,
@@ -246,58 +245,51 @@ def _mesa_run(name, q, k, v, g, beta, lamb, initial_state, output_final_state, c
 
 
 def _mesa_chunked(q, k, v, g, beta, lamb, state, L, cg=None):
-    """The chunked form from ``state`` (or zeros): the exact solve, or CG (``cg`` = (iterations, eps))."""
+    """The chunked form from ``state`` (or zeros): the exact solve, or CG (``cg`` = (iterations, eps)). Padded
+    tokens have β = k = v = g = 0, which leave the statistics unchanged, and q = 0, which gives o = 0."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     Hkk, Hkv = (q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, V)) if state is None else state
     if T == 0:
         return v.new_zeros(B, 0, H, V), (Hkk.clone(), Hkv.clone())
-    L = min(L, -(-T // CHUNK_GRAIN) * CHUNK_GRAIN)  # a short sequence: one chunk of its length (scan_chunk_groups)
-    n = -(-T // L)
-    pad = n * L - T  # padded tokens: β = k = v = g = 0 leave the statistics unchanged; q = 0 gives o = 0
-    chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, 0, 0, pad)), "b (n l) h d -> b h n l d", l=L).contiguous()
-    per_token = lambda t: rearrange(F.pad(t, (0, 0, 0, pad)), "b (n l) h -> b h n l", l=L)
-    qc, kc, vc, gc, bc = chunks(q), chunks(k), chunks(v), per_token(g), per_token(beta)
-    if cg is None:
-        group = max(1, 4 * GROUP_ELEMENTS // (B * H * L * K * max(K, L)))
-        solve = functools.partial(_mesa_exact_solve, ridge=torch.diag_embed(lamb)[None, :, None, None])
+    if cg is None:  # a token's K×K system is formed: the group's size counts it
+        width = max(1, K * max(K, L) // 4)
+        solve = functools.partial(_mesa_exact_solve, ridge=torch.diag_embed(lamb)[None, None, :, None])
     else:
-        group = max(1, GROUP_ELEMENTS // (B * H * L * max(K, L, V)))
-        solve = functools.partial(_mesa_cg_solve, lamb=lamb[None, :, None, None], cg=cg)
-    outs = []
-    for lo in range(0, n, group):
-        part = slice(lo, min(lo + group, n))
-        k_, v_, g_, b_ = kc[:, :, part], vc[:, :, part], gc[:, :, part], bc[:, :, part]
-        Gamma, Wts, S_kk, S_kv, Hkk, Hkv = _mesa_statistics(k_, v_, g_, b_, Hkk, Hkv)
-        x = solve(qc[:, :, part], k_, Gamma, Wts, S_kk)  # ≈ (H^kk_t + Λ)⁻¹ q_t, (B, H, N, L, K)
-        outs.append(((x @ k_.transpose(-1, -2)) * Wts) @ v_ + Gamma.unsqueeze(-1) * (x @ S_kv))
-    o = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return rearrange(o, "b h n l v -> b (n l) h v")[:, :T], (Hkk, Hkv)
+        width = max(K, L, V)
+        solve = functools.partial(_mesa_cg_solve, lamb=lamb[None, None, :, None], cg=cg)
+
+    def group(q_, k_, v_, g_, b_, S):
+        Gamma, Wts, S_kk, S_kv, *S = _mesa_statistics(k_, v_, g_, b_, *S)
+        x = solve(q_, k_, Gamma, Wts, S_kk)  # ≈ (H^kk_t + Λ)⁻¹ q_t, (B, N, H, L, K)
+        return ((x @ k_.transpose(-1, -2)) * Wts) @ v_ + Gamma.unsqueeze(-1) * (x @ S_kv), tuple(S)
+
+    return scan_chunk_groups(group, (q, k, v, g, beta), L, (Hkk, Hkv), width=width, group_elements=GROUP_ELEMENTS)
 
 
 def _mesa_statistics(k, v, g, beta, Hkk, Hkv):
-    """For chunks (B, H, N, L, ·) from the statistics (H^kk, H^kv) at the first one's start: Γ, the
-    weights Wts[t, s] = D[t, s] β_s, the statistics at every chunk's start (B, H, N, K, ·) and those at the
+    """For chunks (B, N, H, L, ·) from the statistics (H^kk, H^kv) at the first one's start: Γ, the
+    weights Wts[t, s] = D[t, s] β_s, the statistics at every chunk's start (B, N, H, K, ·) and those at the
     last one's end. Within a chunk H^kk_t = Γ_t H^kk_0 + Σ_{s≤t} Wts[t, s] k_s k_sᵀ (H^kv_t alike)."""
     D, Gamma, to_end = decay_products(g)
     Wts = D * beta.unsqueeze(-2)  # D[t, s] β_s
     end = (to_end * beta).unsqueeze(-1)  # e^{γ_L − γ_s} β_s
     kv_end, kk_end = (k * end).transpose(-1, -2) @ v, (k * end).transpose(-1, -2) @ k
     starts_kk, starts_kv = [], []
-    for c in range(k.shape[2]):  # the statistics at each chunk's start
+    for c in range(k.shape[1]):  # the statistics at each chunk's start
         starts_kk.append(Hkk)
         starts_kv.append(Hkv)
-        decay = Gamma[:, :, c, -1, None, None]
-        Hkk, Hkv = decay * Hkk + kk_end[:, :, c], decay * Hkv + kv_end[:, :, c]
-    return Gamma, Wts, torch.stack(starts_kk, dim=2), torch.stack(starts_kv, dim=2), Hkk, Hkv
+        decay = Gamma[:, c, :, -1, None, None]
+        Hkk, Hkv = decay * Hkk + kk_end[:, c], decay * Hkv + kv_end[:, c]
+    return Gamma, Wts, torch.stack(starts_kk, dim=1), torch.stack(starts_kv, dim=1), Hkk, Hkv
 
 
 def _mesa_exact_solve(q, k, Gamma, Wts, S_kk, *, ridge):
     """Every token's H^kk_t + Λ formed as one (L×L)·(L×K²) product per chunk, then one batched Cholesky."""
-    B, H, N, L, K = q.shape
-    outer = (k.unsqueeze(-1) * k.unsqueeze(-2)).reshape(-1, L, K * K)  # k_s k_sᵀ, (B·H·N, L, K²)
-    base = torch.addcmul(ridge, Gamma[..., None, None], S_kk.unsqueeze(3))  # Γ_t H^kk_0 + Λ, (B, H, N, L, K, K)
-    A = torch.baddbmm(base.view(-1, L, K * K), Wts.reshape(-1, L, L), outer).view(B, H, N, L, K, K)  # H^kk_t + Λ
+    B, N, H, L, K = q.shape
+    outer = (k.unsqueeze(-1) * k.unsqueeze(-2)).reshape(-1, L, K * K)  # k_s k_sᵀ, (B·N·H, L, K²)
+    base = torch.addcmul(ridge, Gamma[..., None, None], S_kk.unsqueeze(3))  # Γ_t H^kk_0 + Λ, (B, N, H, L, K, K)
+    A = torch.baddbmm(base.view(-1, L, K * K), Wts.reshape(-1, L, L), outer).view(B, N, H, L, K, K)  # H^kk_t + Λ
     factor, info = torch.linalg.cholesky_ex(A)
     if info.any():
         raise ValueError("mesa_net: H^kk_t + diag(lamb) is not positive definite (expected lamb > 0 and beta >= 0)")
