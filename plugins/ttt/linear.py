@@ -236,7 +236,10 @@ class TTTLinear(InnerNormTTT):
     ==================  ===========================================  ==========================================
     path                runs when                                    tied to the reference by
     ==================  ===========================================  ==========================================
-    torch dual          ``forward`` with autograd (training on CPU)  test_torch_dual_form_equals_the_reference
+    native C training   autograd, float32 CPU, ``backend="auto"``    test_native_backward_equals_autograd,
+                        (forward: the prefill kernel; backward:      test_layer_gradients_equal_autograd
+                        ``scan_grad``'s kernel)                      (test_ttt_backward)
+    torch dual          ``forward`` with autograd elsewhere          test_torch_dual_form_equals_the_reference
     torch dual, no-grad ``forward`` without autograd, off native     test_torch_dual_form_equals_the_reference
     native C prefill    no autograd, float32 CPU, ``backend="auto"``  test_native_dual_form_equals_the_reference
     torch primal step   ``step``; the decoder where native is off     conformance: step = forward

@@ -267,7 +267,8 @@ class TTTMLP(InnerNormTTT):
     Which path runs when, and what ties it to the readable math (``reference.ttt_mlp_reference``,
     ``ttt_mlp_decode_reference``): the same table as ``TTTLinear``'s — torch dual form with and without
     autograd (test_torch_dual_form_equals_the_reference), native C prefill on float32 CPU without
-    autograd (test_native_dual_form_equals_the_reference), torch primal step (conformance: step = forward),
+    autograd (test_native_dual_form_equals_the_reference), native C training on float32 CPU with autograd
+    (the prefill kernel and ``scan_grad``'s backward kernel: test_ttt_backward), torch primal step (conformance: step = forward),
     native C step through ``decoder(B).step`` (test_ttt_native_step_equals_torch_path), Triton on CUDA (test_forward_matches_reference);
     golden vectors of ttt-lm-pytorch (test_layer_golden).
     """

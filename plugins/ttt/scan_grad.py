@@ -2,9 +2,16 @@
 ``torch.autograd.Function``s instead of autograd's record of the mini-batch loop.
 
 Autograd through the loop records some forty small ops per mini-batch and replays them one by one,
-second-order LayerNorm terms included. Here the forward runs without autograd (the native CPU kernel
-where it applies) and keeps only the weights at the start of every group of mini-batches. The backward
-takes the groups last to first; for each it
+second-order LayerNorm terms included. There are two forms of the same math:
+
+- the torch form (``_TTTLinearScan``, ``_TTTMLPScan``; any dtype, reached by calling ``ttt_linear_train`` /
+  ``ttt_mlp_train`` on tensors the native kernels do not take): the forward runs without autograd and
+  keeps only the weights at the start of every group of mini-batches;
+- the native form (``_TTTLinearNative``, ``_TTTMLPNative``; float32 CPU, what the layers train through):
+  the forward is the prefill kernel and keeps only its inputs; the backward kernel replays each head's
+  weights at every mini-batch start, then runs as step 3 below, one mini-batch at a time, in cache.
+
+The torch form's backward takes the groups last to first; for each it
 
 1. replays the group's *sequential core* from its start weights: per mini-batch only what the next
    weights need (the inner gradients g at the keys and the update), a few ops per mini-batch;
@@ -44,8 +51,8 @@ from .reference import LN_EPS
 
 __all__ = ["ttt_linear_train", "ttt_mlp_train", "applies", "native_applies", "DEFAULT_GROUP"]
 
-#: mini-batches per group when ``scan_checkpoint_group_size`` is 0: the weights are kept at each group's
-#: start, and a group's intermediates live only while the backward handles it
+#: mini-batches per group of the torch form (``group=0``): the weights are kept at each group's start, and
+#: a group's intermediates live only while the backward handles it
 DEFAULT_GROUP = 32
 
 
@@ -442,7 +449,8 @@ def ttt_linear_train(XQ: Tensor, XK: Tensor, XV: Tensor, lr_eta: Tensor, token_e
                      ln_w: Tensor, ln_b: Tensor, mini_batch_size: int, group: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """``ttt_linear_dual`` with the inner norm, for T a whole number of mini-batches, through the written
     backward: XQ/XK/XV (B, H, T, d), lr_eta (B, H, T), token_eta (b,), W1 (B, H, d, d), b1 (B, H, 1, d),
-    ln_w/ln_b (H, d); ``group``: mini-batches per kept weight (0: ``DEFAULT_GROUP``). Returns
+    ln_w/ln_b (H, d); ``group``: mini-batches per kept weight of the torch form (0: ``DEFAULT_GROUP``; the
+    native form keeps per-head replay buffers instead). Returns
     z = XQ + LN(Z̄) as (B, H, T, d) and the end weights (B, H, d, d), (B, H, 1, d)."""
     from .reference import causal_eta
 
