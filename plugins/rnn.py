@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 import seqzoo
-from seqzoo import SequenceLayer, State
+from seqzoo import SequenceLayer, State, native
+from seqzoo.native import plain
+from seqzoo.nn import recomputed_backward
 
 
 @dataclass
@@ -52,16 +54,65 @@ class NaiveRNN(SequenceLayer):
 
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         state = self.check_input(x, state)
+        if x.shape[1] == 0:
+            return x.new_zeros(x.shape), {"s": state["s"]}
         u = self.theta_sx(x)  # input terms of every step in one matmul
-        s = state["s"]
-        states = []
-        for t in range(x.shape[1]):  # the recurrence is nonlinear: no parallel form
-            s = torch.tanh(self.theta_ss(s) + u[:, t])
-            states.append(s)
-        if not states:
-            return x.new_zeros(x.shape), {"s": s}
-        S = torch.stack(states, dim=1)
+        W = self.theta_ss.weight
+        if torch.is_grad_enabled() and native.trainable() and plain(self.theta_ss) and (
+                u.requires_grad or W.requires_grad or state["s"].requires_grad):
+            S = _TanhRecurrence.apply(u, state["s"], W)  # with its written backward
+            s = S[:, -1]
+        else:
+            s, states = state["s"], []
+            for u_t in u.unbind(1):  # the recurrence is nonlinear: no parallel form
+                s = torch.tanh(self.theta_ss(s) + u_t)
+                states.append(s)
+            S = torch.stack(states, dim=1)
         return self.theta_zs(S) + self.theta_zx(x), {"s": s}
+
+
+def _tanh_loop(u: Tensor, s0: Tensor, W: Tensor) -> Tensor:
+    """S_t = tanh(S_{t−1}·Wᵀ + u_t), the token loop (autograd records it)."""
+    s, states = s0, []
+    for u_t in u.unbind(1):
+        s = torch.tanh(torch.addmm(u_t, s, W.t()))
+        states.append(s)
+    return torch.stack(states, dim=1)
+
+
+class _TanhRecurrence(torch.autograd.Function):
+    """S_t = tanh(S_{t−1}·Wᵀ + u_t) over t for u (B, T, n), s0 (B, n), W (n, n), with a backward written
+    for it: the carried gradient c runs last token to first, h_t = (dS_t + c) ⊙ (1 − S_t²), c ← h_t·W
+    (three ops a token, against about eight in autograd's record of the loop), then dW = Σ_t h_tᵀ S_{t−1}
+    and du = h in one product each. Equal to autograd through the loop (tests/test_conformance.py); a
+    second derivative goes through the loop itself (``recomputed_backward``)."""
+
+    @staticmethod
+    def forward(ctx, u, s0, W):
+        B, T, n = u.shape
+        S = u.new_empty(B, T, n)
+        Wt = W.t()
+        s = s0
+        for t in range(T):
+            s = torch.addmm(u[:, t], s, Wt, out=S[:, t]).tanh_()
+        ctx.save_for_backward(S, s0, W, u)  # (u only for a second derivative: an input, kept alive anyway)
+        return S
+
+    @staticmethod
+    def backward(ctx, dS):
+        S, s0, W, u = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: autograd through the loop, recomputed
+            return recomputed_backward(_tanh_loop, (u, s0, W), (dS,), ctx.needs_input_grad)
+        B, T, n = S.shape
+        slope = torch.addcmul(torch.ones_like(S), S, S, value=-1.0)  # 1 − S_t², tanh's derivative
+        H = torch.empty_like(S)
+        carry = torch.zeros_like(s0)
+        for t in range(T - 1, -1, -1):
+            h = torch.mul(dS[:, t] + carry, slope[:, t], out=H[:, t])
+            carry = h @ W
+        previous = torch.cat([s0.unsqueeze(1), S[:, :-1]], dim=1)  # S_{t−1}
+        dW = H.reshape(-1, n).t() @ previous.reshape(-1, n)
+        return H, carry, dW
 
 
 @seqzoo.hookimpl

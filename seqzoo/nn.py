@@ -19,6 +19,7 @@ __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
     "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
     "softplus_log_decay", "decay_products", "apply_rope_halves", "check_head_tensors", "scan_chunk_groups",
+    "CHUNK_GRAIN", "recomputed_backward",
 ]
 
 
@@ -379,3 +380,25 @@ class HeadProjections(SequenceLayer):
     def extra_repr(self) -> str:
         config = getattr(self, "config", None)
         return f"d_model={self.d_model}" + (f", {config}" if config is not None else "")
+
+
+def recomputed_backward(fn: Callable, inputs: Sequence, grad_outputs: Sequence[Tensor | None],
+                        needs: Sequence[bool]) -> tuple:
+    """The backward of a ``torch.autograd.Function`` whose written backward is not itself differentiable,
+    for the calls that need it to be: when its backward runs while autograd records (``create_graph=True``,
+    a second derivative), return autograd's gradients through ``fn(*inputs)``, a differentiable reference of
+    the forward recomputed here, so that higher derivatives are exact. (``once_differentiable`` would instead
+    detach the written gradients, and a second derivative taken with respect to some inputs would silently
+    miss the Function's part.) ``needs``: ``ctx.needs_input_grad``. Returns one gradient per input."""
+    wanted = [i for i, need in enumerate(needs) if need]
+    with torch.enable_grad():
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs)
+                 if g is not None and isinstance(o, Tensor) and o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True) if pairs and wanted else ()
+    result: list = [None] * len(inputs)
+    for i, g in zip(wanted, grads):
+        result[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return tuple(result)

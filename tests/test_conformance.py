@@ -102,3 +102,44 @@ def test_check_language_model_catches_a_parameter_without_gradient():
     finally:
         seqzoo.unregister_plugin("tmp_ok-plugin")
         seqzoo.unregister_plugin("tmp_unused-plugin")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rnn_written_backward_equals_autograd_through_the_loop(dtype, monkeypatch):
+    """The naive RNN trains through its written backward of the tanh recurrence: outputs, the final state and
+    the gradients of the input, the initial state and every parameter equal autograd's through the token loop
+    (float64 to rounding; float32 to its rounding), with a loss that reads the final state too; a second
+    derivative equals the loop's."""
+    from seqzoo_plugins import rnn as rnn_plugin
+
+    torch.manual_seed(0)
+    layer = seqzoo.create_layer("rnn", 16, state_dim=12).to(dtype)
+    x = torch.randn(3, 11, 16, dtype=dtype, requires_grad=True)
+    s0 = torch.randn(3, 12, dtype=dtype, requires_grad=True)
+    weights = torch.randn(3, 11, 16, dtype=dtype)
+
+    def run():
+        y, state = layer(x, {"s": s0})
+        loss = (y * weights).sum() + state["s"].square().sum()
+        return y, state["s"], torch.autograd.grad(loss, [x, s0, *layer.parameters()])
+
+    calls = []
+    real = rnn_plugin._TanhRecurrence.apply
+    monkeypatch.setattr(rnn_plugin._TanhRecurrence, "apply", lambda *a: calls.append(1) or real(*a))
+    y, s, grads = run()
+    assert calls == [1]
+    def second():  # a second derivative, with respect to a weight only the recurrence reads
+        (g,) = torch.autograd.grad(layer(x, {"s": s0})[0].square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), layer.theta_ss.weight)[0]
+
+    second_written = second()
+    calls.clear()
+    monkeypatch.setattr(rnn_plugin.native, "trainable", lambda *tensors: False)  # autograd's record of the loop
+    y_ref, s_ref, grads_ref = run()
+    assert not calls
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(s, s_ref, **tol)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(second_written, second(), **tol)  # exact, not missing the recurrence's part

@@ -148,6 +148,27 @@ def test_native_scan_equals_autograd_through_the_torch_scan(monkeypatch, with_st
         assert_close(g, w, 2e-6, f"native scan vs torch scan: {name}")
 
 
+def test_native_scan_second_derivative_equals_the_torch_scans(monkeypatch):
+    """create_graph=True through the native scan: its backward recomputes autograd's record of the torch
+    scan, so a second derivative (with respect to A, which only the scan reads) equals the torch scan's in
+    float64, to float32 rounding."""
+    calls = []
+    real = mamba_plugin._NativeScanGroup.apply
+    monkeypatch.setattr(mamba_plugin._NativeScanGroup, "apply", lambda *a: calls.append(1) or real(*a))
+    args64 = [t.requires_grad_() for t in _random_scan_inputs(2, 13, 4, 3, seed=7)]
+    args32 = [t.detach().float().requires_grad_() for t in args64]
+
+    def second(args, kernels):
+        y, _ = selective_scan_chunked(*args, chunk_size=4, kernels=kernels)
+        (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)  # with respect to x
+        return torch.autograd.grad(g.square().sum(), args[2])[0]  # then A
+
+    got = second(args32, True)
+    assert calls
+    want = second(args64, False)
+    assert (got.double() - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
 def test_native_scan_only_where_it_applies(monkeypatch):
     calls = []
     real = mamba_plugin._NativeScanGroup.apply

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from seqzoo import SequenceLayer, State, native
 from seqzoo.contract import Decoder
-from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh
+from seqzoo.nn import causal_conv, causal_conv_step, gelu_tanh, recomputed_backward
 
 __all__ = ["Mamba", "MambaConfig", "selective_scan_ref", "selective_scan_chunked", "mamba_step", "NATIVE"]
 
@@ -149,18 +149,21 @@ class _NativeScanGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dt, dtx, A, B, C, h0):
+        ctx.save_for_backward(dt, dtx, A, B, C, h0)  # the inputs themselves (a second derivative recomputes)
         dt, dtx, A, B, C, h0 = (t.contiguous() for t in (dt, dtx, A, B, C, h0))
         b, s, d = dt.shape
         n = A.shape[1]
         y, hT = dt.new_empty(b, s, d), dt.new_empty(b, d, n)
         NATIVE.sz_mamba_scan_fwd(b, s, d, n, *(t.data_ptr() for t in (dt, dtx, A, B, C, h0, y, hT)))
-        ctx.save_for_backward(dt, dtx, A, B, C, h0)
         return y, hT
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gh):
         dt, dtx, A, B, C, h0 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: autograd through the torch scan, recomputed
+            return recomputed_backward(lambda *t: _scan_group(*t, 8), ctx.saved_tensors, (gy, gh),
+                                       ctx.needs_input_grad)
+        dt, dtx, A, B, C, h0 = (t.contiguous() for t in (dt, dtx, A, B, C, h0))
         b, s, d = dt.shape
         n = A.shape[1]
         gy = gy.contiguous() if gy is not None else None

@@ -36,7 +36,8 @@ and the backward of g = rstd·P(u) for an incoming dg:
     drstd = Σ dg ⊙ g / rstd,   dZ^k = rstd·P(dx̂) − drstd·rstd²·x̂ / d.
 
 Every result equals autograd's gradients through ``ttt_linear_dual`` / ``ttt_mlp_dual`` (float64 in
-tests/test_ttt_backward.py). The backward is not itself differentiable (``once_differentiable``).
+tests/test_ttt_backward.py). A second derivative (``create_graph=True``) goes through autograd's record of a
+plain loop instead, recomputed in the backward (``seqzoo.nn.recomputed_backward``), so it is exact too.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor
 
 from seqzoo import native
+from seqzoo.nn import recomputed_backward
 
 from . import native_kernels
 from .reference import LN_EPS
@@ -99,6 +101,22 @@ def _ln_l2_bwd_grad(dg: Tensor, x: Tensor, x_hat: Tensor, mean: Tensor, rstd: Te
 # --- TTT-Linear ------------------------------------------------------------------------------------
 
 
+def _linear_loop(q, k, v, eta, W, bias, gamma, beta):
+    """``_TTTLinearScan``'s forward as a plain loop over mini-batches that autograd records (the
+    reference its backward recomputes through for a second derivative)."""
+    from .reference import ln_fwd, ln_l2_bwd
+
+    outs = []
+    for i in range(q.shape[0]):
+        g = ln_l2_bwd(k[i] @ W + bias, v[i] - k[i], gamma, beta)
+        Z_bar = q[i] @ W + bias - (eta[i] * (q[i] @ k[i].transpose(-1, -2) + 1.0)) @ g
+        outs.append(q[i] + ln_fwd(Z_bar, gamma, beta))
+        e = eta[i, :, -1, :, None]
+        W = W - k[i].transpose(-1, -2) @ (e * g)
+        bias = bias - (e * g).sum(-2, keepdim=True)
+    return torch.stack(outs), W, bias
+
+
 def _linear_core(k: Tensor, c: Tensor, e: Tensor, W: Tensor, bias: Tensor, gamma2: Tensor, keep: bool):
     """The sequential core over a group: k, c = γβ + γ(XK − XV) (G, N, b, d), e (G, N, b, 1) the update
     rates, W (N, d, d) and bias (N, 1, d) the start weights. Returns the weights at every mini-batch
@@ -143,13 +161,16 @@ class _TTTLinearScan(torch.autograd.Function):
             outs.append(torch.addcmul(beta, gamma, _ln_stats(Z_bar)[0]).add_(q[lo:hi]))
             W, bias = Ws[-1].clone(), bs[-1].clone()
         ctx.group = group
-        ctx.save_for_backward(q, k, v, eta, gamma, beta, torch.stack(starts_W), torch.stack(starts_b))
+        ctx.save_for_backward(q, k, v, eta, gamma, beta, torch.stack(starts_W), torch.stack(starts_b),
+                              starts_W[0], starts_b[0])  # (the start weights themselves: a second derivative)
         return torch.cat(outs) if len(outs) > 1 else outs[0], W, bias
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dz, dW_end, db_end):
-        q, k, v, eta, gamma, beta, starts_W, starts_b = ctx.saved_tensors
+        q, k, v, eta, gamma, beta, starts_W, starts_b, W0, b0 = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: autograd through the loop, recomputed
+            return (*recomputed_backward(_linear_loop, (q, k, v, eta, W0, b0, gamma, beta),
+                                         (dz, dW_end, db_end), ctx.needs_input_grad[:8]), None)
         group = ctx.group
         n, N, b, d = q.shape
         e = eta[:, :, -1, :, None]
@@ -230,9 +251,13 @@ class _TTTLinearNative(torch.autograd.Function):
         return native_kernels.ttt_linear_dual(XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b, mini_batch_size, LN_EPS)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dZ, dW, db):
         XQ, XK, XV, lr, tok, W1, b1, ln_w, ln_b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: autograd through the torch dual form, recomputed
+            from .linear import ttt_linear_dual
+
+            dual = lambda *t: ttt_linear_dual(*t, ctx.mini_batch_size)
+            return (*recomputed_backward(dual, ctx.saved_tensors, (dZ, dW, db), ctx.needs_input_grad[:9]), None)
         dZ = torch.zeros_like(XQ) if dZ is None else dZ
         dW = torch.zeros_like(W1) if dW is None else dW
         db = torch.zeros_like(b1) if db is None else db
@@ -313,6 +338,25 @@ def _mlp_outputs(q, k, eta, W1, b1, W2, b2, X2, g1, g2):
     return Z1_bar, X2_bar, dphi_bar, Z2_bar, S1, M1, S2, M2
 
 
+def _mlp_loop(q, k, v, eta, W1, b1, W2, b2, gamma, beta):
+    """``_TTTMLPScan``'s forward as a plain loop over mini-batches that autograd records (as ``_linear_loop``)."""
+    from .reference import gelu_tanh, gelu_tanh_grad, ln_fwd, ln_l2_bwd
+
+    outs = []
+    for i in range(q.shape[0]):
+        Z1 = k[i] @ W1 + b1
+        X2 = gelu_tanh(Z1)
+        g2 = ln_l2_bwd(X2 @ W2 + b2, v[i] - k[i], gamma, beta)
+        g1 = (g2 @ W2.transpose(-1, -2)) * gelu_tanh_grad(Z1)
+        X2_bar = gelu_tanh(q[i] @ W1 + b1 - (eta[i] * (q[i] @ k[i].transpose(-1, -2) + 1.0)) @ g1)
+        Z2_bar = X2_bar @ W2 + b2 - (eta[i] * (X2_bar @ X2.transpose(-1, -2) + 1.0)) @ g2
+        outs.append(q[i] + ln_fwd(Z2_bar, gamma, beta))
+        e = eta[i, :, -1, :, None]
+        W1, b1 = W1 - k[i].transpose(-1, -2) @ (e * g1), b1 - (e * g1).sum(-2, keepdim=True)
+        W2, b2 = W2 - X2.transpose(-1, -2) @ (e * g2), b2 - (e * g2).sum(-2, keepdim=True)
+    return torch.stack(outs), W1, b1, W2, b2
+
+
 class _TTTMLPScan(torch.autograd.Function):
     """Whole mini-batches of TTT-MLP with the inner LayerNorm, as ``_TTTLinearScan``: inputs in the
     (n, N, b, ·) layout, outputs z (n, N, b, d) and the end weights W1, b1, W2, b2."""
@@ -334,13 +378,17 @@ class _TTTMLPScan(torch.autograd.Function):
             outs.append(torch.addcmul(beta, gamma, _ln_stats(Z2_bar)[0]).add_(q[lo:hi]))
             W = [st[-1].clone() for st in stacks]
         ctx.group = group
-        ctx.save_for_backward(q, k, v, eta, gamma, beta, *(torch.stack(ws) for ws in zip(*starts)))
+        ctx.save_for_backward(q, k, v, eta, gamma, beta, *(torch.stack(ws) for ws in zip(*starts)),
+                              *starts[0])  # (the start weights themselves: a second derivative)
         return (torch.cat(outs) if len(outs) > 1 else outs[0], *W)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dz, dW1, db1, dW2, db2):
         q, k, v, eta, gamma, beta, *starts = ctx.saved_tensors
+        starts, firsts = starts[:4], starts[4:]
+        if torch.is_grad_enabled():  # a second derivative: autograd through the loop, recomputed
+            return (*recomputed_backward(_mlp_loop, (q, k, v, eta, *firsts, gamma, beta),
+                                         (dz, dW1, db1, dW2, db2), ctx.needs_input_grad[:10]), None)
         group = ctx.group
         n = q.shape[0]
         e = eta[:, :, -1, :, None]
@@ -435,9 +483,14 @@ class _TTTMLPNative(torch.autograd.Function):
         return native_kernels.ttt_mlp_dual(XQ, XK, XV, lr, tok, W1, b1, W2, b2, ln_w, ln_b, mini_batch_size, LN_EPS)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dZ, dW1, db1, dW2, db2):
         XQ, XK, XV, lr, tok, W1, b1, W2, b2, ln_w, ln_b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a second derivative: autograd through the torch dual form, recomputed
+            from .mlp import ttt_mlp_dual
+
+            dual = lambda *t: ttt_mlp_dual(*t, ctx.mini_batch_size)
+            return (*recomputed_backward(dual, ctx.saved_tensors, (dZ, dW1, db1, dW2, db2), ctx.needs_input_grad[:11]),
+                    None)
         dZ = torch.zeros_like(XQ) if dZ is None else dZ
         ends = [torch.zeros_like(w) if g is None else g for w, g in zip((W1, b1, W2, b2), (dW1, db1, dW2, db2))]
         grads = native_kernels.ttt_mlp_dual_bwd(XQ, XK, XV, lr, tok, W1, b1, W2, b2, ln_w, ln_b, ctx.mini_batch_size,
