@@ -381,7 +381,7 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window_size: int, *, sca
     values just before these (their positions −P … −1). Computed by blocks of b = min(window_size,
     ``WINDOW_BLOCK``) queries, each against the window_size + b keys that can reach it (one masked SDPA
     call for all blocks, the blocks in the batch dimension): time and memory O(T·(window_size + b)), not
-    O(T²).
+    O(T²). Without past keys and with T ≤ window_size it is plain causal attention, one SDPA call.
     """
     B, H, T, d = q.shape
     W = window_size
@@ -391,6 +391,8 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, window_size: int, *, sca
         raise ValueError(f"expected at most window_size = {W} past keys, got {P}")
     if T == 0:
         return v.new_zeros(B, H, 0, v.shape[-1])
+    if P == 0 and T <= W:  # the window holds every earlier key: plain causal attention, one fused call
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     b = min(W, WINDOW_BLOCK)
     nb = -(-T // b)
     pad = nb * b - T
