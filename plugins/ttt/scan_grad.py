@@ -117,16 +117,16 @@ def _linear_loop(q, k, v, eta, W, bias, gamma, beta):
     return torch.stack(outs), W, bias
 
 
-def _linear_core(k: Tensor, c: Tensor, e: Tensor, W: Tensor, bias: Tensor, gamma2: Tensor, keep: bool):
+def _linear_core(k: Tensor, c: Tensor, e: Tensor, W: Tensor, bias: Tensor, gamma2: Tensor):
     """The sequential core over a group: k, c = γβ + γ(XK − XV) (G, N, b, d), e (G, N, b, 1) the update
     rates, W (N, d, d) and bias (N, 1, d) the start weights. Returns the weights at every mini-batch
-    start (G + 1 of each, the last the end weights) and, with ``keep``, the key-side tensors (Z^k, x̂,
-    mean, rstd, u, g) stacked over the group."""
+    start (G + 1 of each, the last the end weights) and the key-side tensors (Z^k, x̂, mean, rstd, u, g)
+    stacked over the group."""
     G = k.shape[0]
     Ws = W.new_empty((G + 1, *W.shape))
     bs = bias.new_empty((G + 1, *bias.shape))
     Ws[0], bs[0] = W, bias
-    kept = [] if keep else None
+    kept = []
     for i in range(G):
         Zk = torch.baddbmm(bs[i], k[i], Ws[i])
         x_hat, mean, rstd = _ln_stats(Zk)
@@ -134,10 +134,7 @@ def _linear_core(k: Tensor, c: Tensor, e: Tensor, W: Tensor, bias: Tensor, gamma
         g = _ln_bwd(u, Zk, mean, rstd)
         torch.baddbmm(Ws[i], k[i].transpose(-1, -2), g * e[i], alpha=-1.0, out=Ws[i + 1])
         torch.baddbmm(bs[i], e[i].transpose(-1, -2), g, alpha=-1.0, out=bs[i + 1])
-        if keep:
-            kept.append((Zk, x_hat, mean, rstd, u, g))
-    if not keep:
-        return Ws, bs, None
+        kept.append((Zk, x_hat, mean, rstd, u, g))
     return Ws, bs, tuple(torch.stack(t) for t in zip(*kept))
 
 
@@ -156,7 +153,7 @@ class _TTTLinearScan(torch.autograd.Function):
             starts_W.append(W)
             starts_b.append(bias)
             c = torch.addcmul(gamma * beta, gamma, k[lo:hi] - v[lo:hi])
-            Ws, bs, (Zk, x_hat, mean, rstd, u, g) = _linear_core(k[lo:hi], c, e[lo:hi], W, bias, gamma2, True)
+            Ws, bs, (Zk, x_hat, mean, rstd, u, g) = _linear_core(k[lo:hi], c, e[lo:hi], W, bias, gamma2)
             Z_bar = _linear_outputs(q[lo:hi], k[lo:hi], eta[lo:hi], Ws[:-1], bs[:-1], g)[0]
             outs.append(torch.addcmul(beta, gamma, _ln_stats(Z_bar)[0]).add_(q[lo:hi]))
             W, bias = Ws[-1].clone(), bs[-1].clone()
@@ -186,7 +183,7 @@ class _TTTLinearScan(torch.autograd.Function):
             G = hi - lo
             qg, kg, vg, etag, eg, dzg = q[lo:hi], k[lo:hi], v[lo:hi], eta[lo:hi], e[lo:hi], dz[lo:hi]
             c = torch.addcmul(gamma * beta, gamma, kg - vg)
-            Ws, bs, (Zk, x_hat, mean, rstd, u, g) = _linear_core(kg, c, eg, starts_W[j], starts_b[j], gamma2, True)
+            Ws, bs, (Zk, x_hat, mean, rstd, u, g) = _linear_core(kg, c, eg, starts_W[j], starts_b[j], gamma2)
             Wi, bi = Ws[:-1], bs[:-1]
             Z_bar, A, M = _linear_outputs(qg, kg, etag, Wi, bi, g)
             z_hat, z_mean, z_rstd = _ln_stats(Z_bar)
@@ -294,16 +291,16 @@ def _gelu_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return y, dy, d2y
 
 
-def _mlp_core(k, c, e, W, gamma2, keep: bool):
+def _mlp_core(k, c, e, W, gamma2):
     """The sequential core of TTT-MLP over a group (as ``_linear_core``): W = [W1, b1, W2, b2] at the
-    group's start. Returns the weights at every mini-batch start (lists of G + 1 stacked tensors) and,
-    with ``keep``, the key-side tensors (Z1, X2, φ'(Z1), φ''(Z1), Z2, x̂, mean, rstd, u, g2, h, g1)."""
+    group's start. Returns the weights at every mini-batch start (lists of G + 1 stacked tensors) and the
+    key-side tensors (Z1, X2, φ'(Z1), φ''(Z1), Z2, x̂, mean, rstd, u, g2, h, g1)."""
     G = k.shape[0]
     stacks = [w.new_empty((G + 1, *w.shape)) for w in W]
     for st, w in zip(stacks, W):
         st[0] = w
     W1s, b1s, W2s, b2s = stacks
-    kept = [] if keep else None
+    kept = []
     for i in range(G):
         Z1 = torch.baddbmm(b1s[i], k[i], W1s[i])
         X2, dphi, d2phi = _gelu_parts(Z1)
@@ -317,10 +314,7 @@ def _mlp_core(k, c, e, W, gamma2, keep: bool):
         torch.baddbmm(b1s[i], e[i].transpose(-1, -2), g1, alpha=-1.0, out=b1s[i + 1])
         torch.baddbmm(W2s[i], X2.transpose(-1, -2), g2 * e[i], alpha=-1.0, out=W2s[i + 1])
         torch.baddbmm(b2s[i], e[i].transpose(-1, -2), g2, alpha=-1.0, out=b2s[i + 1])
-        if keep:
-            kept.append((Z1, X2, dphi, d2phi, Z2, x_hat, mean, rstd, u, g2, h, g1))
-    if not keep:
-        return stacks, None
+        kept.append((Z1, X2, dphi, d2phi, Z2, x_hat, mean, rstd, u, g2, h, g1))
     return stacks, tuple(torch.stack(t) for t in zip(*kept))
 
 
@@ -372,7 +366,7 @@ class _TTTMLPScan(torch.autograd.Function):
             hi = min(lo + group, n)
             starts.append(W)
             c = torch.addcmul(gamma * beta, gamma, k[lo:hi] - v[lo:hi])
-            stacks, kept = _mlp_core(k[lo:hi], c, e[lo:hi], W, gamma2, True)
+            stacks, kept = _mlp_core(k[lo:hi], c, e[lo:hi], W, gamma2)
             Z1, X2, dphi, d2phi, Z2, x_hat, mean, rstd, u, g2, h, g1 = kept
             Z2_bar = _mlp_outputs(q[lo:hi], k[lo:hi], eta[lo:hi], *(st[:-1] for st in stacks), X2, g1, g2)[3]
             outs.append(torch.addcmul(beta, gamma, _ln_stats(Z2_bar)[0]).add_(q[lo:hi]))
@@ -405,7 +399,7 @@ class _TTTMLPScan(torch.autograd.Function):
             G = hi - lo
             qg, kg, vg, etag, eg, dzg = q[lo:hi], k[lo:hi], v[lo:hi], eta[lo:hi], e[lo:hi], dz[lo:hi]
             c = torch.addcmul(gamma * beta, gamma, kg - vg)
-            stacks, kept = _mlp_core(kg, c, eg, [s[j] for s in starts], gamma2, True)
+            stacks, kept = _mlp_core(kg, c, eg, [s[j] for s in starts], gamma2)
             Z1, X2, dphi, d2phi, Z2, x_hat, mean, rstd, u, g2, h, g1 = kept
             W1, b1, W2, b2 = (st[:-1] for st in stacks)
             Z1_bar, X2_bar, dphi_bar, Z2_bar, S1, M1, S2, M2 = _mlp_outputs(qg, kg, etag, W1, b1, W2, b2, X2, g1, g2)
