@@ -27,7 +27,7 @@ from torch import Tensor
 
 import seqzoo
 from seqzoo import State
-from seqzoo.nn import CHUNK_GRAIN, HeadProjections, apply_rope, by_segments
+from seqzoo.nn import HeadProjections, apply_rope, by_segments, chunk_length
 
 __all__ = [
     "LinearAttention",
@@ -128,7 +128,7 @@ def _linear_attention_group(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``linear_attention_chunked`` on one group: all its chunks at once."""
     T = q.shape[2]
-    L = min(chunk_size, max(1, -(-T // CHUNK_GRAIN)) * CHUNK_GRAIN)  # a short sequence: one chunk of its length
+    L = chunk_length(chunk_size, T)  # a short sequence: one chunk of its length
     n = -(-T // L)
     pad = n * L - T  # zero features add nothing to S or z; the padded rows are cut off
     chunks = lambda t: rearrange(F.pad(t, (0, 0, 0, pad)), "b h (n l) d -> b h n l d", l=L)

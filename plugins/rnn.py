@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import seqzoo
@@ -62,22 +63,18 @@ class NaiveRNN(SequenceLayer):
                 u.requires_grad or W.requires_grad or state["s"].requires_grad):
             S = _TanhRecurrence.apply(u, state["s"], W)  # with its written backward
             s = S[:, -1]
-        else:
-            s, states = state["s"], []
-            for u_t in u.unbind(1):  # the recurrence is nonlinear: no parallel form
-                s = torch.tanh(self.theta_ss(s) + u_t)
-                states.append(s)
-            S = torch.stack(states, dim=1)
+        else:  # the recurrence is nonlinear: no parallel form
+            S, s = _tanh_loop(u, state["s"], self.theta_ss)
         return self.theta_zs(S) + self.theta_zx(x), {"s": s}
 
 
-def _tanh_loop(u: Tensor, s0: Tensor, W: Tensor) -> Tensor:
-    """S_t = tanh(S_{t−1}·Wᵀ + u_t), the token loop (autograd records it)."""
+def _tanh_loop(u: Tensor, s0: Tensor, ss) -> tuple[Tensor, Tensor]:
+    """S_t = tanh(ss(S_{t−1}) + u_t), the token loop (autograd records it): every S_t (B, T, n) and the last."""
     s, states = s0, []
     for u_t in u.unbind(1):
-        s = torch.tanh(torch.addmm(u_t, s, W.t()))
+        s = torch.tanh(ss(s) + u_t)
         states.append(s)
-    return torch.stack(states, dim=1)
+    return torch.stack(states, dim=1), s
 
 
 class _TanhRecurrence(torch.autograd.Function):
@@ -102,7 +99,8 @@ class _TanhRecurrence(torch.autograd.Function):
     def backward(ctx, dS):
         S, s0, W, u = ctx.saved_tensors
         if torch.is_grad_enabled():  # a second derivative: autograd through the loop, recomputed
-            return recomputed_backward(_tanh_loop, (u, s0, W), (dS,), ctx.needs_input_grad)
+            loop = lambda u, s0, W: _tanh_loop(u, s0, lambda s: F.linear(s, W))[0]
+            return recomputed_backward(loop, (u, s0, W), (dS,), ctx.needs_input_grad)
         B, T, n = S.shape
         slope = torch.addcmul(torch.ones_like(S), S, S, value=-1.0)  # 1 − S_t², tanh's derivative
         H = torch.empty_like(S)

@@ -260,23 +260,23 @@ def address(t: Tensor | None) -> int | None:
 _PLAIN_TYPES = (Tensor, nn.Parameter)  # no subclass (FakeTensor, DTensor, ...): those may have no memory
 
 
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_PID = 0  # the process that made _POOL: a forked child makes its own rather than rely on a copy
+#: (process id, workers, pool) of ``over_rows``' threads: a forked child makes its own pool rather than rely
+#: on a copy of its parent's
+_POOL: tuple[int, int, concurrent.futures.ThreadPoolExecutor] | None = None
 
 
 def over_rows(call, rows: int) -> list:
     """``call(row0, row1)`` on disjoint ranges covering [0, rows), one per torch thread, in parallel: a
     kernel call through ctypes releases the GIL, so single-threaded kernels over independent rows (heads,
     batch elements) use every core torch would. Returns each call's result, in order of the ranges."""
-    global _POOL, _POOL_PID
+    global _POOL
     threads = max(1, min(torch.get_num_threads(), rows))
     bounds = [rows * i // threads for i in range(threads + 1)]
     if threads == 1:
         return [call(0, rows)]
-    if _POOL is None or _POOL._max_workers < threads or _POOL_PID != os.getpid():
-        _POOL = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="seqzoo-native")
-        _POOL_PID = os.getpid()
-    futures = [_POOL.submit(call, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    if _POOL is None or _POOL[0] != os.getpid() or _POOL[1] < threads:
+        _POOL = (os.getpid(), threads, concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="seqzoo-native"))
+    futures = [_POOL[2].submit(call, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
     return [f.result() for f in futures]
 
 

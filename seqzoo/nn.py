@@ -19,7 +19,7 @@ __all__ = [
     "HeadProjections", "RMSNorm", "GatedRMSNorm", "SwiGLU", "gelu_tanh", "causal_conv", "causal_conv_step",
     "conv_state_shape", "apply_rope", "cached_views", "l2_normalize", "by_segments", "softplus_decay_init",
     "softplus_log_decay", "decay_products", "apply_rope_halves", "check_head_tensors", "scan_chunk_groups",
-    "CHUNK_GRAIN", "recomputed_backward",
+    "CHUNK_GRAIN", "chunk_length", "recomputed_backward",
 ]
 
 
@@ -152,19 +152,24 @@ def check_head_tensors(name: str, q: Tensor, k: Tensor, v: Tensor, chunk_size, *
 CHUNK_GRAIN = 16
 
 
+def chunk_length(L: int, T: int) -> int:
+    """The chunk length a chunked form uses for T tokens: L, or for a sequence shorter than a chunk one
+    chunk of T tokens rounded up to ``CHUNK_GRAIN`` (a chunk's length is the form's choice, not the math's;
+    padding 32 tokens to 64 doubled a short training sequence's work)."""
+    return min(L, max(1, -(-T // CHUNK_GRAIN)) * CHUNK_GRAIN)
+
+
 def scan_chunk_groups(group_fn: Callable, tensors: Sequence[Tensor | None], L: int, S, *, width: int,
                       group_elements: int, scale: float = 1.0) -> tuple[Tensor, Any]:
     """The outer loop of a chunked form over (B, T, H, ·) tensors (T > 0): each of ``tensors`` zero-padded to
-    whole chunks of L tokens (at most T rounded up to ``CHUNK_GRAIN``) and laid out (B, N, H, L, ·) (None
+    whole chunks of ``chunk_length(L, T)`` tokens and laid out (B, N, H, L, ·) (None
     passes through); the chunks in groups of
     ``group_elements // (B·H·L·width)`` (at least one), each group ``group_fn(*parts, S) -> (o (B, n, H, L,
     ·), S)`` from the state the previous one ends in. The first tensor's chunks are multiplied by ``scale``
     (in place where they are a copy). Returns o (B, T, H, ·) and the last state."""
     first = tensors[0]
     B, T, H = first.shape[:3]
-    # a sequence shorter than a chunk is one chunk of T tokens rounded up to 16 (a chunk's length is the
-    # form's choice, not the math's; padding 32 tokens to 64 doubled a short training sequence's work)
-    L = min(L, -(-T // CHUNK_GRAIN) * CHUNK_GRAIN)
+    L = chunk_length(L, T)
     n = -(-T // L)
     pad = n * L - T
     padded = lambda t: F.pad(t, (0, 0) * (t.ndim - 2) + (0, pad)) if pad else t

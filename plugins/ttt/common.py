@@ -4,7 +4,6 @@ the fused and in-place forms of the inner LayerNorm backward and gelu, and the l
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +13,11 @@ from seqzoo import State, native
 from seqzoo.contract import Decoder
 from seqzoo.ttt_layers import TTTLayer
 
-from . import native_kernels
-from .reference import LN_EPS
+from . import native_kernels, scan_grad
+from .reference import _SQRT_2_OVER_PI, LN_EPS
 
 log = logging.getLogger(__name__)
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def ln_l2_bwd_centered(x: Tensor, c: Tensor, gamma2: Tensor, eps: float = LN_EPS) -> Tensor:
@@ -133,6 +131,12 @@ class InnerNormTTT(TTTLayer):
         """Whether ``_full`` may run the native dual form on these tensors (``backend="auto"``, the inner
         norm, plain float32 CPU tensors without autograd)."""
         return self.config.backend == "auto" and self.config.inner_norm and native_kernels.LIB.usable(*tensors)
+
+    def _native_training(self, *tensors: Tensor) -> bool:
+        """Whether ``_full`` may train through the native kernels and their written backward
+        (``scan_grad``) on these tensors: ``backend="auto"``, the inner norm, autograd recording on plain
+        float32 CPU tensors (``scan_grad.applies``)."""
+        return self.config.backend == "auto" and self.config.inner_norm and scan_grad.applies(*tensors)
 
     def native_step(self, x: Tensor, state: State) -> tuple[Tensor, State] | None:
         """``step`` through ``_native_token``; None where the native path does not apply, and then the

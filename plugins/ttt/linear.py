@@ -301,7 +301,7 @@ class TTTLinear(InnerNormTTT):
             Z, W1, b1 = fn(*args, **({"checkpoint_group": group} if group else {}))
         elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1 = native_kernels.ttt_linear_dual(*args[:9], self.mini_batch_size, LN_EPS)
-        elif self.config.backend == "auto" and norm and scan_grad.applies(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
+        elif self._native_training(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1 = scan_grad.ttt_linear_train(*args, group)
         else:
             Z, W1, b1 = ttt_linear_dual(*args, checkpoint_group=group)

@@ -315,7 +315,7 @@ class TTTMLP(InnerNormTTT):
             Z, W1, b1, W2, b2 = fn(*args, **({"checkpoint_group": group} if group else {}))
         elif self._native_prefill(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1, W2, b2 = native_kernels.ttt_mlp_dual(*args[:11], self.mini_batch_size, LN_EPS)
-        elif self.config.backend == "auto" and norm and scan_grad.applies(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
+        elif self._native_training(XQ, XK, XV, lr, tok, ln_w, ln_b, *W.values()):
             Z, W1, b1, W2, b2 = scan_grad.ttt_mlp_train(*args, group)
         else:
             Z, W1, b1, W2, b2 = ttt_mlp_dual(*args, checkpoint_group=group)

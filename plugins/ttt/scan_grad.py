@@ -49,7 +49,7 @@ from seqzoo import native
 from seqzoo.nn import recomputed_backward
 
 from . import native_kernels
-from .reference import LN_EPS
+from .reference import _SQRT_2_OVER_PI, LN_EPS
 
 __all__ = ["ttt_linear_train", "ttt_mlp_train", "applies", "native_applies", "DEFAULT_GROUP"]
 
@@ -274,7 +274,7 @@ class _TTTLinearNative(torch.autograd.Function):
 # The backward adds, beyond TTT-Linear's terms, the path through h: dh = dg1 ⊙ φ'(Z1) gives
 # dg2 += dh·W2 and dW2 += dhᵀ·g2, and dZ1 = dg1 ⊙ h ⊙ φ''(Z1) + dX2 ⊙ φ'(Z1).
 
-_C0, _C1 = 0.7978845608028654, 0.044715  # √(2/π) and the cubic coefficient of gelu_tanh
+_C0, _C1 = _SQRT_2_OVER_PI, 0.044715  # √(2/π) and the cubic coefficient of gelu_tanh
 
 
 def _gelu_parts(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,7 +34,6 @@ def _count(low: int):
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
         return value
 
-    parse.__name__ = "positive integer" if low == 1 else f"integer >= {low}"
     return parse
 
 
