@@ -45,16 +45,19 @@ def _layer_from_hf_config(cfg: dict) -> Mamba:
                                dt_rank=cfg.get("time_step_rank", "auto")).to(F64)
 
 
-def hf_mixer_reference(layer: Mamba, u: torch.Tensor, *, d_float32: bool = False) -> torch.Tensor:
+def hf_mixer_reference(layer: Mamba, u: torch.Tensor, *, d_float32: bool = False,
+                       dt_bias_float32: bool = False) -> torch.Tensor:
     """Hugging Face's ``MambaMixer.slow_forward`` for float64 input, written out with its float32 casts:
     A = −exp(A_log.float()) and the term Δ·B·x takes ``B.float()`` and ``x.float()``; the rest is float64.
     The golden files (transformers 5.24) are matched exactly when D is read in float32 too (``d_float32``);
-    the installed 4.57 reads D in float64."""
+    4.57 reads D in float64. transformers 5.25 reads both D and ``dt_proj.bias`` in float32
+    (``dt_bias_float32``)."""
     T = u.shape[1]
     x, z = layer.in_proj(u).transpose(1, 2).chunk(2, dim=1)  # (b, d, t)
     x = F.silu(layer.conv1d(x)[..., :T])
     dt, B, C = torch.split(layer.x_proj(x.transpose(1, 2)), [layer.dt_rank, layer.d_state, layer.d_state], -1)
-    dt = F.softplus(layer.dt_proj(dt)).transpose(1, 2)  # (b, d, t)
+    bias = layer.dt_proj.bias.float().to(u.dtype) if dt_bias_float32 else layer.dt_proj.bias
+    dt = F.softplus(F.linear(dt, layer.dt_proj.weight) + bias).transpose(1, 2)  # (b, d, t)
     A = -torch.exp(layer.A_log.float())
     h = u.new_zeros(u.shape[0], layer.d_inner, layer.d_state)
     ys = []
@@ -64,6 +67,34 @@ def hf_mixer_reference(layer: Mamba, u: torch.Tensor, *, d_float32: bool = False
     D = layer.D.float().to(u.dtype) if d_float32 else layer.D
     y = (torch.stack(ys, -1) + x * D[:, None]) * F.silu(z)
     return layer.out_proj(y.transpose(1, 2))
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def hf_mixer_forward(mixer, u: torch.Tensor, cache=None, position=None) -> torch.Tensor:
+    """Hugging Face's pure-torch ``MambaMixer``: ``slow_forward`` in transformers 4.x; in 5.x ``forward``
+    itself, whose path without mamba-ssm's kernels is the torch scan (the cache is passed as ``cache``)."""
+    if hasattr(mixer, "slow_forward"):
+        return mixer.slow_forward(u, cache_params=cache, cache_position=position)
+    return mixer(u, cache=cache)
+
+
+def hf_mamba_cache(cfg, batch_size: int):
+    """An empty Hugging Face cache for one Mamba layer, and a function reading its (conv, ssm) states:
+    4.x's ``MambaCache``; 5.x's ``DynamicCache``, whose linear-attention layers hold the same two."""
+    if _transformers_major() < 5:
+        from transformers.models.mamba.modeling_mamba import MambaCache
+
+        cache = MambaCache(cfg, max_batch_size=batch_size, dtype=F64)
+        return cache, lambda: (cache.conv_states[0], cache.ssm_states[0])
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=cfg)
+    return cache, lambda: (cache.get_conv_state(0), cache.get_recurrent_state(0))
 
 
 def _random_scan_inputs(b, t, d, n, *, dt_scale=1.0, seed=0):
@@ -246,33 +277,35 @@ def test_layer_matches_live_hf_mixer(d, n, k, e, r, bias, cbias, T):
     assert layer.state_dict().keys() == mixer.state_dict().keys()
     u = torch.randn(2, T, d, dtype=F64)
     with torch.no_grad():
-        want = mixer.slow_forward(u)
+        want = hf_mixer_forward(mixer, u)
         y, _ = layer(u)
         assert_close(y, want, HF_TOL, "vs HF MambaMixer")
-        assert_close(hf_mixer_reference(layer, u), want, 1e-12, "HF's float32 casts explain the gap")
+        hf5 = _transformers_major() >= 5  # 5.x reads D and the dt bias in float32 too
+        assert_close(hf_mixer_reference(layer, u, d_float32=hf5, dt_bias_float32=hf5), want, 1e-12,
+                     "HF's float32 casts explain the gap")
 
 
 def test_state_convention_matches_hf_cache():
-    """conv_state holds the last d_conv conv inputs and ssm_state h, exactly as HF's MambaCache."""
-    from transformers.models.mamba.modeling_mamba import MambaCache
-
+    """conv_state holds the last d_conv conv inputs and ssm_state h, exactly as HF's cache."""
     cfg, mixer = _hf_mixer(32, state_size=6, conv_kernel=4, expand=2, time_step_rank="auto", use_bias=False,
                            use_conv_bias=True, seed=3)
     layer = seqzoo.create_layer("mamba", 32, d_state=6).to(F64)
     layer.load_state_dict(mixer.state_dict(), strict=True)
     u = torch.randn(2, 11, 32, dtype=F64)
-    cache = MambaCache(cfg, max_batch_size=2, dtype=F64)
+    cache, hf_states = hf_mamba_cache(cfg, 2)
     with torch.no_grad():
-        mixer.slow_forward(u[:, :9], cache_params=cache, cache_position=torch.arange(cfg.conv_kernel))
+        hf_mixer_forward(mixer, u[:, :9], cache, torch.arange(cfg.conv_kernel))
         _, state = layer(u[:, :9])
-        assert_close(state["conv_state"], cache.conv_states[0], 0.0, "prefill conv_state")
-        assert_close(state["ssm_state"], cache.ssm_states[0], HF_TOL, "prefill ssm_state")
+        conv, ssm = hf_states()
+        assert_close(state["conv_state"], conv, 0.0, "prefill conv_state")
+        assert_close(state["ssm_state"], ssm, HF_TOL, "prefill ssm_state")
         for t in (9, 10):
-            want = mixer.slow_forward(u[:, t:t + 1], cache_params=cache, cache_position=torch.tensor([t]))
+            want = hf_mixer_forward(mixer, u[:, t:t + 1], cache, torch.tensor([t]))
             y, state = layer.step(u[:, t], state)
+            conv, ssm = hf_states()
             assert_close(y, want[:, 0], HF_TOL, f"decode step {t}: output")
-            assert_close(state["conv_state"], cache.conv_states[0], 0.0, f"decode step {t}: conv_state")
-            assert_close(state["ssm_state"], cache.ssm_states[0], HF_TOL, f"decode step {t}: ssm_state")
+            assert_close(state["conv_state"], conv, 0.0, f"decode step {t}: conv_state")
+            assert_close(state["ssm_state"], ssm, HF_TOL, f"decode step {t}: ssm_state")
 
 
 # --- initialisation and config ---------------------------------------------------------------------
@@ -497,7 +530,7 @@ def test_forward_in_many_segments_equals_steps_and_hf(monkeypatch, grad):
         y, st = layer(u)
     with torch.no_grad():
         y_steps, st_steps = scan_steps(layer, u.detach())
-        want = mixer.slow_forward(u.detach())
+        want = hf_mixer_forward(mixer, u.detach())
     assert_close(y.detach(), y_steps, 1e-12, "segmented forward vs step scan")
     for k in st:
         assert_close(st[k].detach(), st_steps[k], 1e-12, f"segmented forward vs step scan, state {k}")

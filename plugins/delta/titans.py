@@ -67,7 +67,9 @@ class TitansMemory(seqzoo.GradientLearner):
     def init_params(self) -> dict[str, Tensor]:
         d, h = self.head_dim, self.hidden
         dims = (d, *([h] * (self.depth - 1)), d)
-        params = {f"w{i}": nn.init.xavier_uniform_(torch.empty(a, b)) for i, (a, b) in enumerate(zip(dims, dims[1:]))}
+        params = {f"w{i}": torch.empty(a, b) for i, (a, b) in enumerate(zip(dims, dims[1:]))}
+        for w in params.values():  # in place: a loader that stubs torch's init functions returns None
+            nn.init.xavier_uniform_(w)
         if self.residual_norm:
             params["gamma"] = torch.zeros(d)
         return params

@@ -1,5 +1,13 @@
-"""Byte-level language modelling on local text (the Python standard library by default): the language
-modelling task of the comparison.
+"""Language modelling on text (the Python standard library's sources, byte by byte, by default): the
+language modelling task of the comparison and of ``seqzoo train --task lm``.
+
+The text is local files or a Hugging Face dataset (see ``seqzoo.bench.textdata``), read as UTF-8 bytes
+or through a Hugging Face tokenizer; documents are packed with an end-of-text token after each. Held
+out are whole documents (``crc32`` of a file's path, or of a dataset document's index, modulo
+``val_every``), and validation windows start at their starts. Training windows are drawn at random
+offsets of the packed stream (a pure function of seed and step), or, with ``streaming``, read in order
+from the stream, the position (document, token) kept in every checkpoint so a resumed run reads on
+exactly where it stopped.
 
 Registered by this plugin as the task ``lm``; the harness reads what it declares (its headline metric,
 its table columns, its loss-by-position curve, its ``data`` option), never its name.
@@ -8,6 +16,7 @@ its table columns, its loss-by-position curve, its ``data`` option), never its n
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -23,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqzoo.bench.tasks import Task, cache_key, cached, checked_config, order_key
+from seqzoo.bench.textdata import documents, is_dataset_source, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +70,23 @@ def _text_files(path: Path) -> tuple[Path, list[Path]]:
 
 @dataclass
 class LMConfig:
-    """Byte-level LM data: windows of ``seq_len + 1`` bytes from local text files."""
+    """LM data: windows of ``seq_len + 1`` tokens from text files or a Hugging Face dataset."""
 
     seq_len: int = field(default=128, metadata={"help": "tokens per training/validation window"})
     data: str | None = field(
-        default=None, metadata={"help": "file or folder of text (default: stdlib sources)"}
+        default=None,
+        metadata={"help": "text file or folder, jsonl/parquet file, save_to_disk folder, or hub dataset name "
+                          "(default: stdlib sources)"},
     )
-    max_train_bytes: int = field(default=8_000_000, metadata={"help": "cap on the training stream"})
+    tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a Hugging Face tokenizer name/folder"})
+    data_config: str | None = field(default=None, metadata={"help": "the hub dataset's configuration"})
+    data_split: str = field(default="train", metadata={"help": "the dataset split read"})
+    text_field: str = field(default="text", metadata={"help": "the dataset field holding the text"})
+    streaming: bool = field(default=False, metadata={"help": "read the dataset as a stream, in order"})
+    max_train_bytes: int = field(default=8_000_000,
+                                 metadata={"help": "cap on the training stream, in tokens (not streamed)"})
     val_every: int = field(
-        default=20, metadata={"help": "a file goes to validation when crc32(path) % val_every == 0"}
+        default=20, metadata={"help": "a document is held out when crc32(path or index) % val_every == 0"}
     )
     num_eval: int = field(default=64, metadata={"help": "validation windows"})
 
@@ -94,82 +112,200 @@ class LMTask(Task):
 
     def __init__(self, *, seed: int = 0, cache_dir: str | os.PathLike | None = None, **config):
         self.cfg = checked_config(LMConfig, config)
-        if self.cfg.seq_len < 1:
-            raise ValueError(f"expected seq_len >= 1, got {self.cfg.seq_len}")
+        cfg = self.cfg
+        if cfg.seq_len < 1:
+            raise ValueError(f"expected seq_len >= 1, got {cfg.seq_len}")
+        if cfg.val_every < 1 or cfg.num_eval < 1:
+            raise ValueError(f"expected val_every and num_eval >= 1, got {cfg.val_every} and {cfg.num_eval}")
         self.seed = seed
-        self.seq_len = self.cfg.seq_len
-        root, files = (
-            stdlib_files() if self.cfg.data is None else _text_files(Path(self.cfg.data).expanduser())
-        )
-        self.source = "python-stdlib" if self.cfg.data is None else str(Path(self.cfg.data).resolve())
-        listing = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
-        key = cache_key(
-            "lm", {"source": self.source, "files": listing, "cfg": dataclasses.asdict(self.cfg), "v": 1}
-        )
+        self.seq_len = cfg.seq_len
+        self.tok = load_tokenizer(cfg.tokenizer)
+        self.vocab_size = self.tok.vocab_size
+        self.dataset = cfg.data is not None and is_dataset_source(cfg.data)
+        if cfg.streaming and not self.dataset:
+            raise ValueError(f"expected a dataset (jsonl, parquet, save_to_disk folder or hub name) with "
+                             f"streaming, got {cfg.data!r}")
+        if cfg.data is None:
+            self.source = "python-stdlib"
+        elif self.dataset and not Path(cfg.data).expanduser().exists():
+            self.source = cfg.data  # a hub name
+        else:
+            self.source = str(Path(cfg.data).expanduser().resolve())
+        payload = {"source": self.source, "cfg": dataclasses.asdict(cfg), "v": 2}
+        if self.dataset:
+            local = Path(cfg.data).expanduser()
+            if local.exists():
+                payload["files"] = sorted((p.relative_to(local).as_posix() if local.is_dir() else p.name,
+                                           p.stat().st_size, p.stat().st_mtime_ns)
+                                          for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file())
+            build = self._build_streamed_val if cfg.streaming else self._build_dataset
+        else:
+            root, files = stdlib_files() if cfg.data is None else _text_files(Path(cfg.data).expanduser())
+            payload["files"] = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
+            build = lambda: self._build_files(root, files)  # noqa: E731
         cache = Path(cache_dir) if cache_dir is not None else None
-        t = cached(cache, key, lambda: self._build(root, files))
-        self.train_bytes = t["train"].long()
+        t = cached(cache, cache_key("lm", payload), build)
         self.val_windows = t["val"].long()
-        if self.train_bytes.numel() <= self.seq_len + 1:
+        self.train_tokens = None if cfg.streaming else t["train"].long()
+        if self.train_tokens is not None and self.train_tokens.numel() <= self.seq_len + 1:
             raise ValueError(
-                f"expected more than {self.seq_len + 1} training bytes, got {self.train_bytes.numel()}"
+                f"expected more than {self.seq_len + 1} training tokens, got {self.train_tokens.numel()}"
             )
+        # the streamed reader: the (document, token) where batch `step` starts, for the steps read so far
+        self._positions: dict[int, tuple[int, int]] = {0: (0, 0)}
+        self._reader = None
 
-    def _build(self, root: Path, files: list[Path]) -> dict[str, Tensor]:
-        cfg, w = self.cfg, self.cfg.seq_len + 1
-        train, val = [], []
-        if len(files) == 1:  # one file: the last 10% is validation
+    # --- building the data ----------------------------------------------------------------------
+    def _held_out(self, key: str) -> bool:
+        return zlib.crc32(key.encode()) % self.cfg.val_every == 0
+
+    def _docs(self, skip: int = 0):
+        cfg = self.cfg
+        return documents(cfg.data, data_config=cfg.data_config, split=cfg.data_split, text_field=cfg.text_field,
+                         streaming=cfg.streaming, skip=skip)
+
+    def _build_files(self, root: Path, files: list[Path]) -> dict[str, Tensor]:
+        if len(files) == 1:  # one file: the last 10% of its bytes is validation
             blob = files[0].read_bytes()
             cut = int(len(blob) * 0.9)
-            train, val = [blob[:cut][: cfg.max_train_bytes]], [blob[cut:]]
-        else:
-            size = 0
-            for p in files:
-                rel = p.relative_to(root).as_posix()
-                if zlib.crc32(rel.encode()) % cfg.val_every == 0:
-                    val.append(p.read_bytes())
-                elif size < cfg.max_train_bytes:
-                    blob = (p.read_bytes() + b"\n")[: cfg.max_train_bytes - size]
-                    train.append(blob)
-                    size += len(blob)
-        # validation windows start at file starts (position t = t bytes of context), then continue
-        windows: list[bytes] = []
+            return self._pack([blob[:cut].decode("utf-8", "replace")], [blob[cut:].decode("utf-8", "replace")])
+        train, val = [], []
+        for p in files:
+            held = self._held_out(p.relative_to(root).as_posix())
+            (val if held else train).append(lambda p=p: p.read_bytes().decode("utf-8", "replace"))
+        return self._pack((read() for read in train), (read() for read in val))
+
+    def _build_dataset(self) -> dict[str, Tensor]:
+        train, val = [], []
+        for i, text in enumerate(self._docs()):
+            (val if self._held_out(str(i)) else train).append(text)
+        return self._pack(train, val)
+
+    def _build_streamed_val(self) -> dict[str, Tensor]:
+        """Validation windows from the held-out documents at the stream's head (training reads on)."""
+        windows: list[list[int]] = []
+        w = self.seq_len + 1
+        for i, text in enumerate(self._docs()):
+            if self._held_out(str(i)):
+                ids = list(self.tok.encode(text))
+                windows.extend(ids[o:o + w] for o in range(0, len(ids) - w + 1, w))
+                if len(windows) >= self.cfg.num_eval:
+                    break
+        return {"val": self._windows_tensor(windows[: self.cfg.num_eval])}
+
+    def _pack(self, train_texts, val_texts) -> dict[str, Tensor]:
+        """The training stream (each document's tokens, then end-of-text; at most ``max_train_bytes``
+        tokens) and the validation windows: each held-out document's first window, then its second, ...
+        (position t of a window has t tokens of the document before it)."""
+        cfg, w = self.cfg, self.seq_len + 1
+        dtype = np.uint8 if self.vocab_size <= 256 else np.int32
+        eos = np.asarray([self.tok.eos_id], dtype=dtype)
+        parts, size = [], 0
+        for text in train_texts:
+            if size >= cfg.max_train_bytes:
+                break
+            ids = np.asarray(self.tok.encode(text), dtype=dtype)
+            parts += [ids, eos]
+            size += len(ids) + 1
+        stream = np.concatenate(parts)[: cfg.max_train_bytes] if parts else np.zeros(0, dtype)
+        val_ids = [self.tok.encode(text) for text in val_texts]
+        windows: list[list[int]] = []
         offset = 0
         while len(windows) < cfg.num_eval:
             added = False
-            for blob in val:
-                chunk = blob[offset : offset + w]
+            for ids in val_ids:
+                chunk = ids[offset : offset + w]
                 if len(chunk) == w and len(windows) < cfg.num_eval:
                     windows.append(chunk)
                     added = True
             if not added:
                 break
             offset += w
+        return {"train": torch.from_numpy(stream), "val": self._windows_tensor(windows)}
+
+    def _windows_tensor(self, windows: list[list[int]]) -> Tensor:
         if not windows:
-            raise ValueError(f"expected validation text of at least {w} bytes, found none")
-        train_arr = np.frombuffer(b"".join(train), dtype=np.uint8).copy()
-        val_arr = np.frombuffer(b"".join(windows), dtype=np.uint8).reshape(len(windows), w).copy()
-        return {"train": torch.from_numpy(train_arr), "val": torch.from_numpy(val_arr)}
+            raise ValueError(f"expected held-out text of at least {self.seq_len + 1} tokens, found none")
+        dtype = np.uint8 if self.vocab_size <= 256 else np.int32
+        return torch.from_numpy(np.stack([np.asarray(x, dtype=dtype) for x in windows]))
 
     def config(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "seed": self.seed,
             "source": self.source,
             **dataclasses.asdict(self.cfg),
-            "train_bytes": int(self.train_bytes.numel()),
+            "vocab_size": self.vocab_size,
             "val_windows": int(self.val_windows.shape[0]),
         }
+        if self.train_tokens is not None:
+            out["train_tokens"] = int(self.train_tokens.numel())
+        return out
 
+    # --- training batches -------------------------------------------------------------------------
     def train_batch(self, step: int, batch_size: int, *, order: int = 0) -> tuple[Tensor, Tensor]:
-        """``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, order, step)``."""
-        rng = np.random.default_rng(order_key([self.seed, 11, step], order))
-        starts = torch.from_numpy(
-            rng.integers(0, self.train_bytes.numel() - self.seq_len - 1, size=batch_size)
-        )
-        idx = starts[:, None] + torch.arange(self.seq_len + 1)
-        win = self.train_bytes[idx]
+        """``batch_size`` windows at offsets drawn from a generator seeded by ``(seed, order, step)``; or,
+        streamed, the next ``batch_size`` windows of the stream (each starts at its predecessor's last
+        token, so every token is a target once)."""
+        if self.train_tokens is None:
+            if order:
+                raise ValueError("a streamed dataset is read in one order; data_order must be 0")
+            win = self._streamed_windows(step, batch_size)
+        else:
+            rng = np.random.default_rng(order_key([self.seed, 11, step], order))
+            starts = torch.from_numpy(
+                rng.integers(0, self.train_tokens.numel() - self.seq_len - 1, size=batch_size)
+            )
+            win = self.train_tokens[starts[:, None] + torch.arange(self.seq_len + 1)]
         return win[:, :-1], win[:, 1:]
+
+    def _streamed_windows(self, step: int, batch_size: int) -> Tensor:
+        if step not in self._positions:
+            raise ValueError(
+                f"a streamed dataset is read in order: batch {step} was asked for, but the stream is known "
+                f"up to batch {max(self._positions)} (resuming from a checkpoint restores its position)"
+            )
+        doc, offset = self._positions[step]
+        reader = self._reader
+        if reader is None or reader[0] != (doc, offset):
+            reader = ((doc, offset), self._train_tokens_from(doc, offset))
+        tokens, w = reader[1], self.seq_len + 1
+        windows = []
+        buf: list[tuple[int, int, int]] = []  # (token, document, offset) of the window being filled
+        for _ in range(batch_size):
+            while len(buf) < w:
+                try:
+                    buf.append(next(tokens))
+                except StopIteration:
+                    raise ValueError(f"the dataset {self.cfg.data!r} ran out of training text at batch {step}") \
+                        from None
+            windows.append([t for t, _, _ in buf])
+            buf = buf[-1:]  # the next window starts at this one's last token
+        _, doc, offset = buf[0]
+        rest = itertools.chain(buf, tokens)
+        self._reader = ((doc, offset), (t for t in rest))
+        self._positions[step + 1] = (doc, offset)
+        return torch.tensor(windows, dtype=torch.long)
+
+    def _train_tokens_from(self, doc: int, offset: int):
+        """(token, document, offset) of the packed training stream from ``offset`` of document ``doc``."""
+        for i, text in enumerate(self._docs(skip=doc), start=doc):
+            if self._held_out(str(i)):
+                continue
+            ids = [*self.tok.encode(text), self.tok.eos_id]
+            for o in range(offset if i == doc else 0, len(ids)):
+                yield ids[o], i, o
+
+    def data_state(self, step: int) -> dict[str, Any] | None:
+        """Where batch ``step`` starts in the data, for a checkpoint (None: a pure function of the step)."""
+        if self.train_tokens is not None:
+            return None
+        doc, offset = self._positions[step]
+        return {"step": step, "document": doc, "offset": offset}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        """Continue the stream at a checkpoint's position."""
+        self._positions[int(state["step"])] = (int(state["document"]), int(state["offset"]))
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, *, batch_size: int = 64, device="cpu") -> dict:

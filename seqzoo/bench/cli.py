@@ -80,6 +80,43 @@ def _progress(enabled: bool):
     )
 
 
+def _data_source(data: str) -> str:
+    """A local ``--data`` path made absolute (worker processes and checkpoints read it from anywhere);
+    anything else (a hub dataset name) as given."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else data
+
+
+def _data_options(args) -> dict:
+    """The lm task's options given on the command line (``--data``, ``--tokenizer``, ...), defaults left out."""
+    out = {}
+    if args.data:
+        out["data"] = _data_source(args.data)
+    for name in ("tokenizer", "data_config", "data_split", "text_field"):
+        value = getattr(args, name, None)
+        if value is not None:
+            out[name] = value
+    if getattr(args, "streaming", False):
+        out["streaming"] = True
+    if set(out) - {"data", "tokenizer"} and "data" not in out:
+        raise ValueError("--data-config, --data-split, --text-field and --streaming describe a dataset: give "
+                         "--data too")
+    return out
+
+
+def _add_data_arguments(p) -> None:
+    p.add_argument("--data", default=None,
+                   help="text for the lm task: a text file or folder, a jsonl/parquet file, a datasets.save_to_disk "
+                        "folder, or a Hugging Face hub dataset name (default: the Python standard library's sources)")
+    p.add_argument("--tokenizer", default=None,
+                   help="'bytes' (default: UTF-8 bytes, vocabulary 256) or a Hugging Face tokenizer name or folder")
+    p.add_argument("--data-config", default=None, help="the hub dataset's configuration name")
+    p.add_argument("--data-split", default=None, help="the dataset split to read (default: train)")
+    p.add_argument("--text-field", default=None, help="the dataset field holding the text (default: text)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the dataset and read it in order (the position is kept in checkpoints)")
+
+
 # --- compare ----------------------------------------------------------------------------------------------
 def _jobs(args) -> int:
     """Training runs at once: given, or on CPU one per core left by the torch threads (on CUDA one)."""
@@ -122,6 +159,7 @@ def _cmd_compare(args) -> int:
     progress = _progress(bars)
     log_line = None if bars else (lambda line: print(line, flush=True))
     try:
+        data_options = _data_options(args) or None
         with progress:
             results = compare(
                 layers=_names(args.layers),
@@ -132,7 +170,7 @@ def _cmd_compare(args) -> int:
                 seed=args.seed,
                 out=out,
                 resume=args.resume,
-                data=args.data,
+                data=data_options,
                 speed=not args.no_speed,
                 overrides=overrides,
                 progress=progress if bars else None,
@@ -195,8 +233,11 @@ def _cmd_train(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     rank = int(os.environ.get("RANK", "0"))
     task_config = parse_config(args.task_config)
-    if args.data:
-        task_config["data"] = str(Path(args.data).expanduser().resolve())
+    try:
+        task_config.update(_data_options(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cfg = TrainConfig(
         layer=args.layer,
         backbone=args.backbone,
@@ -361,9 +402,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--out", default="seqzoo-results", help="output folder (default seqzoo-results)")
     p.add_argument("--resume", action="store_true", help="keep finished units of an earlier run in --out")
-    p.add_argument(
-        "--data", default=None, help="file or folder of text for the lm task (default: stdlib sources)"
-    )
+    _add_data_arguments(p)
     p.add_argument("--no-speed", action="store_true", help="skip the speed sweep")
     p.add_argument(
         "--report-only", action="store_true",
@@ -389,7 +428,7 @@ def add_commands(sub) -> None:
     p.add_argument("--backbone", default="transformer", choices=["transformer", "mamba"])
     p.add_argument("--task", default="mqar")
     p.add_argument("--task-config", nargs="*", metavar="KEY=VALUE", help="task options, e.g. seq_len=256")
-    p.add_argument("--data", default=None, help="text file or folder (lm task)")
+    _add_data_arguments(p)
     p.add_argument("--config", nargs="*", metavar="KEY=VALUE", help="layer config options")
     p.add_argument("--d-model", type=_count(1), default=64)
     p.add_argument("--n-layers", type=_count(1), default=2)

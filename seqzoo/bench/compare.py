@@ -113,7 +113,7 @@ def compare(
     seed: int = 0,
     out: str | Path = "seqzoo-results",
     resume: bool = False,
-    data: str | None = None,
+    data: str | dict | None = None,
     speed: bool = True,
     overrides: dict | None = None,
     progress: Any = None,
@@ -130,6 +130,8 @@ def compare(
     ``progress`` is an optional ``rich.progress.Progress``; ``console`` an optional rich console for notes;
     ``log_line`` is called with one plain line per finished unit (for logs and pipes).
     ``overrides`` replaces preset entries (``{"tasks": {"mqar": {"steps": 10}}}``), for tests and sweeps.
+    ``data``: a text file or folder for the tasks that take user data, or a dict of their data options
+    (``{"data": ..., "tokenizer": ..., "data_split": ...}``, as ``seqzoo compare --data ... --tokenizer ...``).
     """
     cfg = preset(preset_name)
     if overrides:
@@ -169,8 +171,12 @@ def compare(
         takes = [t for t in tasks if infos[t]["data_option"]]
         if not takes:
             raise ValueError(f"--data: none of the tasks {tasks} takes user data")
+        options = dict(data) if isinstance(data, dict) else {"data": str(Path(data).expanduser().resolve())}
         for t in takes:
-            cfg["tasks"][t]["task_config"][infos[t]["data_option"]] = str(Path(data).expanduser().resolve())
+            tc = cfg["tasks"][t]["task_config"]
+            if "data" in options:
+                tc[infos[t]["data_option"]] = options["data"]
+            tc.update({k: v for k, v in options.items() if k != "data"})
     if not cfg.get("speed"):
         speed = False
     outp = Path(out)

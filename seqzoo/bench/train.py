@@ -218,10 +218,12 @@ def _all_reduce_sum(values: list[float], d: _Dist, device) -> list[float]:
 
 # --- checkpoints ---------------------------------------------------------------------------------------
 def save_checkpoint(
-    out: Path, step: int, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, losses: list[float]
+    out: Path, step: int, cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer, losses: list[float],
+    *, data: dict | None = None,
 ) -> Path:
-    """Write ``out/checkpoint-{step}/`` (model, optimizer, RNG: safetensors; rest: JSON), then point
-    ``out/latest.json`` at it with an atomic replace; older checkpoints are removed afterwards."""
+    """Write ``out/checkpoint-{step}/`` (model, optimizer, RNG: safetensors; rest: JSON, with ``data``: the
+    task's position in its data, where it has one), then point ``out/latest.json`` at it with an atomic
+    replace; older checkpoints are removed afterwards."""
     folder = out / f"checkpoint-{step:07d}"
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / "model.safetensors", model.state_dict())
@@ -240,12 +242,26 @@ def save_checkpoint(
     if torch.cuda.is_available() and cfg.device.startswith("cuda"):
         rng["torch_cuda"] = torch.cuda.get_rng_state(torch.device(cfg.device))
     save_tensors(folder / "rng.safetensors", rng)
-    write_json(folder / "trainer.json", {"step": step, "config": cfg.to_dict(), "losses": losses})
+    trainer = {"step": step, "config": cfg.to_dict(), "losses": losses}
+    if data is not None:
+        trainer["data"] = data
+    write_json(folder / "trainer.json", trainer)
     write_json(out / "latest.json", {"checkpoint": folder.name, "step": step})
     for old in out.glob("checkpoint-*"):
         if old.is_dir() and old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def checkpoint_data(out: Path) -> dict | None:
+    """The data position kept in the checkpoint named by ``out/latest.json`` (None: the task has none)."""
+    latest = read_json(out / "latest.json")
+    return read_json(out / latest["checkpoint"] / "trainer.json").get("data")
+
+
+def _data_state(task: Task, step: int) -> dict | None:
+    state = getattr(task, "data_state", None)
+    return state(step) if state is not None else None
 
 
 def load_checkpoint(
@@ -354,6 +370,9 @@ def train(
             diff = sorted(k for k in saved if saved.get(k) != cfg.to_dict().get(k))
             raise ValueError(f"cannot resume {outp}: its config differs in {diff}")
         resumed_from = start
+        data = checkpoint_data(outp)
+        if data is not None:
+            task.load_data_state(data)
         log.info("resumed from step %d", start)
         if dist.main:
             _truncate_log(outp / "log.jsonl", start)
@@ -428,7 +447,7 @@ def train(
                         or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                     )
                 ):
-                    save_checkpoint(outp, step, cfg, model, opt, losses)
+                    save_checkpoint(outp, step, cfg, model, opt, losses, data=_data_state(task, step))
                 if signals.caught is not None:
                     raise Interrupted(
                         f"stopped by signal {signals.caught} after step {step}; resume with --resume"
@@ -442,7 +461,7 @@ def train(
                     if cfg.stop_at is not None and reaches(evals[-1][1], cfg.stop_at, task.score_sign):
                         stopped_at = step
                         if outp is not None and dist.main:
-                            save_checkpoint(outp, step, cfg, model, opt, losses)
+                            save_checkpoint(outp, step, cfg, model, opt, losses, data=_data_state(task, step))
                         break
     finally:
         if logf is not None:

@@ -1,0 +1,131 @@
+"""Text for language modelling: where documents come from, how they become token ids, and how they
+are packed into training windows.
+
+A source (``--data``) is one of
+
+- a text file, or a folder of text files (each file one document);
+- a ``.jsonl``/``.json`` or ``.parquet`` file, or a folder of them (a dataset repository laid out on disk);
+- a folder written by ``datasets.Dataset.save_to_disk``;
+- a Hugging Face hub dataset name, with ``data_config`` and ``split`` (read with ``datasets.load_dataset``,
+  streamed with ``streaming=True``);
+
+and a tokenizer (``--tokenizer``) is ``bytes`` (the UTF-8 bytes of the text: vocabulary 256, byte 0 as
+end-of-text, as text never holds a NUL) or a Hugging Face tokenizer name or folder (its own end-of-text
+token). Documents are packed into one stream with the end-of-text token after each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Tokenizer", "load_tokenizer", "documents", "is_dataset_source", "DATA_SUFFIXES"]
+
+#: the file types read as datasets (the rest of a folder's files are read as text)
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Text to token ids: ``encode(text)`` (a sequence of ints), the end-of-text id, the vocabulary size."""
+
+    name: str
+    encode: Callable[[str], Sequence[int]]
+    eos_id: int
+    vocab_size: int
+
+
+def load_tokenizer(name: str = "bytes") -> Tokenizer:
+    """``bytes`` or a Hugging Face tokenizer (hub name or local folder, loaded with ``AutoTokenizer``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"expected a tokenizer name ('bytes' or a Hugging Face tokenizer), got {name!r}")
+    if name == "bytes":
+        return Tokenizer("bytes", lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8), 0, 256)
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise ImportError(f'--tokenizer {name} needs Hugging Face transformers: pip install "seqzoo[hf]"') from err
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load the tokenizer {name!r} (a hub name or a local folder): {err}") from None
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer {name!r} has no end-of-text token to put between documents")
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    return Tokenizer(name, encode, int(tok.eos_token_id), len(tok))
+
+
+def is_dataset_source(data: str) -> bool:
+    """Whether ``data`` is read with ``datasets`` (not as text files): a data file, a folder of data
+    files or a ``save_to_disk`` folder, or a name that is no local path (a hub dataset)."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        return path.suffix in DATA_SUFFIXES
+    if path.is_dir():
+        if _saved_to_disk(path):
+            return True
+        files = [p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)]
+        return bool(files) and all(p.suffix in DATA_SUFFIXES or p.name in ("README.md", ".gitattributes")
+                                   for p in files)
+    return True
+
+
+def _hidden(p: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "state.json").is_file() or \
+        (path / "dataset_dict.json").is_file()
+
+
+def documents(data: str, *, data_config: str | None = None, split: str = "train", text_field: str = "text",
+              streaming: bool = False, skip: int = 0) -> Iterator[str]:
+    """The documents of a dataset source, in order, from document ``skip`` on (see the module docstring)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f'reading the dataset {data!r} needs Hugging Face datasets: pip install "seqzoo[hf]"') \
+            from err
+    path = Path(data).expanduser()
+    if path.is_dir() and _saved_to_disk(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = _split(ds, split, data)
+        if streaming:
+            ds = ds.to_iterable_dataset()
+    elif path.is_file():
+        builder = DATA_SUFFIXES.get(path.suffix)
+        if builder is None:
+            raise ValueError(f"expected a {'/'.join(DATA_SUFFIXES)} file, got {str(path)!r}")
+        ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, streaming=streaming)
+    else:
+        try:
+            ds = datasets.load_dataset(str(path) if path.is_dir() else data, data_config, split=split,
+                                       streaming=streaming)
+        except (FileNotFoundError, ValueError, ConnectionError) as err:
+            raise ValueError(f"cannot load the dataset {data!r} (config {data_config!r}, split {split!r}): {err}") \
+                from None
+    columns = ds.column_names if ds.column_names is not None else None
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"expected a text field {text_field!r} in the dataset {data!r}; its fields: {columns}")
+    if skip:
+        ds = ds.skip(skip)
+    for i, row in enumerate(ds, start=skip):
+        text = row.get(text_field)
+        if not isinstance(text, str):
+            raise ValueError(f"document {i} of {data!r}: expected field {text_field!r} to hold text, got "
+                             f"{type(text).__name__}")
+        yield text
+
+
+def _split(ds, split: str, data: str):
+    if split not in ds:
+        raise ValueError(f"the dataset {data!r} has no split {split!r}; its splits: {sorted(ds)}")
+    return ds[split]

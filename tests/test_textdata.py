@@ -1,0 +1,162 @@
+"""Real text for the lm task: Hugging Face datasets (jsonl, parquet, save_to_disk, a dataset folder),
+Hugging Face tokenizers, documents packed with end-of-text, streaming with an exact resume. Local
+fixtures only: nothing here touches the network."""
+
+import json
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from seqzoo_plugins.tasks import LMTask
+
+datasets = pytest.importorskip("datasets")
+
+from seqzoo.bench.train import TrainConfig, train  # noqa: E402
+
+DOCS = [f"document {i}: " + "the quick brown fox. " * (3 + i % 7) + f"end {i}" for i in range(60)]
+
+
+def _held_out(i: int, every: int = 20) -> bool:
+    return zlib.crc32(str(i).encode()) % every == 0
+
+
+def _expected_stream(docs, encode=lambda t: list(t.encode()), eos=0):
+    out = []
+    for i, text in enumerate(docs):
+        if not _held_out(i):
+            out += [*encode(text), eos]
+    return out
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(DOCS)))
+    return path
+
+
+def test_held_out_documents_exist_in_the_fixture():
+    held = [i for i in range(len(DOCS)) if _held_out(i)]
+    assert 0 < len(held) < len(DOCS) // 2
+
+
+def test_jsonl_documents_are_packed_with_end_of_text(jsonl, tmp_path):
+    task = LMTask(data=str(jsonl), seq_len=16, num_eval=4, cache_dir=tmp_path / "c")
+    assert task.vocab_size == 256 and task.dataset
+    assert task.train_tokens.tolist() == _expected_stream(DOCS)
+    # validation windows: the first 17 bytes of each held-out document, in order
+    held = [DOCS[i] for i in range(len(DOCS)) if _held_out(i)]
+    want = [list(t.encode()[:17]) for t in held][:4]
+    assert task.val_windows.tolist()[: len(want)] == want
+    x, y = task.train_batch(3, 5)
+    assert x.shape == (5, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_parquet_save_to_disk_and_a_dataset_folder_read_the_same_documents(jsonl, tmp_path):
+    ds = datasets.Dataset.from_dict({"body": DOCS})
+    ds.to_parquet(str(tmp_path / "docs.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text(jsonl.read_text())
+    want = _expected_stream(DOCS)
+    for data, field in ((tmp_path / "docs.parquet", "body"), (tmp_path / "saved", "body"), (folder, "text")):
+        task = LMTask(data=str(data), text_field=field, seq_len=16, num_eval=2)
+        assert task.train_tokens.tolist() == want, data
+    with pytest.raises(ValueError, match="no split 'test'"):
+        LMTask(data=str(tmp_path / "saved"), text_field="body", data_split="test", seq_len=16)
+    with pytest.raises(ValueError, match="text field 'text'.*body"):
+        LMTask(data=str(tmp_path / "docs.parquet"), seq_len=16)
+
+
+def _word_tokenizer(tmp_path):
+    """A small Hugging Face tokenizer with its own end-of-text token, saved to a folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for t in DOCS for w in t.split()})
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(str(tmp_path / "tok"))
+    return str(tmp_path / "tok"), vocab
+
+
+def test_a_hugging_face_tokenizer_sets_the_vocabulary_and_end_of_text(jsonl, tmp_path):
+    pytest.importorskip("transformers")
+    path, vocab = _word_tokenizer(tmp_path)
+    task = LMTask(data=str(jsonl), tokenizer=path, seq_len=8, num_eval=2)
+    assert task.vocab_size == len(vocab)
+    want = _expected_stream(DOCS, lambda t: [vocab[w] for w in t.split()], eos=1)
+    assert task.train_tokens.tolist() == want
+    with pytest.raises(ValueError, match="cannot load the tokenizer"):
+        LMTask(data=str(jsonl), tokenizer=str(tmp_path / "nothing-here"), seq_len=8)
+
+
+def test_streaming_reads_the_stream_in_order(jsonl, tmp_path):
+    task = LMTask(data=str(jsonl), streaming=True, seq_len=16, num_eval=4)
+    assert task.train_tokens is None
+    stream = _expected_stream(DOCS)
+    # window k starts at token 16k: each window's last token starts the next one
+    batches = [task.train_batch(step, 3) for step in range(4)]
+    for step, (x, y) in enumerate(batches):
+        for j in range(3):
+            k = 3 * step + j
+            assert x[j].tolist() == stream[16 * k:16 * k + 16] and y[j].tolist() == stream[16 * k + 1:16 * k + 17]
+    # the same batches again from the start, and from a position kept in a checkpoint
+    assert torch.equal(task.train_batch(0, 3)[0], batches[0][0])
+    state = task.data_state(2)
+    assert set(state) == {"step", "document", "offset"}
+    fresh = LMTask(data=str(jsonl), streaming=True, seq_len=16, num_eval=4)
+    fresh.load_data_state(state)
+    assert torch.equal(fresh.train_batch(2, 3)[0], batches[2][0])
+    assert torch.equal(fresh.train_batch(3, 3)[0], batches[3][0])
+    with pytest.raises(ValueError, match="read in order"):
+        fresh.train_batch(9, 3)
+    with pytest.raises(ValueError, match="data_order must be 0"):
+        fresh.train_batch(0, 3, order=1)
+    with pytest.raises(ValueError, match="ran out of training text"):
+        fresh.train_batch(4, 10_000)
+
+
+def _cfg(data, **kw):
+    base = dict(layer="rnn", task="lm", task_config={"data": str(data), "seq_len": 16, "num_eval": 4,
+                                                     "streaming": True},
+                d_model=16, n_layers=1, steps=8, batch_size=4, warmup_steps=2, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_streamed_run_resumes_exactly(jsonl, tmp_path):
+    full = train(_cfg(jsonl), out=tmp_path / "full")
+    part = train(_cfg(jsonl), out=tmp_path / "part", stop_after=3)
+    assert part.steps == 3
+    trainer = json.loads(next((tmp_path / "part").glob("checkpoint-*/trainer.json")).read_text())
+    assert trainer["data"]["step"] == 3 and trainer["data"]["document"] > 0
+    rest = train(_cfg(jsonl), out=tmp_path / "part", resume=True)
+    assert rest.resumed_from == 3 and rest.losses == full.losses  # bit-identical: the same batches
+    assert rest.metrics["loss"] == full.metrics["loss"]
+
+
+def test_train_command_takes_a_dataset_and_a_tokenizer(jsonl, tmp_path):
+    run = [sys.executable, "-m", "seqzoo", "train", "--layer", "rnn", "--task", "lm", "--d-model", "16",
+           "--n-layers", "1", "--steps", "3", "--batch-size", "2", "--task-config", "seq_len=16", "num_eval=2"]
+    done = subprocess.run([*run, "--data", str(jsonl), "--streaming", "--tokenizer", "bytes", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["result"]["steps"] == 3
+    bad = subprocess.run([*run, "--streaming"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "give --data too" in bad.stderr
+
+
+def test_bytes_encode_is_utf8():
+    from seqzoo.bench.textdata import load_tokenizer
+
+    tok = load_tokenizer("bytes")
+    assert np.asarray(tok.encode("é✓")).tolist() == list("é✓".encode()) and tok.eos_id == 0
+    with pytest.raises(ValueError, match="expected a tokenizer name"):
+        load_tokenizer("")
