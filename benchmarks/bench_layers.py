@@ -77,6 +77,12 @@ def hf_mamba_mixer(layer, d_model: int, d_state: int, d_conv: int, expand: int):
     return mixer.eval()
 
 
+def hf_torch_forward(mixer):
+    """HF's pure-torch mixer forward: ``slow_forward`` in transformers 4.x, ``forward`` itself in 5.x (an
+    eval-mode mixer without mamba-ssm's kernels takes its torch scan)."""
+    return getattr(mixer, "slow_forward", mixer.forward)
+
+
 def bench_mamba(cfg: dict) -> tuple[list[dict], str | None]:
     import seqzoo
 
@@ -96,9 +102,9 @@ def bench_mamba(cfg: dict) -> tuple[list[dict], str | None]:
         progress(f"mamba T={T}")
         x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
-            err = rel_err(ours(x)[0], hf.slow_forward(x))
+            err = rel_err(ours(x)[0], hf_torch_forward(hf)(x))
             res = time_in_turn(
-                {"hf_slow_forward": lambda x=x: hf.slow_forward(x), "seqzoo": lambda x=x: ours(x)},
+                {"hf_slow_forward": lambda x=x: hf_torch_forward(hf)(x), "seqzoo": lambda x=x: ours(x)},
                 repeats=cfg["repeats"],
             )
         rows.append(_row("mamba", "hf_slow_forward", T, res["hf_slow_forward"]))

@@ -16,7 +16,9 @@ every repeat and the medians are reported.
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,9 @@ import torch.nn.functional as F
 
 import seqzoo
 from seqzoo.bench import speed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_layers import hf_torch_forward  # noqa: E402
 
 D_MODEL = 768
 
@@ -74,7 +79,7 @@ def test_mamba_step(benchmark, tiny):
 def test_hf_mixer_slow_forward(benchmark, tiny):
     pytest.importorskip("transformers")
     layer, x = tiny
-    benchmark(_hf_mixer(layer).slow_forward, x)
+    benchmark(hf_torch_forward(_hf_mixer(layer)), x)
 
 
 # --- the figures -------------------------------------------------------------------------------------
@@ -97,7 +102,7 @@ def main(lengths=(1024, 2048, 4096, 8192, 16384), hf_lengths=(2048, 4096, 8192),
         x = _input(T)
         fns = {"ours": lambda x=x: layer(x)}
         if T in hf_lengths:
-            fns["hf"] = lambda x=x: mixer.slow_forward(x)
+            fns["hf"] = lambda x=x: hf_torch_forward(mixer)(x)
         m = _interleaved_medians(fns, repeats, clock)
         ours = m["ours"]
         out["forward_us_per_token"][T] = ours / T * 1e6

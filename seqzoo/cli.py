@@ -1,4 +1,5 @@
-"""The ``seqzoo`` command: list, info, plugins, check (and compare, train, bench from seqzoo.bench)."""
+"""The ``seqzoo`` command: list, info, plugins, check, export, eval (and compare, train, bench from
+seqzoo.bench)."""
 
 from __future__ import annotations
 
@@ -140,6 +141,81 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    try:
+        from .hf import export_checkpoint
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    tokenizer = {"auto": None, "bytes": True, "none": False}[args.tokenizer]
+    try:
+        folder = export_checkpoint(args.run, args.folder, tokenizer=tokenizer)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    print(f"saved {folder} (load it with AutoModelForCausalLM.from_pretrained after `import seqzoo.hf`)")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    if not args.tasks and not args.by_position:
+        print("error: expected --tasks (lm-evaluation-harness) or --by-position, or both", file=sys.stderr)
+        return 2
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        print(f"error: expected a saved model folder with config.json, got {str(folder)!r}", file=sys.stderr)
+        return 2
+    try:
+        from . import evaluation
+        from .hf import SeqzooForCausalLM
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else folder / "eval"
+    try:
+        if args.tasks:
+            from .bench.store import write_json
+
+            tasks = [t for v in args.tasks for t in v.split(",") if t]
+            result = evaluation.run_lm_eval(folder, tasks, tokenizer=args.tokenizer, batch_size=args.batch_size,
+                                            limit=args.limit, num_fewshot=args.num_fewshot,
+                                            include_path=args.include_path, device=args.device)
+            from lm_eval.utils import make_table
+
+            print(make_table(result))
+            kept = {k: result[k] for k in ("results", "versions", "n-shot", "config") if k in result}
+            write_json(out / "lm_eval.json", json.loads(json.dumps(kept, default=str)))  # its config holds dtypes
+        if args.by_position:
+            from .bench.textdata import held_out_documents, load_tokenizer
+
+            model = SeqzooForCausalLM.from_pretrained(str(folder)).eval().to(args.device)
+            context = evaluation.training_context(model.config)
+            length = args.length or 4 * (context or 512)
+            tok = load_tokenizer(evaluation.folder_tokenizer(folder, args.tokenizer))
+            if tok.vocab_size > model.config.vocab_size:
+                raise ValueError(f"the tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model reads "
+                                 f"{model.config.vocab_size}")
+            data = args.data
+            if data and Path(data).expanduser().exists():
+                data = str(Path(data).expanduser().resolve())
+            docs = (tok.encode(text) for text in held_out_documents(
+                data, data_config=args.data_config, split=args.data_split or "train",
+                text_field=args.text_field or "text", streaming=args.streaming))
+            result = evaluation.loss_by_position(model.model, docs, length=length, max_documents=args.documents,
+                                                 chunk=args.chunk, device=args.device)
+            paths = evaluation.save_by_position(result, out, title=f"{model.config.layer} ({model.config.backbone})",
+                                                train_context=context)
+            summary = {k: v for k, v in result.items() if k != "loss_by_position"}
+            print(json.dumps({"by_position": summary, **paths}))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqzoo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +243,32 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import cli as bench_cli
 
     bench_cli.add_commands(sub)
+
+    p = sub.add_parser("export", help="write a seqzoo train run's latest checkpoint as a transformers folder")
+    p.add_argument("run", help="the --out folder of seqzoo train")
+    p.add_argument("folder", help="the folder to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--tokenizer", choices=["auto", "bytes", "none"], default="auto",
+                   help="save the byte tokenizer: auto (for byte-level tasks), bytes (always), none")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="evaluate a saved model: lm-evaluation-harness tasks, loss by token position")
+    p.add_argument("folder", help="a save_pretrained / seqzoo export folder")
+    p.add_argument("--tasks", nargs="*", help="lm-evaluation-harness tasks (comma or space separated)")
+    p.add_argument("--batch-size", type=bench_cli._count(1), default=1)
+    p.add_argument("--limit", type=bench_cli._positive_float, default=None,
+                   help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=bench_cli._count(0), default=None)
+    p.add_argument("--include-path", default=None, help="a folder of your own lm-evaluation-harness task YAMLs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="folder for the results (default: FOLDER/eval)")
+    p.add_argument("--by-position", action="store_true",
+                   help="held-out loss at every token position of documents longer than the training context")
+    p.add_argument("--length", type=bench_cli._count(1), default=None,
+                   help="positions to evaluate (default: 4x the training context, or 2048)")
+    p.add_argument("--documents", type=bench_cli._count(1), default=16, help="held-out documents to average")
+    p.add_argument("--chunk", type=bench_cli._count(1), default=512, help="tokens per forward call")
+    bench_cli._add_data_arguments(p, tokenizer_help="the tokenizer (default: the folder's own, else bytes)")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -20,8 +20,6 @@ import itertools
 import logging
 import math
 import os
-import sysconfig
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,40 +30,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqzoo.bench.tasks import Task, cache_key, cached, checked_config, order_key
-from seqzoo.bench.textdata import documents, is_dataset_source, load_tokenizer
+from seqzoo.bench.textdata import (
+    documents,
+    held_out,
+    is_dataset_source,
+    load_tokenizer,
+    stdlib_files,
+    text_files,
+)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LMConfig", "LMTask", "stdlib_files"]
-
-
-# --- byte-level language modelling -----------------------------------------------------------------
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """The Python standard library's own ``*.py`` files (no site-packages), sorted: (root, files)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
-        )
-        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _text_files(path: Path) -> tuple[Path, list[Path]]:
-    if path.is_file():
-        return path.parent, [path]
-    if not path.is_dir():
-        raise ValueError(f"expected --data to be a text file or a folder of text files, got {str(path)!r}")
-    files = []
-    for p in sorted(path.rglob("*"), key=lambda q: q.relative_to(path).as_posix()):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts):
-            with open(p, "rb") as f:
-                if b"\0" not in f.read(1024):
-                    files.append(p)
-    if not files:
-        raise ValueError(f"expected text files under {str(path)!r}, found none")
-    return path, files
 
 
 @dataclass
@@ -140,7 +116,7 @@ class LMTask(Task):
                                           for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file())
             build = self._build_streamed_val if cfg.streaming else self._build_dataset
         else:
-            root, files = stdlib_files() if cfg.data is None else _text_files(Path(cfg.data).expanduser())
+            root, files = stdlib_files() if cfg.data is None else text_files(Path(cfg.data).expanduser())
             payload["files"] = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
             build = lambda: self._build_files(root, files)  # noqa: E731
         cache = Path(cache_dir) if cache_dir is not None else None
@@ -157,7 +133,7 @@ class LMTask(Task):
 
     # --- building the data ----------------------------------------------------------------------
     def _held_out(self, key: str) -> bool:
-        return zlib.crc32(key.encode()) % self.cfg.val_every == 0
+        return held_out(key, self.cfg.val_every)
 
     def _docs(self, skip: int = 0):
         cfg = self.cfg

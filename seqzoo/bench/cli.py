@@ -104,12 +104,13 @@ def _data_options(args) -> dict:
     return out
 
 
-def _add_data_arguments(p) -> None:
+def _add_data_arguments(p, tokenizer_help: str | None = None) -> None:
     p.add_argument("--data", default=None,
                    help="text for the lm task: a text file or folder, a jsonl/parquet file, a datasets.save_to_disk "
                         "folder, or a Hugging Face hub dataset name (default: the Python standard library's sources)")
     p.add_argument("--tokenizer", default=None,
-                   help="'bytes' (default: UTF-8 bytes, vocabulary 256) or a Hugging Face tokenizer name or folder")
+                   help=tokenizer_help or "'bytes' (default: UTF-8 bytes, vocabulary 256) or a Hugging Face "
+                                          "tokenizer name or folder")
     p.add_argument("--data-config", default=None, help="the hub dataset's configuration name")
     p.add_argument("--data-split", default=None, help="the dataset split to read (default: train)")
     p.add_argument("--text-field", default=None, help="the dataset field holding the text (default: text)")

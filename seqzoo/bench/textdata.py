@@ -16,13 +16,17 @@ token). Documents are packed into one stream with the end-of-text token after ea
 
 from __future__ import annotations
 
+import os
+import sysconfig
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Tokenizer", "load_tokenizer", "documents", "is_dataset_source", "DATA_SUFFIXES"]
+__all__ = ["Tokenizer", "load_tokenizer", "documents", "held_out_documents", "is_dataset_source", "stdlib_files",
+           "text_files", "held_out", "DATA_SUFFIXES"]
 
 #: the file types read as datasets (the rest of a folder's files are read as text)
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
@@ -129,3 +133,58 @@ def _split(ds, split: str, data: str):
     if split not in ds:
         raise ValueError(f"the dataset {data!r} has no split {split!r}; its splits: {sorted(ds)}")
     return ds[split]
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The Python standard library's own ``*.py`` files (no site-packages), sorted: (root, files)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__")
+        )
+        files.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def text_files(path: Path) -> tuple[Path, list[Path]]:
+    """A text file, or the text files under a folder (no hidden ones, none with a NUL in its first KiB),
+    sorted: (root, files)."""
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise ValueError(f"expected --data to be a text file or a folder of text files, got {str(path)!r}")
+    files = []
+    for p in sorted(path.rglob("*"), key=lambda q: q.relative_to(path).as_posix()):
+        if p.is_file() and not _hidden(p, path):
+            with open(p, "rb") as f:
+                if b"\0" not in f.read(1024):
+                    files.append(p)
+    if not files:
+        raise ValueError(f"expected text files under {str(path)!r}, found none")
+    return path, files
+
+
+def held_out(key: str, every: int) -> bool:
+    """Whether the document named ``key`` (a file's path under its root, or a dataset document's index)
+    is held out: ``crc32(key) % every == 0``, the lm task's rule."""
+    return zlib.crc32(key.encode()) % every == 0
+
+
+def held_out_documents(data: str | None = None, *, val_every: int = 20, data_config: str | None = None,
+                       split: str = "train", text_field: str = "text", streaming: bool = False) -> Iterator[str]:
+    """The held-out documents of an lm-task source, in order: those the lm task never trains on."""
+    if data is not None and is_dataset_source(data):
+        docs = documents(data, data_config=data_config, split=split, text_field=text_field, streaming=streaming)
+        for i, text in enumerate(docs):
+            if held_out(str(i), val_every):
+                yield text
+        return
+    root, files = stdlib_files() if data is None else text_files(Path(data).expanduser())
+    if len(files) == 1:  # one file: the lm task holds out its last 10 %
+        blob = files[0].read_bytes()
+        yield blob[int(len(blob) * 0.9):].decode("utf-8", "replace")
+        return
+    for p in files:
+        if held_out(p.relative_to(root).as_posix(), val_every):
+            yield p.read_bytes().decode("utf-8", "replace")
