@@ -89,6 +89,12 @@ def test_check_exit_1_and_plugins_report_for_third_party_packages(tmp_path):
     (["bench", "--lengths", "1k,0"], "argument --lengths: expected comma-separated positive integers"),
     (["bench", "--repeats", "two"], "argument --repeats: expected an integer, got 'two'"),
     (["compare", "--jobs", "0"], "argument --jobs: expected an integer >= 1, got 0"),
+    (["eval", "some/folder", "--by-position", "--length", "0"], "argument --length: expected an integer >= 1"),
+    (["eval", "some/folder", "--tasks", "x", "--limit", "-1"], "argument --limit: expected a positive finite"),
+    (["eval", "some/folder", "--documents", "zero"], "argument --documents: expected an integer, got 'zero'"),
+    (["eval", "some/folder", "--num-fewshot", "-2"], "argument --num-fewshot: expected an integer >= 0"),
+    (["export", "run"], "the following arguments are required: folder"),
+    (["export", "run", "out", "--tokenizer", "gpt9"], "argument --tokenizer: invalid choice: 'gpt9'"),
 ])
 def test_bad_numbers_are_refused_with_what_was_expected(args, message, capsys):
     """Out-of-range or malformed numbers stop the command before any work, with usage exit status 2 and a
@@ -106,3 +112,28 @@ def test_train_refuses_a_bad_config_from_the_api():
         train(TrainConfig(layer="rnn", steps=-5))
     with pytest.raises(ValueError, match="expected lr a positive finite number"):
         train(TrainConfig(layer="rnn", lr=0.0))
+
+
+def test_train_shows_a_bar_on_a_terminal_and_log_lines_elsewhere(monkeypatch, tmp_path):
+    import io
+    import json
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    args = ["train", "--layer", "rnn", "--task", "mqar", "--task-config", "vocab_size=32", "train=[[16,2,32]]",
+            "test=[[16,2,8]]", "--d-model", "8", "--n-layers", "1", "--steps", "4", "--batch-size", "4",
+            "--log-every", "1"]
+    monkeypatch.setenv("SEQZOO_CACHE", str(tmp_path))
+    for tty in (True, False):
+        out = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr("sys.stdout", out)
+        assert main(args) == 0
+        text = out.getvalue()
+        steps = [json.loads(line)["step"] for line in text.splitlines() if line.startswith('{"step"')]
+        assert '"result"' in text
+        if tty:
+            assert steps == [] and "rnn (transformer) loss" in text and "4/4" in text
+        else:
+            assert steps == [1, 2, 3, 4] and "loss " not in text.replace('"loss"', "")

@@ -160,3 +160,24 @@ def test_bytes_encode_is_utf8():
     assert np.asarray(tok.encode("é✓")).tolist() == list("é✓".encode()) and tok.eos_id == 0
     with pytest.raises(ValueError, match="expected a tokenizer name"):
         load_tokenizer("")
+
+
+def test_train_logs_to_weights_and_biases_offline(tmp_path):
+    """``--wandb`` with the real client in offline mode: the run's record file holds the config and every
+    logged loss (nothing leaves the machine)."""
+    pytest.importorskip("wandb")
+    import os
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SEQZOO_CACHE": str(tmp_path / "c")}
+    done = subprocess.run(
+        [sys.executable, "-m", "seqzoo", "train", "--layer", "rnn", "--task", "mqar", "--task-config",
+         "vocab_size=32", "train=[[16,2,64]]", "test=[[16,2,16]]", "--d-model", "16", "--n-layers", "1",
+         "--steps", "5", "--batch-size", "4", "--log-every", "1", "--wandb", "--wandb-project", "seqzoo-test",
+         "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    blob = records[0].read_bytes()
+    assert blob.count(b"train/loss") >= 5 and b"seqzoo-test" in blob and b"eval/accuracy" in blob
+    # the plain log lines are still printed when stdout is no terminal
+    assert [json.loads(line)["step"] for line in done.stdout.splitlines() if '"step"' in line] == [1, 2, 3, 4, 5]

@@ -257,16 +257,31 @@ def _cmd_train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         device=args.device,
     )
+    try:
+        run = _wandb_run(args, cfg) if rank == 0 and args.wandb else None
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     tb = _tensorboard(args.out) if rank == 0 and args.out else None
+    # a bar on a terminal; elsewhere (CI, nohup, a pipe, other ranks) one JSON line every --log-every steps
+    bars = rank == 0 and not args.no_progress and sys.stdout.isatty()
+    progress = _progress(bars)
+    bar = progress.add_task(f"{cfg.layer} ({cfg.backbone}) on {cfg.task}", total=cfg.steps) if bars else None
 
     def on_step(step: int, loss: float) -> None:
-        if rank == 0 and (step % max(args.log_every, 1) == 0 or step == cfg.steps):
+        if bar is not None:
+            progress.update(bar, completed=step, description=f"{cfg.layer} ({cfg.backbone}) loss {loss:.4f}")
+        elif rank == 0 and (step % max(args.log_every, 1) == 0 or step == cfg.steps):
             print(json.dumps({"step": step, "loss": round(loss, 6)}), flush=True)
         if tb is not None:
             tb.add_scalar("train/loss", loss, step)
+        if run is not None:
+            run.log({"train/loss": loss}, step=step)
 
+    res = None
     try:
-        res = train(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after, on_step=on_step)
+        with progress:
+            res = train(cfg, out=args.out, resume=args.resume, stop_after=args.stop_after, on_step=on_step)
     except Interrupted as exc:
         print(str(exc), file=sys.stderr)
         return 130
@@ -279,6 +294,10 @@ def _cmd_train(args) -> int:
     finally:
         if tb is not None:
             tb.close()
+        if run is not None:
+            if res is not None:
+                run.summary.update({f"eval/{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
+            run.finish(exit_code=0 if res is not None else 1)
         _destroy_process_group()
     if rank == 0:
         summary = {
@@ -300,6 +319,17 @@ def _tensorboard(out):
     except Exception:  # noqa: BLE001 - TensorBoard is optional
         return None
     return SummaryWriter(str(Path(out) / "tensorboard"))
+
+
+def _wandb_run(args, cfg):
+    """A Weights & Biases run for ``seqzoo train --wandb`` (its files under --out; WANDB_MODE=offline
+    keeps it on disk)."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError('--wandb needs Weights & Biases: pip install wandb (or "seqzoo[wandb]")') from err
+    return wandb.init(project=args.wandb_project, name=args.wandb_name, config=cfg.to_dict(),
+                      dir=str(Path(args.out)) if args.out else None)
 
 
 def _destroy_process_group() -> None:
@@ -446,6 +476,10 @@ def add_commands(sub) -> None:
     p.add_argument("--log-every", type=_count(1), default=10)
     p.add_argument("--stop-after", type=_count(1), default=None, help="stop after this many steps (checkpointed)")
     p.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="JSON log lines instead of a bar, even on a terminal")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (optional dependency)")
+    p.add_argument("--wandb-project", default="seqzoo", help="the Weights & Biases project")
+    p.add_argument("--wandb-name", default=None, help="the Weights & Biases run name (default: its own)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser(
