@@ -202,7 +202,7 @@ def _cmd_eval(args) -> int:
             if data and Path(data).expanduser().exists():
                 data = str(Path(data).expanduser().resolve())
             docs = (tok.encode(text) for text in held_out_documents(
-                data, data_config=args.data_config, split=args.data_split or "train",
+                data, data_config=args.data_config, split=args.data_split or "train", eval_split=args.eval_split,
                 text_field=args.text_field or "text", streaming=args.streaming))
             result = evaluation.loss_by_position(model.model, docs, length=length, max_documents=args.documents,
                                                  chunk=args.chunk, device=args.device)

@@ -416,8 +416,13 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"expected labels of shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            # the mean over labelled tokens; the Trainer's gradient accumulation passes the count of the
+            # whole accumulated batch instead (num_items_in_batch), and the sum is divided by that
+            items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if items is None else "sum")
+            if items is not None:
+                loss = loss / torch.as_tensor(items, device=loss.device, dtype=loss.dtype)
         keep = kwargs.get("logits_to_keep", 0)
         if isinstance(keep, int) and keep > 0:
             logits = logits[:, -keep:]
@@ -440,6 +445,23 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
         new_ids = input_ids[:, seen:] if cache is not None else input_ids
         return {"input_ids": new_ids.contiguous(), _CACHE_FIELD: cache, "attention_mask": attention_mask,
                 "use_cache": use_cache}
+
+    #: generate's options that roll a cache back to an earlier token (draft tokens checked, then undone)
+    _ROLLBACK_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha", "assistant_early_exit")
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, refusing at once what a recurrent state cannot do: assisted
+        decoding (a draft model, prompt lookup, early exit) and contrastive search roll the cache back to
+        an earlier token."""
+        config = kwargs.get("generation_config")
+        asked = [k for k in self._ROLLBACK_OPTIONS
+                 if kwargs.get(k) is not None or getattr(config, k, None) is not None]
+        if asked:
+            raise ValueError(
+                f"SeqzooForCausalLM cannot decode with {asked}: they roll the cache back to an earlier token, "
+                "which a recurrent state cannot do; use greedy decoding, sampling or beam search"
+            )
+        return super().generate(*args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``config.json`` + ``model.safetensors`` (always safetensors), and a two-line module

@@ -181,3 +181,39 @@ def test_train_logs_to_weights_and_biases_offline(tmp_path):
     assert blob.count(b"train/loss") >= 5 and b"seqzoo-test" in blob and b"eval/accuracy" in blob
     # the plain log lines are still printed when stdout is no terminal
     assert [json.loads(line)["step"] for line in done.stdout.splitlines() if '"step"' in line] == [1, 2, 3, 4, 5]
+
+
+def test_an_eval_split_is_the_validation_set(tmp_path):
+    """With ``eval_split`` every training-split document trains and the named split validates."""
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": DOCS[:40]}),
+                               "validation": datasets.Dataset.from_dict({"text": DOCS[40:]})})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    task = LMTask(data=str(tmp_path / "saved"), eval_split="validation", seq_len=16, num_eval=5)
+    want = []
+    for text in DOCS[:40]:
+        want += [*text.encode(), 0]
+    assert task.train_tokens.tolist() == want
+    assert task.val_windows.tolist() == [list(t.encode()[:17]) for t in DOCS[40:45]]
+    streamed = LMTask(data=str(tmp_path / "saved"), eval_split="validation", streaming=True, seq_len=16, num_eval=5)
+    assert torch.equal(streamed.val_windows, task.val_windows)
+    assert streamed.train_batch(0, 2)[0].tolist() == [want[:16], want[16:32]]
+    from seqzoo.bench.textdata import held_out_documents
+
+    assert list(held_out_documents(str(tmp_path / "saved"), eval_split="validation")) == DOCS[40:]
+    with pytest.raises(ValueError, match="expected a dataset with eval_split"):
+        LMTask(eval_split="validation", seq_len=16)
+
+
+def test_compare_trains_its_lm_task_on_a_dataset(jsonl, tmp_path):
+    """``seqzoo compare --data X --streaming``: the lm task of the comparison reads the dataset, recorded in
+    results.json, and the streamed task serves every cell from its first batch."""
+    from seqzoo.cli import main
+
+    tiny = json.dumps({"tasks": {"lm": {"steps": 2, "task_config": {"seq_len": 16, "num_eval": 2}}}})
+    assert main(["compare", "--preset", "quick", "--layers", "rnn", "--tasks", "lm", "--no-speed", "--no-progress",
+                 "--data", str(jsonl), "--streaming", "--text-field", "text", "--out", str(tmp_path / "out"),
+                 "--override", tiny]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert json.dumps(results).count(str(jsonl)) >= 1
+    cells = results["cells"]
+    assert {c["status"] for c in cells.values()} == {"ok"} and len(cells) == 2  # both backbones

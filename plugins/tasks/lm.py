@@ -57,6 +57,10 @@ class LMConfig:
     tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a Hugging Face tokenizer name/folder"})
     data_config: str | None = field(default=None, metadata={"help": "the hub dataset's configuration"})
     data_split: str = field(default="train", metadata={"help": "the dataset split read"})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "a dataset split to validate on (default: documents held out of data_split)"},
+    )
     text_field: str = field(default="text", metadata={"help": "the dataset field holding the text"})
     streaming: bool = field(default=False, metadata={"help": "read the dataset as a stream, in order"})
     max_train_bytes: int = field(default=8_000_000,
@@ -98,6 +102,9 @@ class LMTask(Task):
         self.tok = load_tokenizer(cfg.tokenizer)
         self.vocab_size = self.tok.vocab_size
         self.dataset = cfg.data is not None and is_dataset_source(cfg.data)
+        if cfg.eval_split is not None and not self.dataset:
+            raise ValueError(f"expected a dataset with eval_split (text files hold documents out by crc32), got "
+                             f"{cfg.data!r}")
         if cfg.streaming and not self.dataset:
             raise ValueError(f"expected a dataset (jsonl, parquet, save_to_disk folder or hub name) with "
                              f"streaming, got {cfg.data!r}")
@@ -133,12 +140,22 @@ class LMTask(Task):
 
     # --- building the data ----------------------------------------------------------------------
     def _held_out(self, key: str) -> bool:
-        return held_out(key, self.cfg.val_every)
+        """Whether a document of the training split is held out (never, with an ``eval_split``)."""
+        return self.cfg.eval_split is None and held_out(key, self.cfg.val_every)
 
-    def _docs(self, skip: int = 0):
+    def _docs(self, skip: int = 0, *, split: str | None = None):
         cfg = self.cfg
-        return documents(cfg.data, data_config=cfg.data_config, split=cfg.data_split, text_field=cfg.text_field,
-                         streaming=cfg.streaming, skip=skip)
+        return documents(cfg.data, data_config=cfg.data_config, split=split or cfg.data_split,
+                         text_field=cfg.text_field, streaming=cfg.streaming, skip=skip)
+
+    def _val_docs(self):
+        """The validation documents: the eval split's, or those held out of the training split."""
+        if self.cfg.eval_split is not None:
+            yield from self._docs(split=self.cfg.eval_split)
+            return
+        for i, text in enumerate(self._docs()):
+            if self._held_out(str(i)):
+                yield text
 
     def _build_files(self, root: Path, files: list[Path]) -> dict[str, Tensor]:
         if len(files) == 1:  # one file: the last 10% of its bytes is validation
@@ -152,28 +169,17 @@ class LMTask(Task):
         return self._pack((read() for read in train), (read() for read in val))
 
     def _build_dataset(self) -> dict[str, Tensor]:
-        train, val = [], []
-        for i, text in enumerate(self._docs()):
-            (val if self._held_out(str(i)) else train).append(text)
-        return self._pack(train, val)
+        train = (text for i, text in enumerate(self._docs()) if not self._held_out(str(i)))
+        return self._pack(train, self._val_docs())
 
     def _build_streamed_val(self) -> dict[str, Tensor]:
         """Validation windows from the held-out documents at the stream's head (training reads on)."""
-        windows: list[list[int]] = []
-        w = self.seq_len + 1
-        for i, text in enumerate(self._docs()):
-            if self._held_out(str(i)):
-                ids = list(self.tok.encode(text))
-                windows.extend(ids[o:o + w] for o in range(0, len(ids) - w + 1, w))
-                if len(windows) >= self.cfg.num_eval:
-                    break
-        return {"val": self._windows_tensor(windows[: self.cfg.num_eval])}
+        return {"val": self._val_windows(self._val_docs())}
 
     def _pack(self, train_texts, val_texts) -> dict[str, Tensor]:
         """The training stream (each document's tokens, then end-of-text; at most ``max_train_bytes``
-        tokens) and the validation windows: each held-out document's first window, then its second, ...
-        (position t of a window has t tokens of the document before it)."""
-        cfg, w = self.cfg, self.seq_len + 1
+        tokens) and the validation windows (``_val_windows``)."""
+        cfg = self.cfg
         dtype = np.uint8 if self.vocab_size <= 256 else np.int32
         eos = np.asarray([self.tok.eos_id], dtype=dtype)
         parts, size = [], 0
@@ -184,8 +190,21 @@ class LMTask(Task):
             parts += [ids, eos]
             size += len(ids) + 1
         stream = np.concatenate(parts)[: cfg.max_train_bytes] if parts else np.zeros(0, dtype)
-        val_ids = [self.tok.encode(text) for text in val_texts]
-        windows: list[list[int]] = []
+        return {"train": torch.from_numpy(stream), "val": self._val_windows(val_texts)}
+
+    def _val_windows(self, val_texts) -> Tensor:
+        """Each validation document's first window, then each one's second, ... up to ``num_eval``
+        (position t of a window has t tokens of its document before it); documents are read only until
+        enough of them are long enough for the first round."""
+        cfg, w = self.cfg, self.seq_len + 1
+        val_ids = []
+        long_enough = 0
+        for text in val_texts:
+            val_ids.append(self.tok.encode(text))
+            long_enough += len(val_ids[-1]) >= w
+            if long_enough >= cfg.num_eval:
+                break
+        windows: list = []
         offset = 0
         while len(windows) < cfg.num_eval:
             added = False
@@ -197,9 +216,9 @@ class LMTask(Task):
             if not added:
                 break
             offset += w
-        return {"train": torch.from_numpy(stream), "val": self._windows_tensor(windows)}
+        return self._windows_tensor(windows)
 
-    def _windows_tensor(self, windows: list[list[int]]) -> Tensor:
+    def _windows_tensor(self, windows: list) -> Tensor:
         if not windows:
             raise ValueError(f"expected held-out text of at least {self.seq_len + 1} tokens, found none")
         dtype = np.uint8 if self.vocab_size <= 256 else np.int32

@@ -92,15 +92,15 @@ def _data_options(args) -> dict:
     out = {}
     if args.data:
         out["data"] = _data_source(args.data)
-    for name in ("tokenizer", "data_config", "data_split", "text_field"):
+    for name in ("tokenizer", "data_config", "data_split", "eval_split", "text_field"):
         value = getattr(args, name, None)
         if value is not None:
             out[name] = value
     if getattr(args, "streaming", False):
         out["streaming"] = True
     if set(out) - {"data", "tokenizer"} and "data" not in out:
-        raise ValueError("--data-config, --data-split, --text-field and --streaming describe a dataset: give "
-                         "--data too")
+        raise ValueError("--data-config, --data-split, --eval-split, --text-field and --streaming describe a "
+                         "dataset: give --data too")
     return out
 
 
@@ -113,6 +113,8 @@ def _add_data_arguments(p, tokenizer_help: str | None = None) -> None:
                                           "tokenizer name or folder")
     p.add_argument("--data-config", default=None, help="the hub dataset's configuration name")
     p.add_argument("--data-split", default=None, help="the dataset split to read (default: train)")
+    p.add_argument("--eval-split", default=None,
+                   help="a dataset split to validate on (default: documents held out of --data-split)")
     p.add_argument("--text-field", default=None, help="the dataset field holding the text (default: text)")
     p.add_argument("--streaming", action="store_true",
                    help="stream the dataset and read it in order (the position is kept in checkpoints)")

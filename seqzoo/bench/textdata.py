@@ -172,8 +172,14 @@ def held_out(key: str, every: int) -> bool:
 
 
 def held_out_documents(data: str | None = None, *, val_every: int = 20, data_config: str | None = None,
-                       split: str = "train", text_field: str = "text", streaming: bool = False) -> Iterator[str]:
-    """The held-out documents of an lm-task source, in order: those the lm task never trains on."""
+                       split: str = "train", eval_split: str | None = None, text_field: str = "text",
+                       streaming: bool = False) -> Iterator[str]:
+    """The held-out documents of an lm-task source, in order: those the lm task never trains on (every
+    document of ``eval_split`` when one is named)."""
+    if data is not None and eval_split is not None:
+        yield from documents(data, data_config=data_config, split=eval_split, text_field=text_field,
+                             streaming=streaming)
+        return
     if data is not None and is_dataset_source(data):
         docs = documents(data, data_config=data_config, split=split, text_field=text_field, streaming=streaming)
         for i, text in enumerate(docs):
