@@ -397,12 +397,19 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, SeqzooCache):
             raise TypeError(f"expected a SeqzooCache, got {type(cache).__name__}")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # a training step keeps no state unless asked to
+            use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = SeqzooCache(len(self.model.layers))
 
         state = cache.model_state() if cache is not None else None
         T = input_ids.shape[-1] if input_ids.ndim == 2 else 0
+        seen = cache.get_seq_length() if cache is not None else 0
+        for name, given in (("position_ids", position_ids), ("cache_position", cache_position)):
+            # the layers count positions in their state: only the positions that follow it are possible
+            if given is not None and (given.shape[-1] != T or not bool((given.cpu() == torch.arange(seen, seen + T)).all())):
+                raise ValueError(f"SeqzooForCausalLM takes the positions that follow its cache ({seen}..{seen + T - 1})"
+                                 f" only; got {name} {given.tolist()}")
         if state is not None and T == 1:  # one token: the update rule, through the layers' decoders
             logits, new_state = self.model.step(
                 input_ids[:, 0], state, decoders=cache.decoders(self.model, input_ids.shape[0]))

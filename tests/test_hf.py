@@ -124,6 +124,14 @@ def test_forward_loss_is_next_token_cross_entropy():
         model(ids, labels=labels[:, :-1])
 
 
+def test_a_training_step_keeps_no_state_unless_asked():
+    model = _model("rnn").train()
+    ids = _prompt()
+    assert getattr(model(ids), H._CACHE_FIELD) is None
+    assert isinstance(getattr(model(ids, use_cache=True), H._CACHE_FIELD), H.SeqzooCache)
+    assert isinstance(getattr(model.eval()(ids), H._CACHE_FIELD), H.SeqzooCache)
+
+
 def test_cache_continues_exactly_where_forward_left_off():
     """Prompt in two chunks then tokens one at a time through the cache = one forward over all."""
     model = _model("ttt_linear", "mamba")
@@ -226,6 +234,10 @@ def test_what_a_recurrent_state_cannot_do_raises():
         model(inputs_embeds=torch.zeros(2, 6, 32))
     with pytest.raises(ValueError, match="hidden states"):
         model(ids, output_hidden_states=True)
+    with pytest.raises(ValueError, match="positions that follow its cache"):
+        model(ids, position_ids=torch.arange(1, 7)[None].expand(2, 6))
+    assert model(ids, position_ids=torch.arange(6)[None].expand(2, 6), cache_position=torch.arange(6)).logits.shape \
+        == (2, 6, VOCAB)
     with pytest.raises(TypeError, match="unexpected arguments"):
         model(ids, token_type_ids=ids)
     with pytest.raises(TypeError, match="SeqzooCache"):
