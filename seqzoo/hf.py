@@ -352,6 +352,14 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
         model.model = lm
         return model
 
+    @classmethod
+    def get_init_context(cls, *args, **kwargs):
+        """transformers 5 builds a model under ``torch.device("meta")`` before loading its weights; a seqzoo
+        layer's constructor is any plugin's code, which may compute on tensors (a ``.item()`` in a check),
+        so the model is built on the CPU for real, then loaded."""
+        return [c for c in super().get_init_context(*args, **kwargs)
+                if not (isinstance(c, torch.device) and c.type == "meta")]
+
     def _init_weights(self, module) -> None:
         """Nothing: every seqzoo layer initialises its own parameters when it is built (its paper's
         initialisation), and ``from_pretrained`` overwrites them all."""
