@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 GROUP = "seqzoo"
 hookspec = pluggy.HookspecMarker(GROUP)
 hookimpl = pluggy.HookimplMarker(GROUP)
+"""Marks a plugin's hook functions: ``@seqzoo.hookimpl def register_layers(register): ...`` (also
+``register_learners``, ``register_tasks``, ``register_converters``; see ``HookSpecs``)."""
 
 __all__ = [
     "hookimpl",
