@@ -147,14 +147,31 @@ def _cmd_export(args) -> int:
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tokenizer = {"auto": None, "bytes": True, "none": False}[args.tokenizer]
     try:
-        folder = export_checkpoint(args.run, args.folder, tokenizer=tokenizer)
+        folder = export_checkpoint(args.run, args.folder, tokenizer=False if args.no_tokenizer else None)
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     print(f"saved {folder} (load it with AutoModelForCausalLM.from_pretrained after `import seqzoo.hf`)")
     return 0
+
+
+def _held_out_source(args, config) -> dict:
+    """Where ``eval --by-position`` reads held-out documents: the options given, else those the model's
+    training run read (recorded by ``seqzoo export``), with its ``val_every``, so the documents are ones
+    it never trained on."""
+    from .bench.cli import _data_options
+
+    trained = dict((getattr(config, "seqzoo_train", None) or {}).get("task_config") or {})
+    given = _data_options(args)  # raises when dataset options come without --data
+    given.pop("tokenizer", None)
+    if "data" in given:  # another source: none of the training run's options apply to it
+        trained = {}
+    base = {**trained, **given}
+    return {"data": base.get("data"), "val_every": int(base.get("val_every", 20)),
+            "data_config": base.get("data_config"), "split": base.get("data_split", "train"),
+            "eval_split": base.get("eval_split"), "text_field": base.get("text_field", "text"),
+            "streaming": bool(base.get("streaming", False))}
 
 
 def _cmd_eval(args) -> int:
@@ -198,14 +215,11 @@ def _cmd_eval(args) -> int:
             if tok.vocab_size > model.config.vocab_size:
                 raise ValueError(f"the tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model reads "
                                  f"{model.config.vocab_size}")
-            data = args.data
-            if data and Path(data).expanduser().exists():
-                data = str(Path(data).expanduser().resolve())
-            docs = (tok.encode(text) for text in held_out_documents(
-                data, data_config=args.data_config, split=args.data_split or "train", eval_split=args.eval_split,
-                text_field=args.text_field or "text", streaming=args.streaming))
+            source = _held_out_source(args, model.config)
+            docs = (tok.encode(text) for text in held_out_documents(**source))
             result = evaluation.loss_by_position(model.model, docs, length=length, max_documents=args.documents,
                                                  chunk=args.chunk, device=args.device)
+            result["data"] = {k: v for k, v in source.items() if v is not None}
             paths = evaluation.save_by_position(result, out, title=f"{model.config.layer} ({model.config.backbone})",
                                                 train_context=context)
             summary = {k: v for k, v in result.items() if k != "loss_by_position"}
@@ -247,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a seqzoo train run's latest checkpoint as a transformers folder")
     p.add_argument("run", help="the --out folder of seqzoo train")
     p.add_argument("folder", help="the folder to write (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--tokenizer", choices=["auto", "bytes", "none"], default="auto",
-                   help="save the byte tokenizer: auto (for byte-level tasks), bytes (always), none")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="do not save the tokenizer a text task's run was trained with (bytes or its Hugging Face one)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="evaluate a saved model: lm-evaluation-harness tasks, loss by token position")

@@ -332,12 +332,12 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Block"]
     supports_gradient_checkpointing = False
 
-    def __init__(self, config: SeqzooConfig):
+    def __init__(self, config: SeqzooConfig, *, language_model: LanguageModel | None = None):
         if not isinstance(config, SeqzooConfig):
             raise TypeError(f"expected a SeqzooConfig, got {type(config).__name__}")
         super().__init__(config)
         _check_layer_installed(config)
-        self.model = LanguageModel(config.model_config())
+        self.model = language_model if language_model is not None else LanguageModel(config.model_config())
         self.post_init()
 
     @classmethod
@@ -346,11 +346,7 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
         checkpoint or an official-checkpoint converter gives, ready for ``save_pretrained``."""
         if not isinstance(lm, LanguageModel):
             raise TypeError(f"expected a seqzoo LanguageModel, got {type(lm).__name__}")
-        config = SeqzooConfig.from_model_config(lm.config, **config_kwargs)
-        with torch.device("meta"):
-            model = cls(config)
-        model.model = lm
-        return model
+        return cls(SeqzooConfig.from_model_config(lm.config, **config_kwargs), language_model=lm)
 
     @classmethod
     def get_init_context(cls, *args, **kwargs):
@@ -561,19 +557,24 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(chars)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    # split_special_tokens: the end-of-text token's text is the character standing for byte 0 (U+0100),
+    # which real text may hold; it must encode as its two UTF-8 bytes, never as end-of-text
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chars[0], pad_token=chars[0],
-                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False)
+                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False,
+                                   split_special_tokens=True)
 
 
 # --- seqzoo train's checkpoints --------------------------------------------------------------------------
-#: tasks whose token ids are bytes: an exported model of theirs gets the byte tokenizer
-_BYTE_TASKS = ("lm",)
+#: tasks that read text (``task_config["tokenizer"]``: ``bytes`` or a Hugging Face tokenizer): an exported
+#: model of theirs gets the tokenizer it was trained with
+_TEXT_TASKS = ("lm",)
 
 
 def export_checkpoint(run: str | Path, folder: str | Path, *, tokenizer: bool | None = None) -> Path:
     """Write the latest checkpoint of a ``seqzoo train --out RUN`` folder as a transformers folder
-    (``config.json``, ``model.safetensors``, and for a byte-level task the byte tokenizer; ``tokenizer``
-    True/False forces it on or off). Returns the folder."""
+    (``config.json``, ``model.safetensors``, and for a text task the tokenizer it was trained with: the
+    byte tokenizer, or its Hugging Face tokenizer; ``tokenizer`` True/False forces it on or off). Returns
+    the folder."""
     from .bench.store import load_tensors, read_json
     from .bench.train import TrainConfig, build_model
 
@@ -590,6 +591,14 @@ def export_checkpoint(run: str | Path, folder: str | Path, *, tokenizer: bool | 
     folder = Path(folder)
     save_language_model(lm, folder, seqzoo_train={"task": cfg.task, "task_config": cfg.task_config,
                                                    "step": int(trainer["step"]), "seed": cfg.seed})
-    if tokenizer or (tokenizer is None and cfg.task in _BYTE_TASKS):
-        byte_tokenizer().save_pretrained(str(folder))
+    trained_with = cfg.task_config.get("tokenizer", "bytes") if cfg.task in _TEXT_TASKS else None
+    if tokenizer is None:
+        tokenizer = trained_with is not None
+    if tokenizer:
+        if trained_with not in (None, "bytes"):  # the Hugging Face tokenizer the run read its text with
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(trained_with).save_pretrained(str(folder))
+        else:
+            byte_tokenizer().save_pretrained(str(folder))
     return folder

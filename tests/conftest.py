@@ -18,3 +18,23 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def word_tokenizer(tmp_path):
+    """``make(texts) -> (folder, vocab)``: a small Hugging Face tokenizer with its own end-of-text token
+    (``</s>``, id 1) over the words of ``texts``, saved to a folder (no download)."""
+
+    def make(texts):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        words = sorted({w for t in texts for w in t.split()})
+        vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+        fast.save_pretrained(str(tmp_path / "word-tokenizer"))
+        return str(tmp_path / "word-tokenizer"), vocab
+
+    return make

@@ -272,8 +272,9 @@ def test_a_third_party_layer_saves_loads_and_generates(tmp_path):
     class Leaky(seqzoo.SequenceLayer):
         """h_t = 0.5 h_{t-1} + W x_t."""
 
-        def __init__(self, d_model):
+        def __init__(self, d_model, decay=0.5):
             super().__init__(d_model)
+            self.decay = float(torch.tensor(decay).clamp(0, 1).item())  # a constructor that computes
             self.w = torch.nn.Linear(d_model, d_model)
 
         def init_state(self, batch_size, *, device=None, dtype=None):
@@ -284,7 +285,7 @@ def test_a_third_party_layer_saves_loads_and_generates(tmp_path):
 
         def step(self, x, state):
             state = self.check_input(x, state, step=True)
-            h = 0.5 * state["h"] + self.w(x)
+            h = self.decay * state["h"] + self.w(x)
             return h, {"h": h}
 
         def forward(self, x, state=None):
@@ -311,6 +312,10 @@ def test_a_third_party_layer_saves_loads_and_generates(tmp_path):
         back = AutoModelForCausalLM.from_pretrained(tmp_path)
         with torch.no_grad():
             assert torch.equal(back(ids).logits, model(ids).logits)
+        lm = seqzoo.create_model("hf_leaky", vocab_size=VOCAB, d_model=16, n_layers=1)
+        H.save_language_model(lm, tmp_path / "wrapped")
+        with torch.no_grad():
+            assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "wrapped")(ids).logits, lm(ids)[0])
     finally:
         seqzoo.unregister_plugin("hf_test_plugin")
     with pytest.raises(H.MissingLayerPlugin, match="hf_leaky"):
@@ -330,3 +335,12 @@ def test_a_language_model_and_a_converted_checkpoint_save_the_same_way(tmp_path)
         assert torch.equal(back(ids).logits, lm(ids)[0])
     with pytest.raises(TypeError, match="LanguageModel"):
         H.SeqzooForCausalLM.from_language_model(torch.nn.Linear(2, 2))
+
+
+def test_the_byte_tokenizer_is_utf8_bytes_whatever_the_text():
+    tok = H.byte_tokenizer()
+    for text in ("plain ascii", "Latvian Ā and ā", "NUL \x00 inside", "✓ ünïcödé", "  spaces\t\n"):
+        ids = tok(text)["input_ids"]
+        assert ids == list(text.encode()), text
+        assert tok.decode(ids) == text
+    assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (0, 0, 256)

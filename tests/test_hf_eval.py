@@ -182,3 +182,37 @@ def test_eval_by_position_writes_the_curve_and_its_plot(run, tmp_path):
     assert saved["length"] == 200 and saved["documents"] == 2 and saved["train_context"] == 32
     assert len(saved["loss_by_position"]) == 200 and all(math.isfinite(v) for v in saved["loss_by_position"])
     assert (tmp_path / "out" / "by_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_and_by_position_follow_the_training_run(tmp_path, word_tokenizer):
+    """A run trained with a Hugging Face tokenizer on a dataset is exported with that tokenizer, and
+    ``eval --by-position`` without --data reads the documents that run held out (its val_every)."""
+    docs = [f"doc {i} " + " ".join(f"w{(i * j) % 23}" for j in range(40 + i % 9)) for i in range(80)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    tok, vocab = word_tokenizer(docs)
+    cfg = TrainConfig(layer="rnn", task="lm", task_config={"data": str(data), "tokenizer": tok, "seq_len": 16,
+                                                           "num_eval": 2, "val_every": 7},
+                      d_model=16, n_layers=1, steps=2, batch_size=2, warmup_steps=1)
+    train(cfg, out=tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "model")]) == 0
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    assert len(saved) == len(vocab) and saved.eos_token == "</s>"
+    assert main(["eval", str(tmp_path / "model"), "--by-position", "--length", "32", "--documents", "3",
+                 "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "by_position.json").read_text())
+    assert result["data"]["data"] == str(data) and result["data"]["val_every"] == 7
+    assert result["documents"] == 3 and result["train_context"] == 16
+    # the documents it read are the held-out ones: by position 0, the loss of their first tokens
+    from seqzoo.bench.textdata import held_out
+
+    held = [t for i, t in enumerate(docs) if held_out(str(i), 7)][:3]
+    model = H.SeqzooForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
+    ids = torch.tensor([saved(t, add_special_tokens=False)["input_ids"][:33] for t in held])
+    with torch.no_grad():
+        losses = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits.transpose(1, 2), ids[:, 1:],
+                                                   reduction="none").mean(0)
+    assert result["loss_by_position"] == pytest.approx(losses.tolist(), rel=1e-5, abs=1e-6)
+    assert main(["eval", str(tmp_path / "model"), "--by-position", "--streaming"]) == 2

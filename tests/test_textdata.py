@@ -72,23 +72,9 @@ def test_parquet_save_to_disk_and_a_dataset_folder_read_the_same_documents(jsonl
         LMTask(data=str(tmp_path / "docs.parquet"), seq_len=16)
 
 
-def _word_tokenizer(tmp_path):
-    """A small Hugging Face tokenizer with its own end-of-text token, saved to a folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w for t in DOCS for w in t.split()})
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(str(tmp_path / "tok"))
-    return str(tmp_path / "tok"), vocab
-
-
-def test_a_hugging_face_tokenizer_sets_the_vocabulary_and_end_of_text(jsonl, tmp_path):
+def test_a_hugging_face_tokenizer_sets_the_vocabulary_and_end_of_text(jsonl, tmp_path, word_tokenizer):
     pytest.importorskip("transformers")
-    path, vocab = _word_tokenizer(tmp_path)
+    path, vocab = word_tokenizer(DOCS)
     task = LMTask(data=str(jsonl), tokenizer=path, seq_len=8, num_eval=2)
     assert task.vocab_size == len(vocab)
     want = _expected_stream(DOCS, lambda t: [vocab[w] for w in t.split()], eos=1)
@@ -121,6 +107,37 @@ def test_streaming_reads_the_stream_in_order(jsonl, tmp_path):
         fresh.train_batch(0, 3, order=1)
     with pytest.raises(ValueError, match="ran out of training text"):
         fresh.train_batch(4, 10_000)
+
+
+def test_a_long_stream_reads_in_constant_depth(tmp_path):
+    """Thousands of batches in a row (each reading on from the last) still give the packed stream."""
+    docs = [f"doc {i} " + "abc " * (i % 5) for i in range(3000)]
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    task = LMTask(data=str(path), streaming=True, seq_len=8, num_eval=2)
+    stream = _expected_stream(docs)
+    for step in range(2000):
+        x, _ = task.train_batch(step, 2)
+    k = 2 * 1999 + 1  # the last window of the last batch
+    assert x[1].tolist() == stream[8 * k:8 * k + 8]
+
+
+def test_one_file_has_one_split(jsonl, tmp_path):
+    with pytest.raises(ValueError, match="holds one split"):
+        LMTask(data=str(jsonl), eval_split="validation", seq_len=16)
+    with pytest.raises(ValueError, match="holds one split"):
+        LMTask(data=str(jsonl), data_split="test", seq_len=16)
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="holds one split"):
+        LMTask(data=str(tmp_path / "plain"), eval_split="validation", seq_len=16)
+
+
+def test_compare_refuses_a_stream_with_several_seeds(jsonl, tmp_path):
+    from seqzoo.bench.compare import compare
+
+    with pytest.raises(ValueError, match="read in one order"):
+        compare(layers=["rnn"], tasks=["lm"], preset_name="quick", out=tmp_path, speed=False,
+                data={"data": str(jsonl), "streaming": True}, overrides={"tasks": {"lm": {"seeds": 2}}})
 
 
 def _cfg(data, **kw):
@@ -217,3 +234,21 @@ def test_compare_trains_its_lm_task_on_a_dataset(jsonl, tmp_path):
     assert json.dumps(results).count(str(jsonl)) >= 1
     cells = results["cells"]
     assert {c["status"] for c in cells.values()} == {"ok"} and len(cells) == 2  # both backbones
+
+
+def test_a_resumed_run_continues_its_weights_and_biases_run(tmp_path):
+    pytest.importorskip("wandb")
+    import os
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "SEQZOO_CACHE": str(tmp_path / "c")}
+    args = [sys.executable, "-m", "seqzoo", "train", "--layer", "rnn", "--task", "mqar", "--task-config",
+            "vocab_size=32", "train=[[16,2,64]]", "test=[[16,2,16]]", "--d-model", "16", "--n-layers", "1",
+            "--steps", "4", "--batch-size", "4", "--wandb", "--out", str(tmp_path / "run")]
+    first = subprocess.run([*args, "--stop-after", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_id = json.loads((tmp_path / "run" / "wandb-run.json").read_text())["id"]
+    second = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "wandb-run.json").read_text())["id"] == run_id
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)

@@ -16,7 +16,6 @@ its table columns, its loss-by-position curve, its ``data`` option), never its n
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -77,9 +76,10 @@ EARLY = (16, 32)
 
 
 class LMTask(Task):
-    """Byte-level language modelling (vocab 256): validation loss, bits per byte, loss by position, and
-    (windows of ≥ 64 bytes) ``context_gain``: mean loss at positions 16–31 minus that over the second half
-    of the window (256–511 for 512-byte windows) — how much a layer gains from long context."""
+    """Language modelling (bytes by default: vocab 256): validation loss, bits per token (and per byte with
+    the byte tokenizer; the table's bits/byte column is empty for another tokenizer), loss by position,
+    and (windows of ≥ 64 tokens) ``context_gain``: mean loss at positions 16–31 minus that over the second
+    half of the window (256–511 for 512-token windows) — how much a layer gains from long context."""
 
     name = "lm"
     vocab_size = 256
@@ -197,13 +197,13 @@ class LMTask(Task):
         (position t of a window has t tokens of its document before it); documents are read only until
         enough of them are long enough for the first round."""
         cfg, w = self.cfg, self.seq_len + 1
-        val_ids = []
-        long_enough = 0
+        val_ids: list = []
         for text in val_texts:
-            val_ids.append(self.tok.encode(text))
-            long_enough += len(val_ids[-1]) >= w
-            if long_enough >= cfg.num_eval:
-                break
+            ids = self.tok.encode(text)
+            if len(ids) >= w:  # a shorter document holds no window
+                val_ids.append(ids)
+                if len(val_ids) >= cfg.num_eval:
+                    break
         windows: list = []
         offset = 0
         while len(windows) < cfg.num_eval:
@@ -261,12 +261,14 @@ class LMTask(Task):
                 f"up to batch {max(self._positions)} (resuming from a checkpoint restores its position)"
             )
         doc, offset = self._positions[step]
+        # the open reader: the stream's generator and the token carried over from the last window (the
+        # first of the next), valid where the last batch ended
         reader = self._reader
         if reader is None or reader[0] != (doc, offset):
-            reader = ((doc, offset), self._train_tokens_from(doc, offset))
-        tokens, w = reader[1], self.seq_len + 1
+            reader = ((doc, offset), self._train_tokens_from(doc, offset), [])
+        _, tokens, buf = reader
+        w = self.seq_len + 1
         windows = []
-        buf: list[tuple[int, int, int]] = []  # (token, document, offset) of the window being filled
         for _ in range(batch_size):
             while len(buf) < w:
                 try:
@@ -277,8 +279,7 @@ class LMTask(Task):
             windows.append([t for t, _, _ in buf])
             buf = buf[-1:]  # the next window starts at this one's last token
         _, doc, offset = buf[0]
-        rest = itertools.chain(buf, tokens)
-        self._reader = ((doc, offset), (t for t in rest))
+        self._reader = ((doc, offset), tokens, buf)
         self._positions[step + 1] = (doc, offset)
         return torch.tensor(windows, dtype=torch.long)
 
@@ -304,7 +305,8 @@ class LMTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, *, batch_size: int = 64, device="cpu") -> dict:
-        """Validation loss (nats/byte), bits per byte, and the loss at every position."""
+        """Validation loss (nats per token), bits per token (and per byte, for the byte tokenizer), and the
+        loss at every position."""
         per_pos = torch.zeros(self.seq_len, dtype=torch.float64)
         n = 0
         for lo in range(0, self.val_windows.shape[0], batch_size):
@@ -315,12 +317,10 @@ class LMTask(Task):
             n += win.shape[0]
         per_pos /= n
         loss = per_pos.mean().item()
-        out = {
-            "loss": loss,
-            "bits_per_byte": loss / math.log(2),
-            "loss_by_position": per_pos.tolist(),
-            "num_windows": n,
-        }
+        out = {"loss": loss, "bits_per_token": loss / math.log(2)}
+        if self.tok.name == "bytes":  # a token is a byte; with another tokenizer bits per byte is unknown here
+            out["bits_per_byte"] = out["bits_per_token"]
+        out.update(loss_by_position=per_pos.tolist(), num_windows=n)
         T = self.seq_len
         if T >= 64:  # how much the second half of the window gains over its early positions
             out["loss_early"] = per_pos[EARLY[0] : EARLY[1]].mean().item()

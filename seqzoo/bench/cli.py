@@ -330,8 +330,19 @@ def _wandb_run(args, cfg):
         import wandb
     except ImportError as err:
         raise ImportError('--wandb needs Weights & Biases: pip install wandb (or "seqzoo[wandb]")') from err
-    return wandb.init(project=args.wandb_project, name=args.wandb_name, config=cfg.to_dict(),
-                      dir=str(Path(args.out)) if args.out else None)
+    # a resumed run continues its W&B run: the id is kept beside the checkpoints
+    id_file = Path(args.out) / "wandb-run.json" if args.out else None
+    run_id = None
+    if id_file is not None and args.resume and id_file.is_file():
+        run_id = json.loads(id_file.read_text())["id"]
+    run = wandb.init(project=args.wandb_project, name=args.wandb_name, config=cfg.to_dict(),
+                     dir=str(Path(args.out)) if args.out else None, id=run_id,
+                     resume="allow" if run_id else None)
+    if id_file is not None:
+        from .store import write_json
+
+        write_json(id_file, {"id": run.id, "project": args.wandb_project})
+    return run
 
 
 def _destroy_process_group() -> None:

@@ -173,6 +173,12 @@ def compare(
             raise ValueError(f"--data: none of the tasks {tasks} takes user data")
         options = dict(data) if isinstance(data, dict) else {"data": str(Path(data).expanduser().resolve())}
         for t in takes:
+            if options.get("streaming") and int(cfg["tasks"][t].get("seeds", 1)) > 1:
+                raise ValueError(
+                    f"a streamed dataset is read in one order, but the {preset_name!r} preset trains task {t!r} "
+                    f"with {cfg['tasks'][t]['seeds']} seeds (each a further data order): drop --streaming (the "
+                    "dataset is then read once and sampled), or use a preset with one seed"
+                )
             tc = cfg["tasks"][t]["task_config"]
             if "data" in options:
                 tc[infos[t]["data_option"]] = options["data"]

@@ -98,13 +98,18 @@ def documents(data: str, *, data_config: str | None = None, split: str = "train"
         raise ImportError(f'reading the dataset {data!r} needs Hugging Face datasets: pip install "seqzoo[hf]"') \
             from err
     path = Path(data).expanduser()
+    one_split = f"{data!r} holds one split, read as 'train'; name a split other than 'train' of a DatasetDict folder or a hub dataset"
     if path.is_dir() and _saved_to_disk(path):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = _split(ds, split, data)
+        elif split != "train":
+            raise ValueError(f"expected split 'train': {one_split}")
         if streaming:
             ds = ds.to_iterable_dataset()
     elif path.is_file():
+        if split != "train":
+            raise ValueError(f"expected split 'train': {one_split}")
         builder = DATA_SUFFIXES.get(path.suffix)
         if builder is None:
             raise ValueError(f"expected a {'/'.join(DATA_SUFFIXES)} file, got {str(path)!r}")

@@ -370,9 +370,6 @@ def train(
             diff = sorted(k for k in saved if saved.get(k) != cfg.to_dict().get(k))
             raise ValueError(f"cannot resume {outp}: its config differs in {diff}")
         resumed_from = start
-        data = checkpoint_data(outp)
-        if data is not None:
-            task.load_data_state(data)
         log.info("resumed from step %d", start)
         if dist.main:
             _truncate_log(outp / "log.jsonl", start)
@@ -385,6 +382,10 @@ def train(
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=_has_unused_parameters(model, task, device),
         )
+    if resumed_from is not None:  # after the DDP probe above, which reads a batch of its own
+        data = checkpoint_data(outp)
+        if data is not None:
+            task.load_data_state(data)
     logf = open(outp / "log.jsonl", "a") if outp is not None and dist.main else None  # noqa: SIM115
     per_rank = cfg.batch_size // dist.world
     t0 = time.perf_counter()
