@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions to evaluate (default: 4x the training context, or 2048)")
     p.add_argument("--documents", type=bench_cli._count(1), default=16, help="held-out documents to average")
     p.add_argument("--chunk", type=bench_cli._count(1), default=512, help="tokens per forward call")
-    bench_cli._add_data_arguments(p, tokenizer_help="the tokenizer (default: the folder's own, else bytes)")
+    bench_cli._add_data_arguments(p, tokenizer_help="the tokenizer (default: the folder's own, else bytes)",
+                                  data_default="the documents the model's training run held out")
     p.set_defaults(func=_cmd_eval)
     return parser
 

@@ -104,10 +104,11 @@ def _data_options(args) -> dict:
     return out
 
 
-def _add_data_arguments(p, tokenizer_help: str | None = None) -> None:
+def _add_data_arguments(p, tokenizer_help: str | None = None, data_default: str | None = None) -> None:
     p.add_argument("--data", default=None,
                    help="text for the lm task: a text file or folder, a jsonl/parquet file, a datasets.save_to_disk "
-                        "folder, or a Hugging Face hub dataset name (default: the Python standard library's sources)")
+                        "folder, or a Hugging Face hub dataset name (default: "
+                        f"{data_default or 'the Python standard library sources'})")
     p.add_argument("--tokenizer", default=None,
                    help=tokenizer_help or "'bytes' (default: UTF-8 bytes, vocabulary 256) or a Hugging Face "
                                           "tokenizer name or folder")
