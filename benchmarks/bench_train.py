@@ -12,7 +12,8 @@ in turn within every repeat, so the machine's drift hits them alike:
 - ``fused``: ``fused=True`` (one kernel for every parameter), what ``make_optimizer`` builds on a CPU.
 
 It reports training tokens per second (median step time after warm-up) and the ratio. ``--profile NAME``
-prints the torch profiler's table of five steps of that layer (where a step's time goes). Both
+prints the median time of each phase of that layer's step (forward with the loss, backward, clipping,
+optimizer), timed directly, then the torch profiler's table of five steps (which ops run, how often). Both
 optimizers give the same loss curve to float32 rounding (tests/test_train.py).
 """
 
@@ -36,8 +37,9 @@ QUICK = dict(d_model=32, n_layers=1, batch=4, seq=16, repeats=2)
 OPTIMIZERS = ("for-loop", "fused")
 
 
-def _step_fn(layer: str, cfg: dict, optimizer: str):
-    """One training step of a fresh model (the same initialisation for every optimizer)."""
+def _step_fn(layer: str, cfg: dict, optimizer: str, phases: dict | None = None):
+    """One training step of a fresh model (the same initialisation for every optimizer). ``phases``: a
+    dict that collects each phase's seconds (forward with the loss, backward, clipping, optimizer)."""
     tc = TrainConfig(layer=layer, d_model=cfg["d_model"], n_layers=cfg["n_layers"], batch_size=cfg["batch"])
     model = build_model(tc, VOCAB).train()
     opt = make_optimizer(model, tc, implementation=optimizer)
@@ -45,13 +47,23 @@ def _step_fn(layer: str, cfg: dict, optimizer: str):
     ids = torch.randint(0, VOCAB, (cfg["batch"], cfg["seq"] + 1), generator=g)
     inputs, labels = ids[:, :-1], ids[:, 1:]
 
+    clock = time.perf_counter
+
     def step():
+        t0 = clock()
         logits, _ = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        t1 = clock()
         loss.backward()
+        t2 = clock()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        t3 = clock()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        t4 = clock()
+        if phases is not None:
+            for name, a, b in (("forward", t0, t1), ("backward", t1, t2), ("clip", t2, t3), ("optimizer", t3, t4)):
+                phases.setdefault(name, []).append(b - a)
         return loss.item()
 
     return step
@@ -76,16 +88,36 @@ def bench(layers: list[str], cfg: dict) -> list[dict]:
     return rows
 
 
+def phases(layer: str, cfg: dict, steps: int = 15) -> dict[str, float]:
+    """Median seconds of each phase of a training step, timed directly (no profiler)."""
+    times: dict[str, list[float]] = {}
+    step = _step_fn(layer, cfg, "fused", times)
+    for _ in range(3):
+        step()
+    times.clear()
+    for _ in range(steps):
+        step()
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
 def profile(layer: str, cfg: dict) -> str:
+    """The phases timed directly, then the profiler's table of five steps. The profiler's own cost can fall
+    unevenly on ops (on a loaded machine it booked ~15 ms a call to the fused AdamW kernel, which takes
+    under 1 ms unprofiled), so read its table for which ops run and how often, the phase line for where
+    the time goes."""
     from torch.profiler import profile as torch_profile
 
+    medians = phases(layer, cfg)
+    total = sum(medians.values())
+    line = ", ".join(f"{k} {v * 1e3:.2f} ms ({v / total:.0%})" for k, v in medians.items())
     step = _step_fn(layer, cfg, "fused")
     for _ in range(3):
         step()
     with torch_profile() as p:
         for _ in range(5):
             step()
-    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    return (f"{layer}: a step of {total * 1e3:.2f} ms (medians, {torch.get_num_threads()} threads): {line}\n\n"
+            + p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def report(rows: list[dict], cfg: dict) -> str:

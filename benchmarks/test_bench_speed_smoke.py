@@ -245,3 +245,5 @@ def test_bench_train_quick(tmp_path, capsys):
     assert all(r["tokens_per_s_fused"] > 0 and r["tokens_per_s_for-loop"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"][0]["layer"] == "rnn"
     assert "fused AdamW" in capsys.readouterr().out
+    medians = bench_train.phases("rnn", bench_train.QUICK, steps=3)
+    assert list(medians) == ["forward", "backward", "clip", "optimizer"] and all(v > 0 for v in medians.values())
