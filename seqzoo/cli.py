@@ -156,22 +156,18 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _held_out_source(args, config) -> dict:
+def _held_out_source(args, config):
     """Where ``eval --by-position`` reads held-out documents: the options given, else those the model's
     training run read (recorded by ``seqzoo export``), with its ``val_every``, so the documents are ones
     it never trained on."""
     from .bench.cli import _data_options
+    from .bench.textdata import TextSource
 
     trained = dict((getattr(config, "seqzoo_train", None) or {}).get("task_config") or {})
     given = _data_options(args)  # raises when dataset options come without --data
-    given.pop("tokenizer", None)
     if "data" in given:  # another source: none of the training run's options apply to it
         trained = {}
-    base = {**trained, **given}
-    return {"data": base.get("data"), "val_every": int(base.get("val_every", 20)),
-            "data_config": base.get("data_config"), "split": base.get("data_split", "train"),
-            "eval_split": base.get("eval_split"), "text_field": base.get("text_field", "text"),
-            "streaming": bool(base.get("streaming", False))}
+    return TextSource.from_options({**trained, **given})
 
 
 def _cmd_eval(args) -> int:
@@ -206,7 +202,7 @@ def _cmd_eval(args) -> int:
             kept = {k: result[k] for k in ("results", "versions", "n-shot", "config") if k in result}
             write_json(out / "lm_eval.json", json.loads(json.dumps(kept, default=str)))  # its config holds dtypes
         if args.by_position:
-            from .bench.textdata import held_out_documents, load_tokenizer
+            from .bench.textdata import load_tokenizer
 
             model = SeqzooForCausalLM.from_pretrained(str(folder)).eval().to(args.device)
             context = evaluation.training_context(model.config)
@@ -216,10 +212,10 @@ def _cmd_eval(args) -> int:
                 raise ValueError(f"the tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model reads "
                                  f"{model.config.vocab_size}")
             source = _held_out_source(args, model.config)
-            docs = (tok.encode(text) for text in held_out_documents(**source))
+            docs = (tok.encode(text) for text in source.held_out())
             result = evaluation.loss_by_position(model.model, docs, length=length, max_documents=args.documents,
                                                  chunk=args.chunk, device=args.device)
-            result["data"] = {k: v for k, v in source.items() if v is not None}
+            result["data"] = {k: v for k, v in dataclasses.asdict(source).items() if v is not None}
             paths = evaluation.save_by_position(result, out, title=f"{model.config.layer} ({model.config.backbone})",
                                                 train_context=context)
             summary = {k: v for k, v in result.items() if k != "loss_by_position"}

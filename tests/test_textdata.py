@@ -214,9 +214,9 @@ def test_an_eval_split_is_the_validation_set(tmp_path):
     streamed = LMTask(data=str(tmp_path / "saved"), eval_split="validation", streaming=True, seq_len=16, num_eval=5)
     assert torch.equal(streamed.val_windows, task.val_windows)
     assert streamed.train_batch(0, 2)[0].tolist() == [want[:16], want[16:32]]
-    from seqzoo.bench.textdata import held_out_documents
+    from seqzoo.bench.textdata import TextSource
 
-    assert list(held_out_documents(str(tmp_path / "saved"), eval_split="validation")) == DOCS[40:]
+    assert list(TextSource(str(tmp_path / "saved"), eval_split="validation").held_out()) == DOCS[40:]
     with pytest.raises(ValueError, match="expected a dataset with eval_split"):
         LMTask(eval_split="validation", seq_len=16)
 

@@ -29,14 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from seqzoo.bench.tasks import Task, cache_key, cached, checked_config, order_key
-from seqzoo.bench.textdata import (
-    documents,
-    held_out,
-    is_dataset_source,
-    load_tokenizer,
-    stdlib_files,
-    text_files,
-)
+from seqzoo.bench.textdata import TextSource, load_tokenizer, stdlib_files
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +48,17 @@ class LMConfig:
     )
     tokenizer: str = field(default="bytes", metadata={"help": "'bytes' or a Hugging Face tokenizer name/folder"})
     data_config: str | None = field(default=None, metadata={"help": "the hub dataset's configuration"})
-    data_split: str = field(default="train", metadata={"help": "the dataset split read"})
+    data_split: str = field(default=TextSource.data_split, metadata={"help": "the dataset split read"})
     eval_split: str | None = field(
         default=None,
         metadata={"help": "a dataset split to validate on (default: documents held out of data_split)"},
     )
-    text_field: str = field(default="text", metadata={"help": "the dataset field holding the text"})
+    text_field: str = field(default=TextSource.text_field, metadata={"help": "the dataset field holding the text"})
     streaming: bool = field(default=False, metadata={"help": "read the dataset as a stream, in order"})
     max_train_bytes: int = field(default=8_000_000,
                                  metadata={"help": "cap on the training stream, in tokens (not streamed)"})
     val_every: int = field(
-        default=20, metadata={"help": "a document is held out when crc32(path or index) % val_every == 0"}
+        default=TextSource.val_every, metadata={"help": "a document is held out when crc32(path or index) % val_every == 0"}
     )
     num_eval: int = field(default=64, metadata={"help": "validation windows"})
 
@@ -101,13 +94,8 @@ class LMTask(Task):
         self.seq_len = cfg.seq_len
         self.tok = load_tokenizer(cfg.tokenizer)
         self.vocab_size = self.tok.vocab_size
-        self.dataset = cfg.data is not None and is_dataset_source(cfg.data)
-        if cfg.eval_split is not None and not self.dataset:
-            raise ValueError(f"expected a dataset with eval_split (text files hold documents out by crc32), got "
-                             f"{cfg.data!r}")
-        if cfg.streaming and not self.dataset:
-            raise ValueError(f"expected a dataset (jsonl, parquet, save_to_disk folder or hub name) with "
-                             f"streaming, got {cfg.data!r}")
+        self.text = TextSource.from_options(dataclasses.asdict(cfg))
+        self.dataset = self.text.is_dataset
         if cfg.data is None:
             self.source = "python-stdlib"
         elif self.dataset and not Path(cfg.data).expanduser().exists():
@@ -121,11 +109,10 @@ class LMTask(Task):
                 payload["files"] = sorted((p.relative_to(local).as_posix() if local.is_dir() else p.name,
                                            p.stat().st_size, p.stat().st_mtime_ns)
                                           for p in ([local] if local.is_file() else local.rglob("*")) if p.is_file())
-            build = self._build_streamed_val if cfg.streaming else self._build_dataset
         else:
-            root, files = stdlib_files() if cfg.data is None else text_files(Path(cfg.data).expanduser())
+            root, files = self.text.files
             payload["files"] = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
-            build = lambda: self._build_files(root, files)  # noqa: E731
+        build = self._build_streamed_val if cfg.streaming else self._build
         cache = Path(cache_dir) if cache_dir is not None else None
         t = cached(cache, cache_key("lm", payload), build)
         self.val_windows = t["val"].long()
@@ -139,42 +126,12 @@ class LMTask(Task):
         self._reader = None
 
     # --- building the data ----------------------------------------------------------------------
-    def _held_out(self, key: str) -> bool:
-        """Whether a document of the training split is held out (never, with an ``eval_split``)."""
-        return self.cfg.eval_split is None and held_out(key, self.cfg.val_every)
-
-    def _docs(self, skip: int = 0, *, split: str | None = None):
-        cfg = self.cfg
-        return documents(cfg.data, data_config=cfg.data_config, split=split or cfg.data_split,
-                         text_field=cfg.text_field, streaming=cfg.streaming, skip=skip)
-
-    def _val_docs(self):
-        """The validation documents: the eval split's, or those held out of the training split."""
-        if self.cfg.eval_split is not None:
-            yield from self._docs(split=self.cfg.eval_split)
-            return
-        for i, text in enumerate(self._docs()):
-            if self._held_out(str(i)):
-                yield text
-
-    def _build_files(self, root: Path, files: list[Path]) -> dict[str, Tensor]:
-        if len(files) == 1:  # one file: the last 10% of its bytes is validation
-            blob = files[0].read_bytes()
-            cut = int(len(blob) * 0.9)
-            return self._pack([blob[:cut].decode("utf-8", "replace")], [blob[cut:].decode("utf-8", "replace")])
-        train, val = [], []
-        for p in files:
-            held = self._held_out(p.relative_to(root).as_posix())
-            (val if held else train).append(lambda p=p: p.read_bytes().decode("utf-8", "replace"))
-        return self._pack((read() for read in train), (read() for read in val))
-
-    def _build_dataset(self) -> dict[str, Tensor]:
-        train = (text for i, text in enumerate(self._docs()) if not self._held_out(str(i)))
-        return self._pack(train, self._val_docs())
+    def _build(self) -> dict[str, Tensor]:
+        return self._pack((text for _, text in self.text.training()), self.text.held_out())
 
     def _build_streamed_val(self) -> dict[str, Tensor]:
         """Validation windows from the held-out documents at the stream's head (training reads on)."""
-        return {"val": self._val_windows(self._val_docs())}
+        return {"val": self._val_windows(self.text.held_out())}
 
     def _pack(self, train_texts, val_texts) -> dict[str, Tensor]:
         """The training stream (each document's tokens, then end-of-text; at most ``max_train_bytes``
@@ -285,9 +242,7 @@ class LMTask(Task):
 
     def _train_tokens_from(self, doc: int, offset: int):
         """(token, document, offset) of the packed training stream from ``offset`` of document ``doc``."""
-        for i, text in enumerate(self._docs(skip=doc), start=doc):
-            if self._held_out(str(i)):
-                continue
+        for i, text in self.text.training(skip=doc):
             ids = [*self.tok.encode(text), self.tok.eos_id]
             for o in range(offset if i == doc else 0, len(ids)):
                 yield ids[o], i, o

@@ -16,6 +16,8 @@ token). Documents are packed into one stream with the end-of-text token after ea
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import sysconfig
 import zlib
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Tokenizer", "load_tokenizer", "documents", "held_out_documents", "is_dataset_source", "stdlib_files",
+__all__ = ["Tokenizer", "TextSource", "load_tokenizer", "documents", "is_dataset_source", "stdlib_files",
            "text_files", "held_out", "DATA_SUFFIXES"]
 
 #: the file types read as datasets (the rest of a folder's files are read as text)
@@ -121,7 +123,7 @@ def documents(data: str, *, data_config: str | None = None, split: str = "train"
         except (FileNotFoundError, ValueError, ConnectionError) as err:
             raise ValueError(f"cannot load the dataset {data!r} (config {data_config!r}, split {split!r}): {err}") \
                 from None
-    columns = ds.column_names if ds.column_names is not None else None
+    columns = ds.column_names  # None for a stream whose features are unknown until read
     if columns is not None and text_field not in columns:
         raise ValueError(f"expected a text field {text_field!r} in the dataset {data!r}; its fields: {columns}")
     if skip:
@@ -176,26 +178,84 @@ def held_out(key: str, every: int) -> bool:
     return zlib.crc32(key.encode()) % every == 0
 
 
-def held_out_documents(data: str | None = None, *, val_every: int = 20, data_config: str | None = None,
-                       split: str = "train", eval_split: str | None = None, text_field: str = "text",
-                       streaming: bool = False) -> Iterator[str]:
-    """The held-out documents of an lm-task source, in order: those the lm task never trains on (every
-    document of ``eval_split`` when one is named)."""
-    if data is not None and eval_split is not None:
-        yield from documents(data, data_config=data_config, split=eval_split, text_field=text_field,
-                             streaming=streaming)
-        return
-    if data is not None and is_dataset_source(data):
-        docs = documents(data, data_config=data_config, split=split, text_field=text_field, streaming=streaming)
-        for i, text in enumerate(docs):
-            if held_out(str(i), val_every):
-                yield text
-        return
-    root, files = stdlib_files() if data is None else text_files(Path(data).expanduser())
-    if len(files) == 1:  # one file: the lm task holds out its last 10 %
-        blob = files[0].read_bytes()
-        yield blob[int(len(blob) * 0.9):].decode("utf-8", "replace")
-        return
-    for p in files:
-        if held_out(p.relative_to(root).as_posix(), val_every):
-            yield p.read_bytes().decode("utf-8", "replace")
+@dataclass(frozen=True)
+class TextSource:
+    """Where the lm task's documents come from and which of them it holds out: ``data`` (None: the Python
+    standard library's sources), and for a dataset its configuration, split, validation split, text field
+    and streaming. The documents held out are those with ``crc32(key) % val_every == 0`` (``held_out``), or
+    every document of ``eval_split`` when one is named; a single text file holds out its last 10 %.
+    ``training()`` and ``held_out()`` give the two sides, so the task trains on one and every evaluation of
+    held-out text reads the other."""
+
+    data: str | None = None
+    data_config: str | None = None
+    data_split: str = "train"
+    eval_split: str | None = None
+    text_field: str = "text"
+    streaming: bool = False
+    val_every: int = 20
+
+    @classmethod
+    def from_options(cls, options: dict) -> TextSource:
+        """The source of a task config (``LMConfig`` fields, or a run's recorded ``task_config``): its
+        fields of this class, the defaults for the rest."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
+
+    def __post_init__(self):
+        if self.val_every < 1:
+            raise ValueError(f"expected val_every >= 1, got {self.val_every}")
+        if self.eval_split is not None and not self.is_dataset:
+            raise ValueError(f"expected a dataset with eval_split (text files hold documents out by crc32), got "
+                             f"{self.data!r}")
+        if self.streaming and not self.is_dataset:
+            raise ValueError(f"expected a dataset (jsonl, parquet, save_to_disk folder or hub name) with "
+                             f"streaming, got {self.data!r}")
+
+    @functools.cached_property
+    def is_dataset(self) -> bool:
+        return self.data is not None and is_dataset_source(self.data)
+
+    def _documents(self, split: str, skip: int = 0) -> Iterator[str]:
+        return documents(self.data, data_config=self.data_config, split=split, text_field=self.text_field,
+                         streaming=self.streaming, skip=skip)
+
+    @functools.cached_property
+    def files(self) -> tuple[Path, list[Path]]:
+        """(root, files) of a text source, listed once."""
+        return stdlib_files() if self.data is None else text_files(Path(self.data).expanduser())
+
+    def training(self, skip: int = 0) -> Iterator[tuple[int, str]]:
+        """(index, text) of the documents trained on, in order, from document index ``skip`` on."""
+        if self.is_dataset:
+            for i, text in enumerate(self._documents(self.data_split, skip), start=skip):
+                if self.eval_split is not None or not held_out(str(i), self.val_every):
+                    yield i, text
+            return
+        root, files = self.files
+        if len(files) == 1:
+            if skip == 0:
+                blob = files[0].read_bytes()
+                yield 0, blob[: int(len(blob) * 0.9)].decode("utf-8", "replace")
+            return
+        for i, p in enumerate(files):
+            if i >= skip and not held_out(p.relative_to(root).as_posix(), self.val_every):
+                yield i, p.read_bytes().decode("utf-8", "replace")
+
+    def held_out(self) -> Iterator[str]:
+        """The documents never trained on, in order."""
+        if self.eval_split is not None:
+            yield from self._documents(self.eval_split)
+        elif self.is_dataset:
+            for i, text in enumerate(self._documents(self.data_split)):
+                if held_out(str(i), self.val_every):
+                    yield text
+        else:
+            root, files = self.files
+            if len(files) == 1:
+                blob = files[0].read_bytes()
+                yield blob[int(len(blob) * 0.9):].decode("utf-8", "replace")
+                return
+            for p in files:
+                if held_out(p.relative_to(root).as_posix(), self.val_every):
+                    yield p.read_bytes().decode("utf-8", "replace")
