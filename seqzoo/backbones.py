@@ -168,7 +168,8 @@ class LanguageModel(nn.Module):
         return {f"{i}.{k}": v for i, block in enumerate(self.layers)
                 for k, v in block.init_state(batch_size, device=device, dtype=dtype).items()}
 
-    def _block_states(self, state: State | None) -> list[State | None]:
+    def block_states(self, state: State | None) -> list[State | None]:
+        """The model's state split into each block's (``"{i}.{key}"`` -> block i's ``key``); Nones for None."""
         if state is None:
             return [None] * len(self.layers)
         out: list[dict] = [{} for _ in self.layers]
@@ -190,7 +191,7 @@ class LanguageModel(nn.Module):
         self._check_ids(input_ids, 2)
         h = self._embed(input_ids)
         new_state: State = {}
-        for i, (block, s) in enumerate(zip(self.layers, self._block_states(state))):
+        for i, (block, s) in enumerate(zip(self.layers, self.block_states(state))):
             h, s = block(h, s)
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
         return self._head(h), new_state
@@ -210,7 +211,7 @@ class LanguageModel(nn.Module):
         h = self._embed(token_ids)
         new_state: State = {}
         decoders = decoders or [None] * len(self.layers)
-        for i, (block, s, dec) in enumerate(zip(self.layers, self._block_states(state), decoders)):
+        for i, (block, s, dec) in enumerate(zip(self.layers, self.block_states(state), decoders)):
             h, s = block.step(h, s, decoder=dec)
             new_state.update({f"{i}.{k}": v for k, v in s.items()})
         return self._head(h), new_state

@@ -187,13 +187,6 @@ class SeqzooLayerCache(CacheLayerMixin):
     def get_max_length(self, *args, **kwargs) -> int:
         return -1
 
-    def offload(self):
-        if self.state is not None:
-            self.state = {k: v.to("cpu", non_blocking=True) for k, v in self.state.items()}
-
-    def prefetch(self):  # the state moves back with the next call's input (see SeqzooCache.states)
-        pass
-
     def reset(self) -> None:
         self.state, self.seen = None, 0
 
@@ -280,13 +273,9 @@ class SeqzooCache(Cache):
             return None
         return {f"{i}.{k}": v for i, layer in enumerate(self.layers) for k, v in layer.state.items()}
 
-    def store(self, state: State, new_tokens: int) -> None:
-        """Keep ``LanguageModel``'s new state after ``new_tokens`` more tokens."""
-        blocks: list[State] = [{} for _ in self.layers]
-        for key, v in state.items():
-            i, _, rest = key.partition(".")
-            blocks[int(i)][rest] = v
-        for layer, block in zip(self.layers, blocks):
+    def store(self, blocks: list[State], new_tokens: int) -> None:
+        """Keep each block's new state (``LanguageModel.block_states``) after ``new_tokens`` more tokens."""
+        for layer, block in zip(self.layers, blocks, strict=True):
             layer.state = block
             layer.seen += new_tokens
 
@@ -421,7 +410,7 @@ class SeqzooForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             logits, new_state = self.model(input_ids, state)
         if cache is not None:
-            cache.store(new_state, T)
+            cache.store(self.model.block_states(new_state), T)
 
         loss = None
         if labels is not None:
