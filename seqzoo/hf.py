@@ -554,17 +554,13 @@ def byte_tokenizer():
 
 
 # --- seqzoo train's checkpoints --------------------------------------------------------------------------
-#: tasks that read text (``task_config["tokenizer"]``: ``bytes`` or a Hugging Face tokenizer): an exported
-#: model of theirs gets the tokenizer it was trained with
-_TEXT_TASKS = ("lm",)
-
-
 def export_checkpoint(run: str | Path, folder: str | Path, *, tokenizer: bool | None = None) -> Path:
     """Write the latest checkpoint of a ``seqzoo train --out RUN`` folder as a transformers folder
     (``config.json``, ``model.safetensors``, and for a text task the tokenizer it was trained with: the
     byte tokenizer, or its Hugging Face tokenizer; ``tokenizer`` True/False forces it on or off). Returns
     the folder."""
     from .bench.store import load_tensors, read_json
+    from .bench.tasks import task_info
     from .bench.train import TrainConfig, build_model
 
     run = Path(run)
@@ -580,7 +576,8 @@ def export_checkpoint(run: str | Path, folder: str | Path, *, tokenizer: bool | 
     folder = Path(folder)
     save_language_model(lm, folder, seqzoo_train={"task": cfg.task, "task_config": cfg.task_config,
                                                    "step": int(trainer["step"]), "seed": cfg.seed})
-    trained_with = cfg.task_config.get("tokenizer", "bytes") if cfg.task in _TEXT_TASKS else None
+    option = task_info(cfg.task)["tokenizer_option"]  # the task reads text: (its option, the default)
+    trained_with = cfg.task_config.get(*option) if option else None
     if tokenizer is None:
         tokenizer = trained_with is not None
     if tokenizer:

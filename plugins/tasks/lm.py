@@ -81,6 +81,7 @@ class LMTask(Task):
     columns = (("bits_per_byte", "bits/byte"), ("context_gain", "context gain (nats)"))
     position_curve = "loss_by_position"
     data_option = "data"
+    tokenizer_option = ("tokenizer", "bytes")
     notes = "Context gain: LM loss (nats) at positions 16–31 minus its mean over the window's second half."
 
     def __init__(self, *, seed: int = 0, cache_dir: str | os.PathLike | None = None, **config):

@@ -95,6 +95,9 @@ class Task:
     plot_vs_state: bool = False
     #: the config option that ``seqzoo compare --data PATH`` sets, or None (the task takes no user data)
     data_option: str | None = None
+    #: the config option naming the tokenizer the task's token ids come from, and its default (the task reads
+    #: text: ``seqzoo export`` saves that tokenizer with the model), or None (token ids of its own)
+    tokenizer_option: tuple[str, str] | None = None
     #: a sentence the report prints under its table (what a column means), or None
     notes: str | None = None
 
@@ -139,9 +142,9 @@ def checked_config(cls, config: dict) -> Any:
 
 def task_info(name: str) -> dict[str, Any]:
     """What the harness reads of the registered task ``name``: ``score_key``, ``score_sign``, ``columns``
-    ([metric, label] pairs; the first is compared), ``position_curve`` and ``data_option``, from the
-    task's class (no data is built). ``seqzoo compare`` keeps it in results.json, so a report needs no
-    plugin."""
+    ([metric, label] pairs; the first is compared), ``position_curve``, ``data_option`` and
+    ``tokenizer_option``, from the task's class (no data is built). ``seqzoo compare`` keeps it in
+    results.json, so a report needs no plugin."""
     from ..registry import task_spec
 
     factory = task_spec(name).factory
@@ -155,6 +158,7 @@ def task_info(name: str) -> dict[str, Any]:
         "position_curve": get("position_curve"),
         "plot_vs_state": bool(get("plot_vs_state")),
         "data_option": get("data_option"),
+        "tokenizer_option": get("tokenizer_option"),
         "notes": get("notes"),
     }
 
